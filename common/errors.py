@@ -1,0 +1,27 @@
+"""The exception tree of downpour.
+
+Every error a user can cause is one of these, with a message that says what was
+wrong, what was expected and what to do about it. Each also subclasses the
+built-in type a caller would naturally catch (ValueError, OSError, ...).
+
+    DownpourError
+    ├── ConfigError       a setting, flag, file or hyperparameter is invalid
+    ├── DataError         a data file is missing, truncated or of the wrong format
+    └── ProtocolError     a message on the wire is malformed (see common/protocol.py)
+"""
+
+
+class DownpourError(Exception):
+    """Base class of every error downpour raises on purpose."""
+
+
+class ConfigError(DownpourError, ValueError):
+    """A setting, command-line flag, config file or hyperparameter is invalid."""
+
+
+class DataError(DownpourError, ValueError):
+    """A data file or dataset is missing, truncated, corrupt or inconsistent."""
+
+
+class ProtocolError(DownpourError, ValueError):
+    """A message does not follow the wire protocol."""

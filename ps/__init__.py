@@ -1,0 +1,1 @@
+"""The parameter-server side: shard servers and the scheduler. Imports `common` only."""
