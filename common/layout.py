@@ -1,0 +1,111 @@
+"""The flat parameter layout: the one place that decides where every tensor lives.
+
+Every parameter of a model is a view into ONE contiguous 1-D vector, and the
+gradients use the same layout in a second vector of the same length:
+
+    flat   | 0.dense.W (784*256) | 0.dense.b (256) | 2.dense.W (256*128) | ... |
+    offset   0                     200704            200960
+    shard    [------------- 0 -------------)[------------- 1 --------------)
+
+A parameter-server shard is a contiguous slice [lo, hi) of the vector, cut
+without regard to tensor boundaries, so S shards hold equal bytes and a push or
+pull for a shard is one contiguous buffer. `ps/` and `worker/` never compute
+offsets or shard ranges themselves: they ask a `Layout`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import prod
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from common.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One named tensor of the layout: `shape` stored at `[offset, offset + size)`."""
+
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def size(self) -> int:
+        return prod(self.shape)
+
+    @property
+    def stop(self) -> int:
+        return self.offset + self.size
+
+
+class Layout:
+    """An ordered list of named tensors packed back to back in one flat vector.
+
+    Build it from `(name, shape)` pairs; offsets follow from the order. Two
+    layouts are equal when their names, shapes and order are.
+    """
+
+    def __init__(self, tensors: Iterable[tuple[str, Iterable[int]]]):
+        placed: list[Tensor] = []
+        offset = 0
+        for name, shape in tensors:
+            shape = tuple(int(d) for d in shape)
+            if any(d <= 0 for d in shape):
+                raise ConfigError(f"tensor {name!r} has shape {shape}; every dimension must be >= 1")
+            placed.append(Tensor(name, shape, offset))
+            offset += placed[-1].size
+        names = [t.name for t in placed]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"tensor names must be unique, got {names}")
+        self.tensors: tuple[Tensor, ...] = tuple(placed)
+        self.size: int = offset
+        self._by_name = {t.name: t for t in placed}
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self._by_name[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._by_name
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Layout) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return f"Layout({len(self.tensors)} tensors, {self.size} elements)"
+
+    def view(self, flat: np.ndarray, name: str) -> np.ndarray:
+        """The tensor `name` as a view into `flat` (no copy; writes go through)."""
+        t = self._by_name[name]
+        return flat[t.offset:t.stop].reshape(t.shape)
+
+    def views(self, flat: np.ndarray) -> dict[str, np.ndarray]:
+        """Every tensor as a view into `flat`, by name."""
+        if flat.shape != (self.size,):
+            raise ValueError(f"flat vector has shape {flat.shape}, the layout needs ({self.size},)")
+        return {t.name: self.view(flat, t.name) for t in self.tensors}
+
+    def shard_ranges(self, n_shards: int) -> list[tuple[int, int]]:
+        """Cut [0, size) into `n_shards` contiguous ranges whose sizes differ by at most one."""
+        if not 1 <= n_shards <= self.size:
+            raise ConfigError(f"number of shards must be between 1 and {self.size} "
+                              f"(the parameter count), got {n_shards}")
+        bounds = [i * self.size // n_shards for i in range(n_shards + 1)]
+        return list(zip(bounds[:-1], bounds[1:]))
+
+    def to_dict(self) -> dict:
+        """A plain, msgpack- and JSON-friendly description: `{"tensors": [[name, [dims]], ...]}`."""
+        return {"tensors": [[t.name, list(t.shape)] for t in self.tensors]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "Layout":
+        try:
+            return cls((str(name), shape) for name, shape in d["tensors"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"not a layout description ({e}); expected "
+                              '{"tensors": [[name, [dims...]], ...]}') from None
