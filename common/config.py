@@ -1,0 +1,233 @@
+"""Settings: one typed, documented dataclass; a file, the environment and flags override it.
+
+Precedence, lowest first:
+
+    the defaults below  <  a TOML file (--config FILE)  <  DOWNPOUR_<KEY> variables  <  flags
+
+Every field is one setting: its name is the TOML key, `--<name-with-dashes>` the
+flag and `DOWNPOUR_<NAME>` the environment variable. An unknown key, an unknown
+DOWNPOUR_ variable or a bad value is a ConfigError that names it. Each command
+exposes the groups of settings it uses (`add_arguments(parser, groups)`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import math
+import os
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Iterable, Mapping
+
+from common.errors import ConfigError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+ENV_PREFIX = "DOWNPOUR_"
+
+
+def setting(default, help: str, group: str, *, low=None, choices: Iterable[str] | None = None):
+    """A Config field: `low` is an inclusive lower bound, `choices` the allowed strings."""
+    return field(default=default, metadata={"help": help, "group": group, "low": low,
+                                            "choices": tuple(choices) if choices else None})
+
+
+@dataclass(frozen=True)
+class Config:
+    # -- run ------------------------------------------------------------------------------
+    mode: str = setting("single", "how replicas share weights", "run", choices=("single",))
+    seed: int = setting(0, "seed of the initial weights, data order and dropout masks", "run", low=0)
+    threads: int = setting(1, "BLAS threads per process", "run", low=1)
+    # -- data -----------------------------------------------------------------------------
+    data_dir: str = setting("", "directory holding MNIST IDX files (default: $DOWNPOUR_DATA_DIR "
+                            "or data/mnist; synthetic data if absent)", "data")
+    train_split: str = setting("train", "file prefix of the training split (e.g. t10k)", "data")
+    test_split: str = setting("t10k", "file prefix of the held-out split (e.g. train-5k)", "data")
+    synthetic: int = setting(0, "train on N synthetic samples (N/5 held out) instead of MNIST; "
+                             "0 = MNIST if found", "data", low=0)
+    # -- model ----------------------------------------------------------------------------
+    hidden: tuple = setting((256, 128), "hidden layer widths, comma-separated", "model")
+    activation: str = setting("relu", "hidden activation", "model",
+                              choices=("relu", "leaky_relu", "sigmoid", "tanh"))
+    init: str = setting("", "initialiser of hidden layers (default: He for ReLU, Xavier for "
+                        "tanh/sigmoid)", "model")
+    dropout: float = setting(0.0, "dropout probability after each hidden layer", "model", low=0.0)
+    batchnorm: bool = setting(False, "batch normalisation before each hidden activation", "model")
+    loss: str = setting("softmax_ce", "loss function", "model",
+                        choices=("softmax_ce", "mse", "sigmoid_bce"))
+    l1: float = setting(0.0, "L1 penalty on weight matrices", "model", low=0.0)
+    l2: float = setting(0.0, "L2 penalty (l2/2 |W|^2) on weight matrices", "model", low=0.0)
+    # -- optimizer ------------------------------------------------------------------------
+    optimizer: str = setting("adam", "sgd, momentum, nesterov, adagrad, adadelta, rmsprop, adam, "
+                             "adamax or nadam", "optim")
+    lr: float = setting(0.001, "learning rate", "optim", low=0.0)
+    optimizer_args: str = setting("", "other hyperparameters, e.g. 'momentum=0.95' or "
+                                  "'betas=0.9:0.99,eps=1e-7'", "optim")
+    weight_decay: float = setting(0.0, "coupled L2 weight decay applied by the optimizer", "optim",
+                                  low=0.0)
+    lr_schedule: str = setting("constant", "constant | inverse:k=K | exp:gamma=G[,every=N] | "
+                               "step:every=N,gamma=G | plateau:factor=F,patience=P", "optim")
+    clip_value: float = setting(0.0, "clip each gradient element to [-v, v]; 0 = off", "optim",
+                                low=0.0)
+    clip_norm: float = setting(0.0, "rescale the gradient to this global L2 norm; 0 = off",
+                               "optim", low=0.0)
+    # -- training loop --------------------------------------------------------------------
+    batch_size: int = setting(64, "mini-batch size per replica", "train", low=1)
+    epochs: int = setting(5, "passes over the training data", "train", low=1)
+    eval_every: float = setting(1.0, "evaluate on the held-out split every this many epochs",
+                                "train", low=0.0)
+    patience: int = setting(0, "stop after this many evaluations without a lower held-out "
+                            "loss; 0 = never", "train", low=0)
+    # -- output ---------------------------------------------------------------------------
+    metrics: str = setting("", "write JSON-lines metrics to this file", "output")
+    save: str = setting("", "write the final parameters and layout to this .npz file", "output")
+    progress: str = setting("auto", "auto (a bar on a terminal), bar, lines or none", "output",
+                            choices=("auto", "bar", "lines", "none"))
+    config: str = setting("", "TOML file of settings; flags and DOWNPOUR_* variables override it",
+                          "output")
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            low, choices = f.metadata["low"], f.metadata["choices"]
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be a finite number, got {value}")
+            if low is not None and value < low:
+                raise ConfigError(f"{f.name} must be >= {low}, got {value}")
+            if choices and value not in choices:
+                raise ConfigError(f"{f.name} must be one of {', '.join(choices)}, got {value!r}")
+
+    def optimizer_kwargs(self) -> dict[str, Any]:
+        """`optimizer_args` parsed into keyword arguments, with weight_decay added."""
+        kwargs: dict[str, Any] = {"weight_decay": self.weight_decay}
+        for item in filter(None, (s.strip() for s in self.optimizer_args.split(","))):
+            key, sep, text = item.partition("=")
+            if not sep or not key.strip():
+                raise ConfigError(f"optimizer_args: expected key=value pairs separated by commas, "
+                                  f"e.g. 'momentum=0.95', got {item!r}")
+            try:
+                parts = [float(t) for t in text.split(":")]
+            except ValueError:
+                raise ConfigError(f"optimizer_args: {key.strip()}={text!r} is not a number "
+                                  "(use a:b for a pair, e.g. betas=0.9:0.99)") from None
+            kwargs[key.strip()] = parts[0] if len(parts) == 1 else tuple(parts)
+        return kwargs
+
+
+FIELDS = {f.name: f for f in fields(Config)}
+
+
+def _convert(name: str, value: Any) -> Any:
+    """`value` (from TOML, the environment or a flag) as the type of setting `name`."""
+    default = FIELDS[name].default
+    where = f"{name}={value!r}"
+    if isinstance(default, tuple):
+        if isinstance(value, str):
+            items = [s.strip() for s in value.split(",") if s.strip()]
+        elif isinstance(value, (list, tuple)):
+            items = list(value)
+        else:
+            raise ConfigError(f"{where}: expected comma-separated positive integers like 256,128")
+        try:
+            out = tuple(int(v) for v in items)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected comma-separated positive integers "
+                              "like 256,128") from None
+        if any(v < 1 or isinstance(v, bool) for v in out):
+            raise ConfigError(f"{where}: every width must be a positive integer, like 256,128")
+        return out
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{where}: expected true or false")
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: expected {type(default).__name__}, got a boolean")
+    try:
+        if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value) if not isinstance(value, str) else int(value.strip())
+        if isinstance(default, float):
+            return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected {'an integer' if isinstance(default, int) else 'a number'}"
+                          ) from None
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: expected a string")
+    return value
+
+
+def _unknown(key: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, FIELDS, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; known settings: {', '.join(FIELDS)}"
+    return ConfigError(f"unknown setting {key!r} in {where}{hint}")
+
+
+def load_toml(path: str) -> dict[str, Any]:
+    """The settings in a TOML file (flat keys; dashes or underscores), validated by name."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path!r} does not exist") from None
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"config file {path!r} is not valid TOML: {e}") from None
+    out = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in FIELDS or name == "config":
+            raise _unknown(key, f"config file {path!r}")
+        out[name] = _convert(name, value)
+    return out
+
+
+def from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The settings given as DOWNPOUR_<NAME> variables."""
+    out = {}
+    for var, value in environ.items():
+        if not var.startswith(ENV_PREFIX):
+            continue
+        name = var[len(ENV_PREFIX):].lower()
+        if name not in FIELDS:
+            raise _unknown(var, "the environment")
+        out[name] = _convert(name, value)
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser, groups: Iterable[str]) -> None:
+    """Add a flag for every setting of `groups`; flags not given stay out of the namespace."""
+    groups = tuple(groups)
+    for group in groups:
+        section = parser.add_argument_group(group)
+        for f in fields(Config):
+            if f.metadata["group"] != group:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            shown = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+            help_ = f"{f.metadata['help']} (default: {shown!r})"
+            if isinstance(f.default, bool):
+                section.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                     default=argparse.SUPPRESS, help=help_)
+            else:
+                section.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, help=help_,
+                                     metavar=f.name.upper())
+
+
+def resolve(args: argparse.Namespace | Mapping[str, Any] | None = None,
+            environ: Mapping[str, str] | None = None) -> Config:
+    """The Config for parsed flags `args`, after the file they name and the environment."""
+    given = dict(vars(args) if isinstance(args, argparse.Namespace) else (args or {}))
+    given = {k: v for k, v in given.items() if k in FIELDS}
+    env = from_environ(os.environ if environ is None else environ)
+    path = given.get("config") or env.get("config") or ""
+    values = {**(load_toml(path) if path else {}), **env}
+    values.update({k: _convert(k, v) for k, v in given.items()})
+    return replace(Config(), **values)

@@ -1,0 +1,85 @@
+"""Settings: defaults, the TOML file, DOWNPOUR_* variables and flags, and their errors."""
+
+import argparse
+
+import pytest
+
+from common import config
+from common.config import Config, resolve
+from common.errors import ConfigError
+
+
+def parse(argv, environ=None):
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser, ("run", "data", "model", "optim", "train", "output"))
+    return resolve(parser.parse_args(argv), environ={} if environ is None else environ)
+
+
+def test_defaults_are_valid():
+    cfg = parse([])
+    assert cfg == Config()
+    assert cfg.hidden == (256, 128) and cfg.optimizer == "adam" and cfg.threads == 1
+
+
+def test_precedence_file_then_environment_then_flags(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('lr = 0.5\nbatch-size = 32\nhidden = [64, 32]\nbatchnorm = true\nepochs = 7\n')
+    env = {"DOWNPOUR_LR": "0.25", "DOWNPOUR_EPOCHS": "9"}
+    cfg = parse(["--config", str(toml), "--lr", "0.125"], env)
+    assert cfg.lr == 0.125                    # flag beats environment beats file
+    assert cfg.epochs == 9                    # environment beats file
+    assert cfg.batch_size == 32 and cfg.hidden == (64, 32) and cfg.batchnorm is True
+    assert parse([], {"DOWNPOUR_CONFIG": str(toml)}).lr == 0.5
+
+
+def test_flags_of_every_type():
+    cfg = parse(["--hidden", "512,256,128", "--no-batchnorm", "--dropout", "0.5", "--seed", "3",
+                 "--activation", "tanh", "--lr-schedule", "exp:gamma=0.99"])
+    assert cfg.hidden == (512, 256, 128) and cfg.dropout == 0.5 and cfg.seed == 3
+    assert parse(["--batchnorm"]).batchnorm is True
+    assert parse(["--hidden", ""]).hidden == ()   # no hidden layer: logistic regression
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--lr", "-0.1"], "lr must be >= 0.0, got -0.1"),
+    (["--lr", "nan"], "lr must be a finite number"),
+    (["--hidden", "256,abc"], "hidden='256,abc': expected comma-separated positive integers"),
+    (["--hidden", "256,0"], "every width must be a positive integer"),
+    (["--batch-size", "0"], "batch_size must be >= 1"),
+    (["--epochs", "2.5"], "epochs='2.5': expected an integer"),
+    (["--activation", "swish"], "activation must be one of relu"),
+    (["--progress", "loud"], "progress must be one of"),
+])
+def test_bad_flags_name_the_setting(argv, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse(argv)
+
+
+def test_unknown_keys(tmp_path):
+    toml = tmp_path / "bad.toml"
+    toml.write_text("batchsize = 32\n")
+    with pytest.raises(ConfigError, match="unknown setting 'batchsize'.*did you mean 'batch_size'"):
+        parse(["--config", str(toml)])
+    toml.write_text("learning_rate = 0.1\n")
+    with pytest.raises(ConfigError, match="unknown setting 'learning_rate'.*known settings: mode"):
+        parse(["--config", str(toml)])
+    with pytest.raises(ConfigError, match="unknown setting 'DOWNPOUR_LRR' in the environment"):
+        parse([], {"DOWNPOUR_LRR": "0.1"})
+    with pytest.raises(ConfigError, match="does not exist"):
+        parse(["--config", str(tmp_path / "missing.toml")])
+    toml.write_text("lr = [")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        parse(["--config", str(toml)])
+    toml.write_text("batchnorm = 3\n")
+    with pytest.raises(ConfigError, match="batchnorm=3: expected true or false"):
+        parse(["--config", str(toml)])
+
+
+def test_optimizer_args():
+    cfg = parse(["--optimizer-args", "momentum=0.95, eps=1e-7,betas=0.8:0.9", "--weight-decay", "0.01"])
+    assert cfg.optimizer_kwargs() == {"weight_decay": 0.01, "momentum": 0.95, "eps": 1e-7,
+                                      "betas": (0.8, 0.9)}
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse(["--optimizer-args", "momentum"]).optimizer_kwargs()
+    with pytest.raises(ConfigError, match="is not a number"):
+        parse(["--optimizer-args", "momentum=high"]).optimizer_kwargs()
