@@ -1,0 +1,160 @@
+"""`downpour bench core`: the NumPy core against PyTorch on the CPU, in one process.
+
+Times, with the same BLAS thread count on both sides (default 1):
+
+  step   one training step (forward, backward, update) of the MLP
+         784-1024-1024-10 (ReLU, softmax cross-entropy, float32) at each batch size,
+         with SGD and with Adam; PyTorch runs the same model with the same optimizer,
+         its fastest CPU form (fused=True)
+  adam   one Adam update of N float32 elements (default 16M) against fused Adam
+  copy   one np.copyto of N float32 elements: the memory bandwidth the update is
+         bound by, to express the update as a fraction of the machine's limit
+
+The two libraries are timed in alternating rounds, so a change in machine load
+hits both; each figure is the median over all rounds. Ratios are NumPy / PyTorch
+(below 1 means NumPy is faster).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from typing import Callable
+
+import numpy as np
+
+from common.model import Model, ModelSpec
+from common.optim import make_optimizer
+
+SPEC = ModelSpec(n_inputs=784, n_outputs=10, hidden=(1024, 1024), activation="relu",
+                 loss="softmax_ce")
+ROUNDS = 10
+OPTIMIZERS = ("sgd", "adam")
+WARMUP = 3
+
+
+def _interleaved(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    """Median seconds per call of each function, timed in alternating rounds."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        for _ in range(WARMUP):
+            fn()
+    per_round = max(1, repeats // ROUNDS)
+    for _ in range(ROUNDS):
+        for name, fn in fns.items():
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _numpy_step(batch: int, optimizer: str, rng: np.random.Generator) -> Callable[[], None]:
+    model = Model(SPEC, seed=0)
+    opt = make_optimizer(optimizer)
+    x = rng.standard_normal((batch, 784), dtype=np.float32)
+    y = rng.integers(0, 10, batch)
+
+    def step():
+        model.loss_and_grad(x, y)
+        opt.step(model.params, model.grads, 1e-3)
+    return step
+
+
+def _torch_step(torch, batch: int, optimizer: str, rng: np.random.Generator) -> Callable[[], None]:
+    nn = torch.nn
+    model = nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
+                          nn.Linear(1024, 10))
+    cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[optimizer]
+    opt = cls(model.parameters(), lr=1e-3, fused=True)
+    loss_fn = nn.CrossEntropyLoss()
+    x = torch.from_numpy(rng.standard_normal((batch, 784), dtype=np.float32))
+    y = torch.from_numpy(rng.integers(0, 10, batch))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        opt.step()
+    return step
+
+
+def run(batch_sizes: list[int], repeats: int, adam_size: int, threads: int,
+        use_torch: bool = True) -> dict:
+    """All measurements as a JSON-able dict."""
+    torch = None
+    if use_torch:
+        try:
+            import torch
+            torch.set_num_threads(threads)
+        except ImportError:
+            torch = None
+    rng = np.random.default_rng(0)
+    result: dict = {"threads": threads, "torch": getattr(torch, "__version__", None),
+                    "numpy": np.__version__, "step": [], "adam": {}, "copy": {}}
+    for optimizer in OPTIMIZERS:
+        for batch in batch_sizes:
+            fns = {"numpy": _numpy_step(batch, optimizer, rng)}
+            if torch is not None:
+                fns["torch"] = _torch_step(torch, batch, optimizer, rng)
+            t = _interleaved(fns, repeats)
+            result["step"].append(_row(t, batch=batch, optimizer=optimizer))
+
+    p = rng.standard_normal(adam_size, dtype=np.float32)
+    g = rng.standard_normal(adam_size, dtype=np.float32) * np.float32(1e-2)
+    opt = make_optimizer("adam")
+    fns = {"numpy": lambda: opt.step(p, g, 1e-3)}
+    if torch is not None:
+        tp = torch.nn.Parameter(torch.from_numpy(p.copy()))
+        tp.grad = torch.from_numpy(g.copy())
+        fns["torch"] = torch.optim.Adam([tp], lr=1e-3, fused=True).step
+    t = _interleaved(fns, max(10, repeats // 3))
+    result["adam"] = _row(t, elements=adam_size)
+    # Adam reads p, g, m, v and writes p, m, v: 7 arrays of N float32 at the least.
+    result["adam"]["numpy_gb_s"] = 7 * 4 * adam_size / t["numpy"] / 1e9
+    dst = np.empty_like(p)
+    copy_s = _interleaved({"copy": lambda: np.copyto(dst, p)}, 10)["copy"]
+    result["copy"] = {"ms": 1e3 * copy_s, "gb_s": 2 * 4 * adam_size / copy_s / 1e9}
+    return result
+
+
+def _row(t: dict[str, float], **key) -> dict:
+    row = {**key, "numpy_ms": 1e3 * t["numpy"]}
+    if "torch" in t:
+        row["torch_ms"] = 1e3 * t["torch"]
+        row["ratio"] = t["numpy"] / t["torch"]
+    return row
+
+
+def table(r: dict) -> str:
+    lines = [f"downpour bench core: {r['threads']} BLAS thread(s), numpy {r['numpy']}, "
+             f"torch {r['torch'] or 'not installed'}",
+             "step: forward, backward and update of the MLP 784-1024-1024-10 (ReLU, softmax "
+             "cross-entropy, float32)",
+             "", f"{'case':<34}{'numpy ms':>10}{'torch ms':>10}{'ratio':>8}"]
+
+    def fmt(name, row):
+        torch_ms = f"{row['torch_ms']:10.2f}" if "torch_ms" in row else f"{'-':>10}"
+        ratio = f"{row['ratio']:8.2f}" if "ratio" in row else f"{'-':>8}"
+        return f"{name:<34}{row['numpy_ms']:10.2f}{torch_ms}{ratio}"
+    for row in r["step"]:
+        lines.append(fmt(f"step {row['optimizer']}, batch {row['batch']}", row))
+    a = r["adam"]
+    lines.append(fmt(f"adam update, {a['elements'] / 2**20:g}M float32", a))
+    lines += ["", f"adam moves {a['numpy_gb_s']:.1f} GB/s; np.copyto moves {r['copy']['gb_s']:.1f} GB/s "
+              f"(the update is {a['numpy_gb_s'] / r['copy']['gb_s']:.0%} of copy bandwidth)",
+              "ratio = numpy / torch; below 1 means numpy is faster"]
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    from common.errors import ConfigError
+    try:
+        batches = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    except ValueError:
+        raise ConfigError(f"--batch-sizes: expected integers like 128,512, got {args.batch_sizes!r}") from None
+    if not batches or min(batches) < 1 or args.repeats < 1 or args.adam_size < 1:
+        raise ConfigError("--batch-sizes, --repeats and --adam-size must be positive")
+    r = run(batches, args.repeats, args.adam_size, args.threads, use_torch=not args.no_torch)
+    print(json.dumps(r) if args.json else table(r))
+    return 0

@@ -1,0 +1,92 @@
+"""The `downpour` command line, the one module that may reach `ps`, `worker` and `common`.
+
+    downpour train [settings]             train; --mode single is the one-process baseline
+    downpour bench core [--json]          one training step against PyTorch; the optimizer update
+    downpour download mnist [--dir DIR]   fetch the four MNIST files, verifying their checksums
+
+Settings come from common.config (flags, DOWNPOUR_* variables, --config FILE).
+Each command imports the role it runs only when it runs, after the BLAS thread
+count is pinned, so nothing here loads NumPy before that. A user's mistake prints
+one line, `downpour: error: ...`, and exits with status 2; Ctrl-C exits with 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from common import config
+from common.errors import DownpourError
+
+TRAIN_GROUPS = ("run", "data", "model", "optim", "train", "output")
+
+
+def _train(args: argparse.Namespace) -> int:
+    cfg = config.resolve(args)
+    from common.threads import pin_blas_threads
+    pin_blas_threads(cfg.threads)
+    from worker.single import train
+    train(cfg)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from common.threads import pin_blas_threads
+    pin_blas_threads(args.threads)
+    from common.bench_core import main as bench_core
+    return bench_core(args)
+
+
+def _download(args: argparse.Namespace) -> int:
+    from common.data import default_data_dir
+    from common.download import MNIST_MIRRORS, download_mnist
+    mirrors = [args.base_url] if args.base_url else list(MNIST_MIRRORS)
+    dest = args.dir or str(default_data_dir())
+    for path in download_mnist(dest, mirrors, timeout=args.timeout):
+        print(path)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="downpour", description="Distributed parameter-server "
+                                  "training: sharded servers, NumPy workers, Downpour SGD.")
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser("train", help="train a model (settings: flags, DOWNPOUR_* or --config)")
+    config.add_arguments(train, TRAIN_GROUPS)
+    train.set_defaults(run=_train)
+
+    bench = sub.add_parser("bench", help="benchmarks that print figures")
+    bench.add_argument("what", choices=["core"], help="core: one training step and one optimizer update")
+    bench.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    bench.add_argument("--batch-sizes", default="128,512", help="batch sizes to time (default 128,512)")
+    bench.add_argument("--repeats", type=int, default=30, help="timed steps per case (default 30)")
+    bench.add_argument("--adam-size", type=int, default=16 * 2**20,
+                       help="elements in the optimizer-update benchmark (default 16M)")
+    bench.add_argument("--threads", type=int, default=1, help="BLAS threads, both libraries (default 1)")
+    bench.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    bench.set_defaults(run=_bench)
+
+    download = sub.add_parser("download", help="download a dataset, verifying checksums")
+    download.add_argument("dataset", choices=["mnist"])
+    download.add_argument("--dir", default="", help="destination (default: $DOWNPOUR_DATA_DIR or data/mnist)")
+    download.add_argument("--base-url", default="", help="a mirror holding the four .gz files")
+    download.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    download.set_defaults(run=_download)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except DownpourError as e:
+        print(f"downpour: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("downpour: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

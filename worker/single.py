@@ -1,0 +1,120 @@
+"""The single-process trainer: the baseline every distributed mode is measured against.
+
+One replica and one optimizer over the whole parameter vector. Per step:
+
+    idx  = next batch of the epoch's permutation (common.data, seeded by (seed, epoch))
+    loss = model.loss_and_grad(x[idx], y[idx])        # grads hold dL/dparams
+    clip grads (by value, by global norm)             # optional
+    optimizer.step(params, grads, schedule(t))        # t = updates applied so far
+
+Every `eval_every` epochs it evaluates on the held-out split, writes an `eval`
+metrics line, lets reduce-on-plateau and early stopping see the held-out loss,
+and at the end writes an `end` line with the final figures. `samples_per_s`
+counts training time only (evaluation excluded); `elapsed_s` is wall time.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from common.checkpoint import save_model
+from common.config import Config
+from common.data import batch_indices, epoch_permutation, gather, steps_per_epoch
+from common.errors import ConfigError, DownpourError
+from common.metrics import MetricsLog, Progress
+from common.model import Model
+from common.optim import clip_by_global_norm, clip_by_value, make_optimizer
+from common.schedules import parse_schedule
+from common.training import EarlyStopping, model_spec, open_datasets
+
+
+def train(cfg: Config, progress: Progress | None = None, metrics: MetricsLog | None = None) -> dict:
+    """Train as `cfg` says; return the `end` record (also written to `metrics`)."""
+    optimizer = make_optimizer(cfg.optimizer, **cfg.optimizer_kwargs())
+    schedule = parse_schedule(cfg.lr_schedule, cfg.lr)
+    train_set, test_set, about = open_datasets(cfg)
+    spec = model_spec(cfg, train_set)
+    model = Model(spec, seed=cfg.seed)
+    stopper = EarlyStopping(cfg.patience)
+    steps = steps_per_epoch(len(train_set), cfg.batch_size)
+    if steps == 0:
+        raise ConfigError(f"batch_size {cfg.batch_size} is larger than the training set "
+                          f"({len(train_set)} samples); choose a smaller --batch-size")
+    total = steps * cfg.epochs
+    eval_steps = max(1, round(cfg.eval_every * steps)) if cfg.eval_every > 0 else total
+    progress = progress or Progress(total, cfg.progress)
+    metrics = metrics or MetricsLog(cfg.metrics)
+    progress.line(f"{about}; model {spec.n_inputs}-{'-'.join(map(str, spec.hidden))}-"
+                  f"{spec.n_outputs} ({model.layout.size:,} parameters), "
+                  f"{cfg.optimizer} lr {cfg.lr}, batch {cfg.batch_size}, {cfg.epochs} epochs")
+
+    xb = np.empty((cfg.batch_size, train_set.n_features), np.float32)   # (B, D)
+    yb = np.empty(cfg.batch_size, np.int64)                              # (B,)
+    start = time.perf_counter()
+    eval_time = 0.0
+    loss_sum, loss_count = 0.0, 0
+    last: dict = {}
+    stopped_early = False
+    step = 0
+    for epoch, idx in _batches(len(train_set), cfg):
+        gather(train_set.x, idx, out=xb)
+        gather(train_set.y, idx, out=yb)
+        loss = model.loss_and_grad(xb, yb)
+        if not math.isfinite(loss):
+            raise DownpourError(f"the training loss became {loss} at update {step}; "
+                                "lower --lr or add --clip-norm")
+        if cfg.clip_value:
+            clip_by_value(model.grads, cfg.clip_value)
+        if cfg.clip_norm:
+            clip_by_global_norm(model.grads, cfg.clip_norm)
+        optimizer.step(model.params, model.grads, schedule(optimizer.t))
+        step += 1
+        loss_sum, loss_count = loss_sum + loss, loss_count + 1
+        progress.update(step, f"epoch {epoch + 1}/{cfg.epochs} loss {loss:.4f}")
+        if step % eval_steps and step != total:
+            continue
+        t0 = time.perf_counter()
+        test_loss, test_acc = model.evaluate(test_set.x, test_set.y)
+        eval_time += time.perf_counter() - t0
+        last = metrics.write(
+            "eval", elapsed_s=round(time.perf_counter() - start, 3), epoch=round(step / steps, 4),
+            samples=step * cfg.batch_size, updates=step, train_loss=loss_sum / loss_count,
+            test_loss=test_loss, test_accuracy=test_acc, lr=schedule(optimizer.t))
+        progress.line(f"epoch {step / steps:6.2f}  train loss {loss_sum / loss_count:.4f}  "
+                      f"test loss {test_loss:.4f}  test accuracy {100 * test_acc:.2f}%")
+        loss_sum, loss_count = 0.0, 0
+        schedule.observe(test_loss)
+        if stopper.observe(test_loss):
+            stopped_early = True
+            progress.line(f"early stop: no lower held-out loss in {cfg.patience} evaluations")
+            break
+    elapsed = time.perf_counter() - start
+    train_time = elapsed - eval_time
+    progress.close()
+
+    samples = step * cfg.batch_size
+    end = metrics.write(
+        "end", mode="single", workers=1, shards=0, elapsed_s=round(elapsed, 3),
+        train_time_s=round(train_time, 3), epoch=round(step / steps, 4), samples=samples,
+        updates=step, samples_per_s=samples / train_time, updates_per_s=step / train_time,
+        train_loss=last.get("train_loss"), test_loss=last.get("test_loss"),
+        test_accuracy=last.get("test_accuracy"), stopped_early=stopped_early,
+        parameters=model.layout.size, data=about)
+    metrics.close()
+    if cfg.save:
+        save_model(cfg.save, model.params, model.layout, model.buffers, model.buffer_layout,
+                   spec=spec.to_dict(), seed=cfg.seed, updates=step)
+    progress.line(f"done: {samples:,} samples in {train_time:.1f} s of training "
+                  f"({end['samples_per_s']:,.0f} samples/s), test accuracy "
+                  f"{100 * end['test_accuracy']:.2f}%" + (f"; saved {cfg.save}" if cfg.save else ""))
+    return end
+
+
+def _batches(n: int, cfg: Config):
+    """(epoch, batch indices) for every full batch of every epoch, in training order."""
+    for epoch in range(cfg.epochs):
+        for idx in batch_indices(epoch_permutation(n, cfg.seed, epoch), cfg.batch_size):
+            yield epoch, idx
