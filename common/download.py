@@ -67,9 +67,9 @@ def download_mnist(dest_dir: str | os.PathLike,
     files: file name -> md5; defaults to `MNIST_FILES`.
 
     Files already present with the right md5 are skipped; present with a wrong md5,
-    they are replaced. Raises DataError if a file cannot be fetched from any mirror
-    (HTTP error, unreachable server, timeout, checksum mismatch) or written; the
-    files downloaded before it stay, and nothing partial is left behind.
+    they are replaced. Every file is tried; then DataError lists each that could not
+    be fetched from any mirror (HTTP error, unreachable server, timeout, checksum
+    mismatch). The files that did arrive stay, and nothing partial is left behind.
     """
     dest = Path(dest_dir)
     mirrors = [base_url] if isinstance(base_url, str) else list(base_url)
@@ -77,7 +77,7 @@ def download_mnist(dest_dir: str | os.PathLike,
         raise ConfigError("download_mnist: no base URL given; pass at least one mirror")
     files = MNIST_FILES if files is None else files
 
-    paths = []
+    paths, errors = [], []
     for name, md5 in files.items():
         final = dest / name
         paths.append(final)
@@ -95,12 +95,11 @@ def download_mnist(dest_dir: str | os.PathLike,
                 raise DataError(f"{final}: cannot write ({e.strerror or e}); choose a "
                                 f"writable directory with --dir") from None
         else:
-            raise DataError(
-                f"{final}: could not download {name} (md5 {md5}) from any mirror:\n"
-                + "\n".join(failures)
-                + f"\npass another mirror with --base-url URL, or copy {name} into "
-                f"{dest} by hand"
-            )
+            errors.append(f"{final}: could not download {name} (md5 {md5}) from any mirror:\n"
+                          + "\n".join(failures))
+    if errors:
+        raise DataError("\n".join(errors) + "\npass another mirror with --base-url URL, or copy "
+                        f"the files into {dest} by hand")
     return paths
 
 

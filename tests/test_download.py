@@ -218,3 +218,21 @@ def test_bad_destination_and_arguments(served, tmp_path, monkeypatch):
         download_mnist(a_file / "sub", base_url=server.url)
     with pytest.raises(ConfigError, match="no base URL"):
         download_mnist(tmp_path, base_url=[])
+
+
+def test_download_command(served, tmp_path, downpour, shared_mnist):
+    """`downpour download mnist`: fetches what the mirror has, and says what it lacks."""
+    served_dir, server = served
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (served_dir / name).write_bytes((shared_mnist / name).read_bytes())
+    r = downpour("download", "mnist", "--dir", tmp_path / "d", "--base-url", server.url,
+                 "--timeout", "5")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "could not download train-images-idx3-ubyte.gz" in r.stderr and "HTTP 404" in r.stderr
+    assert "--base-url" in r.stderr
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
+        (served_dir / name).write_bytes(b"not the real file")
+    r = downpour("download", "mnist", "--dir", tmp_path / "d", "--base-url", server.url)
+    assert r.returncode == 2 and "checksum mismatch" in r.stderr
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [
+        "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]   # verified, nothing partial
