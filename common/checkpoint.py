@@ -1,6 +1,7 @@
 """Saved models: the flat vectors and their layouts in one .npz, written atomically.
 
-A saved model (`save_model`) is an .npz archive, readable without pickle:
+Every file here is an .npz archive of arrays plus one JSON string `meta`, readable
+without pickle, written atomically (common.fileio). A saved model (`save_model`):
 
     params          float32 (P,)   the flat parameter vector
     buffers         float32 (Q,)   non-trainable state (batch-norm running statistics)
@@ -20,6 +21,25 @@ from common.fileio import atomic_write
 from common.layout import Layout
 
 
+def save_arrays(path: str | os.PathLike, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+    """Write `arrays` and JSON-able `meta` to one .npz at `path`, atomically, without pickle."""
+    entries = {**arrays, "meta": np.array(json.dumps(meta))}
+    atomic_write(path, lambda f: np.savez(f, **entries))
+
+
+def load_arrays(path: str | os.PathLike, what: str = "file") -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The arrays and meta of a `save_arrays` file; DataError naming `what` if it is not one."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files if k != "meta"}
+            meta = json.loads(str(z["meta"]))
+    except FileNotFoundError:
+        raise DataError(f"{what} {str(path)!r} does not exist") from None
+    except (OSError, ValueError, KeyError) as e:
+        raise DataError(f"{str(path)!r} is not a downpour {what} ({e})") from None
+    return arrays, meta
+
+
 def save_model(path: str | os.PathLike, params: np.ndarray, layout: Layout,
                buffers: np.ndarray | None = None, buffer_layout: Layout | None = None,
                **meta: Any) -> None:
@@ -27,21 +47,19 @@ def save_model(path: str | os.PathLike, params: np.ndarray, layout: Layout,
     info = {"layout": layout.to_dict(),
             "buffer_layout": (buffer_layout or Layout([])).to_dict(), **meta}
     arrays = {"params": params,
-              "buffers": buffers if buffers is not None else np.zeros(0, params.dtype),
-              "meta": np.array(json.dumps(info))}
-    atomic_write(path, lambda f: np.savez(f, **arrays))
+              "buffers": buffers if buffers is not None else np.zeros(0, params.dtype)}
+    save_arrays(path, arrays, info)
 
 
 def load_model(path: str | os.PathLike) -> dict[str, Any]:
     """The contents of a saved model: params, buffers, layout, buffer_layout and the rest of meta."""
+    arrays, meta = load_arrays(path, "saved model")
     try:
-        with np.load(path, allow_pickle=False) as z:
-            params, buffers, meta = z["params"], z["buffers"], json.loads(str(z["meta"]))
-    except FileNotFoundError:
-        raise DataError(f"saved model {str(path)!r} does not exist") from None
-    except (OSError, ValueError, KeyError) as e:
-        raise DataError(f"{str(path)!r} is not a downpour saved model ({e})") from None
-    layout, buffer_layout = Layout.from_dict(meta.pop("layout")), Layout.from_dict(meta.pop("buffer_layout"))
+        params, buffers = arrays["params"], arrays["buffers"]
+        layout = Layout.from_dict(meta.pop("layout"))
+        buffer_layout = Layout.from_dict(meta.pop("buffer_layout"))
+    except KeyError as e:
+        raise DataError(f"{str(path)!r} is not a downpour saved model (no {e})") from None
     if params.shape != (layout.size,):
         raise DataError(f"{str(path)!r}: params has {params.size} elements, its layout {layout.size}")
     return {"params": params, "buffers": buffers, "layout": layout,

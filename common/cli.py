@@ -1,6 +1,10 @@
 """The `downpour` command line, the one module that may reach `ps`, `worker` and `common`.
 
-    downpour train [settings]             train; --mode single is the one-process baseline
+    downpour train [settings]             train: --mode single (one process, the baseline), or
+                                          --mode async|sync (a local cluster of processes)
+    downpour scheduler [settings]         one role each: what a docker-compose service runs
+    downpour server --scheduler ADDR
+    downpour worker --scheduler ADDR
     downpour bench core [--json]          one training step against PyTorch; the optimizer update
     downpour download mnist [--dir DIR]   fetch the four MNIST files, verifying their checksums
 
@@ -18,16 +22,40 @@ import sys
 from common import config
 from common.errors import DownpourError
 
-TRAIN_GROUPS = ("run", "data", "model", "optim", "train", "output")
+TRAIN_GROUPS = ("run", "data", "model", "optim", "train", "output", "cluster")
+ROLES = {  # command -> (settings it takes, "module:function" it runs)
+    "scheduler": (TRAIN_GROUPS + ("bind", "endpoint_file"), "ps.scheduler:main"),
+    "server": (("scheduler", "bind", "advertise", "checkpoint_dir", "resume", "threads",
+                "start_timeout_s"), "ps.server:main"),
+    "worker": (("scheduler", "data_dir", "threads", "start_timeout_s"), "worker.replica:main"),
+}
 
 
-def _train(args: argparse.Namespace) -> int:
+def _pinned(args: argparse.Namespace) -> config.Config:
+    """The settings of `args`, with this process's BLAS threads pinned before NumPy loads."""
     cfg = config.resolve(args)
     from common.threads import pin_blas_threads
     pin_blas_threads(cfg.threads)
-    from worker.single import train
-    train(cfg)
-    return 0
+    return cfg
+
+
+def _train(args: argparse.Namespace) -> int:
+    cfg = _pinned(args)
+    if cfg.mode == "single":
+        from worker.single import train
+        train(cfg)
+        return 0
+    from common.launch import launch
+    from common.training import check_cluster
+    check_cluster(cfg)
+    return launch(cfg)
+
+
+def _role(args: argparse.Namespace) -> int:
+    import importlib
+    module, function = ROLES[args.command][1].split(":")
+    cfg = _pinned(args)
+    return getattr(importlib.import_module(module), function)(cfg)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -55,6 +83,11 @@ def parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model (settings: flags, DOWNPOUR_* or --config)")
     config.add_arguments(train, TRAIN_GROUPS)
     train.set_defaults(run=_train)
+
+    for role, (settings, _) in ROLES.items():
+        p = sub.add_parser(role, help=f"run one {role} (settings: flags or DOWNPOUR_*)")
+        config.add_arguments(p, settings)
+        p.set_defaults(run=_role)
 
     bench = sub.add_parser("bench", help="benchmarks that print figures")
     bench.add_argument("what", choices=["core"], help="core: one training step and one optimizer update")

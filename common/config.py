@@ -38,7 +38,8 @@ def setting(default, help: str, group: str, *, low=None, choices: Iterable[str] 
 @dataclass(frozen=True)
 class Config:
     # -- run ------------------------------------------------------------------------------
-    mode: str = setting("single", "how replicas share weights", "run", choices=("single",))
+    mode: str = setting("single", "single: one process; async: Downpour SGD; sync: synchronous "
+                        "data-parallel SGD", "run", choices=("single", "async", "sync"))
     seed: int = setting(0, "seed of the initial weights, data order and dropout masks", "run", low=0)
     threads: int = setting(1, "BLAS threads per process", "run", low=1)
     # -- data -----------------------------------------------------------------------------
@@ -81,6 +82,36 @@ class Config:
                                 "train", low=0.0)
     patience: int = setting(0, "stop after this many evaluations without a lower held-out "
                             "loss; 0 = never", "train", low=0)
+    # -- cluster (the scheduler hands these to every node) ---------------------------------
+    workers: int = setting(2, "worker replicas", "cluster", low=1)
+    shards: int = setting(1, "parameter-server shards", "cluster", low=1)
+    n_fetch: int = setting(1, "async: a worker pulls the weights every n_fetch steps", "cluster",
+                           low=1)
+    n_push: int = setting(1, "async: a worker pushes its gradients, summed, every n_push steps",
+                          "cluster", low=1)
+    overlap: bool = setting(False, "async: compute the next gradient while a push_pull is in "
+                            "flight (adds one step of staleness, counted)", "cluster")
+    transport: str = setting("ipc", "local runs: ipc (unix sockets in a temp dir) or tcp "
+                             "(loopback)", "cluster", choices=("ipc", "tcp"))
+    heartbeat_s: float = setting(0.5, "seconds between a node's heartbeats", "cluster", low=0.01)
+    dead_after_s: float = setting(5.0, "a node silent this long is dead", "cluster", low=0.1)
+    timeout_s: float = setting(30.0, "seconds a request waits for its reply before a retry",
+                               "cluster", low=0.01)
+    retries: int = setting(3, "retries of a request before the node gives up", "cluster", low=0)
+    start_timeout_s: float = setting(60.0, "seconds to wait for the cluster to assemble",
+                                     "cluster", low=0.1)
+    checkpoint_every_s: float = setting(0.0, "servers checkpoint every this many seconds; 0 = "
+                                        "only when they stop", "cluster", low=0.0)
+    # -- this node (role commands; not part of the cluster spec) ---------------------------
+    scheduler: str = setting("", "the scheduler's address, e.g. tcp://scheduler:5555", "node")
+    bind: str = setting("", "address to listen on (scheduler default tcp://*:5555; server "
+                        "default tcp://*:0, a free port)", "node")
+    advertise: str = setting("", "host name others reach this server by (default: this "
+                             "host's name)", "node")
+    checkpoint_dir: str = setting("", "servers write shard checkpoints here", "node")
+    resume: bool = setting(False, "servers start from the checkpoints in checkpoint_dir", "node")
+    endpoint_file: str = setting("", "the scheduler writes its bound address to this file",
+                                 "node")
     # -- output ---------------------------------------------------------------------------
     metrics: str = setting("", "write JSON-lines metrics to this file", "output")
     save: str = setting("", "write the final parameters and layout to this .npz file", "output")
@@ -202,14 +233,17 @@ def from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
-def add_arguments(parser: argparse.ArgumentParser, groups: Iterable[str]) -> None:
-    """Add a flag for every setting of `groups`; flags not given stay out of the namespace."""
-    groups = tuple(groups)
-    for group in groups:
-        section = parser.add_argument_group(group)
-        for f in fields(Config):
-            if f.metadata["group"] != group:
-                continue
+def add_arguments(parser: argparse.ArgumentParser, names: Iterable[str]) -> None:
+    """Add a flag for every setting named, or in a group named, in `names`.
+
+    Flags not given stay out of the namespace, so `resolve` can tell them apart.
+    """
+    names = tuple(names)
+    for group in dict.fromkeys(f.metadata["group"] for f in fields(Config)):
+        chosen = [f for f in fields(Config)
+                  if f.metadata["group"] == group and (group in names or f.name in names)]
+        section = parser.add_argument_group(group) if chosen else None
+        for f in chosen:
             flag = "--" + f.name.replace("_", "-")
             shown = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
             help_ = f"{f.metadata['help']} (default: {shown!r})"
@@ -219,6 +253,35 @@ def add_arguments(parser: argparse.ArgumentParser, groups: Iterable[str]) -> Non
             else:
                 section.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, help=help_,
                                      metavar=f.name.upper())
+
+
+def to_args(cfg: Config) -> list[str]:
+    """Flags that reproduce `cfg` (its non-default settings, `config` excepted)."""
+    args = []
+    for f in fields(Config):
+        value = getattr(cfg, f.name)
+        if f.name == "config" or value == f.default:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + flag[2:])
+        else:
+            args += [flag, ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
+    return args
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """`cfg` as plain values (tuples as lists), for the cluster spec."""
+    return {f.name: list(v) if isinstance(v := getattr(cfg, f.name), tuple) else v
+            for f in fields(Config)}
+
+
+def from_dict(d: Mapping[str, Any]) -> Config:
+    """The Config of `to_dict` output; unknown keys and bad values are ConfigErrors."""
+    for key in d:
+        if key not in FIELDS:
+            raise _unknown(key, "the cluster spec")
+    return replace(Config(), **{k: _convert(k, v) for k, v in d.items()})
 
 
 def resolve(args: argparse.Namespace | Mapping[str, Any] | None = None,

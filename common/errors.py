@@ -7,7 +7,8 @@ built-in type a caller would naturally catch (ValueError, OSError, ...).
     DownpourError
     ├── ConfigError       a setting, flag, file or hyperparameter is invalid
     ├── DataError         a data file is missing, truncated or of the wrong format
-    └── ProtocolError     a message on the wire is malformed (see common/protocol.py)
+    ├── ProtocolError     a message on the wire is malformed (see common/protocol.py)
+    └── ClusterError      a node did not answer in time, or the cluster cannot go on
 """
 
 
@@ -24,4 +25,10 @@ class DataError(DownpourError, ValueError):
 
 
 class ProtocolError(DownpourError, ValueError):
-    """A message does not follow the wire protocol."""
+    """A message does not follow the wire protocol; `code` is its E_* code (common/protocol.py)."""
+
+    code = 1  # E_MALFORMED
+
+
+class ClusterError(DownpourError, RuntimeError):
+    """A node did not answer within its timeout, or the cluster cannot continue."""

@@ -14,8 +14,9 @@ then a Dense output layer whose logits go to the loss.
 
 Batch-norm running statistics are non-trainable state: they live in a separate
 flat vector `buffers` (laid out by `buffer_layout`) that no optimizer touches.
-Each replica updates its own copy while it trains; in a cluster the copy that is
-evaluated is the one the servers hold (see ps/), not an average.
+Each replica updates its own copy while it trains; in a cluster they are never
+sent: the evaluator recomputes them from training batches with the weights it
+evaluates (`calibrate_batchnorm`), so statistics and weights always match.
 """
 
 from __future__ import annotations
@@ -192,6 +193,27 @@ class Model:
                 np.multiply(W, l2, out=tmp)
                 dW += tmp
         return penalty
+
+    def calibrate_batchnorm(self, x: np.ndarray, batch_size: int, batches: int = 50) -> None:
+        """Set batch-norm running statistics to the average over `batches` training batches.
+
+        For weights that arrived from elsewhere (a cluster's servers), whose
+        running statistics were never accumulated here. The k-th batch enters with
+        momentum 1/k, so the result is the plain mean of the batch statistics.
+        """
+        norms = [l for l in self.layers if isinstance(l, BatchNorm)]
+        if not norms:
+            return
+        saved = [l.momentum for l in norms]
+        try:
+            for k, lo in enumerate(range(0, min(len(x), batches * batch_size) - batch_size + 1,
+                                         batch_size), start=1):
+                for l in norms:
+                    l.momentum = 1.0 / k
+                self.forward(x[lo:lo + batch_size], train=True)
+        finally:
+            for l, m in zip(norms, saved):
+                l.momentum = m
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int = 1000) -> tuple[float, float]:
         """Mean loss (without regularisers) and accuracy on (x, y), in evaluation mode."""

@@ -10,8 +10,13 @@ import math
 from dataclasses import dataclass
 
 from common.config import Config
-from common.data import Dataset, default_data_dir, has_mnist, load_mnist, synthetic_dataset
-from common.errors import DataError
+from typing import Iterator
+
+import numpy as np
+
+from common.data import (Dataset, batch_indices, default_data_dir, epoch_permutation, has_mnist,
+                         load_mnist, partition, steps_per_epoch, synthetic_dataset)
+from common.errors import ConfigError, DataError
 from common.model import ModelSpec
 
 SYNTHETIC_DEFAULT = 10_000       # training samples when no MNIST is found
@@ -51,6 +56,54 @@ def model_spec(cfg: Config, data: Dataset) -> ModelSpec:
     return ModelSpec(n_inputs=data.n_features, n_outputs=data.n_classes, hidden=cfg.hidden,
                      activation=cfg.activation, init=cfg.init, dropout=cfg.dropout,
                      batchnorm=cfg.batchnorm, loss=cfg.loss, l1=cfg.l1, l2=cfg.l2)
+
+
+def check_cluster(cfg: Config) -> None:
+    """ConfigError for settings that contradict each other in a cluster run."""
+    if cfg.mode == "sync" and (cfg.n_fetch > 1 or cfg.n_push > 1 or cfg.overlap):
+        raise ConfigError("sync mode pushes and pulls every step: n_fetch, n_push and overlap "
+                          "are for async mode; drop them or use --mode async")
+    if cfg.overlap and (cfg.n_fetch > 1 or cfg.n_push > 1):
+        raise ConfigError("overlap works with n_fetch = n_push = 1 (a push_pull every step)")
+
+
+def replicas(cfg: Config) -> int:
+    """Workers in the run: one in single mode."""
+    return 1 if cfg.mode == "single" else cfg.workers
+
+
+def worker_batches(n: int, cfg: Config, rank: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(epoch, sample indices) of every step worker `rank` takes, in order.
+
+    Every epoch starts from the same global permutation (seed, epoch) that the
+    single-process trainer uses, so the modes see the data in comparable orders:
+
+    single, async  the worker owns a contiguous partition of [0, n) and visits it in
+                   the order the permutation lists its samples, in batches of b
+                   (with one worker this is exactly the single-process order)
+    sync           each global batch of W*b rows of the permutation is split:
+                   worker i takes rows [i*b, (i+1)*b), so the mean of the W
+                   gradients is the gradient of the single-process batch of W*b
+    """
+    W, b = replicas(cfg), cfg.batch_size
+    part = partition(n, W, rank)
+    for epoch in range(cfg.epochs):
+        order = epoch_permutation(n, cfg.seed, epoch)
+        if cfg.mode == "sync":
+            for batch in batch_indices(order, W * b):
+                yield epoch, batch[rank * b:(rank + 1) * b]
+        else:
+            mine = order[(order >= part.start) & (order < part.stop)] if W > 1 else order
+            for batch in batch_indices(mine, b):
+                yield epoch, batch
+
+
+def worker_steps(n: int, cfg: Config, rank: int) -> int:
+    """How many steps worker `rank` takes in the whole run (the length of `worker_batches`)."""
+    W, b = replicas(cfg), cfg.batch_size
+    if cfg.mode == "sync":
+        return cfg.epochs * steps_per_epoch(n, W * b)
+    return cfg.epochs * steps_per_epoch(len(partition(n, W, rank)), b)
 
 
 @dataclass

@@ -22,13 +22,13 @@ import numpy as np
 
 from common.checkpoint import save_model
 from common.config import Config
-from common.data import batch_indices, epoch_permutation, gather, steps_per_epoch
+from common.data import gather, steps_per_epoch
 from common.errors import ConfigError, DownpourError
 from common.metrics import MetricsLog, Progress
 from common.model import Model
 from common.optim import clip_by_global_norm, clip_by_value, make_optimizer
 from common.schedules import parse_schedule
-from common.training import EarlyStopping, model_spec, open_datasets
+from common.training import EarlyStopping, model_spec, open_datasets, worker_batches
 
 
 def train(cfg: Config, progress: Progress | None = None, metrics: MetricsLog | None = None) -> dict:
@@ -59,7 +59,7 @@ def train(cfg: Config, progress: Progress | None = None, metrics: MetricsLog | N
     last: dict = {}
     stopped_early = False
     step = 0
-    for epoch, idx in _batches(len(train_set), cfg):
+    for epoch, idx in worker_batches(len(train_set), cfg, rank=0):
         gather(train_set.x, idx, out=xb)
         gather(train_set.y, idx, out=yb)
         loss = model.loss_and_grad(xb, yb)
@@ -111,10 +111,3 @@ def train(cfg: Config, progress: Progress | None = None, metrics: MetricsLog | N
                   f"({end['samples_per_s']:,.0f} samples/s), test accuracy "
                   f"{100 * end['test_accuracy']:.2f}%" + (f"; saved {cfg.save}" if cfg.save else ""))
     return end
-
-
-def _batches(n: int, cfg: Config):
-    """(epoch, batch indices) for every full batch of every epoch, in training order."""
-    for epoch in range(cfg.epochs):
-        for idx in batch_indices(epoch_permutation(n, cfg.seed, epoch), cfg.batch_size):
-            yield epoch, idx

@@ -1,0 +1,174 @@
+"""The client side of the shard servers: pull, push and push_pull over one DEALER per shard.
+
+A request to the whole model goes out to every shard before any reply is awaited;
+replies are then collected as they come. Each shard's request has a timeout and a
+bounded number of retries with the same sequence number, so a server applies a
+retried push at most once; a reply to an earlier attempt is recognised by its seq
+and discarded. After the last retry a ClusterError names the shard and address.
+
+Payload frames are sent zero-copy from the caller's array: `start` returns once
+the frames are queued, and the array must stay unchanged until `finish` returns
+(or `wait_sent` does). Parameters in a reply are copied straight into the
+caller's output array, each shard into its range.
+
+Used by workers (all three verbs), by the scheduler (pull for evaluation, and the
+control operations through `call`) and by the benchmarks.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import zmq
+
+from common import protocol
+from common.errors import ClusterError
+
+
+def make_socket(ctx: zmq.Context, kind: int, address: str, *, bind: bool = False) -> zmq.Socket:
+    """A socket with linger 0 (closing never blocks), connected or bound to `address`."""
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    if bind:
+        sock.bind(address)
+    else:
+        sock.connect(address)
+    return sock
+
+
+class ShardClient:
+    """Requests to S shard servers at `addresses`, owning `ranges` [(lo, hi), ...] of the vector."""
+
+    def __init__(self, addresses: list[str], ranges: list[tuple[int, int]], node: str,
+                 timeout: float = 30.0, retries: int = 3, ctx: zmq.Context | None = None):
+        if len(addresses) != len(ranges):
+            raise ValueError(f"{len(addresses)} addresses for {len(ranges)} shard ranges")
+        self.ctx = ctx or zmq.Context.instance()
+        self.node, self.timeout, self.retries = node, timeout, retries
+        self.ranges = [tuple(r) for r in ranges]
+        self.addresses = list(addresses)
+        self.socks = [make_socket(self.ctx, zmq.DEALER, a) for a in self.addresses]
+        self.seq = 0
+        self.bytes_sent = self.bytes_received = 0
+        self._pending: dict[int, tuple[int, list, str]] | None = None  # shard -> (seq, frames, op)
+        self._trackers: list[zmq.MessageTracker] = []
+
+    # -- the verbs -------------------------------------------------------------------------
+    def pull(self, out: np.ndarray) -> int:
+        """Fill `out` (the whole vector) with the servers' parameters; return the lowest clock."""
+        self.start("pull")
+        return self.finish(out)
+
+    def push(self, grad: np.ndarray, clock: int) -> int:
+        """Send `grad` (the whole vector), computed on version `clock`; return the lowest new clock."""
+        self.start("push", grad, clock)
+        return self.finish()
+
+    def push_pull(self, grad: np.ndarray, clock: int, out: np.ndarray) -> int:
+        """push, and fill `out` with the parameters after it, in one round trip per shard."""
+        self.start("push_pull", grad, clock)
+        return self.finish(out)
+
+    def call(self, shard: int, op: str, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A control operation (stats, control, checkpoint, shutdown) to one shard; its reply header."""
+        self._pending = {shard: self._send(shard, op, meta=meta)}
+        return self._collect(None)[shard]
+
+    def call_all(self, op: str, meta: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """`call` on every shard at once; the reply headers in shard order."""
+        self._pending = {s: self._send(s, op, meta=meta) for s in range(len(self.socks))}
+        replies = self._collect(None)
+        return [replies[s] for s in range(len(self.socks))]
+
+    # -- split in two, so that work can overlap a request in flight ------------------------------
+    def start(self, op: str, grad: np.ndarray | None = None, clock: int = 0) -> None:
+        """Send `op` to every shard (with its slice of `grad`), without waiting for replies."""
+        if self._pending is not None:
+            raise RuntimeError("a request is already in flight; call finish() first")
+        self._pending = {s: self._send(s, op, grad, clock) for s in range(len(self.socks))}
+
+    def finish(self, out: np.ndarray | None = None) -> int:
+        """Wait for the replies of `start`; copy parameters into `out`; return the lowest clock."""
+        replies = self._collect(out)
+        return min(h.get("clock", 0) for h in replies.values())
+
+    def wait_sent(self) -> None:
+        """Block until ZeroMQ no longer needs the arrays of sent requests."""
+        for t in self._trackers:
+            t.wait(self.timeout)
+        self._trackers.clear()
+
+    # -- internals --------------------------------------------------------------------------
+    def _send(self, shard: int, op: str, grad: np.ndarray | None = None, clock: int = 0,
+              meta: dict[str, Any] | None = None) -> tuple[int, list, str]:
+        self.seq += 1
+        lo, hi = self.ranges[shard]
+        header: dict[str, Any] = {"op": op, "node": self.node, "seq": self.seq, "shard": shard,
+                                  "clock": clock}
+        if meta:
+            header["meta"] = meta
+        frames = protocol.encode(header, None if grad is None else grad[lo:hi])
+        self._post(shard, frames)
+        return self.seq, frames, op
+
+    def _post(self, shard: int, frames: list) -> None:
+        tracker = self.socks[shard].send_multipart(frames, copy=False, track=True)
+        self._trackers.append(tracker)
+        self.bytes_sent += sum(len(f) for f in frames)
+
+    def _collect(self, out: np.ndarray | None) -> dict[int, dict[str, Any]]:
+        """Replies of the pending requests by shard, retrying shards that stay silent."""
+        pending, self._pending = self._pending or {}, None
+        replies: dict[int, dict[str, Any]] = {}
+        poller = zmq.Poller()
+        for s in pending:
+            poller.register(self.socks[s], zmq.POLLIN)
+        attempts = dict.fromkeys(pending, 0)
+        deadline = dict.fromkeys(pending, time.monotonic() + self.timeout)
+        while len(replies) < len(pending):
+            now = time.monotonic()
+            for s in pending:
+                if s in replies or now < deadline[s]:
+                    continue
+                if attempts[s] >= self.retries:
+                    raise ClusterError(
+                        f"shard {s} at {self.addresses[s]} did not answer {pending[s][2]!r} in "
+                        f"{self.retries + 1} attempts of {self.timeout:g} s; is the server running?")
+                attempts[s] += 1
+                deadline[s] = now + self.timeout
+                self._post(s, pending[s][1])                      # the same seq: idempotent
+            wait = max(0.0, min(deadline[s] for s in pending if s not in replies) - now)
+            for sock, _ in poller.poll(1000 * wait):
+                s = self.socks.index(sock)
+                frames = sock.recv_multipart(copy=False)
+                self.bytes_received += sum(len(f.buffer) for f in frames)
+                header, payload = protocol.decode(frames)
+                if header.get("seq") != pending[s][0] or s in replies:
+                    continue                                      # a reply to an earlier attempt
+                protocol.raise_for_error(header)
+                if out is not None and payload:
+                    lo, hi = self.ranges[s]
+                    protocol.copy_payload(protocol.payload(header, payload, hi - lo), out[lo:hi])
+                replies[s] = header
+        self._trackers = [t for t in self._trackers if not t.done]
+        return replies
+
+    def reconnect(self, shard: int, address: str) -> None:
+        """Point shard `shard` at a new address (a restarted server)."""
+        self.socks[shard].close()
+        self.socks[shard] = make_socket(self.ctx, zmq.DEALER, address)
+        self.addresses[shard] = address
+
+    def close(self) -> None:
+        """Close every socket; safe to call twice."""
+        for sock in self.socks:
+            sock.close()
+        self.socks = []
+
+    def __enter__(self) -> "ShardClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,139 @@
+"""`downpour train --mode async|sync`: a whole cluster as processes on this machine.
+
+Starts the scheduler, S servers and W workers, each a `downpour <role>` process
+(the very commands the docker-compose services run), talking over ipc sockets in
+a temporary directory, or loopback tcp. The scheduler's output (progress bar,
+evaluation lines, summary) comes to this terminal; servers and workers write to
+log files, whose last lines are shown if the run fails.
+
+Every process started here is ended before `launch` returns, on success, failure
+or Ctrl-C: SIGTERM first (servers checkpoint on it), SIGKILL after a grace
+period. Each child also asks the kernel (PR_SET_PDEATHSIG) to be sent SIGTERM if
+the launcher dies without cleaning up.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from common import config
+from common.config import Config
+from common.errors import ClusterError
+
+GRACE_S = 10.0                 # how long children get to exit after the run ends
+NODE_SETTINGS = ("scheduler", "bind", "advertise", "checkpoint_dir", "resume", "endpoint_file")
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM this process when its parent dies (Linux)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class Cluster:
+    """The processes of one local run; a context manager that always ends them."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(config.ENV_PREFIX)}
+        self.env["PYTHONPATH"] = os.pathsep.join(
+            [str(Path(__file__).resolve().parents[1]), *filter(None, [os.environ.get("PYTHONPATH")])])
+
+    def start(self, name: str, args: list[str], log: bool = True) -> subprocess.Popen:
+        out = open(self.run_dir / f"{name}.log", "wb") if log else None
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "common.cli", *args], env=self.env,
+                                    stdout=out, stderr=subprocess.STDOUT if log else None,
+                                    stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        finally:
+            if out:
+                out.close()
+        self.procs[name] = proc
+        return proc
+
+    def stop(self, grace: float = GRACE_S) -> None:
+        """Wait up to `grace` s for every process to exit, then SIGTERM, then SIGKILL."""
+        deadline = time.monotonic() + grace
+        for sig in (None, signal.SIGTERM, signal.SIGKILL):
+            for p in self.procs.values():
+                if p.poll() is None and sig is not None:
+                    p.send_signal(sig)
+            for p in self.procs.values():
+                try:
+                    p.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+            deadline = time.monotonic() + 3.0
+            if all(p.poll() is not None for p in self.procs.values()):
+                return
+
+    def tails(self, lines: int = 15) -> str:
+        parts = []
+        for name, p in self.procs.items():
+            log = self.run_dir / f"{name}.log"
+            if log.exists() and (p.returncode not in (0, None) or name.startswith("server")):
+                text = log.read_text(errors="replace").strip().splitlines()[-lines:]
+                if text:
+                    parts.append(f"--- {name} (exit {p.returncode}) ---\n" + "\n".join(text))
+        return "\n".join(parts)
+
+
+def launch(cfg: Config) -> int:
+    """Run `cfg` as a local cluster; the scheduler's exit status."""
+    run_dir = Path(tempfile.mkdtemp(prefix="downpour-"))
+    cluster = Cluster(run_dir)
+    common = ["--threads", str(cfg.threads), "--start-timeout-s", str(cfg.start_timeout_s)]
+    try:
+        endpoint_file = run_dir / "scheduler.endpoint"
+        bind = f"ipc://{run_dir}/scheduler" if cfg.transport == "ipc" else "tcp://127.0.0.1:0"
+        run_settings = replace(cfg, **{k: config.FIELDS[k].default for k in NODE_SETTINGS})
+        scheduler = cluster.start("scheduler", ["scheduler", *config.to_args(run_settings),
+                                                "--bind", bind, "--endpoint-file", str(endpoint_file)],
+                                  log=False)
+        endpoint = _wait_for_file(endpoint_file, scheduler, cfg.start_timeout_s)
+        for i in range(cfg.shards):
+            server_bind = f"ipc://{run_dir}/server-{i}" if cfg.transport == "ipc" else "tcp://127.0.0.1:0"
+            extra = ["--checkpoint-dir", cfg.checkpoint_dir] if cfg.checkpoint_dir else []
+            extra += ["--resume"] if cfg.resume else []
+            cluster.start(f"server-{i}", ["server", "--scheduler", endpoint, "--bind", server_bind,
+                                          *common, *extra])
+        for i in range(cfg.workers):
+            cluster.start(f"worker-{i}", ["worker", "--scheduler", endpoint, *common])
+        status = scheduler.wait()
+        if status != 0:
+            cluster.stop(grace=2.0)
+            tails = cluster.tails()
+            print(f"downpour: the scheduler failed (exit {status})" +
+                  (f"; the other processes said:\n{tails}" if tails else ""), file=sys.stderr)
+        return status
+    except KeyboardInterrupt:
+        print("downpour: interrupted; stopping the cluster", file=sys.stderr)
+        cluster.stop(grace=3.0)
+        return 130
+    finally:
+        cluster.stop()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _wait_for_file(path: Path, proc: subprocess.Popen, timeout: float) -> str:
+    """The contents of `path` once `proc` has written it; ClusterError if it exits or times out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            return path.read_text()
+        if proc.poll() is not None:
+            raise ClusterError(f"the scheduler exited (status {proc.returncode}) before it was ready")
+        time.sleep(0.02)
+    raise ClusterError(f"the scheduler did not start listening within {timeout:g} s")

@@ -1,0 +1,209 @@
+"""The wire protocol: every operation, field and error code, and the one encode/decode pair.
+
+A message is a ZeroMQ multipart message (a ROUTER socket sees the peer's identity
+frame in front of it):
+
+    frame 0     header    msgpack map, at most MAX_HEADER bytes, never pickle
+    frame 1..k  payload   raw little-endian array bytes: one array, cut into frames
+                          of at most MAX_FRAME bytes (16 MiB); k = 0 when there is none
+
+Header fields (every message has v, op, node, seq):
+
+    v       int    protocol version; a receiver answers any other with E_VERSION
+    op      str    the operation below, or "ok" / "error" in a reply
+    node    str    sender: "scheduler", "server-<i>", "worker-<i>", or a tool's name
+    seq     int    sender's sequence number, >= 0; the reply echoes it. A retried
+                   request reuses its seq, so a server applies a push at most once
+    shard   int    the shard a pull/push is for (servers check it is theirs)
+    clock   int    parameter version. Request: the version the gradient was computed
+                   on. Reply: the server's version after the operation
+    dtype   str    payload dtype; the allow-list is DTYPES ("<f4")
+    n       int    payload elements in all payload frames together
+    meta    map    operation-specific fields (below)
+    code    int    error replies: one of the E_* codes
+    msg     str    error replies: what was wrong and what to do
+
+Operations to a shard server (replies carry clock):
+
+    pull        -> ok + payload: the shard's parameters
+    push        payload: a gradient for the shard -> ok (applied, or held until the
+                synchronous version completes)
+    push_pull   push, then the parameters after it in the same reply
+    stats       -> ok, meta: version, pushes, dropped, staleness histogram, bytes
+    control     meta: lr_scale (float) and/or live (list of worker ranks) -> ok
+    checkpoint  -> ok, meta: path of the checkpoint written
+    shutdown    -> ok; the server checkpoints if it has a directory, then exits
+
+Operations to the scheduler:
+
+    register    meta: role ("server" | "worker"), addr (a server's endpoint),
+                host -> ok, meta: rank and the cluster spec (see ps/scheduler.py)
+    heartbeat   meta: rank, role, progress (samples, steps, loss_sum, loss_count,
+                done) -> ok, meta: stop (bool), servers (current endpoints)
+
+Error codes (an error reply changes nothing on the server that sends it):
+
+    1  E_MALFORMED   not a header: not msgpack, too large, not a map, a missing or
+                     mistyped field, an unknown field
+    2  E_VERSION     another protocol version
+    3  E_UNKNOWN_OP  an operation this receiver does not offer
+    4  E_PAYLOAD     wrong dtype, wrong length, missing frames, non-finite values
+    5  E_SHARD       the request names a shard this server does not own
+    6  E_STALE       a synchronous push for a version already applied: dropped
+    7  E_STATE       not possible now (e.g. registration after the cluster is full)
+    8  E_INTERNAL    the receiver failed; msg says how
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import msgpack
+import numpy as np
+
+from common.errors import ProtocolError
+
+VERSION = 1
+MAX_HEADER = 64 * 1024               # bytes; checked before unpacking
+MAX_FRAME = 16 * 1024 * 1024         # bytes per payload frame
+DTYPES = {"<f4": np.dtype("<f4")}    # the payload dtypes a receiver accepts
+
+SERVER_OPS = ("pull", "push", "push_pull", "stats", "control", "checkpoint", "shutdown")
+SCHEDULER_OPS = ("register", "heartbeat")
+REPLY_OPS = ("ok", "error")
+
+E_MALFORMED, E_VERSION, E_UNKNOWN_OP, E_PAYLOAD, E_SHARD, E_STALE, E_STATE, E_INTERNAL = range(1, 9)
+
+ERRORS = {E_MALFORMED: "malformed", E_VERSION: "version", E_UNKNOWN_OP: "unknown operation",
+          E_PAYLOAD: "bad payload", E_SHARD: "wrong shard", E_STALE: "stale",
+          E_STATE: "bad state", E_INTERNAL: "internal"}
+
+# field -> the Python types it may have
+_FIELDS = {"v": int, "op": str, "node": str, "seq": int, "shard": int, "clock": int,
+           "dtype": str, "n": int, "meta": dict, "code": int, "msg": str}
+_REQUIRED = ("v", "op", "node", "seq")
+
+
+class RemoteError(ProtocolError):
+    """An error reply: `code` is one of the E_* codes."""
+
+    def __init__(self, code: int, msg: str):
+        super().__init__(f"{ERRORS.get(code, 'error')} ({code}): {msg}")
+        self.code = code
+
+
+def encode(header: dict[str, Any], payload: np.ndarray | None = None) -> list:
+    """The frames of a message: the packed header, then `payload` in MAX_FRAME pieces.
+
+    Payload frames are memoryviews of `payload` itself (no copy): the caller must
+    not change it until ZeroMQ has sent it (send with copy=False, track=True and
+    wait on the tracker, or wait for the reply).
+    """
+    frames: list = []
+    if payload is not None:
+        if payload.dtype.str not in DTYPES or payload.ndim != 1 or not payload.flags.c_contiguous:
+            raise ProtocolError(f"payload must be a contiguous 1-D array of {list(DTYPES)}, "
+                                f"got {payload.dtype.str} {payload.shape}")
+        header = {**header, "dtype": payload.dtype.str, "n": int(payload.size)}
+        data = memoryview(payload).cast("B")
+        frames = [data[lo:lo + MAX_FRAME] for lo in range(0, len(data), MAX_FRAME)]
+    head = msgpack.packb({"v": VERSION, **header}, use_bin_type=True)
+    if len(head) > MAX_HEADER:
+        raise ProtocolError(f"header of {len(head)} bytes exceeds MAX_HEADER={MAX_HEADER}")
+    return [head, *frames]
+
+
+def decode(frames: Sequence) -> tuple[dict[str, Any], list]:
+    """(header, payload frames) of a received message; the header is fully validated.
+
+    Raises ProtocolError with `.code` set (E_MALFORMED or E_VERSION) if the
+    header is not a valid header of this protocol version. Payload frames are
+    returned as they came (bytes, zmq.Frame or memoryview): see `payload`.
+    """
+    if not frames:
+        raise error(E_MALFORMED, "empty message")
+    head = _buffer(frames[0])
+    if len(head) > MAX_HEADER:
+        raise error(E_MALFORMED, f"header of {len(head)} bytes exceeds {MAX_HEADER}")
+    try:
+        header = msgpack.unpackb(head, raw=False, strict_map_key=True)
+    except Exception as e:                       # msgpack raises several unrelated types
+        raise error(E_MALFORMED, f"header is not msgpack ({type(e).__name__})") from None
+    if not isinstance(header, dict):
+        raise error(E_MALFORMED, f"header is a {type(header).__name__}, expected a map")
+    for key in _REQUIRED:
+        if key not in header:
+            raise error(E_MALFORMED, f"header lacks the field {key!r}")
+    for key, value in header.items():
+        want = _FIELDS.get(key)
+        if want is None:
+            raise error(E_MALFORMED, f"unknown header field {key!r}")
+        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+            raise error(E_MALFORMED, f"field {key!r} is {type(value).__name__}, "
+                                      f"expected {want.__name__}")
+    if header["v"] != VERSION:
+        raise error(E_VERSION, f"protocol version {header['v']}, this node speaks {VERSION}")
+    if header["seq"] < 0 or header.get("n", 0) < 0 or header.get("clock", 0) < 0:
+        raise error(E_MALFORMED, "seq, n and clock must be >= 0")
+    return header, list(frames[1:])
+
+
+def payload(header: dict[str, Any], frames: Sequence, n: int) -> list[np.ndarray]:
+    """The payload as read-only float32 views of its frames (no copy), checked to hold `n` elements.
+
+    Raises ProtocolError(E_PAYLOAD) if the dtype is not allowed, the header's n
+    is not `n`, a frame is empty or larger than MAX_FRAME, or the bytes do not add
+    up. The views are only valid while `frames` are alive.
+    """
+    dtype = header.get("dtype")
+    if dtype not in DTYPES:
+        raise error(E_PAYLOAD, f"payload dtype {dtype!r} is not allowed; send {list(DTYPES)}")
+    if header.get("n") != n:
+        raise error(E_PAYLOAD, f"payload has n={header.get('n')} elements, expected {n}")
+    if not frames:
+        raise error(E_PAYLOAD, f"no payload frames for {n} elements")
+    itemsize = DTYPES[dtype].itemsize
+    views, total = [], 0
+    for frame in frames:
+        buf = _buffer(frame)
+        if not 0 < len(buf) <= MAX_FRAME or len(buf) % itemsize:
+            raise error(E_PAYLOAD, f"payload frame of {len(buf)} bytes; frames hold whole "
+                                    f"{dtype} items, at most {MAX_FRAME} bytes")
+        views.append(np.frombuffer(buf, DTYPES[dtype]))
+        total += len(buf)
+    if total != n * itemsize:
+        raise error(E_PAYLOAD, f"payload has {total} bytes, {n} {dtype} items need {n * itemsize}")
+    return views
+
+
+def copy_payload(views: Iterable[np.ndarray], out: np.ndarray) -> None:
+    """Copy payload views (from `payload`) back to back into `out`."""
+    lo = 0
+    for v in views:
+        out[lo:lo + v.size] = v
+        lo += v.size
+
+
+def error_reply(code: int, msg: str, request: dict[str, Any] | None = None, node: str = "") -> list:
+    """The frames of an error reply to `request` (which may be None if it was unreadable)."""
+    request = request or {}
+    seq = request.get("seq") if isinstance(request.get("seq"), int) and request["seq"] >= 0 else 0
+    return encode({"op": "error", "node": node, "seq": seq, "code": code, "msg": msg[:2000]})
+
+
+def raise_for_error(header: dict[str, Any]) -> dict[str, Any]:
+    """`header` if it is an ok reply; RemoteError if it is an error reply."""
+    if header["op"] == "error":
+        raise RemoteError(header.get("code", E_INTERNAL), header.get("msg", ""))
+    return header
+
+
+def _buffer(frame) -> memoryview:
+    return frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+
+
+def error(code: int, msg: str) -> ProtocolError:
+    """A ProtocolError carrying the E_* `code` an error reply should have."""
+    e = ProtocolError(msg)
+    e.code = code
+    return e

@@ -1,0 +1,151 @@
+"""A worker replica: a full model, a share of the data, and one socket per shard.
+
+Per step, in async mode (DistBelief's Downpour SGD with n_fetch and n_push):
+
+    loss_and_grad on the next batch         the weights are those last fetched: version v
+    clip, and add to the sum of gradients   (a sum when n_push > 1, as DistBelief pushes)
+    every n_push steps:  push the sum       marked as computed on v
+    every n_fetch steps: pull the weights   and learn their version
+                         (one push_pull when both fall on the same step)
+
+In sync mode every step is a push_pull whose reply is the next version, which the
+server sends once every live worker has pushed. With `overlap` (async, n_fetch =
+n_push = 1) the next gradient is computed while the push_pull is in flight, as
+DistBelief's replicas do: each gradient is then one version staler, and the
+servers count it. The batches come from common.training.worker_batches, so one
+async worker without overlap takes exactly the single-process trainer's steps.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import replace
+
+import numpy as np
+import zmq
+
+from common import config
+from common.client import ShardClient
+from common.config import Config
+from common.data import Dataset, gather
+from common.errors import ClusterError, ConfigError, DownpourError
+from common.model import Model, ModelSpec
+from common.node import Heartbeat, register
+from common.optim import clip_by_global_norm, clip_by_value
+from common.training import open_datasets, worker_batches
+
+
+class Replica:
+    """Worker `rank` of a run: trains on its batches against the shard servers."""
+
+    def __init__(self, cfg: Config, spec: ModelSpec, rank: int, data: Dataset, client: ShardClient):
+        self.cfg, self.rank, self.data, self.client = cfg, rank, data, client
+        self.model = Model(spec, seed=cfg.seed, stream=rank)
+        # what heartbeats report; t_start/t_end (Unix seconds) bracket the training steps
+        self.progress = {"role": "worker", "rank": rank, "samples": 0, "steps": 0,
+                         "loss_sum": 0.0, "loss_count": 0, "done": False,
+                         "t_start": 0.0, "t_end": 0.0}
+
+    def run(self, heartbeat: Heartbeat | None = None) -> None:
+        """Take every step of this worker's share, or stop early when the scheduler says so."""
+        cfg, m = self.cfg, self.model
+        sync = cfg.mode == "sync"
+        overlap = cfg.overlap and not sync
+        acc = np.zeros_like(m.params) if cfg.n_push > 1 and not sync else None
+        send = np.empty_like(m.params) if overlap else None
+        xb = np.empty((cfg.batch_size, self.data.n_features), np.float32)   # (B, D)
+        yb = np.empty(cfg.batch_size, np.int64)                              # (B,)
+        self.progress["t_start"] = time.time()
+        version = self.client.pull(m.params)
+        in_flight = False
+        for step, (_, idx) in enumerate(worker_batches(len(self.data), cfg, self.rank)):
+            if heartbeat is not None:
+                if heartbeat.stop.is_set():
+                    break
+                if heartbeat.lost.is_set():
+                    raise ClusterError(f"worker-{self.rank}: the scheduler stopped answering")
+                self._follow(heartbeat.reply.get("servers"))
+            gather(self.data.x, idx, out=xb)
+            gather(self.data.y, idx, out=yb)
+            loss = m.loss_and_grad(xb, yb)
+            if not math.isfinite(loss):
+                raise DownpourError(f"worker-{self.rank}: the training loss became {loss} at "
+                                    f"step {step}; lower --lr or add --clip-norm")
+            if cfg.clip_value:
+                clip_by_value(m.grads, cfg.clip_value)
+            if cfg.clip_norm:
+                clip_by_global_norm(m.grads, cfg.clip_norm)
+            grad = m.grads
+            if acc is not None:
+                acc += m.grads
+                grad = acc
+            push = sync or (step + 1) % cfg.n_push == 0
+            fetch = sync or (step + 1) % cfg.n_fetch == 0
+            computed_on = version
+            if in_flight:                   # the previous push_pull: its weights arrive now
+                version = self.client.finish(m.params)
+                in_flight = False
+            if push and fetch and overlap:
+                np.copyto(send, grad)
+                self.client.start("push_pull", send, computed_on)
+                in_flight = True
+            elif push and fetch:
+                version = self.client.push_pull(grad, computed_on, m.params)
+            elif push:
+                self.client.push(grad, computed_on)
+            elif fetch:
+                version = self.client.pull(m.params)
+            if push and acc is not None:
+                acc[:] = 0
+            p = self.progress
+            p["samples"] += len(idx)
+            p["steps"] += 1
+            p["loss_sum"] += loss
+            p["loss_count"] += 1
+        if in_flight:
+            self.client.finish(m.params)
+        self.client.wait_sent()
+        self.progress["t_end"] = time.time()
+        self.progress["done"] = True
+
+    def _follow(self, servers: list[str] | None) -> None:
+        """Reconnect to any shard whose server has moved (a restarted server)."""
+        for shard, addr in enumerate(servers or []):
+            if addr != self.client.addresses[shard]:
+                self.client.reconnect(shard, addr)
+
+
+def main(cfg: Config) -> int:
+    """`downpour worker`: register with the scheduler, train, report done."""
+    if not cfg.scheduler:
+        raise ConfigError("a worker needs the scheduler's address: --scheduler tcp://HOST:PORT "
+                          "(or DOWNPOUR_SCHEDULER)")
+    ctx = zmq.Context()
+    try:
+        meta = register(ctx, cfg.scheduler, "worker", {"role": "worker"}, cfg.start_timeout_s)
+        rank = meta["rank"]
+        node = f"worker-{rank}"
+        run = config.from_dict(meta["config"])
+        local = {k: getattr(cfg, k) for k in ("data_dir", "threads") if getattr(cfg, k)
+                 != getattr(Config(), k)}          # this host's data and cores win
+        run = replace(run, **local)
+        train, _, _ = open_datasets(run)
+        if len(train) != meta["n_train"] or train.n_features != meta["model"]["n_inputs"]:
+            raise ConfigError(f"{node}: its training data has {len(train)} samples of "
+                              f"{train.n_features} features, the scheduler's {meta['n_train']} of "
+                              f"{meta['model']['n_inputs']}; give every node the same data")
+        client = ShardClient(meta["servers"], meta["ranges"], node, run.timeout_s, run.retries, ctx)
+        replica = Replica(run, ModelSpec.from_dict(meta["model"]), rank, train, client)
+        heartbeat = Heartbeat(ctx, cfg.scheduler, node, run.heartbeat_s, run.dead_after_s,
+                              lambda: dict(replica.progress))
+        heartbeat.start()
+        try:
+            replica.run(heartbeat)
+            heartbeat.beat_now()                   # say done at once
+        finally:
+            heartbeat.close()
+            client.close()
+    finally:
+        ctx.term()
+    return 0
