@@ -6,6 +6,7 @@
     downpour server --scheduler ADDR
     downpour worker --scheduler ADDR
     downpour bench core [--json]          one training step against PyTorch; the optimizer update
+    downpour bench comm [--json]          push_pull through shard servers against bare pyzmq
     downpour download mnist [--dir DIR]   fetch the four MNIST files, verifying their checksums
 
 Settings come from common.config (flags, DOWNPOUR_* variables, --config FILE).
@@ -61,8 +62,11 @@ def _role(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from common.threads import pin_blas_threads
     pin_blas_threads(args.threads)
-    from common.bench_core import main as bench_core
-    return bench_core(args)
+    if args.what == "core":
+        from common.bench_core import main as bench_core
+        return bench_core(args)
+    from ps.bench_comm import main as bench_comm
+    return bench_comm(args)
 
 
 def _download(args: argparse.Namespace) -> int:
@@ -90,14 +94,24 @@ def parser() -> argparse.ArgumentParser:
         p.set_defaults(run=_role)
 
     bench = sub.add_parser("bench", help="benchmarks that print figures")
-    bench.add_argument("what", choices=["core"], help="core: one training step and one optimizer update")
-    bench.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    bench.add_argument("--batch-sizes", default="128,512", help="batch sizes to time (default 128,512)")
-    bench.add_argument("--repeats", type=int, default=30, help="timed steps per case (default 30)")
-    bench.add_argument("--adam-size", type=int, default=16 * 2**20,
-                       help="elements in the optimizer-update benchmark (default 16M)")
-    bench.add_argument("--threads", type=int, default=1, help="BLAS threads, both libraries (default 1)")
-    bench.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    kinds = bench.add_subparsers(dest="what", required=True, metavar="WHAT")
+    core = kinds.add_parser("core", help="one training step against PyTorch; the Adam update")
+    core.add_argument("--batch-sizes", default="128,512", help="batch sizes to time (default 128,512)")
+    core.add_argument("--repeats", type=int, default=30, help="timed steps per case (default 30)")
+    core.add_argument("--adam-size", type=int, default=16 * 2**20,
+                      help="elements in the optimizer-update benchmark (default 16M)")
+    core.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
+    comm = kinds.add_parser("comm", help="push_pull through shard servers against bare pyzmq")
+    comm.add_argument("--shards", default="1,2,4", help="server counts (default 1,2,4)")
+    comm.add_argument("--transport", choices=["ipc", "tcp"], default="ipc")
+    comm.add_argument("--repeats", type=int, default=20, help="round trips per case (default 20)")
+    comm.add_argument("--vectors", nargs="*", choices=["mlp", "16M"],
+                      help="which vectors (default both)")
+    comm.add_argument("--piece-kib", type=int, default=4096,
+                      help="server piece size in KiB, as in training (default 4096; 0 = whole shards)")
+    for kind in (core, comm):
+        kind.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        kind.add_argument("--threads", type=int, default=1, help="BLAS threads (default 1)")
     bench.set_defaults(run=_bench)
 
     download = sub.add_parser("download", help="download a dataset, verifying checksums")

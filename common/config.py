@@ -89,6 +89,9 @@ class Config:
                            low=1)
     n_push: int = setting(1, "async: a worker pushes its gradients, summed, every n_push steps",
                           "cluster", low=1)
+    piece_kib: int = setting(4096, "servers take each shard in pieces of at most this many KiB, "
+                             "applying one while the next arrives; 0 = whole shards", "cluster",
+                             low=0)
     overlap: bool = setting(False, "async: compute the next gradient while a push_pull is in "
                             "flight (adds one step of staleness, counted)", "cluster")
     transport: str = setting("ipc", "local runs: ipc (unix sockets in a temp dir) or tcp "
@@ -130,6 +133,11 @@ class Config:
                 raise ConfigError(f"{f.name} must be >= {low}, got {value}")
             if choices and value not in choices:
                 raise ConfigError(f"{f.name} must be one of {', '.join(choices)}, got {value!r}")
+
+    @property
+    def piece_elements(self) -> int:
+        """`piece_kib` in float32 elements (0 = whole shards)."""
+        return self.piece_kib * 1024 // 4
 
     def optimizer_kwargs(self) -> dict[str, Any]:
         """`optimizer_args` parsed into keyword arguments, with weight_decay added."""

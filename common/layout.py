@@ -9,8 +9,10 @@ gradients use the same layout in a second vector of the same length:
 
 A parameter-server shard is a contiguous slice [lo, hi) of the vector, cut
 without regard to tensor boundaries, so S shards hold equal bytes and a push or
-pull for a shard is one contiguous buffer. `ps/` and `worker/` never compute
-offsets or shard ranges themselves: they ask a `Layout`.
+pull for a shard is one contiguous buffer. Each shard is further cut into pieces
+(`pieces`), each pushed, applied and answered on its own, so that a server works
+on one piece while the next is still on the wire. `ps/` and `worker/` never
+compute offsets, shard ranges or pieces themselves: they ask a `Layout`.
 """
 
 from __future__ import annotations
@@ -97,6 +99,20 @@ class Layout:
                               f"(the parameter count), got {n_shards}")
         bounds = [i * self.size // n_shards for i in range(n_shards + 1)]
         return list(zip(bounds[:-1], bounds[1:]))
+
+    def pieces(self, n_servers: int, max_piece: int = 0) -> list[tuple[int, int, int]]:
+        """Each server's range cut into pieces of at most `max_piece` elements: [(server, lo, hi), ...].
+
+        A server applies and answers each piece of a push as soon as that piece
+        has arrived, so computing one piece overlaps the transfer of the next.
+        Pieces of one server are near-equal; `max_piece` 0 means one piece per server.
+        """
+        out = []
+        for server, (lo, hi) in enumerate(self.shard_ranges(n_servers)):
+            k = max(1, -(-(hi - lo) // max_piece)) if max_piece > 0 else 1
+            bounds = [lo + i * (hi - lo) // k for i in range(k + 1)]
+            out += [(server, a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+        return out
 
     def to_dict(self) -> dict:
         """A plain, msgpack- and JSON-friendly description: `{"tensors": [[name, [dims]], ...]}`."""

@@ -49,9 +49,13 @@ Error codes (an error reply changes nothing on the server that sends it):
     3  E_UNKNOWN_OP  an operation this receiver does not offer
     4  E_PAYLOAD     wrong dtype, wrong length, missing frames, non-finite values
     5  E_SHARD       the request names a shard this server does not own
-    6  E_STALE       a synchronous push for a version already applied: dropped
-    7  E_STATE       not possible now (e.g. registration after the cluster is full)
-    8  E_INTERNAL    the receiver failed; msg says how
+    6  E_STATE       not possible now (a clock ahead of the server, a registration
+                     after the cluster is full, a checkpoint without a directory)
+    7  E_INTERNAL    the receiver failed; msg says how
+
+A synchronous push for a version already applied (a straggler's) is not an
+error: it is dropped, counted, and answered "ok" with meta {"dropped": true}
+and, for push_pull, the current parameters.
 """
 
 from __future__ import annotations
@@ -72,11 +76,11 @@ SERVER_OPS = ("pull", "push", "push_pull", "stats", "control", "checkpoint", "sh
 SCHEDULER_OPS = ("register", "heartbeat")
 REPLY_OPS = ("ok", "error")
 
-E_MALFORMED, E_VERSION, E_UNKNOWN_OP, E_PAYLOAD, E_SHARD, E_STALE, E_STATE, E_INTERNAL = range(1, 9)
+E_MALFORMED, E_VERSION, E_UNKNOWN_OP, E_PAYLOAD, E_SHARD, E_STATE, E_INTERNAL = range(1, 8)
 
 ERRORS = {E_MALFORMED: "malformed", E_VERSION: "version", E_UNKNOWN_OP: "unknown operation",
-          E_PAYLOAD: "bad payload", E_SHARD: "wrong shard", E_STALE: "stale",
-          E_STATE: "bad state", E_INTERNAL: "internal"}
+          E_PAYLOAD: "bad payload", E_SHARD: "wrong shard", E_STATE: "bad state",
+          E_INTERNAL: "internal"}
 
 # field -> the Python types it may have
 _FIELDS = {"v": int, "op": str, "node": str, "seq": int, "shard": int, "clock": int,
@@ -131,6 +135,9 @@ def decode(frames: Sequence) -> tuple[dict[str, Any], list]:
         raise error(E_MALFORMED, f"header is not msgpack ({type(e).__name__})") from None
     if not isinstance(header, dict):
         raise error(E_MALFORMED, f"header is a {type(header).__name__}, expected a map")
+    v = header.get("v")
+    if isinstance(v, int) and not isinstance(v, bool) and v != VERSION:  # first: v2 fields may differ
+        raise error(E_VERSION, f"protocol version {v}, this node speaks {VERSION}")
     for key in _REQUIRED:
         if key not in header:
             raise error(E_MALFORMED, f"header lacks the field {key!r}")
@@ -141,8 +148,6 @@ def decode(frames: Sequence) -> tuple[dict[str, Any], list]:
         if not isinstance(value, want) or (want is int and isinstance(value, bool)):
             raise error(E_MALFORMED, f"field {key!r} is {type(value).__name__}, "
                                       f"expected {want.__name__}")
-    if header["v"] != VERSION:
-        raise error(E_VERSION, f"protocol version {header['v']}, this node speaks {VERSION}")
     if header["seq"] < 0 or header.get("n", 0) < 0 or header.get("clock", 0) < 0:
         raise error(E_MALFORMED, "seq, n and clock must be >= 0")
     return header, list(frames[1:])

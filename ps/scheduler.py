@@ -75,7 +75,7 @@ class Scheduler:
         self.train, self.test, self.about = open_datasets(cfg)
         self.spec = model_spec(cfg, self.train)
         self.model = Model(self.spec, seed=cfg.seed)
-        self.ranges = self.model.layout.shard_ranges(cfg.shards)
+        self.pieces = self.model.layout.pieces(cfg.shards, cfg.piece_elements)  # [(server, lo, hi)]
         self.servers: dict[int, NodeState] = {}
         self.workers: dict[int, NodeState] = {}
         self._held: list[tuple[bytes, dict, int]] = []     # workers waiting for the servers
@@ -96,8 +96,9 @@ class Scheduler:
         self.progress.line(f"{self.about}; {self.cfg.mode} mode, {self.cfg.workers} worker(s), "
                            f"{self.cfg.shards} shard(s), model {self.model.layout.size:,} parameters")
         self._assemble()
-        self.client = ShardClient([s.addr for _, s in sorted(self.servers.items())], self.ranges,
-                                  "scheduler", self.cfg.timeout_s, self.cfg.retries, self.ctx)
+        self.client = ShardClient([self.servers[s].addr for s, _, _ in self.pieces],
+                                  [(lo, hi) for _, lo, hi in self.pieces], "scheduler",
+                                  self.cfg.timeout_s, self.cfg.retries, self.ctx)
         try:
             end = self._train()
             self.client.call_all("shutdown")
@@ -206,7 +207,7 @@ class Scheduler:
 
     def _checkpoint(self) -> None:
         """Order every server to checkpoint (servers without a checkpoint dir decline)."""
-        for shard in range(self.cfg.shards):
+        for shard in range(len(self.pieces)):
             try:
                 self.client.call(shard, "checkpoint")
             except protocol.RemoteError as e:
@@ -265,7 +266,9 @@ class Scheduler:
             self.servers[rank] = NodeState("server", rank, addr)
             self._reply(ident, header, self._spec(rank))
             if self.client is not None:                          # a replacement
-                self.client.reconnect(rank, addr)
+                for piece, (server, _, _) in enumerate(self.pieces):
+                    if server == rank:
+                        self.client.reconnect(piece, addr)
                 self.progress.line(f"server-{rank} replaced, now at {addr}")
             if len(self.servers) == self.cfg.shards:
                 for ident_, header_, rank_ in self._held:
@@ -296,7 +299,7 @@ class Scheduler:
     def _spec(self, rank: int) -> dict[str, Any]:
         """What a node needs to take part: the run's settings, model, ranges and servers."""
         spec = {"rank": rank, "config": config.to_dict(self.cfg), "model": self.spec.to_dict(),
-                "ranges": [list(r) for r in self.ranges], "n_train": len(self.train)}
+                "pieces": [list(p) for p in self.pieces], "n_train": len(self.train)}
         if len(self.servers) == self.cfg.shards:
             spec["servers"] = [s.addr for _, s in sorted(self.servers.items())]
         return spec

@@ -57,16 +57,21 @@ Reply = tuple[bytes, list]          # (ROUTER identity, frames)
 def worker_rank(node: str) -> int | None:
     """3 for "worker-3"; None for any other sender."""
     prefix, _, rank = node.partition("-")
-    return int(rank) if prefix == "worker" and rank.isdigit() else None
+    return int(rank) if prefix == "worker" and rank.isascii() and rank.isdigit() else None
 
 
 class Shard:
     """The state of one shard and the answer to every request."""
 
-    def __init__(self, cfg: Config, spec: ModelSpec, rank: int, lo: int, hi: int):
+    def __init__(self, cfg: Config, spec: ModelSpec, rank: int, lo: int, hi: int,
+                 initial: np.ndarray | None = None, node: str = ""):
+        """Piece `rank` of the run, [lo, hi) of the vector; `initial` is the whole initial
+        vector if the caller has it (else it is computed from the spec and seed)."""
         self.cfg, self.rank, self.lo, self.hi = cfg, rank, lo, hi
-        self.node = f"server-{rank}"
-        self.params = initial_params(spec, cfg.seed)[lo:hi].copy()    # (hi - lo,) float32
+        self.node = node or f"server-{rank}"
+        if initial is None:
+            initial = initial_params(spec, cfg.seed)
+        self.params = initial[lo:hi].copy()                           # (hi - lo,) float32
         self.opt = make_optimizer(cfg.optimizer, **cfg.optimizer_kwargs())
         self.schedule = parse_schedule(cfg.lr_schedule, cfg.lr)
         self.version = 0
@@ -85,10 +90,16 @@ class Shard:
     # -- requests ------------------------------------------------------------------------
     def handle(self, ident: bytes, frames: list) -> list[Reply]:
         """The replies `frames` (from peer `ident`) causes, possibly none yet (sync)."""
-        self.bytes_in += sum(len(f) for f in frames)
-        header = None
         try:
             header, payload = protocol.decode(frames)
+        except ProtocolError as e:
+            return [(ident, protocol.error_reply(e.code, str(e), None, self.node))]
+        return self.handle_request(ident, header, payload)
+
+    def handle_request(self, ident: bytes, header: dict, payload: list) -> list[Reply]:
+        """`handle` for a message whose header is already decoded."""
+        self.bytes_in += sum(len(f) for f in payload)
+        try:
             op = header["op"]
             if op not in protocol.SERVER_OPS:
                 raise protocol.error(protocol.E_UNKNOWN_OP, f"operation {op!r} is not one of "
@@ -115,7 +126,8 @@ class Shard:
         else:
             protocol.copy_payload(views, self._recv)
             grad = self._recv
-        norm2 = float(np.dot(grad, grad))
+        with np.errstate(over="ignore", invalid="ignore"):
+            norm2 = float(np.dot(grad, grad))     # one pass; inf or nan if any element is
         if not math.isfinite(norm2):
             raise protocol.error(protocol.E_PAYLOAD, "the gradient holds NaN or infinite values (or values "
                                              "too large to square in float32); it was not applied")
@@ -147,16 +159,23 @@ class Shard:
         if header.get("clock", 0) < self.version:             # a straggler's late gradient
             self.dropped += 1
             return [(ident, self._reply(header, dropped=True))]
+        replies = []
+        if rank in self._waiting:                              # a second push for this version
+            old_ident, old = self._waiting[rank]
+            replies.append((old_ident, protocol.error_reply(
+                protocol.E_STATE, f"superseded by push seq {header['seq']} for the same version",
+                old, self.node)))
         if rank not in self._grads:
             self._grads[rank] = np.empty_like(self.params)
         np.copyto(self._grads[rank], grad)
         self._waiting[rank] = (ident, header)
-        return self._complete()
+        return replies + self._complete()
 
     def _complete(self) -> list[Reply]:
-        """If enough workers have pushed for this version: apply their mean, answer them all."""
+        """If enough live workers have pushed for this version: apply the mean of every
+        gradient held for it (a worker declared dead after pushing still counts), answer all."""
         need = max(1, len(self.live) - self.backup)
-        if not self._waiting or len(self._waiting) < need:
+        if not self._waiting or len(self.live.intersection(self._waiting)) < need:
             return []
         ranks = sorted(self._waiting)                         # a fixed order: reproducible sums
         np.copyto(self._sum, self._grads[ranks[0]])
@@ -196,15 +215,16 @@ class Shard:
         meta = header.get("meta", {})
         if "lr_scale" in meta:
             scale = meta["lr_scale"]
-            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-                raise protocol.error(protocol.E_MALFORMED, f"lr_scale must be a number > 0, got {scale!r}")
-            self.schedule.scale = float(scale)
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
+                raise protocol.error(protocol.E_MALFORMED, f"lr_scale must be a finite number > 0, got {scale!r}")
         if "live" in meta:
             live = meta["live"]
-            if not isinstance(live, list) or not all(isinstance(r, int) and 0 <= r < self.cfg.workers
-                                                     for r in live):
+            if not isinstance(live, list) or not all(
+                    type(r) is int and 0 <= r < self.cfg.workers for r in live):
                 raise protocol.error(protocol.E_MALFORMED, f"live must be a list of worker ranks, got {live!r}")
             self.live = set(live)
+        if "lr_scale" in meta:                    # after every check: an error changes nothing
+            self.schedule.scale = float(meta["lr_scale"])
         return self._ok(header)
 
     def _released(self) -> list[Reply]:
@@ -230,13 +250,22 @@ class Shard:
         self.bytes_out += nbytes
 
     def wait_sent(self) -> None:
+        """Make `params` safe to change: wait for zero-copy sends of it to finish.
+
+        If one has not finished within timeout_s (a peer not reading), the shard
+        moves on to a copy of its parameters, leaving the old buffer to ZeroMQ.
+        """
         for t in self._trackers:
-            t.wait(self.cfg.timeout_s)
+            try:
+                t.wait(self.cfg.timeout_s)
+            except zmq.NotDone:
+                self.params = self.params.copy()
+                break
         self._trackers.clear()
 
     # -- checkpoints -----------------------------------------------------------------------
     def checkpoint_path(self) -> Path:
-        return Path(self.cfg.checkpoint_dir) / f"shard-{self.rank}-of-{self.cfg.shards}.npz"
+        return Path(self.cfg.checkpoint_dir) / f"piece-{self.lo}-{self.hi}.npz"
 
     def checkpoint(self) -> Path:
         """Write this shard's state atomically; return the path."""
@@ -258,6 +287,11 @@ class Shard:
     def restore(self) -> None:
         """Continue from this shard's checkpoint; DataError if it is missing or does not fit."""
         path = self.checkpoint_path()
+        if not path.is_file():
+            there = sorted(p.name for p in path.parent.glob("piece-*.npz"))
+            raise DataError(f"no checkpoint for piece [{self.lo}, {self.hi}) in {path.parent} "
+                            f"(it holds {there or 'none'}); resume with the same model, number "
+                            "of shards and piece size, or start without --resume")
         arrays, meta = load_arrays(path, "shard checkpoint")
         if (meta.get("rank"), meta.get("lo"), meta.get("hi")) != (self.rank, self.lo, self.hi):
             raise DataError(f"{path} holds shard {meta.get('rank')} [{meta.get('lo')}, "
@@ -289,44 +323,96 @@ def advertised(endpoint: str, host: str) -> str:
     return endpoint
 
 
-def serve(shard: Shard, sock: zmq.Socket, heartbeat: Heartbeat | None = None,
+class Server:
+    """The pieces one server process holds, and the routing of each request to its piece.
+
+    A piece is a Shard of its own (its slice of the vector, its optimizer state, its
+    version): the optimizer being element-wise, pieces updated one by one give the
+    same numbers as the whole range updated at once.
+    """
+
+    def __init__(self, cfg: Config, spec: ModelSpec, rank: int,
+                 pieces: list[tuple[int, int, int]]):
+        """Server `rank` of a run whose pieces are [(server, lo, hi), ...] (all servers')."""
+        self.rank, self.cfg = rank, cfg
+        self.node = f"server-{rank}"
+        initial = initial_params(spec, cfg.seed)
+        self.shards = {i: Shard(cfg, spec, i, lo, hi, initial, self.node)
+                       for i, (server, lo, hi) in enumerate(pieces) if server == rank}
+        if not self.shards:
+            raise ConfigError(f"server {rank} holds no piece of the {len(pieces)} given")
+
+    def handle(self, ident: bytes, frames: list) -> tuple[Shard | None, list[Reply]]:
+        """(the piece that answered, its replies); a request no piece can take gets an error."""
+        try:
+            header, payload = protocol.decode(frames)
+            shard = self.shards.get(header.get("shard"))
+            if shard is None:
+                raise protocol.error(protocol.E_SHARD, f"{self.node} holds pieces "
+                                     f"{sorted(self.shards)}, not {header.get('shard')!r}")
+        except ProtocolError as e:
+            return None, [(ident, protocol.error_reply(e.code, str(e), None, self.node))]
+        return shard, shard.handle_request(ident, header, payload)
+
+    @property
+    def stopping(self) -> bool:
+        return all(s.stopping for s in self.shards.values())
+
+    @property
+    def version(self) -> int:
+        return min(s.version for s in self.shards.values())
+
+    def restore(self) -> None:
+        for shard in self.shards.values():
+            shard.restore()
+
+    def close(self) -> None:
+        """Wait for every send in flight; checkpoint if there is a directory."""
+        for shard in self.shards.values():
+            shard.wait_sent()
+            if self.cfg.checkpoint_dir:
+                shard.checkpoint()
+
+
+def serve(server: Server, sock: zmq.Socket, heartbeat: Heartbeat | None = None,
           poll_ms: int = 100) -> None:
     """Answer requests on `sock` until shutdown, SIGTERM/SIGINT, or a lost scheduler."""
     stop = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.append(True))
-    while not (stop or shard.stopping or (heartbeat and heartbeat.lost.is_set())):
-        if sock.poll(poll_ms):
-            ident, *frames = sock.recv_multipart(copy=False)
-            for to, out in shard.handle(ident.bytes, frames):
-                tracker = sock.send_multipart([to, *out], copy=False, track=True)
+    while not (stop or server.stopping or (heartbeat and heartbeat.lost.is_set())):
+        if not sock.poll(poll_ms):
+            continue
+        ident, *frames = sock.recv_multipart(copy=False)
+        shard, replies = server.handle(ident.bytes, frames)
+        for to, out in replies:
+            tracker = sock.send_multipart([to, *out], copy=False, track=True)
+            if shard is not None:
                 shard.sent(tracker, sum(len(f) for f in out))
-    shard.wait_sent()
-    if shard.cfg.checkpoint_dir:
-        shard.checkpoint()
+    server.close()
     if heartbeat and heartbeat.lost.is_set():
-        print(f"{shard.node}: the scheduler stopped answering; checkpointed and stopped",
-              file=sys.stderr)
+        print(f"{server.node}: the scheduler stopped answering; stopped"
+              + (" after a checkpoint" if server.cfg.checkpoint_dir else ""), file=sys.stderr)
 
 
 def standalone(cfg: Config, spec: ModelSpec, rank: int, address: str) -> None:
-    """Serve shard `rank` of `cfg.shards` at `address` with no scheduler, until a shutdown.
+    """Serve server `rank` of `cfg.shards` at `address` with no scheduler, until a shutdown.
 
-    For benchmarks and tests: the shard range comes from the model's layout, as
-    the scheduler would assign it.
+    For benchmarks and tests: the pieces come from the model's layout, as the
+    scheduler would assign them.
     """
-    lo, hi = model_layout(spec).shard_ranges(cfg.shards)[rank]
+    pieces = model_layout(spec).pieces(cfg.shards, cfg.piece_elements)
     ctx = zmq.Context()
     sock, _ = bind_router(ctx, address)
     try:
-        serve(Shard(cfg, spec, rank, lo, hi), sock)
+        serve(Server(cfg, spec, rank, pieces), sock)
     finally:
         sock.close()
         ctx.term()
 
 
 def main(cfg: Config) -> int:
-    """`downpour server`: register with the scheduler, take a shard, serve it."""
+    """`downpour server`: register with the scheduler, take a shard, serve its pieces."""
     if not cfg.scheduler:
         raise ConfigError("a server needs the scheduler's address: --scheduler tcp://HOST:PORT "
                           "(or DOWNPOUR_SCHEDULER)")
@@ -339,15 +425,15 @@ def main(cfg: Config) -> int:
         rank = meta["rank"]
         run = replace(config.from_dict(meta["config"]), checkpoint_dir=cfg.checkpoint_dir,
                       resume=cfg.resume)
-        lo, hi = meta["ranges"][rank]
-        shard = Shard(run, ModelSpec.from_dict(meta["model"]), rank, lo, hi)
+        server = Server(run, ModelSpec.from_dict(meta["model"]), rank,
+                        [tuple(p) for p in meta["pieces"]])
         if cfg.resume:
-            shard.restore()
-        heartbeat = Heartbeat(ctx, cfg.scheduler, shard.node, run.heartbeat_s, run.dead_after_s,
-                              lambda: {"role": "server", "rank": rank, "version": shard.version})
+            server.restore()
+        heartbeat = Heartbeat(ctx, cfg.scheduler, server.node, run.heartbeat_s, run.dead_after_s,
+                              lambda: {"role": "server", "rank": rank, "version": server.version})
         heartbeat.start()
         try:
-            serve(shard, sock, heartbeat)
+            serve(server, sock, heartbeat)
         finally:
             heartbeat.close()
     finally:

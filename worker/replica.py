@@ -39,8 +39,10 @@ from common.training import open_datasets, worker_batches
 class Replica:
     """Worker `rank` of a run: trains on its batches against the shard servers."""
 
-    def __init__(self, cfg: Config, spec: ModelSpec, rank: int, data: Dataset, client: ShardClient):
+    def __init__(self, cfg: Config, spec: ModelSpec, rank: int, data: Dataset, client: ShardClient,
+                 piece_servers: list[int]):
         self.cfg, self.rank, self.data, self.client = cfg, rank, data, client
+        self.piece_servers = piece_servers          # the server that holds each piece
         self.model = Model(spec, seed=cfg.seed, stream=rank)
         # what heartbeats report; t_start/t_end (Unix seconds) bracket the training steps
         self.progress = {"role": "worker", "rank": rank, "samples": 0, "steps": 0,
@@ -110,10 +112,12 @@ class Replica:
         self.progress["done"] = True
 
     def _follow(self, servers: list[str] | None) -> None:
-        """Reconnect to any shard whose server has moved (a restarted server)."""
-        for shard, addr in enumerate(servers or []):
-            if addr != self.client.addresses[shard]:
-                self.client.reconnect(shard, addr)
+        """Reconnect to the pieces of any server that has moved (a replaced server)."""
+        if not servers:
+            return
+        for piece, server in enumerate(self.piece_servers):
+            if servers[server] != self.client.addresses[piece]:
+                self.client.reconnect(piece, servers[server])
 
 
 def main(cfg: Config) -> int:
@@ -135,8 +139,11 @@ def main(cfg: Config) -> int:
             raise ConfigError(f"{node}: its training data has {len(train)} samples of "
                               f"{train.n_features} features, the scheduler's {meta['n_train']} of "
                               f"{meta['model']['n_inputs']}; give every node the same data")
-        client = ShardClient(meta["servers"], meta["ranges"], node, run.timeout_s, run.retries, ctx)
-        replica = Replica(run, ModelSpec.from_dict(meta["model"]), rank, train, client)
+        pieces = meta["pieces"]                              # [(server, lo, hi), ...]
+        client = ShardClient([meta["servers"][s] for s, _, _ in pieces],
+                             [(lo, hi) for _, lo, hi in pieces], node, run.timeout_s, run.retries, ctx)
+        replica = Replica(run, ModelSpec.from_dict(meta["model"]), rank, train, client,
+                          [s for s, _, _ in pieces])
         heartbeat = Heartbeat(ctx, cfg.scheduler, node, run.heartbeat_s, run.dead_after_s,
                               lambda: dict(replica.progress))
         heartbeat.start()

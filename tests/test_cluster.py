@@ -1,0 +1,213 @@
+"""Whole clusters as real processes: the invariants, accuracy, failures and clean exits."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from common.checkpoint import load_model
+from conftest import ROOT
+
+SMALL = ["--synthetic", "2000", "--hidden", "32", "--epochs", "2", "--batch-size", "50",
+         "--progress", "none", "--eval-every", "0"]
+
+
+def params(path):
+    return load_model(path)["params"]
+
+
+def descendants(pid):
+    """Pids of every living descendant of `pid` (from /proc)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def role(pid):
+    """The downpour command a process runs: python -m common.cli ROLE ..."""
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        argv = f.read().split(b"\0")
+    return argv[3].decode() if len(argv) > 3 and argv[2] == b"common.cli" else None
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def background(tmp_path):
+    """Start `downpour ARGS` in its own session; whatever is left is killed at teardown."""
+    started = []
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DOWNPOUR_")}
+    env["PYTHONPATH"] = str(ROOT)
+
+    def start(*args, **kwargs):
+        p = subprocess.Popen([sys.executable, "-m", "common.cli", *map(str, args)], cwd=tmp_path,
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True, **kwargs)
+        started.append(p)
+        return p
+    yield start
+    for p in started:
+        pids = [p.pid, *descendants(p.pid)]
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        p.wait(timeout=10)
+
+
+def wait_for_eval(path, proc, timeout=60):
+    """Block until the metrics file has an eval line (the run is training)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and '"event": "eval"' in path.read_text():
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError("the run never evaluated")
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_async_with_one_worker_is_exactly_single_process_sgd(downpour, tmp_path, shards):
+    r = downpour("train", "--mode", "single", *SMALL, "--save", "single.npz")
+    assert r.returncode == 0, r.stderr
+    r = downpour("train", "--mode", "async", "--workers", 1, "--shards", shards, *SMALL,
+                 "--save", "async.npz")
+    assert r.returncode == 0, r.stderr
+    assert np.array_equal(params(tmp_path / "async.npz"), params(tmp_path / "single.npz"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam"])
+def test_sync_equals_single_process_with_the_global_batch(downpour, tmp_path, shared_mnist,
+                                                          optimizer):
+    """W=2 workers at batch 32 = one process at batch 64, for S = 1, 2, 3 (one MNIST epoch)."""
+    data = ["--data-dir", shared_mnist, "--train-split", "t10k", "--test-split", "train-5k",
+            "--hidden", "256,128", "--epochs", "1", "--optimizer", optimizer, "--progress", "none",
+            "--eval-every", "0", "--lr", "0.05" if optimizer != "adam" else "0.001"]
+    r = downpour("train", "--mode", "single", "--batch-size", 64, *data, "--save", "single.npz")
+    assert r.returncode == 0, r.stderr
+    single = params(tmp_path / "single.npz")
+    for shards in (1, 2, 3):
+        r = downpour("train", "--mode", "sync", "--workers", 2, "--shards", shards,
+                     "--batch-size", 32, *data, "--save", f"sync{shards}.npz")
+        assert r.returncode == 0, r.stderr
+        diff = np.abs(params(tmp_path / f"sync{shards}.npz") - single)
+        if optimizer == "adam":
+            # Adam divides by sqrt(v) + 1e-8: an element whose gradient is all but zero
+            # turns a last-bit difference in the summation order into a visible step.
+            assert np.mean(diff <= 1e-6) >= 0.9999 and diff.max() <= 1e-4
+        else:
+            assert diff.max() <= 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_two_workers_two_shards_reach_95_percent_on_mnist(downpour, tmp_path, shared_mnist, mode):
+    r = downpour("train", "--mode", mode, "--workers", 2, "--shards", 2, "--data-dir", shared_mnist,
+                 "--train-split", "t10k", "--test-split", "train-5k", "--hidden", "256,128",
+                 "--optimizer", "adam", "--lr", "0.001", "--batch-size", 64, "--epochs", 15,
+                 "--eval-every", 5, "--progress", "none", "--metrics", "m.jsonl", timeout=300)
+    assert r.returncode == 0, r.stderr
+    end = json.loads((tmp_path / "m.jsonl").read_text().splitlines()[-1])
+    assert end["event"] == "end" and end["test_accuracy"] >= 0.95
+    assert end["samples"] == 2 * 15 * (5000 // 64) * 64 if mode == "async" else True
+    if mode == "async":
+        assert end["staleness_max"] >= 1          # two workers: someone pushes on old weights
+    else:
+        assert end["staleness_max"] == 0 and end["updates"] == 15 * (10000 // 128)
+    for key in ("samples_per_s", "updates_per_s", "bytes_per_s", "staleness_p50", "staleness_p99"):
+        assert end[key] >= 0
+
+
+@pytest.mark.slow
+def test_killing_a_worker_does_not_stop_an_async_run(background, tmp_path):
+    metrics = tmp_path / "m.jsonl"
+    run = background("train", "--mode", "async", "--workers", 2, "--synthetic", 6000,
+                     "--hidden", 64, "--epochs", 12, "--batch-size", 20, "--eval-every", 1,
+                     "--dead-after-s", 1.0, "--progress", "lines", "--metrics", metrics)
+    wait_for_eval(metrics, run)
+    workers = [pid for pid in descendants(run.pid) if role(pid) == "worker"]
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGKILL)
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 0, err
+    end = json.loads(metrics.read_text().splitlines()[-1])
+    assert end["event"] == "end" and len(end["dead_workers"]) == 1
+    assert "stopped answering" in err and end["test_accuracy"] > 0.5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("who", ["launcher", "group"])
+def test_interrupting_the_launcher_leaves_no_process(background, tmp_path, who):
+    """SIGINT to the launcher alone, or to its whole process group as Ctrl-C does."""
+    metrics = tmp_path / "m.jsonl"
+    run = background("train", "--mode", "sync", "--workers", 2, "--shards", 2, "--synthetic",
+                     6000, "--hidden", 64, "--epochs", 50, "--eval-every", 0.5, "--progress",
+                     "none", "--metrics", metrics)
+    wait_for_eval(metrics, run)
+    family = descendants(run.pid)
+    assert len(family) == 5                        # scheduler, 2 servers, 2 workers
+    if who == "launcher":
+        os.kill(run.pid, signal.SIGINT)
+    else:
+        os.killpg(run.pid, signal.SIGINT)
+    run.communicate(timeout=30)
+    assert run.returncode == 130
+    assert not [pid for pid in family if alive(pid)]
+
+
+def test_roles_started_in_any_order_finish_a_run(background, tmp_path):
+    """Workers and servers first, the scheduler last: the commands docker-compose runs."""
+    address = f"ipc://{tmp_path}/scheduler"
+    nodes = [background("worker", "--scheduler", address),
+             background("server", "--scheduler", address, "--bind", f"ipc://{tmp_path}/s0"),
+             background("worker", "--scheduler", address),
+             background("server", "--scheduler", address, "--bind", f"ipc://{tmp_path}/s1")]
+    scheduler = background("scheduler", "--bind", address, "--mode", "async", "--workers", 2,
+                           "--shards", 2, *SMALL, "--metrics", "m.jsonl")
+    out, err = scheduler.communicate(timeout=120)
+    assert scheduler.returncode == 0, err
+    for node in nodes:
+        node.communicate(timeout=30)
+        assert node.returncode == 0
+    assert json.loads((tmp_path / "m.jsonl").read_text().splitlines()[-1])["event"] == "end"
+
+
+def test_a_missing_node_is_a_clear_error_not_a_hang(downpour, tmp_path):
+    r = downpour("scheduler", "--bind", f"ipc://{tmp_path}/s", "--workers", 1,
+                 "--start-timeout-s", 0.5, *SMALL)
+    assert r.returncode == 2
+    assert "did not assemble in 0.5 s: 0 of 1 server(s) and 0 of 1 worker(s)" in r.stderr
+    r = downpour("worker", "--scheduler", f"ipc://{tmp_path}/nowhere", "--start-timeout-s", 0.3)
+    assert r.returncode == 2 and "no answer from the scheduler" in r.stderr
+    r = downpour("server")
+    assert r.returncode == 2 and "needs the scheduler's address" in r.stderr
+
+
+def test_contradicting_cluster_settings(downpour):
+    r = downpour("train", "--mode", "sync", "--n-push", 2, *SMALL)
+    assert r.returncode == 2 and "n_fetch, n_push and overlap are for async mode" in r.stderr

@@ -1,0 +1,528 @@
+"""The shard server: the `Shard` state machine driven directly, and a live server fed malformed messages."""
+
+import multiprocessing
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from common import protocol
+from common.client import ShardClient
+from common.config import Config
+from common.errors import ClusterError, DataError
+from common.model import ModelSpec, initial_params, model_layout
+from ps.server import Shard, standalone, worker_rank
+
+SPEC = ModelSpec(n_inputs=6, n_outputs=3, hidden=(5,))          # 6*5+5 + 5*3+3 = 53 parameters
+ASYNC = Config(mode="async", workers=1, shards=2, optimizer="sgd", lr=0.1)
+SYNC = Config(mode="sync", workers=3, shards=2, optimizer="sgd", lr=0.1)
+LR = np.float32(0.1)                     # SGD multiplies by lr as a float32 scalar
+
+
+def ranges(cfg: Config) -> list[tuple[int, int]]:
+    return model_layout(SPEC).shard_ranges(cfg.shards)
+
+
+def make_shard(cfg: Config = ASYNC, rank: int = 0) -> Shard:
+    lo, hi = ranges(cfg)[rank]
+    return Shard(cfg, SPEC, rank, lo, hi)
+
+
+def request(op: str, seq: int, payload: np.ndarray | None = None, node: str = "worker-0",
+            **fields) -> list[bytes]:
+    """The frames of a request as a ROUTER would hand them over (bytes)."""
+    return [bytes(f) for f in protocol.encode({"op": op, "node": node, "seq": seq, **fields}, payload)]
+
+
+def answer(reply: tuple[bytes, list]) -> tuple[bytes, dict, np.ndarray | None]:
+    """(identity, header, a copy of the parameters or None) of one reply.
+
+    Copied at once: a Shard's parameter replies are views of its live parameters.
+    """
+    ident, frames = reply
+    header, payload = protocol.decode(frames)
+    params = np.concatenate(protocol.payload(header, payload, header["n"])) if payload else None
+    return ident, header, params
+
+
+def only(replies: list) -> tuple[dict, np.ndarray | None]:
+    """The header and parameters of the single reply in `replies`."""
+    assert len(replies) == 1, replies
+    return answer(replies[0])[1:]
+
+
+def push(shard: Shard, grad: np.ndarray, seq: int, clock: int, node: str = "worker-0",
+         op: str = "push", ident: bytes = b"peer") -> list:
+    return shard.handle(ident, request(op, seq, grad, node=node, shard=shard.rank, clock=clock))
+
+
+def pull(shard: Shard) -> tuple[dict, np.ndarray]:
+    return only(shard.handle(b"peer", request("pull", 0, node="tool", shard=shard.rank)))
+
+
+def stats(shard: Shard) -> dict:
+    header, _ = only(shard.handle(b"peer", request("stats", 0, node="tool")))
+    return header["meta"]
+
+
+def error_code(replies: list) -> int:
+    header, _ = only(replies)
+    assert header["op"] == "error", header
+    return header["code"]
+
+
+def grads(n: int, count: int, seed: int = 1) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(n).astype(np.float32) for _ in range(count)]
+
+
+# -- async ---------------------------------------------------------------------------------
+
+def test_worker_rank():
+    assert worker_rank("worker-3") == 3
+    assert worker_rank("worker-0") == 0
+    odd = ("server-1", "worker-", "worker-x", "worker--1", "scheduler", "worker-\u00b2", "worker-\u0663")
+    for node in odd:                                  # \u00b2 is "2" superscript, \u0663 Arabic-Indic 3
+        assert worker_rank(node) is None, node
+
+
+def test_initial_params_are_the_slice_of_the_single_process_vector():
+    full = initial_params(SPEC, ASYNC.seed)
+    assert ranges(ASYNC) == [(0, 26), (26, 53)]
+    for rank, (lo, hi) in enumerate(ranges(ASYNC)):
+        header, params = pull(make_shard(ASYNC, rank))
+        assert header["op"] == "ok" and header["clock"] == 0
+        assert params.tobytes() == full[lo:hi].tobytes()
+    other = replace(ASYNC, seed=5)
+    assert pull(make_shard(other, 1))[1].tobytes() == initial_params(SPEC, 5)[26:53].tobytes()
+
+
+def test_async_push_applies_sgd_exactly_and_bumps_the_version():
+    shard = make_shard(ASYNC, 1)
+    p0 = shard.params.copy()
+    g1, g2 = grads(shard.hi - shard.lo, 2)
+    header, params = only(push(shard, g1, seq=1, clock=0))
+    assert header == {"v": 1, "op": "ok", "node": "server-1", "seq": 1, "clock": 1}
+    assert params is None
+    p1 = p0 - g1 * LR
+    assert shard.params.tobytes() == p1.tobytes()
+
+    header, params = only(push(shard, g2, seq=2, clock=1, op="push_pull"))
+    p2 = p1 - g2 * LR
+    assert header["clock"] == 2 and params.tobytes() == p2.tobytes()
+    header, params = pull(shard)
+    assert header["clock"] == 2 and params.tobytes() == p2.tobytes()
+
+
+def test_push_split_over_several_frames_is_applied_like_one(monkeypatch):
+    one = make_shard(ASYNC, 1)
+    (g,) = grads(one.hi - one.lo, 1)
+    push(one, g, seq=1, clock=0)
+    monkeypatch.setattr(protocol, "MAX_FRAME", 12)
+    many = make_shard(ASYNC, 1)
+    frames = request("push", 1, g, shard=1, clock=0)
+    assert len(frames) == 1 + 9                            # 27 float32 = 9 frames of 3
+    assert only(many.handle(b"peer", frames))[0]["clock"] == 1
+    assert many.params.tobytes() == one.params.tobytes()
+
+
+def test_a_retried_push_is_answered_but_not_applied_twice():
+    shard = make_shard()
+    g1, g2 = grads(shard.hi - shard.lo, 2)
+    push(shard, g1, seq=5, clock=0)
+    after_one = shard.params.copy()
+    header, params = only(push(shard, g1, seq=5, clock=0, op="push_pull"))    # the retry
+    assert header["op"] == "ok" and header["seq"] == 5 and header["clock"] == 1
+    assert params.tobytes() == after_one.tobytes() == shard.params.tobytes()
+    header, _ = only(push(shard, g2, seq=4, clock=0))                          # older still
+    assert header["op"] == "ok" and shard.version == 1
+    assert only(push(shard, g1, seq=5, clock=1, node="worker-1"))[0]["clock"] == 2   # seqs are per node
+    assert only(push(shard, g2, seq=6, clock=2))[0]["clock"] == 3                   # a new seq is applied
+    assert shard.params.tobytes() == ((after_one - g1 * LR) - g2 * LR).tobytes()
+    assert stats(shard)["pushes"] == 3
+
+
+def test_staleness_is_recorded_and_reported():
+    shard = make_shard()
+    g = grads(shard.hi - shard.lo, 3)
+    push(shard, g[0], seq=1, clock=0)
+    push(shard, g[1], seq=2, clock=1)
+    push(shard, g[2], seq=1, clock=0, node="worker-1")         # computed on version 0, applied at 2
+    meta = stats(shard)
+    assert meta["staleness"] == {"0": 2, "2": 1}
+    assert meta["version"] == 3 and meta["pushes"] == 3 and meta["dropped"] == 0
+    assert meta["lr"] == pytest.approx(0.1) and meta["live"] == [0]
+    assert meta["bytes_in"] == 3 * 4 * 26                    # payload bytes
+
+
+@pytest.mark.parametrize("fields, code", [
+    ({"shard": 0, "clock": 1}, protocol.E_STATE),              # ahead of the version
+    ({"shard": 1, "clock": 0}, protocol.E_SHARD),
+    ({"clock": 0}, protocol.E_SHARD),                          # no shard at all
+])
+def test_push_refused_changes_nothing(fields, code):
+    shard = make_shard()
+    before = shard.params.copy()
+    (g,) = grads(shard.hi - shard.lo, 1)
+    for op in ("push", "push_pull"):
+        assert error_code(shard.handle(b"peer", request(op, 1, g, **fields))) == code
+    assert shard.params.tobytes() == before.tobytes() and shard.version == 0
+    assert shard.last_seq == {}
+    assert only(push(shard, g, seq=1, clock=0))[0]["clock"] == 1   # the seq was not used up
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 3e19])   # 3e19 squared overflows float32
+def test_non_finite_gradient_is_refused(bad):
+    shard = make_shard()
+    before = shard.params.copy()
+    (g,) = grads(shard.hi - shard.lo, 1)
+    g[7] = bad
+    assert error_code(push(shard, g, seq=1, clock=0)) == protocol.E_PAYLOAD
+    assert shard.params.tobytes() == before.tobytes() and shard.version == 0
+
+
+def test_pull_for_another_shard_and_unknown_op():
+    shard = make_shard()
+    assert error_code(shard.handle(b"p", request("pull", 1, shard=1))) == protocol.E_SHARD
+    for op in ("register", "heartbeat", "_push", "__init__", "ok", "error", "PULL"):
+        assert error_code(shard.handle(b"p", request(op, 1, shard=0))) == protocol.E_UNKNOWN_OP
+
+
+def test_error_reply_goes_to_the_sender_with_its_seq():
+    shard = make_shard()
+    ((ident, frames),) = shard.handle(b"sender", request("nope", 41))
+    header, _ = protocol.decode(frames)
+    assert ident == b"sender" and header["seq"] == 41 and header["node"] == "server-0"
+
+
+# -- sync ----------------------------------------------------------------------------------
+
+def mean_in_rank_order(gs: list[np.ndarray]) -> np.ndarray:
+    """The server's mean: a sum in rank order, then times float32(1/k)."""
+    total = gs[0].copy()
+    for g in gs[1:]:
+        total += g
+    return total * np.float32(1.0 / len(gs)) if len(gs) > 1 else total
+
+
+def test_sync_waits_for_every_worker_then_applies_the_mean_once():
+    shard = make_shard(SYNC, 1)
+    p0 = shard.params.copy()
+    g = grads(shard.hi - shard.lo, 3)
+    assert push(shard, g[0], seq=1, clock=0, node="worker-0", ident=b"w0") == []
+    assert push(shard, g[2], seq=1, clock=0, node="worker-2", ident=b"w2", op="push_pull") == []
+    assert shard.version == 0 and shard.params.tobytes() == p0.tobytes()
+    replies = [answer(r) for r in push(shard, g[1], seq=1, clock=0, node="worker-1", ident=b"w1")]
+    expected = p0 - mean_in_rank_order(g) * LR
+    assert shard.params.tobytes() == expected.tobytes()
+    assert [ident for ident, _, _ in replies] == [b"w0", b"w1", b"w2"]
+    assert all(h["op"] == "ok" and h["clock"] == 1 and h["seq"] == 1 for _, h, _ in replies)
+    assert [p is None for _, _, p in replies] == [True, True, False]     # only worker-2 asked push_pull
+    assert replies[2][2].tobytes() == expected.tobytes()
+
+    # a straggler's push for version 0, now applied: answered, counted, dropped
+    header, _ = only(push(shard, g[0], seq=2, clock=0, node="worker-2"))
+    assert header["op"] == "ok" and header["meta"] == {"dropped": True} and header["clock"] == 1
+    assert shard.params.tobytes() == expected.tobytes()
+    meta = stats(shard)
+    assert meta["dropped"] == 1 and meta["pushes"] == 3 and meta["staleness"] == {"0": 3}
+
+
+def test_sync_retry_while_gathering_is_answered_once_at_release():
+    shard = make_shard(SYNC, 0)
+    g = grads(shard.hi - shard.lo, 3)
+    assert push(shard, g[0], seq=1, clock=0, node="worker-0", ident=b"old") == []
+    assert push(shard, g[0], seq=1, clock=0, node="worker-0", ident=b"new") == []   # retried
+    assert push(shard, g[1], seq=1, clock=0, node="worker-1", ident=b"w1") == []
+    replies = push(shard, g[2], seq=1, clock=0, node="worker-2", ident=b"w2")
+    assert [ident for ident, _ in replies] == [b"new", b"w1", b"w2"]
+    assert shard.version == 1
+
+
+def test_sync_push_from_a_non_worker_is_refused():
+    shard = make_shard(SYNC, 0)
+    (g,) = grads(shard.hi - shard.lo, 1)
+    for node in ("tool", "worker-3", "worker-\u00b2"):          # rank >= workers; a digit int() refuses
+        assert error_code(push(shard, g, seq=1, clock=0, node=node)) == protocol.E_MALFORMED
+    assert shard.version == 0 and shard._waiting == {}
+
+
+def test_control_live_releases_a_version_missing_a_dead_worker():
+    shard = make_shard(SYNC, 0)
+    p0 = shard.params.copy()
+    g = grads(shard.hi - shard.lo, 2)
+    assert push(shard, g[0], seq=1, clock=0, node="worker-0", ident=b"w0") == []
+    assert push(shard, g[1], seq=1, clock=0, node="worker-1", ident=b"w1") == []
+    replies = [answer(r) for r in shard.handle(b"sched", request("control", 3, node="scheduler",
+                                                                  meta={"live": [0, 1]}))]
+    assert [(ident, h["op"], h["seq"]) for ident, h, _ in replies] == [
+        (b"sched", "ok", 3), (b"w0", "ok", 1), (b"w1", "ok", 1)]
+    assert shard.version == 1
+    assert shard.params.tobytes() == (p0 - mean_in_rank_order(g) * LR).tobytes()
+    assert stats(shard)["live"] == [0, 1]
+
+
+def test_control_live_with_nothing_waiting_releases_nothing():
+    shard = make_shard(SYNC, 0)
+    replies = shard.handle(b"sched", request("control", 1, node="scheduler", meta={"live": [1]}))
+    assert len(replies) == 1 and shard.version == 0
+
+
+# -- control -------------------------------------------------------------------------------
+
+def test_control_lr_scale_changes_the_effective_lr():
+    shard = make_shard()
+    p0 = shard.params.copy()
+    (g,) = grads(shard.hi - shard.lo, 1)
+    header, _ = only(shard.handle(b"s", request("control", 1, node="scheduler", meta={"lr_scale": 0.5})))
+    assert header["op"] == "ok"
+    assert stats(shard)["lr"] == pytest.approx(0.05)
+    push(shard, g, seq=1, clock=0)
+    assert shard.params.tobytes() == (p0 - g * np.float32(0.1 * 0.5)).tobytes()
+
+
+@pytest.mark.parametrize("meta", [
+    {"lr_scale": 0}, {"lr_scale": -1.0}, {"lr_scale": float("nan")}, {"lr_scale": float("inf")},
+    {"lr_scale": "2"}, {"lr_scale": True}, {"lr_scale": None},
+    {"live": [0, 1]}, {"live": [-1]}, {"live": 0}, {"live": ["0"]}, {"live": [0.0]},
+    {"lr_scale": 0.5, "live": [7]},
+])
+def test_bad_control_values_are_malformed(meta):
+    shard = make_shard()
+    assert error_code(shard.handle(b"s", request("control", 1, node="scheduler", meta=meta))) \
+        == protocol.E_MALFORMED
+    assert shard.schedule.scale == 1.0 and shard.live == {0}
+
+
+# -- checkpoints ---------------------------------------------------------------------------
+
+def test_checkpoint_and_restore_continue_bit_identically(tmp_path):
+    cfg = replace(ASYNC, optimizer="adam", lr=0.01, checkpoint_dir=str(tmp_path))
+    original = make_shard(cfg, 1)
+    g = grads(original.hi - original.lo, 6)
+    for i in range(3):
+        push(original, g[i], seq=i + 1, clock=i)
+    push(original, g[0], seq=1, clock=1, node="worker-7")                  # staleness 2
+    path = original.checkpoint()
+    assert path == tmp_path / "piece-26-53.npz" and path.is_file()
+
+    resumed = make_shard(cfg, 1)
+    resumed.restore()
+    assert resumed.version == original.version == 4
+    assert resumed.params.tobytes() == original.params.tobytes()
+    assert stats(resumed)["staleness"] == stats(original)["staleness"] == {"0": 3, "2": 1}
+    assert only(push(resumed, g[5], seq=3, clock=4))[0]["clock"] == 4      # a retry, remembered
+    for i in range(3, 6):
+        for shard in (original, resumed):
+            assert only(push(shard, g[i], seq=i + 1, clock=i, op="push_pull"))[0]["clock"] == i + 2
+        assert resumed.params.tobytes() == original.params.tobytes()
+    assert not np.array_equal(resumed.params, initial_params(SPEC, cfg.seed)[26:53])
+
+
+def test_checkpoint_op_writes_the_file(tmp_path):
+    shard = make_shard(replace(ASYNC, checkpoint_dir=str(tmp_path / "new")))
+    header, _ = only(shard.handle(b"s", request("checkpoint", 2, node="scheduler")))
+    assert header["op"] == "ok"
+    assert Path(header["meta"]["path"]) == tmp_path / "new" / "piece-0-26.npz"
+    assert Path(header["meta"]["path"]).is_file()
+
+
+def test_restore_refuses_a_checkpoint_of_another_range(tmp_path):
+    cfg = replace(ASYNC, checkpoint_dir=str(tmp_path))
+    make_shard(cfg, 0).checkpoint()
+    wrong = Shard(cfg, SPEC, 0, 0, 27)                   # shard 0, but another range
+    before = wrong.params.copy()
+    with pytest.raises(DataError, match=r"no checkpoint for piece \[0, 27\).*piece-0-26.npz"):
+        wrong.restore()
+    assert wrong.params.tobytes() == before.tobytes()
+    (tmp_path / "piece-0-26.npz").rename(tmp_path / "piece-26-53.npz")
+    with pytest.raises(DataError, match="resume with the same model"):
+        make_shard(cfg, 1).restore()                      # shard 1 reading shard 0's file
+    with pytest.raises(DataError, match="no checkpoint for piece"):
+        make_shard(cfg, 0).restore()
+
+
+def test_checkpoint_op_without_a_directory_is_e_state():
+    shard = make_shard()
+    assert error_code(shard.handle(b"s", request("checkpoint", 1, node="scheduler"))) == protocol.E_STATE
+
+
+def test_shutdown_op_stops_the_shard():
+    shard = make_shard()
+    header, _ = only(shard.handle(b"s", request("shutdown", 1, node="scheduler")))
+    assert header["op"] == "ok" and shard.stopping
+
+
+# -- a live server -------------------------------------------------------------------------
+
+WAIT_S = 20.0                # an upper bound for one reply (the first includes process start)
+
+
+@pytest.fixture
+def spawn_server(tmp_path):
+    """start(cfg, rank) -> (address, process): `standalone` in a spawned process at an ipc:// path.
+
+    Every process started is ended when the test ends, whatever happened.
+    """
+    directory = tmp_path
+    if len(str(tmp_path)) > 80:                              # unix socket paths are short
+        directory = Path(tempfile.mkdtemp(prefix="dp-"))
+    procs = []
+
+    def start(cfg: Config, rank: int):
+        address = f"ipc://{directory / f's{len(procs)}.ipc'}"
+        proc = multiprocessing.get_context("spawn").Process(
+            target=standalone, args=(cfg, SPEC, rank, address), daemon=True)
+        proc.start()
+        procs.append(proc)
+        return address, proc
+
+    try:
+        yield start
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(10)
+        if directory != tmp_path:
+            for path in directory.iterdir():
+                path.unlink()
+            directory.rmdir()
+
+
+@pytest.fixture
+def dealer():
+    """A raw DEALER (linger 0) in its own context."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        yield sock
+    finally:
+        sock.close()
+        ctx.term()
+
+
+def exchange(sock: zmq.Socket, frames: list) -> tuple[dict, np.ndarray | None]:
+    """Send `frames`, wait (bounded) for the one reply; its header and a copy of its parameters."""
+    sock.send_multipart(frames)
+    assert sock.poll(1000 * WAIT_S), "the server did not answer"
+    return answer((b"", sock.recv_multipart()))[1:]
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_live_server_survives_malformed_messages(spawn_server, dealer, mode):
+    """Invariant 5: nothing malformed crashes a server or changes its weights.
+
+    In sync mode with one worker, a push from worker-0 completes its version at once.
+    """
+    address, proc = spawn_server(replace(ASYNC, mode=mode, timeout_s=5.0), 1)
+    dealer.connect(address)
+    lo, hi = ranges(ASYNC)[1]
+    n = hi - lo
+
+    def frames(op="push", seq=1, payload=None, **fields):
+        return request(op, seq, payload, **{"shard": 1, "clock": 0, **fields})
+
+    def raw(**header):
+        return [msgpack.packb(header)]
+
+    header, before = exchange(dealer, frames("pull"))
+    assert header["op"] == "ok" and header["clock"] == 0
+    assert before.tobytes() == initial_params(SPEC, ASYNC.seed)[lo:hi].tobytes()
+
+    (g,) = grads(n, 1)
+    head = frames(payload=g)[0]                      # a valid push header: dtype <f4, n = 27
+    nan = g.copy()
+    nan[3] = np.nan
+    malformed = {
+        "garbage bytes": ([b"\xc1\x00garbage\xff"], protocol.E_MALFORMED),
+        "empty header frame": ([b""], protocol.E_MALFORMED),
+        "truncated payload": ([head, g.tobytes()[:-4]], protocol.E_PAYLOAD),
+        "payload cut mid-item": ([head, g.tobytes()[:-1]], protocol.E_PAYLOAD),
+        "push without payload": ([head], protocol.E_PAYLOAD),
+        "wrong dtype": (raw(v=1, op="push", node="worker-0", seq=1, shard=1, clock=0, dtype="<f8", n=n)
+                        + [g.astype(np.float64).tobytes()], protocol.E_PAYLOAD),
+        "wrong length (long)": (frames(payload=np.append(g, np.float32(1))), protocol.E_PAYLOAD),
+        "wrong length (short)": (frames(payload=g[:-1]), protocol.E_PAYLOAD),
+        "unknown operation": (frames("explode"), protocol.E_UNKNOWN_OP),
+        "oversized header": (raw(v=1, op="pull", node="x", seq=1, msg="x" * protocol.MAX_HEADER),
+                             protocol.E_MALFORMED),
+        "wrong protocol version": (raw(v=2, op="pull", node="x", seq=1), protocol.E_VERSION),
+        "header is a msgpack list": ([msgpack.packb([1, "pull", "x", 1])], protocol.E_MALFORMED),
+        "unknown header field": (raw(v=1, op="pull", node="x", seq=1, secret=1), protocol.E_MALFORMED),
+        "push with NaN": (frames(payload=nan), protocol.E_PAYLOAD),
+        "push with inf": (frames(payload=np.full(n, np.inf, np.float32)), protocol.E_PAYLOAD),
+        "wrong shard": (frames(payload=g, shard=0), protocol.E_SHARD),
+        "clock ahead": (frames(payload=g, clock=9), protocol.E_STATE),
+        "infinite lr_scale": (frames("control", meta={"lr_scale": float("inf")}), protocol.E_MALFORMED),
+    }
+    if mode == "sync":                               # not worker-<rank>: int("\u00b2") would raise
+        malformed["push from a non-worker"] = (frames(payload=g, node="worker-\u00b2"), protocol.E_MALFORMED)
+    for what, (message, code) in malformed.items():
+        header, params = exchange(dealer, message)
+        assert (header["op"], header.get("code")) == ("error", code), what
+        assert params is None, what
+
+    header, after = exchange(dealer, frames("pull", seq=2))
+    assert header["op"] == "ok" and header["clock"] == 0
+    assert after.tobytes() == before.tobytes()
+    meta = exchange(dealer, frames("stats", seq=3))[0]["meta"]
+    assert meta["version"] == 0 and meta["pushes"] == 0 and meta["lr"] == pytest.approx(0.1)
+
+    header, params = exchange(dealer, frames("push_pull", seq=4, payload=g))
+    assert header["op"] == "ok" and header["clock"] == 1
+    assert params.tobytes() == (before - g * LR).tobytes()
+
+    assert exchange(dealer, frames("shutdown", seq=5))[0]["op"] == "ok"
+    proc.join(WAIT_S)
+    assert proc.exitcode == 0
+
+
+def test_shard_client_against_live_servers(spawn_server):
+    """Two shards: the client's verbs reproduce single-process SGD; a retry is not applied twice."""
+    cfg = replace(ASYNC, timeout_s=5.0)
+    servers = [spawn_server(cfg, rank) for rank in range(cfg.shards)]
+    full = initial_params(SPEC, cfg.seed)
+    ctx = zmq.Context()
+    try:
+        with ShardClient([a for a, _ in servers], ranges(cfg), "worker-0", timeout=WAIT_S,
+                         retries=0, ctx=ctx) as client:
+            params = np.empty_like(full)
+            assert client.pull(params) == 0
+            assert params.tobytes() == full.tobytes()
+            (g,) = grads(full.size, 1)
+            assert client.push_pull(g, 0, params) == 1
+            assert params.tobytes() == (full - g * LR).tobytes()
+            client.seq -= 2                                  # resend both shards' last seq: a retry
+            assert client.push(g, 0) == 1
+            assert [h["meta"]["pushes"] for h in client.call_all("stats")] == [1, 1]
+            assert all(h["op"] == "ok" for h in client.call_all("shutdown"))
+    finally:
+        ctx.term()
+    for _, proc in servers:
+        proc.join(WAIT_S)
+        assert proc.exitcode == 0
+
+
+def test_shard_client_raises_cluster_error_when_nothing_listens():
+    ctx = zmq.Context()
+    try:
+        probe = ctx.socket(zmq.ROUTER)
+        probe.setsockopt(zmq.LINGER, 0)
+        port = probe.bind_to_random_port("tcp://127.0.0.1")
+        probe.close()                                        # the port is free again: nobody listens
+        address = f"tcp://127.0.0.1:{port}"
+        with ShardClient([address], [(0, 53)], "worker-0", timeout=0.2, retries=1, ctx=ctx) as client:
+            with pytest.raises(ClusterError, match=f"shard 0 at {address}.*2 attempts"):
+                client.pull(np.empty(53, np.float32))
+    finally:
+        ctx.term()
