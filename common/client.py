@@ -18,7 +18,7 @@ control operations through `call`) and by the benchmarks.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import zmq
@@ -42,7 +42,10 @@ class ShardClient:
     """Requests to S shard servers at `addresses`, owning `ranges` [(lo, hi), ...] of the vector."""
 
     def __init__(self, addresses: list[str], ranges: list[tuple[int, int]], node: str,
-                 timeout: float = 30.0, retries: int = 3, ctx: zmq.Context | None = None):
+                 timeout: float = 30.0, retries: int = 3, ctx: zmq.Context | None = None,
+                 before_retry: Callable[[], None] | None = None):
+        """`before_retry` runs before a request is sent again: a chance to `reconnect`
+        to a server that has been replaced meanwhile."""
         if len(addresses) != len(ranges):
             raise ValueError(f"{len(addresses)} addresses for {len(ranges)} shard ranges")
         self.ctx = ctx or zmq.Context.instance()
@@ -50,6 +53,7 @@ class ShardClient:
         self.ranges = [tuple(r) for r in ranges]
         self.addresses = list(addresses)
         self.socks = [make_socket(self.ctx, zmq.DEALER, a) for a in self.addresses]
+        self.before_retry = before_retry
         self.seq = 0
         self.bytes_sent = self.bytes_received = 0
         self._pending: dict[int, tuple[int, list, str]] | None = None  # shard -> (seq, frames, op)
@@ -138,6 +142,11 @@ class ShardClient:
                         f"{self.retries + 1} attempts of {self.timeout:g} s; is the server running?")
                 attempts[s] += 1
                 deadline[s] = now + self.timeout
+                if self.before_retry is not None:
+                    self.before_retry()                           # sockets may be new now
+                    poller = zmq.Poller()
+                    for p in pending:
+                        poller.register(self.socks[p], zmq.POLLIN)
                 self._post(s, pending[s][1])                      # the same seq: idempotent
             wait = max(0.0, min(deadline[s] for s in pending if s not in replies) - now)
             for sock, _ in poller.poll(1000 * wait):

@@ -79,6 +79,7 @@ class Scheduler:
         self.servers: dict[int, NodeState] = {}
         self.workers: dict[int, NodeState] = {}
         self._held: list[tuple[bytes, dict, int]] = []     # workers waiting for the servers
+        self._spares: list[tuple[bytes, dict, str]] = []   # servers waiting for a rank
         self.client: ShardClient | None = None
         self.metrics = MetricsLog(cfg.metrics)
         self.total = sum(worker_steps(len(self.train), cfg, r) for r in range(cfg.workers)) \
@@ -88,6 +89,7 @@ class Scheduler:
         self.stopper = EarlyStopping(cfg.patience)
         self.stopping = False
         self.interrupted = False
+        self._live_changed = False
 
     # -- the three phases ------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -98,7 +100,8 @@ class Scheduler:
         self._assemble()
         self.client = ShardClient([self.servers[s].addr for s, _, _ in self.pieces],
                                   [(lo, hi) for _, lo, hi in self.pieces], "scheduler",
-                                  self.cfg.timeout_s, self.cfg.retries, self.ctx)
+                                  self.cfg.timeout_s, self.cfg.retries, self.ctx,
+                                  before_retry=self._tend)
         try:
             end = self._train()
             self.client.call_all("shutdown")
@@ -132,8 +135,12 @@ class Scheduler:
         while True:
             if self.interrupted:
                 raise KeyboardInterrupt
-            self._serve_once(100)
-            self._check_liveness()
+            self._tend(100)
+            if self._live_changed:
+                self._live_changed = False
+                if self.cfg.mode == "sync":
+                    self.client.call_all("control", {"live": sorted(
+                        r for r, w in self.workers.items() if not w.dead)})
             samples = self._samples()
             self.progress.update(samples, f"{samples:,} samples")
             live = [w for w in self.workers.values() if not w.dead]
@@ -262,18 +269,8 @@ class Scheduler:
             addr = meta.get("addr")
             if not isinstance(addr, str) or not addr:
                 raise protocol.error(protocol.E_MALFORMED, "a server registers with its addr")
-            rank = self._free_server_rank()
-            self.servers[rank] = NodeState("server", rank, addr)
-            self._reply(ident, header, self._spec(rank))
-            if self.client is not None:                          # a replacement
-                for piece, (server, _, _) in enumerate(self.pieces):
-                    if server == rank:
-                        self.client.reconnect(piece, addr)
-                self.progress.line(f"server-{rank} replaced, now at {addr}")
-            if len(self.servers) == self.cfg.shards:
-                for ident_, header_, rank_ in self._held:
-                    self._reply(ident_, header_, self._spec(rank_))
-                self._held.clear()
+            self._spares.append((ident, header, addr))
+            self._seat_servers()
         elif role == "worker":
             if len(self.workers) >= self.cfg.workers:
                 raise protocol.error(protocol.E_STATE, f"the run already has its {self.cfg.workers} "
@@ -287,14 +284,31 @@ class Scheduler:
         else:
             raise protocol.error(protocol.E_MALFORMED, f"role must be server or worker, not {role!r}")
 
-    def _free_server_rank(self) -> int:
-        if len(self.servers) < self.cfg.shards:
-            return len(self.servers)
-        dead = [r for r, s in sorted(self.servers.items()) if s.dead]
-        if not dead:
-            raise protocol.error(protocol.E_STATE, f"the run already has its {self.cfg.shards} "
-                                 "server(s) and none is dead")
-        return dead[0]
+    def _seat_servers(self) -> None:
+        """Give waiting servers a rank: a free one while assembling, later a dead one's.
+
+        A server that registers when every rank is taken waits here until a server
+        dies (it then takes over that rank, and with --resume its checkpoint), or
+        until its own registration times out.
+        """
+        while self._spares:
+            free = [r for r in range(self.cfg.shards) if r not in self.servers] or \
+                   [r for r, s in sorted(self.servers.items()) if s.dead]
+            if not free:
+                return
+            (ident, header, addr), rank = self._spares.pop(0), free[0]
+            replacing = rank in self.servers
+            self.servers[rank] = NodeState("server", rank, addr)
+            self._reply(ident, header, self._spec(rank))
+            if replacing and self.client is not None:
+                for piece, (server, _, _) in enumerate(self.pieces):
+                    if server == rank:
+                        self.client.reconnect(piece, addr)
+                self.progress.line(f"server-{rank} replaced, now at {addr}")
+            if len(self.servers) == self.cfg.shards:
+                for ident_, header_, rank_ in self._held:
+                    self._reply(ident_, header_, self._spec(rank_))
+                self._held.clear()
 
     def _spec(self, rank: int) -> dict[str, Any]:
         """What a node needs to take part: the run's settings, model, ranges and servers."""
@@ -331,6 +345,8 @@ class Scheduler:
                                f"{self.cfg.dead_after_s:g} s: marked dead")
             if node.role == "worker":
                 self._membership_changed()
+            else:
+                self._seat_servers()
         if all(w.dead for w in self.workers.values()):
             raise ClusterError("every worker has died; the run cannot go on")
         gone = [s for s in self.servers.values() if s.dead
@@ -340,9 +356,13 @@ class Scheduler:
                                f"replaced it within {self.cfg.start_timeout_s:g} s")
 
     def _membership_changed(self) -> None:
-        live = sorted(r for r, w in self.workers.items() if not w.dead)
-        if self.cfg.mode == "sync":
-            self.client.call_all("control", {"live": live})
+        self._live_changed = True             # the main loop tells the servers (sync mode)
+
+    def _tend(self, timeout_ms: int = 0) -> None:
+        """Answer registrations and heartbeats, and notice deaths. Also runs while a
+        request to a server is being retried, so that a replacement can register."""
+        self._serve_once(timeout_ms)
+        self._check_liveness()
 
     def _interrupt(self, *_) -> None:
         self.interrupted = True

@@ -211,3 +211,35 @@ def test_a_missing_node_is_a_clear_error_not_a_hang(downpour, tmp_path):
 def test_contradicting_cluster_settings(downpour):
     r = downpour("train", "--mode", "sync", "--n-push", 2, *SMALL)
     assert r.returncode == 2 and "n_fetch, n_push and overlap are for async mode" in r.stderr
+
+
+@pytest.mark.slow
+def test_a_killed_server_is_replaced_from_its_checkpoint_and_the_run_goes_on(background, tmp_path):
+    address, checkpoints = f"ipc://{tmp_path}/scheduler", tmp_path / "checkpoints"
+    metrics = tmp_path / "m.jsonl"
+    scheduler = background("scheduler", "--bind", address, "--mode", "async", "--workers", 1,
+                           "--synthetic", 6000, "--hidden", 64, "--epochs", 30, "--batch-size", 20,
+                           "--eval-every", 1, "--progress", "lines", "--metrics", metrics,
+                           "--checkpoint-every-s", 0.3, "--dead-after-s", 1, "--timeout-s", 1,
+                           "--retries", 30)
+    server = background("server", "--scheduler", address, "--bind", f"ipc://{tmp_path}/s0",
+                        "--checkpoint-dir", checkpoints)
+    worker = background("worker", "--scheduler", address)
+    wait_for_eval(metrics, scheduler)
+    deadline = time.monotonic() + 30
+    while not list(checkpoints.glob("piece-*.npz")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    saved = np.load(next(checkpoints.glob("piece-*.npz")))["params"]
+    server.kill()
+    server.wait(timeout=10)
+    replacement = background("server", "--scheduler", address, "--bind", f"ipc://{tmp_path}/s0b",
+                             "--checkpoint-dir", checkpoints, "--resume")
+    out, err = scheduler.communicate(timeout=180)
+    assert scheduler.returncode == 0, err
+    assert "server-0 stopped answering" in err and "server-0 replaced, now at" in err
+    for node in (worker, replacement):
+        node.communicate(timeout=30)
+        assert node.returncode == 0
+    end = json.loads(metrics.read_text().splitlines()[-1])
+    assert end["event"] == "end" and end["test_accuracy"] > 0.5
+    assert not np.array_equal(saved, np.load(next(checkpoints.glob("piece-*.npz")))["params"])

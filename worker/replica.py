@@ -25,11 +25,12 @@ from dataclasses import replace
 import numpy as np
 import zmq
 
-from common import config
+from common import config, protocol
 from common.client import ShardClient
 from common.config import Config
 from common.data import Dataset, gather
 from common.errors import ClusterError, ConfigError, DownpourError
+from common.protocol import RemoteError
 from common.model import Model, ModelSpec
 from common.node import Heartbeat, register
 from common.optim import clip_by_global_norm, clip_by_value
@@ -86,16 +87,16 @@ class Replica:
             fetch = sync or (step + 1) % cfg.n_fetch == 0
             computed_on = version
             if in_flight:                   # the previous push_pull: its weights arrive now
-                version = self.client.finish(m.params)
+                version = self._exchange(self.client.finish, m.params)
                 in_flight = False
             if push and fetch and overlap:
                 np.copyto(send, grad)
                 self.client.start("push_pull", send, computed_on)
                 in_flight = True
             elif push and fetch:
-                version = self.client.push_pull(grad, computed_on, m.params)
+                version = self._exchange(self.client.push_pull, grad, computed_on, m.params)
             elif push:
-                self.client.push(grad, computed_on)
+                self._exchange(self.client.push, grad, computed_on)
             elif fetch:
                 version = self.client.pull(m.params)
             if push and acc is not None:
@@ -106,10 +107,20 @@ class Replica:
             p["loss_sum"] += loss
             p["loss_count"] += 1
         if in_flight:
-            self.client.finish(m.params)
+            self._exchange(self.client.finish, m.params)
         self.client.wait_sent()
         self.progress["t_end"] = time.time()
         self.progress["done"] = True
+
+    def _exchange(self, verb, *args) -> int:
+        """`verb(*args)`; if a server refuses the push because it is behind this worker
+        (it was restored from a checkpoint), drop the gradient and pull its weights."""
+        try:
+            return verb(*args)
+        except RemoteError as e:
+            if e.code != protocol.E_STATE:
+                raise
+            return self.client.pull(self.model.params)
 
     def _follow(self, servers: list[str] | None) -> None:
         """Reconnect to the pieces of any server that has moved (a replaced server)."""
@@ -146,6 +157,7 @@ def main(cfg: Config) -> int:
                           [s for s, _, _ in pieces])
         heartbeat = Heartbeat(ctx, cfg.scheduler, node, run.heartbeat_s, run.dead_after_s,
                               lambda: dict(replica.progress))
+        client.before_retry = lambda: replica._follow(heartbeat.reply.get("servers"))
         heartbeat.start()
         try:
             replica.run(heartbeat)
