@@ -18,36 +18,17 @@ hits both; each figure is the median over all rounds. Ratios are NumPy / PyTorch
 from __future__ import annotations
 
 import json
-import statistics
-import time
 from typing import Callable
 
 import numpy as np
 
 from common.model import Model, ModelSpec
 from common.optim import make_optimizer
+from common.timing import interleaved
 
 SPEC = ModelSpec(n_inputs=784, n_outputs=10, hidden=(1024, 1024), activation="relu",
                  loss="softmax_ce")
-ROUNDS = 10
 OPTIMIZERS = ("sgd", "adam")
-WARMUP = 3
-
-
-def _interleaved(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
-    """Median seconds per call of each function, timed in alternating rounds."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():
-        for _ in range(WARMUP):
-            fn()
-    per_round = max(1, repeats // ROUNDS)
-    for _ in range(ROUNDS):
-        for name, fn in fns.items():
-            for _ in range(per_round):
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _numpy_step(batch: int, optimizer: str, rng: np.random.Generator) -> Callable[[], None]:
@@ -97,7 +78,7 @@ def run(batch_sizes: list[int], repeats: int, adam_size: int, threads: int,
             fns = {"numpy": _numpy_step(batch, optimizer, rng)}
             if torch is not None:
                 fns["torch"] = _torch_step(torch, batch, optimizer, rng)
-            t = _interleaved(fns, repeats)
+            t = interleaved(fns, repeats)
             result["step"].append(_row(t, batch=batch, optimizer=optimizer))
 
     p = rng.standard_normal(adam_size, dtype=np.float32)
@@ -108,12 +89,12 @@ def run(batch_sizes: list[int], repeats: int, adam_size: int, threads: int,
         tp = torch.nn.Parameter(torch.from_numpy(p.copy()))
         tp.grad = torch.from_numpy(g.copy())
         fns["torch"] = torch.optim.Adam([tp], lr=1e-3, fused=True).step
-    t = _interleaved(fns, max(10, repeats // 3))
+    t = interleaved(fns, max(10, repeats // 3))
     result["adam"] = _row(t, elements=adam_size)
     # Adam reads p, g, m, v and writes p, m, v: 7 arrays of N float32 at the least.
     result["adam"]["numpy_gb_s"] = 7 * 4 * adam_size / t["numpy"] / 1e9
     dst = np.empty_like(p)
-    copy_s = _interleaved({"copy": lambda: np.copyto(dst, p)}, 10)["copy"]
+    copy_s = interleaved({"copy": lambda: np.copyto(dst, p)}, 10)["copy"]
     result["copy"] = {"ms": 1e3 * copy_s, "gb_s": 2 * 4 * adam_size / copy_s / 1e9}
     return result
 

@@ -22,11 +22,8 @@ from __future__ import annotations
 import json
 import multiprocessing
 import socket
-import statistics
 import tempfile
-import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import zmq
@@ -35,13 +32,13 @@ from common.client import ShardClient, make_socket
 from common.config import Config
 from common.errors import ConfigError
 from common.model import ModelSpec, model_layout
+from common.timing import interleaved
 from ps.server import standalone
 
 VECTORS = {  # name -> a model whose parameter vector has that size
     "mlp 784-1024-1024-10": ModelSpec(n_inputs=784, n_outputs=10, hidden=(1024, 1024)),
     "16M vector": ModelSpec(n_inputs=4095, n_outputs=1, hidden=(4096,)),
 }
-ROUNDS = 5
 
 
 def _echo(address: str, size: int) -> None:
@@ -113,7 +110,7 @@ def measure(spec: ModelSpec, shards: int, transport: str, repeats: int, piece_ki
             rng = np.random.default_rng(0)
             grad = rng.standard_normal(layout.size, dtype=np.float32)
             out = np.empty(layout.size, np.float32)
-            t = _interleaved({"downpour": lambda: client.push_pull(grad, 0, out),
+            t = interleaved({"downpour": lambda: client.push_pull(grad, 0, out),
                               "bare": lambda: echo.round_trip(grad, out)}, repeats)
             client.call_all("shutdown")
         finally:
@@ -129,20 +126,6 @@ def measure(spec: ModelSpec, shards: int, transport: str, repeats: int, piece_ki
             "downpour_ms": 1e3 * t["downpour"], "bare_ms": 1e3 * t["bare"],
             "downpour_gb_s": nbytes / t["downpour"] / 1e9, "bare_gb_s": nbytes / t["bare"] / 1e9,
             "ratio": t["bare"] / t["downpour"]}
-
-
-def _interleaved(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():
-        for _ in range(3):
-            fn()
-    for _ in range(ROUNDS):
-        for name, fn in fns.items():
-            for _ in range(max(1, repeats // ROUNDS)):
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _free_ports(n: int) -> list[int]:
