@@ -15,7 +15,8 @@ from common.client import ShardClient
 from common.config import Config
 from common.errors import ClusterError, DataError
 from common.model import ModelSpec, initial_params, model_layout
-from ps.server import Shard, standalone, worker_rank
+from ps.server import standalone
+from ps.shard import Shard, worker_rank
 
 SPEC = ModelSpec(n_inputs=6, n_outputs=3, hidden=(5,))          # 6*5+5 + 5*3+3 = 53 parameters
 ASYNC = Config(mode="async", workers=1, shards=2, optimizer="sgd", lr=0.1)

@@ -1,0 +1,305 @@
+"""The state of one piece of a shard, and its answer to every request.
+
+A server process (ps/server.py) holds its shard as pieces; each piece is a
+`Shard`: its slice of the vector, that slice's optimizer state, its version, and
+the consistency rule of the run:
+
+    async  apply every push as it arrives (Downpour SGD)
+    sync   hold each worker's push for version v until every live worker (but
+           `backup` of them) has pushed; apply their mean once; answer them all with
+           version v+1; a push for a version already applied is dropped and counted
+    ssp    apply every push as it arrives, but hold a worker's new weights while it
+           is more than `staleness` clocks ahead of the slowest live worker
+
+A worker's clock is the number of its pushes applied. A worker's last push says so
+(meta last), and a finished worker no longer holds others back.
+
+Guarantees:
+- A message is fully validated (header, shard, dtype, length, finite values)
+  before anything changes; a bad one gets an error reply and changes nothing.
+- A push is applied at most once per (node, seq): a retried push is answered
+  with the current state, not applied again.
+- Staleness (the version when a push is applied minus the version its gradient
+  was computed on) is counted for every push; in ssp mode so is the clock gap
+  (the push's clock minus the slowest clock when its weights were sent), which
+  the rule keeps <= staleness.
+- Parameters go out zero-copy; the shard waits until ZeroMQ has sent them before
+  it changes them again.
+- Checkpoints (slice, optimizer state, version, seen sequence numbers) are
+  written atomically; `restore` continues from them bit-exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+from common import protocol
+from common.checkpoint import load_arrays, save_arrays
+from common.config import Config
+from common.errors import ConfigError, DataError, ProtocolError
+from common.model import ModelSpec, initial_params
+from common.optim import make_optimizer
+from common.schedules import parse_schedule
+
+Reply = tuple[bytes, list]          # (ROUTER identity, frames)
+
+
+def worker_rank(node: str) -> int | None:
+    """3 for "worker-3"; None for any other sender."""
+    prefix, _, rank = node.partition("-")
+    return int(rank) if prefix == "worker" and rank.isascii() and rank.isdigit() else None
+
+
+class Shard:
+    """The state of one shard and the answer to every request."""
+
+    def __init__(self, cfg: Config, spec: ModelSpec, rank: int, lo: int, hi: int,
+                 initial: np.ndarray | None = None, node: str = ""):
+        """Piece `rank` of the run, [lo, hi) of the vector; `initial` is the whole initial
+        vector if the caller has it (else it is computed from the spec and seed)."""
+        self.cfg, self.rank, self.lo, self.hi = cfg, rank, lo, hi
+        self.node = node or f"server-{rank}"
+        if initial is None:
+            initial = initial_params(spec, cfg.seed)
+        self.params = initial[lo:hi].copy()                           # (hi - lo,) float32
+        self.opt = make_optimizer(cfg.optimizer, **cfg.optimizer_kwargs())
+        self.schedule = parse_schedule(cfg.lr_schedule, cfg.lr)
+        self.version = 0
+        self.live = set(range(cfg.workers))
+        self.backup = 0                           # sync: apply after len(live) - backup pushes
+        self.last_seq: dict[str, int] = {}        # node -> seq of its last push taken
+        self.staleness: Counter = Counter()
+        self.pushes = self.dropped = self.bytes_in = self.bytes_out = 0
+        self.stopping = False
+        self._waiting: dict[int, tuple[bytes, dict]] = {}   # sync: rank -> (ident, request)
+        self._grads: dict[int, np.ndarray] = {}              # sync: rank -> its gradient
+        self._recv = np.empty_like(self.params)              # a payload split over frames
+        self._sum = np.empty_like(self.params)
+        self._trackers: list[zmq.MessageTracker] = []
+
+    # -- requests ------------------------------------------------------------------------
+    def handle(self, ident: bytes, frames: list) -> list[Reply]:
+        """The replies `frames` (from peer `ident`) causes, possibly none yet (sync)."""
+        try:
+            header, payload = protocol.decode(frames)
+        except ProtocolError as e:
+            return [(ident, protocol.error_reply(e.code, str(e), None, self.node))]
+        return self.handle_request(ident, header, payload)
+
+    def handle_request(self, ident: bytes, header: dict, payload: list) -> list[Reply]:
+        """`handle` for a message whose header is already decoded."""
+        self.bytes_in += sum(len(f) for f in payload)
+        try:
+            op = header["op"]
+            if op not in protocol.SERVER_OPS:
+                raise protocol.error(protocol.E_UNKNOWN_OP, f"operation {op!r} is not one of "
+                                                    f"{', '.join(protocol.SERVER_OPS)}")
+            if op in ("pull", "push", "push_pull") and header.get("shard") != self.rank:
+                raise protocol.error(protocol.E_SHARD, f"this is shard {self.rank} ([{self.lo}, {self.hi})), "
+                                               f"the request is for shard {header.get('shard')}")
+            if op == "pull":
+                return [(ident, self._params_reply(header))]
+            if op in ("push", "push_pull"):
+                return self._push(ident, header, payload)
+            if op == "control":
+                return [(ident, self._control(header)), *self._released()]
+            return [(ident, getattr(self, "_" + op)(header))]
+        except ProtocolError as e:
+            return [(ident, protocol.error_reply(e.code, str(e), header, self.node))]
+        except (ConfigError, DataError, OSError) as e:
+            return [(ident, protocol.error_reply(protocol.E_STATE, str(e), header, self.node))]
+
+    def _push(self, ident: bytes, header: dict, payload: list) -> list[Reply]:
+        views = protocol.payload(header, payload, self.hi - self.lo)
+        if len(views) == 1:
+            grad = views[0]                        # zero-copy: the frame's own memory
+        else:
+            protocol.copy_payload(views, self._recv)
+            grad = self._recv
+        with np.errstate(over="ignore", invalid="ignore"):
+            norm2 = float(np.dot(grad, grad))     # one pass; inf or nan if any element is
+        if not math.isfinite(norm2):
+            raise protocol.error(protocol.E_PAYLOAD, "the gradient holds NaN or infinite values (or values "
+                                             "too large to square in float32); it was not applied")
+        clock, node = header.get("clock", 0), header["node"]
+        if clock > self.version:
+            raise protocol.error(protocol.E_STATE, f"clock {clock} is ahead of this shard's version "
+                                           f"{self.version}; pull before pushing")
+        if header["seq"] <= self.last_seq.get(node, -1):          # a retry of a push already taken
+            return self._retry(ident, header)
+        if self.cfg.mode == "sync":
+            return self._push_sync(ident, header, grad)
+        self.last_seq[node] = header["seq"]
+        self._apply(grad, staleness=[self.version - clock])
+        return [(ident, self._reply(header))]
+
+    def _retry(self, ident: bytes, header: dict) -> list[Reply]:
+        rank = worker_rank(header["node"])
+        if rank in self._waiting and self._waiting[rank][1]["seq"] == header["seq"]:
+            self._waiting[rank] = (ident, header)            # still gathering: answer later
+            return []
+        return [(ident, self._reply(header))]
+
+    def _push_sync(self, ident: bytes, header: dict, grad: np.ndarray) -> list[Reply]:
+        rank = worker_rank(header["node"])
+        if rank is None or rank >= self.cfg.workers:
+            raise protocol.error(protocol.E_MALFORMED, f"synchronous pushes come from worker-<rank> nodes "
+                                               f"with rank < {self.cfg.workers}, not {header['node']!r}")
+        self.last_seq[header["node"]] = header["seq"]
+        if header.get("clock", 0) < self.version:             # a straggler's late gradient
+            self.dropped += 1
+            return [(ident, self._reply(header, dropped=True))]
+        replies = []
+        if rank in self._waiting:                              # a second push for this version
+            old_ident, old = self._waiting[rank]
+            replies.append((old_ident, protocol.error_reply(
+                protocol.E_STATE, f"superseded by push seq {header['seq']} for the same version",
+                old, self.node)))
+        if rank not in self._grads:
+            self._grads[rank] = np.empty_like(self.params)
+        np.copyto(self._grads[rank], grad)
+        self._waiting[rank] = (ident, header)
+        return replies + self._complete()
+
+    def _complete(self) -> list[Reply]:
+        """If enough live workers have pushed for this version: apply the mean of every
+        gradient held for it (a worker declared dead after pushing still counts), answer all."""
+        need = max(1, len(self.live) - self.backup)
+        if not self._waiting or len(self.live.intersection(self._waiting)) < need:
+            return []
+        ranks = sorted(self._waiting)                         # a fixed order: reproducible sums
+        np.copyto(self._sum, self._grads[ranks[0]])
+        for r in ranks[1:]:
+            self._sum += self._grads[r]
+        if len(ranks) > 1:
+            self._sum *= np.float32(1.0 / len(ranks))
+        self._apply(self._sum, staleness=[0] * len(ranks))
+        waiting, self._waiting = self._waiting, {}
+        return [(ident, self._reply(header)) for ident, header in (waiting[r] for r in ranks)]
+
+    def _apply(self, grad: np.ndarray, staleness: list[int]) -> None:
+        self.wait_sent()                           # params may still be going out zero-copy
+        self.opt.step(self.params, grad, self.schedule(self.opt.t))
+        self.version += 1
+        self.pushes += len(staleness)
+        self.staleness.update(staleness)
+
+    def _reply(self, header: dict, **meta: Any) -> list:
+        if header["op"] == "push_pull":
+            return self._params_reply(header, **meta)
+        return protocol.encode({"op": "ok", "node": self.node, "seq": header["seq"],
+                                "clock": self.version, **({"meta": meta} if meta else {})})
+
+    def _params_reply(self, header: dict, **meta: Any) -> list:
+        return protocol.encode({"op": "ok", "node": self.node, "seq": header["seq"],
+                                "clock": self.version, **({"meta": meta} if meta else {})},
+                               self.params)
+
+    def _stats(self, header: dict) -> list:
+        return self._ok(header, version=self.version, pushes=self.pushes, dropped=self.dropped,
+                        staleness={str(k): v for k, v in sorted(self.staleness.items())},
+                        bytes_in=self.bytes_in, bytes_out=self.bytes_out,
+                        lr=self.schedule(self.opt.t), live=sorted(self.live))
+
+    def _control(self, header: dict) -> list:
+        meta = header.get("meta", {})
+        if "lr_scale" in meta:
+            scale = meta["lr_scale"]
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
+                raise protocol.error(protocol.E_MALFORMED, f"lr_scale must be a finite number > 0, got {scale!r}")
+        if "live" in meta:
+            live = meta["live"]
+            if not isinstance(live, list) or not all(
+                    type(r) is int and 0 <= r < self.cfg.workers for r in live):
+                raise protocol.error(protocol.E_MALFORMED, f"live must be a list of worker ranks, got {live!r}")
+            self.live = set(live)
+        if "lr_scale" in meta:                    # after every check: an error changes nothing
+            self.schedule.scale = float(meta["lr_scale"])
+        return self._ok(header)
+
+    def _released(self) -> list[Reply]:
+        """Sync: the replies a smaller live set lets go (its version may now be complete)."""
+        return self._complete() if self.cfg.mode == "sync" else []
+
+    def _checkpoint(self, header: dict) -> list:
+        if not self.cfg.checkpoint_dir:
+            raise protocol.error(protocol.E_STATE, "this server has no --checkpoint-dir")
+        return self._ok(header, path=str(self.checkpoint()))
+
+    def _shutdown(self, header: dict) -> list:
+        self.stopping = True
+        return self._ok(header)
+
+    def _ok(self, header: dict, **meta: Any) -> list:
+        return protocol.encode({"op": "ok", "node": self.node, "seq": header["seq"],
+                                "clock": self.version, "meta": meta})
+
+    # -- sends in flight -------------------------------------------------------------------
+    def sent(self, tracker: zmq.MessageTracker, nbytes: int) -> None:
+        self._trackers.append(tracker)
+        self.bytes_out += nbytes
+
+    def wait_sent(self) -> None:
+        """Make `params` safe to change: wait for zero-copy sends of it to finish.
+
+        If one has not finished within timeout_s (a peer not reading), the shard
+        moves on to a copy of its parameters, leaving the old buffer to ZeroMQ.
+        """
+        for t in self._trackers:
+            try:
+                t.wait(self.cfg.timeout_s)
+            except zmq.NotDone:
+                self.params = self.params.copy()
+                break
+        self._trackers.clear()
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def checkpoint_path(self) -> Path:
+        return Path(self.cfg.checkpoint_dir) / f"piece-{self.lo}-{self.hi}.npz"
+
+    def checkpoint(self) -> Path:
+        """Write this shard's state atomically; return the path."""
+        state = self.opt.state_dict()
+        arrays = {"params": self.params,
+                  **{f"opt.{k}": v for k, v in state.items() if k in self.opt.state_names}}
+        scalars = {k: (list(v) if isinstance(v, tuple) else v) for k, v in state.items()
+                   if not isinstance(v, np.ndarray)}
+        meta = {"rank": self.rank, "lo": self.lo, "hi": self.hi, "version": self.version,
+                "optimizer": scalars, "schedule": self.schedule.state_dict(),
+                "last_seq": self.last_seq, "pushes": self.pushes, "dropped": self.dropped,
+                "staleness": {str(k): v for k, v in self.staleness.items()}}
+        path = self.checkpoint_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.wait_sent()
+        save_arrays(path, arrays, meta)
+        return path
+
+    def restore(self) -> None:
+        """Continue from this shard's checkpoint; DataError if it is missing or does not fit."""
+        path = self.checkpoint_path()
+        if not path.is_file():
+            there = sorted(p.name for p in path.parent.glob("piece-*.npz"))
+            raise DataError(f"no checkpoint for piece [{self.lo}, {self.hi}) in {path.parent} "
+                            f"(it holds {there or 'none'}); resume with the same model, number "
+                            "of shards and piece size, or start without --resume")
+        arrays, meta = load_arrays(path, "shard checkpoint")
+        if (meta.get("rank"), meta.get("lo"), meta.get("hi")) != (self.rank, self.lo, self.hi):
+            raise DataError(f"{path} holds shard {meta.get('rank')} [{meta.get('lo')}, "
+                            f"{meta.get('hi')}), this server is shard {self.rank} [{self.lo}, "
+                            f"{self.hi}): resume with the same model and number of shards")
+        params = arrays.get("params")
+        if params is None or params.shape != self.params.shape:
+            raise DataError(f"{path}: parameters do not match shard [{self.lo}, {self.hi})")
+        self.opt.load_state_dict({**meta["optimizer"],
+                                  **{k[4:]: v for k, v in arrays.items() if k.startswith("opt.")}})
+        self.schedule.load_state_dict(meta["schedule"])
+        self.params[:] = params
+        self.version, self.last_seq = int(meta["version"]), dict(meta["last_seq"])
+        self.pushes, self.dropped = int(meta["pushes"]), int(meta["dropped"])
+        self.staleness = Counter({int(k): v for k, v in meta["staleness"].items()})
