@@ -7,6 +7,8 @@
     downpour worker --scheduler ADDR
     downpour bench core [--json]          one training step against PyTorch; the optimizer update
     downpour bench comm [--json]          push_pull through shard servers against bare pyzmq
+    downpour experiment --out DIR [...]   a sweep of runs over modes and workers: CSV and plots
+    downpour plot METRICS.jsonl...        accuracy curves of any runs
     downpour download mnist [--dir DIR]   fetch the four MNIST files, verifying their checksums
 
 Settings come from common.config (flags, DOWNPOUR_* variables, --config FILE).
@@ -42,9 +44,9 @@ def _pinned(args: argparse.Namespace) -> config.Config:
 
 def _train(args: argparse.Namespace) -> int:
     cfg = _pinned(args)
-    if cfg.mode == "single":
-        from worker.single import train
-        train(cfg)
+    if cfg.mode in ("single", "hogwild"):
+        from importlib import import_module
+        import_module(f"worker.{cfg.mode}").train(cfg)
         return 0
     from common.launch import launch
     from common.training import check_cluster
@@ -67,6 +69,32 @@ def _bench(args: argparse.Namespace) -> int:
         return bench_core(args)
     from ps.bench_comm import main as bench_comm
     return bench_comm(args)
+
+
+def _experiment(args: argparse.Namespace) -> int:
+    from pathlib import Path
+    from common.experiment import parse_list, run_sweep
+    modes = parse_list(args.modes, "modes", str, config.FIELDS["mode"].metadata["choices"])
+    workers = parse_list(args.workers, "workers")
+    shards = parse_list(args.shards, "shards")
+    if args.repeats < 1 or not 0 < args.target <= 1:
+        raise config.ConfigError("--repeats must be >= 1 and --target in (0, 1]")
+    settings = {k: v for k, v in vars(args).items() if k not in ("workers", "shards")}
+    run_sweep(config.resolve(settings), modes, workers, shards, args.repeats, Path(args.out),
+              args.target)
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+    from common import plots
+    if not plots.available():
+        raise config.ConfigError("plots need matplotlib: pip install -e '.[plot]'")
+    missing = [m for m in args.metrics if not Path(m).is_file()]
+    if missing:
+        raise config.ConfigError(f"no metrics file {missing[0]!r}")
+    print(plots.curves([Path(m) for m in args.metrics], Path(args.out)))
+    return 0
 
 
 def _download(args: argparse.Namespace) -> int:
@@ -113,6 +141,23 @@ def parser() -> argparse.ArgumentParser:
         kind.add_argument("--json", action="store_true", help="print JSON instead of a table")
         kind.add_argument("--threads", type=int, default=1, help="BLAS threads (default 1)")
     bench.set_defaults(run=_bench)
+
+    exp = sub.add_parser("experiment", help="a sweep of runs: results.csv and PNG plots")
+    exp.add_argument("--modes", default="single,sync,async,ssp,hogwild",
+                     help="modes to run (default single,sync,async,ssp,hogwild)")
+    exp.add_argument("--workers", default="1,2", help="worker counts (default 1,2)")
+    exp.add_argument("--shards", default="1", help="shard counts for cluster modes (default 1)")
+    exp.add_argument("--repeats", type=int, default=1, help="runs per case, seeds seed..seed+N-1")
+    exp.add_argument("--target", type=float, default=0.95,
+                     help="accuracy whose time-to-reach is reported (default 0.95)")
+    exp.add_argument("--out", required=True, help="directory for results.csv, runs/ and plots")
+    config.add_arguments(exp, TRAIN_GROUPS, exclude=("mode", "workers", "shards", "metrics", "save"))
+    exp.set_defaults(run=_experiment)
+
+    plot = sub.add_parser("plot", help="accuracy curves of runs from their metrics files")
+    plot.add_argument("metrics", nargs="+", help="JSON-lines metrics files (--metrics)")
+    plot.add_argument("--out", default="accuracy.png", help="PNG to write (default accuracy.png)")
+    plot.set_defaults(run=_plot)
 
     download = sub.add_parser("download", help="download a dataset, verifying checksums")
     download.add_argument("dataset", choices=["mnist"])

@@ -65,14 +65,16 @@ class ShardClient:
         self.start("pull")
         return self.finish(out)
 
-    def push(self, grad: np.ndarray, clock: int) -> int:
-        """Send `grad` (the whole vector), computed on version `clock`; return the lowest new clock."""
-        self.start("push", grad, clock)
+    def push(self, grad: np.ndarray, clock: int, last: bool = False) -> int:
+        """Send `grad` (the whole vector), computed on version `clock`; return the lowest new clock.
+
+        `last` tells the servers it is this worker's final push."""
+        self.start("push", grad, clock, last)
         return self.finish()
 
-    def push_pull(self, grad: np.ndarray, clock: int, out: np.ndarray) -> int:
+    def push_pull(self, grad: np.ndarray, clock: int, out: np.ndarray, last: bool = False) -> int:
         """push, and fill `out` with the parameters after it, in one round trip per shard."""
-        self.start("push_pull", grad, clock)
+        self.start("push_pull", grad, clock, last)
         return self.finish(out)
 
     def call(self, shard: int, op: str, meta: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -87,11 +89,13 @@ class ShardClient:
         return [replies[s] for s in range(len(self.socks))]
 
     # -- split in two, so that work can overlap a request in flight ------------------------------
-    def start(self, op: str, grad: np.ndarray | None = None, clock: int = 0) -> None:
+    def start(self, op: str, grad: np.ndarray | None = None, clock: int = 0,
+              last: bool = False) -> None:
         """Send `op` to every shard (with its slice of `grad`), without waiting for replies."""
         if self._pending is not None:
             raise RuntimeError("a request is already in flight; call finish() first")
-        self._pending = {s: self._send(s, op, grad, clock) for s in range(len(self.socks))}
+        meta = {"last": True} if last else None
+        self._pending = {s: self._send(s, op, grad, clock, meta) for s in range(len(self.socks))}
 
     def finish(self, out: np.ndarray | None = None) -> int:
         """Wait for the replies of `start`; copy parameters into `out`; return the lowest clock."""

@@ -39,7 +39,9 @@ def setting(default, help: str, group: str, *, low=None, choices: Iterable[str] 
 class Config:
     # -- run ------------------------------------------------------------------------------
     mode: str = setting("single", "single: one process; async: Downpour SGD; sync: synchronous "
-                        "data-parallel SGD", "run", choices=("single", "async", "sync"))
+                        "data-parallel SGD; ssp: bounded staleness; hogwild: lock-free "
+                        "local processes", "run",
+                        choices=("single", "async", "sync", "ssp", "hogwild"))
     seed: int = setting(0, "seed of the initial weights, data order and dropout masks", "run", low=0)
     threads: int = setting(1, "BLAS threads per process", "run", low=1)
     # -- data -----------------------------------------------------------------------------
@@ -94,6 +96,14 @@ class Config:
                              low=0)
     overlap: bool = setting(False, "async: compute the next gradient while a push_pull is in "
                             "flight (adds one step of staleness, counted)", "cluster")
+    staleness: int = setting(0, "ssp: a worker more than this many clocks ahead of the "
+                             "slowest live worker waits", "cluster", low=0)
+    backup: int = setting(0, "sync: apply each version after workers - backup gradients; "
+                          "late ones are dropped and counted", "cluster", low=0)
+    staleness_lr: bool = setting(False, "async/ssp: divide each push's step by its staleness "
+                                 "+ 1 (Zhang et al. 2016)", "cluster")
+    slow_worker: str = setting("", "straggler injection for experiments: RANK:FACTOR makes "
+                               "that worker's steps FACTOR times slower", "cluster")
     transport: str = setting("ipc", "local runs: ipc (unix sockets in a temp dir) or tcp "
                              "(loopback)", "cluster", choices=("ipc", "tcp"))
     heartbeat_s: float = setting(0.5, "seconds between a node's heartbeats", "cluster", low=0.01)
@@ -109,8 +119,8 @@ class Config:
     scheduler: str = setting("", "the scheduler's address, e.g. tcp://scheduler:5555", "node")
     bind: str = setting("", "address to listen on (scheduler default tcp://*:5555; server "
                         "default tcp://*:0, a free port)", "node")
-    advertise: str = setting("", "host name others reach this server by (default: this "
-                             "host's name)", "node")
+    advertise: str = setting("", "host name or IP others reach this server by (default: "
+                             "the address this host's name resolves to)", "node")
     checkpoint_dir: str = setting("", "servers write shard checkpoints here", "node")
     resume: bool = setting(False, "servers start from the checkpoints in checkpoint_dir", "node")
     endpoint_file: str = setting("", "the scheduler writes its bound address to this file",
@@ -133,6 +143,21 @@ class Config:
                 raise ConfigError(f"{f.name} must be >= {low}, got {value}")
             if choices and value not in choices:
                 raise ConfigError(f"{f.name} must be one of {', '.join(choices)}, got {value!r}")
+
+    @property
+    def slowdown(self) -> tuple[int, float]:
+        """(rank, factor) of `slow_worker`; (-1, 1.0) when none is slowed."""
+        if not self.slow_worker:
+            return -1, 1.0
+        rank, sep, factor = self.slow_worker.partition(":")
+        try:
+            out = int(rank), float(factor)
+        except ValueError:
+            out = (-1, 0.0)
+        if not sep or out[0] < 0 or not out[1] >= 1.0 or not math.isfinite(out[1]):
+            raise ConfigError(f"slow_worker={self.slow_worker!r}: expected RANK:FACTOR with a "
+                              "worker rank >= 0 and a factor >= 1, e.g. 1:3")
+        return out
 
     @property
     def piece_elements(self) -> int:
@@ -241,15 +266,16 @@ def from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
-def add_arguments(parser: argparse.ArgumentParser, names: Iterable[str]) -> None:
-    """Add a flag for every setting named, or in a group named, in `names`.
+def add_arguments(parser: argparse.ArgumentParser, names: Iterable[str],
+                  exclude: Iterable[str] = ()) -> None:
+    """Add a flag for every setting named, or in a group named, in `names`, but `exclude`.
 
     Flags not given stay out of the namespace, so `resolve` can tell them apart.
     """
-    names = tuple(names)
+    names, exclude = tuple(names), set(exclude)
     for group in dict.fromkeys(f.metadata["group"] for f in fields(Config)):
-        chosen = [f for f in fields(Config)
-                  if f.metadata["group"] == group and (group in names or f.name in names)]
+        chosen = [f for f in fields(Config) if f.name not in exclude
+                  and f.metadata["group"] == group and (group in names or f.name in names)]
         section = parser.add_argument_group(group) if chosen else None
         for f in chosen:
             flag = "--" + f.name.replace("_", "-")

@@ -135,13 +135,21 @@ def _own(views: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
 class Model:
     """A replica: layers bound to views of the flat `params`, `grads` and `buffers` vectors."""
 
-    def __init__(self, spec: ModelSpec, seed: int = 0, dtype=np.float32, stream: int = 0):
+    def __init__(self, spec: ModelSpec, seed: int = 0, dtype=np.float32, stream: int = 0,
+                 params: np.ndarray | None = None):
+        """`params`, if given, is the storage to use for the parameters (e.g. shared
+        memory): its values are left as they are; otherwise the initial vector for `seed`."""
         self.spec, self.dtype = spec, np.dtype(dtype)
         self.layers = build_layers(spec, seed, stream)
         pspecs, bspecs = _specs(self.layers, "params"), _specs(self.layers, "buffers")
         self.layout = Layout((n, s) for n, s, _ in pspecs)
         self.buffer_layout = Layout((n, s) for n, s, _ in bspecs)
-        self.params = initial_vector([(s, i) for _, s, i in pspecs], seed, self.dtype)
+        if params is None:
+            params = initial_vector([(s, i) for _, s, i in pspecs], seed, self.dtype)
+        elif params.shape != (self.layout.size,) or params.dtype != self.dtype:
+            raise ValueError(f"params storage is {params.dtype} {params.shape}, the model needs "
+                             f"{self.dtype} ({self.layout.size},)")
+        self.params = params
         self.grads = np.zeros_like(self.params)
         self.buffers = initial_vector([(s, i) for _, s, i in bspecs], seed, self.dtype)
         pv, gv = self.layout.views(self.params), self.layout.views(self.grads)

@@ -132,6 +132,21 @@ class Optimizer:
                 g = add(mul(p, wd, s[-1]), g, s[-1])                  # g' = g + wd p
             self._update(p, g, [a[lo:hi] for a in self._state], s[:self.n_scratch], k)
 
+    def adopt_state(self, arrays, initialise: bool) -> None:
+        """Keep the state in `arrays` (one 1-D array per name in `state_names`, e.g. views
+        of shared memory) instead of arrays of its own; fill them with the initial state
+        if `initialise`. Several optimizers may share them (Hogwild!)."""
+        arrays = tuple(arrays)
+        if len(arrays) != len(self.state_names) or len({(a.shape, a.dtype) for a in arrays}) > 1 \
+                or any(a.ndim != 1 for a in arrays):
+            raise ConfigError(f"{self.name} needs {len(self.state_names)} state arrays "
+                              f"({', '.join(self.state_names)}) of one 1-D shape and dtype")
+        if initialise:
+            for name, a in zip(self.state_names, arrays):
+                a[:] = self._initial_value(name)
+        if arrays:
+            self._state, self._size = arrays, arrays[0].shape[0]
+
     def state_dict(self):
         """Name, hyperparameters, t, scalar state and, after the first step, `size` and
         copies of the state arrays: the internal sums, which restore exactly, and the

@@ -59,12 +59,22 @@ def model_spec(cfg: Config, data: Dataset) -> ModelSpec:
 
 
 def check_cluster(cfg: Config) -> None:
-    """ConfigError for settings that contradict each other in a cluster run."""
-    if cfg.mode == "sync" and (cfg.n_fetch > 1 or cfg.n_push > 1 or cfg.overlap):
-        raise ConfigError("sync mode pushes and pulls every step: n_fetch, n_push and overlap "
+    """ConfigError for settings that contradict each other in a multi-worker run."""
+    if cfg.mode in ("sync", "ssp", "hogwild") and (cfg.n_fetch > 1 or cfg.n_push > 1 or cfg.overlap):
+        raise ConfigError(f"{cfg.mode} mode exchanges every step: n_fetch, n_push and overlap "
                           "are for async mode; drop them or use --mode async")
     if cfg.overlap and (cfg.n_fetch > 1 or cfg.n_push > 1):
         raise ConfigError("overlap works with n_fetch = n_push = 1 (a push_pull every step)")
+    if cfg.backup and (cfg.mode != "sync" or cfg.backup >= cfg.workers):
+        raise ConfigError(f"backup={cfg.backup}: backup workers are for --mode sync, and fewer "
+                          f"than the {cfg.workers} worker(s)")
+    if cfg.staleness and cfg.mode != "ssp":
+        raise ConfigError(f"staleness={cfg.staleness} bounds --mode ssp; use --mode ssp or drop it")
+    if cfg.staleness_lr and cfg.mode not in ("async", "ssp"):
+        raise ConfigError("staleness_lr scales asynchronous pushes: use --mode async or ssp")
+    rank, _ = cfg.slowdown
+    if rank >= replicas(cfg):
+        raise ConfigError(f"slow_worker names worker {rank}, but the run has {replicas(cfg)}")
 
 
 def replicas(cfg: Config) -> int:
@@ -81,29 +91,46 @@ def worker_batches(n: int, cfg: Config, rank: int) -> Iterator[tuple[int, np.nda
     single, async  the worker owns a contiguous partition of [0, n) and visits it in
                    the order the permutation lists its samples, in batches of b
                    (with one worker this is exactly the single-process order)
-    sync           each global batch of W*b rows of the permutation is split:
-                   worker i takes rows [i*b, (i+1)*b), so the mean of the W
-                   gradients is the gradient of the single-process batch of W*b
+    sync           `sync_batch` for versions 0, 1, ... (with backup workers a worker
+                   skips the versions it was too late for)
     """
+    if cfg.mode == "sync":
+        for version in range(sync_versions(n, cfg)):
+            yield sync_batch(n, cfg, rank, version)
+        return
     W, b = replicas(cfg), cfg.batch_size
     part = partition(n, W, rank)
     for epoch in range(cfg.epochs):
         order = epoch_permutation(n, cfg.seed, epoch)
-        if cfg.mode == "sync":
-            for batch in batch_indices(order, W * b):
-                yield epoch, batch[rank * b:(rank + 1) * b]
-        else:
-            mine = order[(order >= part.start) & (order < part.stop)] if W > 1 else order
-            for batch in batch_indices(mine, b):
-                yield epoch, batch
+        mine = order[(order >= part.start) & (order < part.stop)] if W > 1 else order
+        for batch in batch_indices(mine, b):
+            yield epoch, batch
+
+
+def sync_versions(n: int, cfg: Config) -> int:
+    """The versions a sync run makes: one per global batch of W*b, every epoch."""
+    return cfg.epochs * steps_per_epoch(n, cfg.workers * cfg.batch_size)
+
+
+def sync_batch(n: int, cfg: Config, rank: int, version: int) -> tuple[int, np.ndarray]:
+    """(epoch, indices) worker `rank` computes for `version` in sync mode.
+
+    Global batch `version` (W*b rows of its epoch's permutation) is split: worker i
+    takes rows [i*b, (i+1)*b), so the mean of the W gradients is the gradient of
+    the single-process batch of W*b.
+    """
+    W, b = cfg.workers, cfg.batch_size
+    per_epoch = steps_per_epoch(n, W * b)
+    epoch, j = divmod(version, per_epoch)
+    lo = j * W * b + rank * b
+    return epoch, epoch_permutation(n, cfg.seed, epoch)[lo:lo + b]
 
 
 def worker_steps(n: int, cfg: Config, rank: int) -> int:
     """How many steps worker `rank` takes in the whole run (the length of `worker_batches`)."""
-    W, b = replicas(cfg), cfg.batch_size
     if cfg.mode == "sync":
-        return cfg.epochs * steps_per_epoch(n, W * b)
-    return cfg.epochs * steps_per_epoch(len(partition(n, W, rank)), b)
+        return sync_versions(n, cfg)
+    return cfg.epochs * steps_per_epoch(len(partition(n, replicas(cfg), rank)), cfg.batch_size)
 
 
 @dataclass

@@ -138,9 +138,10 @@ class Scheduler:
             self._tend(100)
             if self._live_changed:
                 self._live_changed = False
-                if self.cfg.mode == "sync":
+                if self.cfg.mode in ("sync", "ssp"):
                     self.client.call_all("control", {"live": sorted(
-                        r for r, w in self.workers.items() if not w.dead)})
+                        r for r, w in self.workers.items()
+                        if not w.dead and not w.progress.get("done"))})
             samples = self._samples()
             self.progress.update(samples, f"{samples:,} samples")
             live = [w for w in self.workers.values() if not w.dead]
@@ -222,16 +223,24 @@ class Scheduler:
                     raise
 
     def _figures(self, stats: list[dict], elapsed: float) -> dict[str, Any]:
-        hist: dict[int, int] = {}
+        """Throughput, bytes and the staleness (and ssp clock-gap) distributions so far.
+
+        Every piece sees every push, so the histograms count each push once per piece.
+        """
+        hists: dict[str, dict[int, int]] = {"staleness": {}, "clock_gap": {}}
         for s in stats:
-            for k, v in s["meta"]["staleness"].items():
-                hist[int(k)] = hist.get(int(k), 0) + v
+            for name, hist in hists.items():
+                for k, v in s["meta"].get(name, {}).items():
+                    hist[int(k)] = hist.get(int(k), 0) + v
         moved = sum(s["meta"]["bytes_in"] + s["meta"]["bytes_out"] for s in stats)
+        stale, gaps = hists["staleness"], hists["clock_gap"]
         return {"updates_per_s": stats[0]["meta"]["version"] / max(elapsed, 1e-9),
                 "bytes_per_s": moved / max(elapsed, 1e-9), "bytes": moved,
-                "staleness_p50": percentile(hist, 0.5), "staleness_p99": percentile(hist, 0.99),
-                "staleness_max": float(max(hist)) if hist else 0.0,
-                "staleness_hist": {str(k): v for k, v in sorted(hist.items())},
+                "staleness_p50": percentile(stale, 0.5), "staleness_p99": percentile(stale, 0.99),
+                "staleness_max": float(max(stale)) if stale else 0.0,
+                "staleness_hist": {str(k): v for k, v in sorted(stale.items())},
+                "clock_gap_max": max(gaps) if gaps else 0,
+                "clock_gap_hist": {str(k): v for k, v in sorted(gaps.items())},
                 "dropped": sum(s["meta"]["dropped"] for s in stats)}
 
     def _samples(self) -> int:
@@ -326,9 +335,9 @@ class Scheduler:
             raise protocol.error(protocol.E_STATE, f"{header['node']} is not registered")
         node = nodes[rank]
         node.last_seen = time.monotonic()
-        if node.dead:
+        if node.dead or (meta.get("done") and not node.progress.get("done")):
             node.dead = False
-            self._membership_changed()
+            self._membership_changed()          # back, or done: servers stop waiting for it
         node.progress = meta
         return {"stop": self.stopping,
                 "servers": [s.addr for _, s in sorted(self.servers.items())]}
@@ -356,7 +365,7 @@ class Scheduler:
                                f"replaced it within {self.cfg.start_timeout_s:g} s")
 
     def _membership_changed(self) -> None:
-        self._live_changed = True             # the main loop tells the servers (sync mode)
+        self._live_changed = True             # the main loop tells the servers (sync, ssp)
 
     def _tend(self, timeout_ms: int = 0) -> None:
         """Answer registrations and heartbeats, and notice deaths. Also runs while a

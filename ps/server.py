@@ -94,6 +94,15 @@ class Server:
                 shard.checkpoint()
 
 
+def own_address() -> str:
+    """This host's address as its name resolves (a container's IP on its network), else its name."""
+    name = socket.gethostname()
+    try:
+        return socket.gethostbyname(name)
+    except OSError:
+        return name
+
+
 def serve(server: Server, sock: zmq.Socket, heartbeat: Heartbeat | None = None,
           poll_ms: int = 100) -> None:
     """Answer requests on `sock` until shutdown, SIGTERM/SIGINT, or a lost scheduler."""
@@ -139,7 +148,7 @@ def main(cfg: Config) -> int:
     ctx = zmq.Context()
     sock, endpoint = bind_router(ctx, cfg.bind or "tcp://*:0")
     try:
-        addr = advertised(endpoint, cfg.advertise or socket.gethostname())
+        addr = advertised(endpoint, cfg.advertise or own_address())
         meta = register(ctx, cfg.scheduler, "server", {"role": "server", "addr": addr},
                         cfg.start_timeout_s)
         rank = meta["rank"]

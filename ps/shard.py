@@ -72,9 +72,13 @@ class Shard:
         self.schedule = parse_schedule(cfg.lr_schedule, cfg.lr)
         self.version = 0
         self.live = set(range(cfg.workers))
-        self.backup = 0                           # sync: apply after len(live) - backup pushes
+        self.finished: set[int] = set()           # workers whose last push has been taken
+        self.clock: Counter = Counter()           # worker rank -> its pushes applied
         self.last_seq: dict[str, int] = {}        # node -> seq of its last push taken
         self.staleness: Counter = Counter()
+        self.gaps: Counter = Counter()            # ssp: clock gap of every push
+        self._sent_at: dict[int, int] = {}        # ssp: rank -> slowest clock when its weights went
+        self._blocked: dict[int, tuple[bytes, dict]] = {}     # ssp: rank -> reply held back
         self.pushes = self.dropped = self.bytes_in = self.bytes_out = 0
         self.stopping = False
         self._waiting: dict[int, tuple[bytes, dict]] = {}   # sync: rank -> (ident, request)
@@ -104,6 +108,9 @@ class Shard:
                 raise protocol.error(protocol.E_SHARD, f"this is shard {self.rank} ([{self.lo}, {self.hi})), "
                                                f"the request is for shard {header.get('shard')}")
             if op == "pull":
+                rank = worker_rank(header["node"])
+                if rank is not None:
+                    self._sent_at[rank] = min(self._slowest(), self.clock[rank])
                 return [(ident, self._params_reply(header))]
             if op in ("push", "push_pull"):
                 return self._push(ident, header, payload)
@@ -133,25 +140,39 @@ class Shard:
                                            f"{self.version}; pull before pushing")
         if header["seq"] <= self.last_seq.get(node, -1):          # a retry of a push already taken
             return self._retry(ident, header)
+        rank = worker_rank(node)
+        if self.cfg.mode in ("sync", "ssp") and (rank is None or rank >= self.cfg.workers):
+            raise protocol.error(protocol.E_MALFORMED, f"{self.cfg.mode} pushes come from worker-<rank> "
+                                 f"nodes with rank < {self.cfg.workers}, not {node!r}")
         if self.cfg.mode == "sync":
-            return self._push_sync(ident, header, grad)
+            return self._push_sync(ident, header, grad, rank)
         self.last_seq[node] = header["seq"]
-        self._apply(grad, staleness=[self.version - clock])
-        return [(ident, self._reply(header))]
+        staleness = self.version - clock
+        self._apply(grad, [staleness], lr_scale=1.0 / (1 + staleness) if self.cfg.staleness_lr else 1.0)
+        if self.cfg.mode != "ssp":
+            return [(ident, self._reply(header))]
+        self.gaps[self.clock[rank] - self._sent_at.get(rank, 0)] += 1
+        self.clock[rank] += 1
+        self._taken(rank, header)
+        self._blocked[rank] = (ident, header)
+        return self._released()
 
     def _retry(self, ident: bytes, header: dict) -> list[Reply]:
         rank = worker_rank(header["node"])
-        if rank in self._waiting and self._waiting[rank][1]["seq"] == header["seq"]:
-            self._waiting[rank] = (ident, header)            # still gathering: answer later
-            return []
+        for held in (self._waiting, self._blocked):
+            if rank in held and held[rank][1]["seq"] == header["seq"]:
+                held[rank] = (ident, header)                 # still held: answer later
+                return []
         return [(ident, self._reply(header))]
 
-    def _push_sync(self, ident: bytes, header: dict, grad: np.ndarray) -> list[Reply]:
-        rank = worker_rank(header["node"])
-        if rank is None or rank >= self.cfg.workers:
-            raise protocol.error(protocol.E_MALFORMED, f"synchronous pushes come from worker-<rank> nodes "
-                                               f"with rank < {self.cfg.workers}, not {header['node']!r}")
+    def _taken(self, rank: int, header: dict) -> None:
+        """Note a worker's last push: it no longer holds anyone back."""
+        if header.get("meta", {}).get("last") is True:
+            self.finished.add(rank)
+
+    def _push_sync(self, ident: bytes, header: dict, grad: np.ndarray, rank: int) -> list[Reply]:
         self.last_seq[header["node"]] = header["seq"]
+        self._taken(rank, header)
         if header.get("clock", 0) < self.version:             # a straggler's late gradient
             self.dropped += 1
             return [(ident, self._reply(header, dropped=True))]
@@ -169,9 +190,14 @@ class Shard:
 
     def _complete(self) -> list[Reply]:
         """If enough live workers have pushed for this version: apply the mean of every
-        gradient held for it (a worker declared dead after pushing still counts), answer all."""
-        need = max(1, len(self.live) - self.backup)
-        if not self._waiting or len(self.live.intersection(self._waiting)) < need:
+        gradient held for it (a worker declared dead after pushing still counts), answer all.
+
+        Expected are the live workers that have not finished, and those whose last push
+        is among the held ones; all but `backup` of them must have pushed.
+        """
+        expected = {r for r in self.live if r not in self.finished or r in self._waiting}
+        need = max(1, len(expected) - self.cfg.backup)
+        if not self._waiting or len(expected.intersection(self._waiting)) < need:
             return []
         ranks = sorted(self._waiting)                         # a fixed order: reproducible sums
         np.copyto(self._sum, self._grads[ranks[0]])
@@ -183,9 +209,29 @@ class Shard:
         waiting, self._waiting = self._waiting, {}
         return [(ident, self._reply(header)) for ident, header in (waiting[r] for r in ranks)]
 
-    def _apply(self, grad: np.ndarray, staleness: list[int]) -> None:
+    def _slowest(self) -> float:
+        """ssp: the lowest clock among live workers that have not finished."""
+        return min((self.clock[r] for r in self.live - self.finished), default=math.inf)
+
+    def _released(self) -> list[Reply]:
+        """Replies that may go now: sync, a version complete (a smaller live set can do
+        that); ssp, weights for workers no longer too far ahead of the slowest."""
+        if self.cfg.mode == "sync":
+            return self._complete()
+        if self.cfg.mode != "ssp":
+            return []
+        slowest, out = self._slowest(), []
+        for rank in sorted(self._blocked):
+            if (self.clock[rank] - slowest <= self.cfg.staleness or rank not in self.live
+                    or rank in self.finished):
+                ident, header = self._blocked.pop(rank)
+                self._sent_at[rank] = min(slowest, self.clock[rank])
+                out.append((ident, self._reply(header)))
+        return out
+
+    def _apply(self, grad: np.ndarray, staleness: list[int], lr_scale: float = 1.0) -> None:
         self.wait_sent()                           # params may still be going out zero-copy
-        self.opt.step(self.params, grad, self.schedule(self.opt.t))
+        self.opt.step(self.params, grad, self.schedule(self.opt.t) * lr_scale)
         self.version += 1
         self.pushes += len(staleness)
         self.staleness.update(staleness)
@@ -204,6 +250,7 @@ class Shard:
     def _stats(self, header: dict) -> list:
         return self._ok(header, version=self.version, pushes=self.pushes, dropped=self.dropped,
                         staleness={str(k): v for k, v in sorted(self.staleness.items())},
+                        clock_gap={str(k): v for k, v in sorted(self.gaps.items())},
                         bytes_in=self.bytes_in, bytes_out=self.bytes_out,
                         lr=self.schedule(self.opt.t), live=sorted(self.live))
 
@@ -222,10 +269,6 @@ class Shard:
         if "lr_scale" in meta:                    # after every check: an error changes nothing
             self.schedule.scale = float(meta["lr_scale"])
         return self._ok(header)
-
-    def _released(self) -> list[Reply]:
-        """Sync: the replies a smaller live set lets go (its version may now be complete)."""
-        return self._complete() if self.cfg.mode == "sync" else []
 
     def _checkpoint(self, header: dict) -> list:
         if not self.cfg.checkpoint_dir:

@@ -243,3 +243,35 @@ def test_a_killed_server_is_replaced_from_its_checkpoint_and_the_run_goes_on(bac
     end = json.loads(metrics.read_text().splitlines()[-1])
     assert end["event"] == "end" and end["test_accuracy"] > 0.5
     assert not np.array_equal(saved, np.load(next(checkpoints.glob("piece-*.npz")))["params"])
+
+
+@pytest.mark.parametrize("staleness", [0, 1])
+def test_ssp_keeps_every_gradient_within_the_bound(downpour, tmp_path, staleness):
+    r = downpour("train", "--mode", "ssp", "--staleness", staleness, "--workers", 2, "--shards", 2,
+                 *SMALL, "--metrics", "m.jsonl")
+    assert r.returncode == 0, r.stderr
+    end = json.loads((tmp_path / "m.jsonl").read_text().splitlines()[-1])
+    gaps = {int(k): v for k, v in end["clock_gap_hist"].items()}
+    assert sum(gaps.values()) == 2 * 2 * 2 * (1000 // 50)    # pieces x workers x epochs x steps
+    assert end["clock_gap_max"] <= staleness and max(gaps) <= staleness
+
+
+def test_sync_backup_worker_drops_a_stragglers_gradients(downpour, tmp_path):
+    r = downpour("train", "--mode", "sync", "--workers", 2, "--backup", 1, "--slow-worker", "1:4",
+                 *SMALL, "--metrics", "m.jsonl")
+    assert r.returncode == 0, r.stderr
+    end = json.loads((tmp_path / "m.jsonl").read_text().splitlines()[-1])
+    assert end["updates"] == 2 * (2000 // 100) and end["dropped"] > 0
+
+
+@pytest.mark.slow
+def test_hogwild_two_processes_reach_94_percent_on_mnist(downpour, tmp_path, shared_mnist):
+    before = set(os.listdir("/dev/shm"))
+    r = downpour("train", "--mode", "hogwild", "--workers", 2, "--data-dir", shared_mnist,
+                 "--train-split", "t10k", "--test-split", "train-5k", "--hidden", "256,128",
+                 "--epochs", 15, "--eval-every", 5, "--progress", "none", "--metrics", "m.jsonl")
+    assert r.returncode == 0, r.stderr
+    end = json.loads((tmp_path / "m.jsonl").read_text().splitlines()[-1])
+    assert end["mode"] == "hogwild" and end["test_accuracy"] >= 0.94
+    assert end["samples"] == 2 * 15 * (5000 // 64) * 64
+    assert set(os.listdir("/dev/shm")) <= before              # shared memory released

@@ -34,7 +34,8 @@ from common.protocol import RemoteError
 from common.model import Model, ModelSpec
 from common.node import Heartbeat, register
 from common.optim import clip_by_global_norm, clip_by_value
-from common.training import open_datasets, worker_batches
+from common.training import (open_datasets, sync_batch, sync_versions, worker_batches,
+                             worker_steps)
 
 
 class Replica:
@@ -60,18 +61,23 @@ class Replica:
         xb = np.empty((cfg.batch_size, self.data.n_features), np.float32)   # (B, D)
         yb = np.empty(cfg.batch_size, np.int64)                              # (B,)
         self.progress["t_start"] = time.time()
-        version = self.client.pull(m.params)
+        self.version = version = self.client.pull(m.params)
         in_flight = False
-        for step, (_, idx) in enumerate(worker_batches(len(self.data), cfg, self.rank)):
+        slow_rank, slow_factor = cfg.slowdown
+        slowdown = slow_factor - 1.0 if slow_rank == self.rank else 0.0
+        for step, idx, last in self._batches():
             if heartbeat is not None:
                 if heartbeat.stop.is_set():
                     break
                 if heartbeat.lost.is_set():
                     raise ClusterError(f"worker-{self.rank}: the scheduler stopped answering")
                 self._follow(heartbeat.reply.get("servers"))
+            t0 = time.perf_counter()
             gather(self.data.x, idx, out=xb)
             gather(self.data.y, idx, out=yb)
             loss = m.loss_and_grad(xb, yb)
+            if slowdown:                    # a straggler, for experiments: FACTOR x the compute
+                time.sleep(slowdown * (time.perf_counter() - t0))
             if not math.isfinite(loss):
                 raise DownpourError(f"worker-{self.rank}: the training loss became {loss} at "
                                     f"step {step}; lower --lr or add --clip-norm")
@@ -83,7 +89,7 @@ class Replica:
             if acc is not None:
                 acc += m.grads
                 grad = acc
-            push = sync or (step + 1) % cfg.n_push == 0
+            push = sync or last or (step + 1) % cfg.n_push == 0
             fetch = sync or (step + 1) % cfg.n_fetch == 0
             computed_on = version
             if in_flight:                   # the previous push_pull: its weights arrive now
@@ -91,16 +97,17 @@ class Replica:
                 in_flight = False
             if push and fetch and overlap:
                 np.copyto(send, grad)
-                self.client.start("push_pull", send, computed_on)
+                self.client.start("push_pull", send, computed_on, last)
                 in_flight = True
             elif push and fetch:
-                version = self._exchange(self.client.push_pull, grad, computed_on, m.params)
+                version = self._exchange(self.client.push_pull, grad, computed_on, m.params, last)
             elif push:
-                self._exchange(self.client.push, grad, computed_on)
+                self._exchange(self.client.push, grad, computed_on, last)
             elif fetch:
                 version = self.client.pull(m.params)
             if push and acc is not None:
                 acc[:] = 0
+            self.version = version
             p = self.progress
             p["samples"] += len(idx)
             p["steps"] += 1
@@ -111,6 +118,24 @@ class Replica:
         self.client.wait_sent()
         self.progress["t_end"] = time.time()
         self.progress["done"] = True
+
+    def _batches(self):
+        """(step, sample indices, whether it is the last step) for this worker.
+
+        Sync mode follows the version the servers answered with (`self.version`):
+        each step computes this worker's slice of that version's global batch, so a
+        worker that was too late for a version (backup workers) skips to the next.
+        """
+        n, cfg = len(self.data), self.cfg
+        if cfg.mode == "sync":
+            total, step = sync_versions(n, cfg), 0
+            while self.version < total:
+                yield step, sync_batch(n, cfg, self.rank, self.version)[1], self.version == total - 1
+                step += 1
+            return
+        steps = worker_steps(n, cfg, self.rank)
+        for step, (_, idx) in enumerate(worker_batches(n, cfg, self.rank)):
+            yield step, idx, step == steps - 1
 
     def _exchange(self, verb, *args) -> int:
         """`verb(*args)`; if a server refuses the push because it is behind this worker

@@ -1,0 +1,140 @@
+"""PNG plots of runs and sweeps, with matplotlib (the optional `plot` extra).
+
+    sweep(rows, out)  throughput.png      samples/s against workers, one line per mode
+                      accuracy_time.png   test accuracy against wall time, per run
+                      accuracy_samples.png test accuracy against samples processed
+                      staleness.png       distribution of staleness per async-family run
+    curves(paths, out) accuracy against wall time and against samples for any metrics files
+
+matplotlib is imported only when a plot is drawn, with the Agg backend (no screen).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+MODES_ORDER = ("single", "sync", "async", "ssp", "hogwild")
+
+
+def available() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _read(path: Path) -> tuple[list[dict], dict]:
+    evals, end = [], {}
+    for line in Path(path).read_text().splitlines():
+        record = json.loads(line)
+        if record["event"] == "eval":
+            evals.append(record)
+        elif record["event"] == "end":
+            end = record
+    return evals, end
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
+def sweep(rows: list[dict], out: Path, target: float | None = None) -> list[Path]:
+    """The four plots of a sweep (rows as in results.csv, with `metrics` relative to `out`)."""
+    plt = _pyplot()
+    out = Path(out)
+    written = []
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    by_mode: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        by_mode[r["mode"]][int(r["workers"])].append(float(r["samples_per_s"]))
+    for mode in sorted(by_mode, key=lambda m: MODES_ORDER.index(m) if m in MODES_ORDER else 99):
+        ws = sorted(by_mode[mode])
+        means = [sum(by_mode[mode][w]) / len(by_mode[mode][w]) for w in ws]
+        if mode == "single":
+            ax.axhline(means[0], linestyle="--", color="gray", label="single process")
+        else:
+            ax.plot(ws, means, marker="o", label=mode)
+    ax.set(xlabel="workers", ylabel="samples / s", title="Throughput against workers")
+    ax.set_xticks(sorted({int(r["workers"]) for r in rows}))
+    ax.legend()
+    ax.grid(alpha=0.3)
+    written.append(_save(fig, out / "throughput.png"))
+
+    for x_key, x_label, name, title in (
+            ("elapsed_s", "wall time (s)", "accuracy_time.png", "Test accuracy against wall time"),
+            ("samples", "samples processed", "accuracy_samples.png",
+             "Test accuracy against samples processed")):
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        for r in rows:
+            if int(r["repeat"]) != 0:
+                continue
+            evals, _ = _read(out / r["metrics"])
+            label = r["mode"] if r["mode"] == "single" else f"{r['mode']} W={r['workers']}" + (
+                f" S={r['shards']}" if int(r["shards"]) > 0 else "")
+            ax.plot([e[x_key] for e in evals], [100 * e["test_accuracy"] for e in evals],
+                    marker=".", label=label)
+        if target:
+            ax.axhline(100 * target, linestyle=":", color="gray", label=f"target {100 * target:g}%")
+        ax.set(xlabel=x_label, ylabel="test accuracy (%)", title=title)
+        ax.legend(fontsize="small")
+        ax.grid(alpha=0.3)
+        written.append(_save(fig, out / name))
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    drawn = 0
+    for r in rows:
+        if int(r["repeat"]) != 0 or r["mode"] not in ("async", "ssp", "sync"):
+            continue
+        _, end = _read(out / r["metrics"])
+        hist = {int(k): v for k, v in (end.get("staleness_hist") or {}).items()}
+        if not hist:
+            continue
+        total = sum(hist.values())
+        xs = sorted(hist)
+        offset = (drawn % 6) * 0.12 - 0.3
+        ax.bar([x + offset for x in xs], [hist[x] / total for x in xs], width=0.12,
+               label=f"{r['mode']} W={r['workers']} S={r['shards']}")
+        drawn += 1
+    ax.set(xlabel="staleness (versions between pull and apply)", ylabel="fraction of pushes",
+           title="Staleness distribution")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    if drawn:
+        ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    written.append(_save(fig, out / "staleness.png"))
+    return written
+
+
+def curves(paths: list[Path], out: Path) -> Path:
+    """Accuracy against wall time and against samples for the runs in `paths`, side by side."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4))
+    for path in paths:
+        evals, end = _read(path)
+        if not evals:
+            continue
+        label = Path(path).stem + (f" ({end.get('mode')})" if end.get("mode") else "")
+        acc = [100 * e["test_accuracy"] for e in evals]
+        left.plot([e["elapsed_s"] for e in evals], acc, marker=".", label=label)
+        right.plot([e["samples"] for e in evals], acc, marker=".", label=label)
+    left.set(xlabel="wall time (s)", ylabel="test accuracy (%)", title="Accuracy against wall time")
+    right.set(xlabel="samples processed", ylabel="test accuracy (%)",
+              title="Accuracy against samples processed")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    return _save(fig, Path(out))

@@ -1,0 +1,156 @@
+"""The Dockerfile and docker-compose.yml, checked without a Docker engine.
+
+No engine runs on these machines, so the files are parsed, every service's command
+is checked to be a valid `downpour` invocation with a valid environment, and a
+cluster is run from exactly those commands and environments as local processes.
+The only substitutions are what Docker itself provides: the service name
+`scheduler` resolves to 127.0.0.1, each server replica gets a port of its own
+(containers each have their own address; local processes share one), and the
+volumes are directories under tmp_path.
+"""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from common import cli, config
+from conftest import ROOT
+
+yaml = pytest.importorskip("yaml")
+
+COMPOSE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "deploy" / "Dockerfile"
+
+
+@pytest.fixture(scope="module")
+def compose():
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def dockerfile_instructions():
+    """[(INSTRUCTION, argument text)] with continuation lines joined."""
+    text = re.sub(r"\\\n\s*", " ", DOCKERFILE.read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def substitute(value, variables):
+    """Docker Compose's ${VAR:-default} interpolation."""
+    def one(m):
+        name, default = m.group(1), m.group(3) or ""
+        return str(variables.get(name, default))
+    return re.sub(r"\$\{(\w+)(:-([^}]*))?\}", one, str(value))
+
+
+def service_env(service, variables):
+    return {k: substitute(v, variables) for k, v in (service.get("environment") or {}).items()}
+
+
+def test_dockerfile_is_one_slim_non_root_image_with_downpour_as_entrypoint():
+    instructions = dockerfile_instructions()
+    words = [w for w, _ in instructions]
+    base = dict(instructions)["FROM"]
+    assert base.startswith("python:3.11") and base.endswith("-slim")
+    assert "ENTRYPOINT" in words and json.loads(dict(instructions)["ENTRYPOINT"]) == ["downpour"]
+    users = [arg for w, arg in instructions if w == "USER"]
+    assert users and users[-1] not in ("root", "0")
+    assert words.index("USER") > max(i for i, w in enumerate(words) if w == "RUN")
+    copied = " ".join(arg for w, arg in instructions if w == "COPY")
+    for needed in ("pyproject.toml", "common", "ps", "worker"):
+        assert needed in copied
+    assert any("pip install ." in arg for w, arg in instructions if w == "RUN")
+
+
+def test_compose_services_scale_and_share_one_image(compose):
+    services = compose["services"]
+    assert set(services) == {"scheduler", "server", "worker"}
+    for name, service in services.items():
+        assert service["build"]["dockerfile"] == "deploy/Dockerfile", name
+        assert (ROOT / service["build"]["context"] / service["build"]["dockerfile"]).is_file()
+        assert "container_name" not in service, f"{name} could not be scaled"
+        assert "ports" not in service, f"{name}: host ports clash when scaled"
+    for name in ("scheduler", "server"):
+        assert services[name]["healthcheck"]["test"][0] == "CMD"
+    assert "checkpoints" in compose["volumes"]
+    assert any("/checkpoints" in v for v in services["server"]["volumes"])
+    assert any(v.endswith(":/runs") for v in services["scheduler"]["volumes"])
+    assert any(":/data" in v for v in services["worker"]["volumes"])
+
+
+@pytest.mark.parametrize("name", ["scheduler", "server", "worker"])
+def test_every_command_is_a_valid_downpour_invocation(compose, name):
+    service = compose["services"][name]
+    args = cli.parser().parse_args(service["command"])   # the entrypoint is `downpour`
+    assert args.command == name
+    env = service_env(service, {})
+    assert all(k.startswith(config.ENV_PREFIX) for k in env)
+    cfg = config.resolve(args, environ=env)              # every variable is a known setting
+    if name != "scheduler":
+        assert cfg.scheduler == "tcp://scheduler:5555"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_a_cluster_from_the_compose_commands_finishes_a_training_run(compose, tmp_path):
+    variables = {"WORKERS": 2, "SHARDS": 2, "EPOCHS": 1, "SYNTHETIC": 2000}
+    volumes = {"/runs": tmp_path / "runs", "/checkpoints": tmp_path / "checkpoints",
+               "/data": tmp_path / "data"}
+    for d in volumes.values():
+        d.mkdir()
+    port = free_port()
+
+    def localise(value):
+        value = value.replace("scheduler:5555", f"127.0.0.1:{port}").replace("*:5555", f"*:{port}")
+        for inside, outside in volumes.items():
+            if value.startswith(inside):
+                value = str(outside) + value[len(inside):]
+        return value
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith("DOWNPOUR_")}
+    base["PYTHONPATH"] = str(ROOT)
+    procs = []
+
+    def start(name):
+        service = compose["services"][name]
+        env = {k: localise(v) for k, v in service_env(service, variables).items()}
+        if name == "server":
+            env["DOWNPOUR_BIND"] = env["DOWNPOUR_BIND"].replace(":6000", f":{free_port()}")
+        p = subprocess.Popen([sys.executable, "-m", "common.cli", *service["command"]],
+                             env={**base, **env}, cwd=tmp_path, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        procs.append(p)
+        return p
+
+    try:
+        scheduler = start("scheduler")
+        nodes = [start("server") for _ in range(variables["SHARDS"])]
+        nodes += [start("worker") for _ in range(variables["WORKERS"])]
+        out, err = scheduler.communicate(timeout=180)
+        assert scheduler.returncode == 0, err
+        for node in nodes:
+            _, node_err = node.communicate(timeout=30)
+            assert node.returncode == 0, node_err
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=10)
+    lines = [json.loads(l) for l in (tmp_path / "runs" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["event"] == "end" and lines[-1]["workers"] == 2 and lines[-1]["shards"] == 2
+    assert (tmp_path / "runs" / "model.npz").is_file()
+    assert len(list((tmp_path / "checkpoints").glob("piece-*.npz"))) >= 2   # written on shutdown

@@ -1,0 +1,213 @@
+"""Hogwild! (Recht et al. 2011): W local processes update one weight vector without locks.
+
+No servers and no messages: the parameters, the optimizer's state and a table of
+progress counters live in shared memory. Each worker process takes its partition
+of the data (as an async worker does), computes a gradient on the weights as they
+are at that moment, and applies its optimizer step to the shared vector in place,
+racing with the others: an element may be read while another process writes it.
+Each process counts its own optimizer steps (Adam's bias correction); the moment
+estimates are shared. The parent process evaluates the shared weights every
+`eval_every` epochs and writes the same metrics as the other modes; it is a
+baseline for one machine, not a distributed mode.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import time
+from multiprocessing import shared_memory
+
+import numpy as np
+
+from common.checkpoint import save_model
+from common.config import Config
+from common.data import gather
+from common.errors import ClusterError, DownpourError
+from common.metrics import MetricsLog, Progress
+from common.model import Model, ModelSpec, initial_params
+from common.optim import clip_by_global_norm, clip_by_value, make_optimizer
+from common.schedules import parse_schedule
+from common.training import (EarlyStopping, check_cluster, model_spec, open_datasets,
+                             worker_batches, worker_steps)
+
+# the progress table: one float64 row per worker
+SAMPLES, STEPS, LOSS_SUM, LOSS_COUNT, DONE, STOP, T_START, T_END = range(8)
+COLUMNS = 8
+
+
+class Shared:
+    """Named shared-memory blocks holding float32 vectors or a float64 table."""
+
+    def __init__(self, names: dict[str, str] | None = None, sizes: dict[str, tuple] | None = None):
+        self.blocks: dict[str, shared_memory.SharedMemory] = {}
+        self.arrays: dict[str, np.ndarray] = {}
+        for key, (shape, dtype) in (sizes or {}).items():
+            nbytes = max(1, int(np.prod(shape)) * np.dtype(dtype).itemsize)
+            self.blocks[key] = shared_memory.SharedMemory(create=True, size=nbytes)
+            self.arrays[key] = np.ndarray(shape, dtype, self.blocks[key].buf)
+        for key, (name, shape, dtype) in (names or {}).items():
+            self.blocks[key] = shared_memory.SharedMemory(name=name)
+            self.arrays[key] = np.ndarray(shape, dtype, self.blocks[key].buf)
+
+    def describe(self) -> dict[str, tuple]:
+        """What another process needs to attach: {key: (name, shape, dtype)}."""
+        return {k: (self.blocks[k].name, a.shape, a.dtype.str) for k, a in self.arrays.items()}
+
+    def close(self, unlink: bool = False) -> None:
+        self.arrays.clear()
+        for block in self.blocks.values():
+            block.close()
+            if unlink:
+                block.unlink()
+        self.blocks.clear()
+
+
+def _work(cfg: Config, spec: ModelSpec, rank: int, blocks: dict[str, tuple]) -> None:
+    """One Hogwild! process: train on this rank's partition against the shared vector."""
+    shared = Shared(names=blocks)
+    try:
+        train_set, _, _ = open_datasets(cfg)
+        table = shared.arrays["progress"][rank]
+        model = Model(spec, seed=cfg.seed, stream=rank, params=shared.arrays["params"])
+        opt = make_optimizer(cfg.optimizer, **cfg.optimizer_kwargs())
+        opt.adopt_state([shared.arrays[f"state{i}"] for i in range(len(opt.state_names))],
+                        initialise=False)
+        schedule = parse_schedule(cfg.lr_schedule, cfg.lr)
+        xb = np.empty((cfg.batch_size, train_set.n_features), np.float32)
+        yb = np.empty(cfg.batch_size, np.int64)
+        slow_rank, factor = cfg.slowdown
+        table[T_START] = time.time()
+        for _, idx in worker_batches(len(train_set), cfg, rank):
+            if shared.arrays["progress"][:, STOP].any():
+                break
+            t0 = time.perf_counter()
+            gather(train_set.x, idx, out=xb)
+            gather(train_set.y, idx, out=yb)
+            loss = model.loss_and_grad(xb, yb)
+            if slow_rank == rank:
+                time.sleep((factor - 1.0) * (time.perf_counter() - t0))
+            if not math.isfinite(loss):
+                raise DownpourError(f"hogwild worker {rank}: the training loss became {loss}")
+            if cfg.clip_value:
+                clip_by_value(model.grads, cfg.clip_value)
+            if cfg.clip_norm:
+                clip_by_global_norm(model.grads, cfg.clip_norm)
+            opt.step(model.params, model.grads, schedule(opt.t) * float(shared.arrays["scale"][0]))
+            table[SAMPLES] += len(idx)
+            table[STEPS] += 1
+            table[LOSS_SUM] += loss
+            table[LOSS_COUNT] += 1
+        table[T_END] = time.time()
+    finally:
+        shared.arrays["progress"][rank, DONE] = 1
+        shared.close()
+
+
+def train(cfg: Config, progress: Progress | None = None, metrics: MetricsLog | None = None) -> dict:
+    """Run Hogwild! with cfg.workers processes; return the `end` record."""
+    check_cluster(cfg)
+    train_set, test_set, about = open_datasets(cfg)
+    spec = model_spec(cfg, train_set)
+    W = cfg.workers
+    probe = make_optimizer(cfg.optimizer, **cfg.optimizer_kwargs())    # validates early
+    size = initial_params(spec, cfg.seed).size
+    sizes = {"params": ((size,), np.float32), "progress": ((W, COLUMNS), np.float64),
+             "scale": ((1,), np.float64)}            # scale: reduce-on-plateau's factor
+    sizes.update({f"state{i}": ((size,), np.float32) for i in range(len(probe.state_names))})
+    shared = Shared(sizes=sizes)
+    model = Model(spec, seed=cfg.seed)
+    try:
+        shared.arrays["params"][:] = model.params
+        shared.arrays["progress"][:] = 0
+        shared.arrays["scale"][0] = 1.0
+        probe.adopt_state([shared.arrays[f"state{i}"] for i in range(len(probe.state_names))],
+                          initialise=True)
+        return _run(cfg, spec, model, shared, train_set, test_set, about, progress, metrics)
+    finally:
+        shared.close(unlink=True)
+
+
+def _run(cfg, spec, model, shared, train_set, test_set, about, progress, metrics) -> dict:
+    W, n = cfg.workers, len(train_set)
+    total = sum(worker_steps(n, cfg, r) for r in range(W)) * cfg.batch_size
+    progress = progress or Progress(total, cfg.progress)
+    metrics = metrics or MetricsLog(cfg.metrics)
+    schedule = parse_schedule(cfg.lr_schedule, cfg.lr)
+    stopper = EarlyStopping(cfg.patience)
+    progress.line(f"{about}; hogwild mode, {W} process(es) on one shared vector, model "
+                  f"{model.layout.size:,} parameters")
+    table = shared.arrays["progress"]
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_work, args=(cfg, spec, r, shared.describe()), daemon=True)
+             for r in range(W)]
+    eval_every = cfg.eval_every * n if cfg.eval_every > 0 else math.inf
+    next_eval, last, losses = eval_every, {}, (0.0, 0)
+    start = time.time()
+    for p in procs:
+        p.start()
+    try:
+        def evaluate() -> dict:
+            nonlocal losses
+            np.copyto(model.params, shared.arrays["params"])
+            if spec.batchnorm:
+                model.calibrate_batchnorm(train_set.x, cfg.batch_size)
+            test_loss, test_acc = model.evaluate(test_set.x, test_set.y)
+            loss_sum, loss_count = table[:, LOSS_SUM].sum(), table[:, LOSS_COUNT].sum()
+            s0, c0 = losses
+            losses = (loss_sum, loss_count)
+            samples = int(table[:, SAMPLES].sum())
+            record = metrics.write(
+                "eval", elapsed_s=round(time.time() - start, 3), epoch=round(samples / n, 4),
+                samples=samples, updates=int(table[:, STEPS].sum()),
+                train_loss=(loss_sum - s0) / (loss_count - c0) if loss_count > c0 else None,
+                test_loss=test_loss, test_accuracy=test_acc,
+                lr=schedule(0) * shared.arrays["scale"][0])
+            progress.line(f"epoch {record['epoch']:6.2f}  test loss {test_loss:.4f}  "
+                          f"test accuracy {100 * test_acc:.2f}%")
+            if schedule.observe(test_loss):
+                shared.arrays["scale"][0] = schedule.scale
+            if stopper.observe(test_loss):
+                table[:, STOP] = 1
+            return record
+
+        while not all(table[:, DONE]):
+            for r, p in enumerate(procs):
+                if not p.is_alive() and not table[r, DONE]:
+                    raise ClusterError(f"hogwild worker {r} died (exit {p.exitcode})")
+            samples = int(table[:, SAMPLES].sum())
+            progress.update(samples, f"{samples:,} samples")
+            if samples >= next_eval:
+                next_eval += eval_every
+                last = evaluate()
+            time.sleep(0.05)
+        ran = table[table[:, T_START] > 0]
+        train_time = (ran[:, T_END].max() - ran[:, T_START].min()) if len(ran) else time.time() - start
+        for p in procs:
+            p.join(timeout=10)
+            if p.exitcode not in (0, None):
+                raise ClusterError(f"a hogwild worker exited with status {p.exitcode}")
+        last = evaluate()
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=5)
+        progress.close()
+    samples, updates = int(table[:, SAMPLES].sum()), int(table[:, STEPS].sum())
+    end = metrics.write(
+        "end", mode="hogwild", workers=W, shards=0, elapsed_s=round(train_time, 3),
+        train_time_s=round(train_time, 3), epoch=round(samples / n, 4), samples=samples,
+        updates=updates, samples_per_s=samples / train_time, updates_per_s=updates / train_time,
+        train_loss=last["train_loss"], test_loss=last["test_loss"],
+        test_accuracy=last["test_accuracy"], stopped_early=bool(table[:, STOP].any()),
+        parameters=model.layout.size, data=about, bytes=0, bytes_per_s=0.0,
+        staleness_p50=None, staleness_p99=None, staleness_max=None)
+    metrics.close()
+    if cfg.save:
+        save_model(cfg.save, model.params, model.layout, model.buffers, model.buffer_layout,
+                   spec=spec.to_dict(), seed=cfg.seed, updates=updates)
+    progress.line(f"done: {samples:,} samples in {train_time:.1f} s ({end['samples_per_s']:,.0f} "
+                  f"samples/s), test accuracy {100 * end['test_accuracy']:.2f}%"
+                  + (f"; saved {cfg.save}" if cfg.save else ""))
+    return end
