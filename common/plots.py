@@ -11,6 +11,7 @@ matplotlib is imported only when a plot is drawn, with the Agg backend (no scree
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -19,11 +20,7 @@ MODES_ORDER = ("single", "sync", "async", "ssp", "hogwild")
 
 
 def available() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def _pyplot():

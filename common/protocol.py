@@ -26,10 +26,12 @@ Header fields (every message has v, op, node, seq):
 Operations to a shard server (replies carry clock):
 
     pull        -> ok + payload: the shard's parameters
-    push        payload: a gradient for the shard -> ok (applied, or held until the
-                synchronous version completes)
+    push        payload: a gradient for the shard; meta: last (true on a worker's
+                final push) -> ok (applied; in sync mode held until the version
+                completes, in ssp mode held while the worker is too far ahead)
     push_pull   push, then the parameters after it in the same reply
-    stats       -> ok, meta: version, pushes, dropped, staleness histogram, bytes
+    stats       -> ok, meta: version, pushes, dropped, staleness and clock_gap
+                histograms, bytes_in and bytes_out (payload bytes), lr, live
     control     meta: lr_scale (float) and/or live (list of worker ranks) -> ok
     checkpoint  -> ok, meta: path of the checkpoint written
     shutdown    -> ok; the server checkpoints if it has a directory, then exits

@@ -29,13 +29,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import zmq
 
 from common import config, protocol
 from common.client import ShardClient, make_socket
 from common.config import Config
-from common.errors import ClusterError, ConfigError, ProtocolError
+from common.errors import ClusterError, ProtocolError
 from common.fileio import atomic_write
 from common.metrics import MetricsLog, Progress
 from common.model import Model

@@ -6,11 +6,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from common import protocol
 from common.config import Config
 from common.errors import ConfigError
 from common.training import check_cluster
-from test_server import LR, SPEC, answer, grads, make_shard, request, stats
+from test_server import LR, answer, grads, make_shard, request, stats
 
 SSP = Config(mode="ssp", workers=3, shards=1, optimizer="sgd", lr=0.1)
 
