@@ -204,12 +204,15 @@ class Scheduler:
         self.progress.line(f"epoch {record['epoch']:6.2f}  updates {version:6d}  test loss "
                            f"{test_loss:.4f}  test accuracy {100 * test_acc:.2f}%  staleness p99 "
                            f"{record['staleness_p99']:g}")
-        if self.schedule.observe(test_loss):
-            self.client.call_all("control", {"lr_scale": self.schedule.scale})
-            self.progress.line(f"reduce-on-plateau: learning rate x{self.schedule.scale:g}")
-        stop = self.stopper.observe(test_loss)
-        if stop:
-            self.progress.line(f"early stop: no lower held-out loss in {self.cfg.patience} evaluations")
+        stop = False
+        if not self.stopping:                # once stopping, the rest is winding down
+            if self.schedule.observe(test_loss):
+                self.client.call_all("control", {"lr_scale": self.schedule.scale})
+                self.progress.line(f"reduce-on-plateau: learning rate x{self.schedule.scale:g}")
+            stop = self.stopper.observe(test_loss)
+            if stop:
+                self.progress.line(f"early stop: no lower held-out loss in {self.cfg.patience} "
+                                   "evaluations; telling the workers")
         return {**record, "stop": stop}
 
     def _checkpoint(self) -> None:

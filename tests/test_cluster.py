@@ -275,3 +275,20 @@ def test_hogwild_two_processes_reach_94_percent_on_mnist(downpour, tmp_path, sha
     assert end["mode"] == "hogwild" and end["test_accuracy"] >= 0.94
     assert end["samples"] == 2 * 15 * (5000 // 64) * 64
     assert set(os.listdir("/dev/shm")) <= before              # shared memory released
+
+
+def test_early_stopping_and_plateau_reach_a_cluster(downpour, tmp_path):
+    """The scheduler feeds the held-out loss to reduce-on-plateau (servers get the new
+    scale) and to early stopping (workers stop)."""
+    r = downpour("train", "--mode", "async", "--workers", 2, "--synthetic", 4000, "--hidden", 16,
+                 "--epochs", 40, "--batch-size", 50, "--optimizer", "sgd", "--lr", "1e-9",
+                 "--lr-schedule", "plateau:factor=0.5,patience=1", "--patience", 3,
+                 "--eval-every", 0.5, "--heartbeat-s", 0.05, "--progress", "lines",
+                 "--metrics", "m.jsonl")
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(l) for l in (tmp_path / "m.jsonl").read_text().splitlines()]
+    end, evals = lines[-1], [l for l in lines if l["event"] == "eval"]
+    assert end["stopped_early"] and end["samples"] < 40 * (4000 // 100) * 100   # not all epochs
+    assert r.stderr.count("early stop") == 1
+    lrs = [e["lr"] for e in evals]
+    assert lrs[0] == pytest.approx(1e-9) and min(lrs) < lrs[0]
