@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import subprocess
 import sys
@@ -33,7 +32,7 @@ from common import config
 from common.config import Config
 from common.errors import ConfigError, DownpourError
 from common.fileio import atomic_write
-from common.metrics import Progress
+from common.metrics import Progress, read_metrics
 
 COLUMNS = ("mode", "workers", "shards", "batch_size", "repeat", "seed", "samples_per_s",
            "updates_per_s", "time_to_target_s", "final_accuracy", "best_accuracy",
@@ -50,18 +49,6 @@ def plan(modes: list[str], workers: list[int], shards: list[int], repeats: int) 
                 for r in range(repeats):
                     runs.append({"mode": mode, "workers": w, "shards": s, "repeat": r})
     return runs
-
-
-def read_metrics(path: Path) -> tuple[list[dict], dict | None]:
-    """(eval lines, end line or None) of a metrics file."""
-    evals, end = [], None
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
-        if record["event"] == "eval":
-            evals.append(record)
-        elif record["event"] == "end":
-            end = record
-    return evals, end
 
 
 def row(run: dict, cfg: Config, path: Path, target: float) -> dict[str, Any]:

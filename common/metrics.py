@@ -50,6 +50,19 @@ class MetricsLog:
         self.close()
 
 
+def read_metrics(path) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """(eval lines, end line or None) of a metrics file."""
+    evals, end = [], None
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            record = json.loads(line)
+            if record["event"] == "eval":
+                evals.append(record)
+            elif record["event"] == "end":
+                end = record
+    return evals, end
+
+
 class Progress:
     """A one-line bar redrawn in place on a terminal, or plain lines elsewhere.
 

@@ -12,9 +12,10 @@ matplotlib is imported only when a plot is drawn, with the Agg backend (no scree
 from __future__ import annotations
 
 import importlib.util
-import json
 from collections import defaultdict
 from pathlib import Path
+
+from common.metrics import read_metrics
 
 MODES_ORDER = ("single", "sync", "async", "ssp", "hogwild")
 
@@ -28,17 +29,6 @@ def _pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
-
-
-def _read(path: Path) -> tuple[list[dict], dict]:
-    evals, end = [], {}
-    for line in Path(path).read_text().splitlines():
-        record = json.loads(line)
-        if record["event"] == "eval":
-            evals.append(record)
-        elif record["event"] == "end":
-            end = record
-    return evals, end
 
 
 def _save(fig, path: Path) -> Path:
@@ -79,7 +69,7 @@ def sweep(rows: list[dict], out: Path, target: float | None = None) -> list[Path
         for r in rows:
             if int(r["repeat"]) != 0:
                 continue
-            evals, _ = _read(out / r["metrics"])
+            evals, _ = read_metrics(out / r["metrics"])
             label = r["mode"] if r["mode"] == "single" else f"{r['mode']} W={r['workers']}" + (
                 f" S={r['shards']}" if int(r["shards"]) > 0 else "")
             ax.plot([e[x_key] for e in evals], [100 * e["test_accuracy"] for e in evals],
@@ -96,7 +86,7 @@ def sweep(rows: list[dict], out: Path, target: float | None = None) -> list[Path
     for r in rows:
         if int(r["repeat"]) != 0 or r["mode"] not in ("async", "ssp", "sync"):
             continue
-        _, end = _read(out / r["metrics"])
+        end = read_metrics(out / r["metrics"])[1] or {}
         hist = {int(k): v for k, v in (end.get("staleness_hist") or {}).items()}
         if not hist:
             continue
@@ -121,7 +111,8 @@ def curves(paths: list[Path], out: Path) -> Path:
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4))
     for path in paths:
-        evals, end = _read(path)
+        evals, end = read_metrics(path)
+        end = end or {}
         if not evals:
             continue
         label = Path(path).stem + (f" ({end.get('mode')})" if end.get("mode") else "")

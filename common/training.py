@@ -10,14 +10,16 @@ import math
 from dataclasses import dataclass
 
 from common.config import Config
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
+from common.checkpoint import save_model
 from common.data import (Dataset, batch_indices, default_data_dir, epoch_permutation, has_mnist,
                          load_mnist, partition, steps_per_epoch, synthetic_dataset)
 from common.errors import ConfigError, DataError
-from common.model import ModelSpec
+from common.metrics import MetricsLog, Progress
+from common.model import Model, ModelSpec
 
 SYNTHETIC_DEFAULT = 10_000       # training samples when no MNIST is found
 
@@ -131,6 +133,23 @@ def worker_steps(n: int, cfg: Config, rank: int) -> int:
     if cfg.mode == "sync":
         return sync_versions(n, cfg)
     return cfg.epochs * steps_per_epoch(len(partition(n, replicas(cfg), rank)), cfg.batch_size)
+
+
+def finish(cfg: Config, model: Model, metrics: MetricsLog, progress: Progress,
+           **end_fields: Any) -> dict[str, Any]:
+    """The end of every run: the `end` metrics line, the saved model, the summary line."""
+    end = metrics.write("end", **end_fields)
+    metrics.close()
+    if cfg.save:
+        save_model(cfg.save, model.params, model.layout, model.buffers, model.buffer_layout,
+                   spec=model.spec.to_dict(), seed=cfg.seed, updates=end["updates"])
+    staleness = (f", staleness p50/p99/max {end['staleness_p50']:g}/{end['staleness_p99']:g}/"
+                 f"{end['staleness_max']:g}" if end.get("staleness_max") is not None else "")
+    progress.line(f"done: {end['samples']:,} samples in {end['train_time_s']:.1f} s of training "
+                  f"({end['samples_per_s']:,.0f} samples/s, {end['updates_per_s']:,.1f} updates/s), "
+                  f"test accuracy {100 * end['test_accuracy']:.2f}%{staleness}"
+                  + (f"; saved {cfg.save}" if cfg.save else ""))
+    return end
 
 
 @dataclass

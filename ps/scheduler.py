@@ -38,9 +38,8 @@ from common.errors import ClusterError, ProtocolError
 from common.fileio import atomic_write
 from common.metrics import MetricsLog, Progress
 from common.model import Model
-from common.checkpoint import save_model
 from common.schedules import parse_schedule
-from common.training import (EarlyStopping, check_cluster, model_spec, open_datasets,
+from common.training import (EarlyStopping, check_cluster, finish, model_spec, open_datasets,
                              worker_steps)
 
 
@@ -160,25 +159,15 @@ class Scheduler:
         last = self._evaluate()
         stats = self.client.call_all("stats")
         samples = self._samples()
-        end = self.metrics.write(
-            "end", mode=cfg.mode, workers=cfg.workers, shards=cfg.shards,
-            elapsed_s=round(time.monotonic() - self.start, 3), train_time_s=round(train_time, 3),
-            epoch=round(samples / n, 4), samples=samples, updates=last["updates"],
-            samples_per_s=samples / train_time,
+        return finish(
+            cfg, self.model, self.metrics, self.progress, mode=cfg.mode, workers=cfg.workers,
+            shards=cfg.shards, elapsed_s=round(time.monotonic() - self.start, 3),
+            train_time_s=round(train_time, 3), epoch=round(samples / n, 4), samples=samples,
+            updates=last["updates"], samples_per_s=samples / train_time,
             train_loss=last["train_loss"], test_loss=last["test_loss"],
             test_accuracy=last["test_accuracy"], stopped_early=self.stopping,
             dead_workers=sorted(r for r, w in self.workers.items() if w.dead),
             parameters=self.model.layout.size, data=self.about, **self._figures(stats, train_time))
-        if cfg.save:
-            save_model(cfg.save, self.model.params, self.model.layout, self.model.buffers,
-                       self.model.buffer_layout, spec=self.spec.to_dict(), seed=cfg.seed,
-                       updates=last["updates"])
-        self.progress.line(
-            f"done: {samples:,} samples in {train_time:.1f} s ({end['samples_per_s']:,.0f} "
-            f"samples/s, {end['updates_per_s']:,.1f} updates/s), test accuracy "
-            f"{100 * end['test_accuracy']:.2f}%, staleness p50/p99/max {end['staleness_p50']:g}/"
-            f"{end['staleness_p99']:g}/{end['staleness_max']:g}" + (f"; saved {cfg.save}" if cfg.save else ""))
-        return end
 
     # -- evaluation ------------------------------------------------------------------------
     def _evaluate(self) -> dict[str, Any]:

@@ -20,7 +20,6 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
-from common.checkpoint import save_model
 from common.config import Config
 from common.data import gather
 from common.errors import ClusterError, DownpourError
@@ -28,7 +27,7 @@ from common.metrics import MetricsLog, Progress
 from common.model import Model, ModelSpec, initial_params
 from common.optim import clip_by_global_norm, clip_by_value, make_optimizer
 from common.schedules import parse_schedule
-from common.training import (EarlyStopping, check_cluster, model_spec, open_datasets,
+from common.training import (EarlyStopping, check_cluster, finish, model_spec, open_datasets,
                              worker_batches, worker_steps)
 
 # the progress table: one float64 row per worker
@@ -195,19 +194,12 @@ def _run(cfg, spec, model, shared, train_set, test_set, about, progress, metrics
                 p.join(timeout=5)
         progress.close()
     samples, updates = int(table[:, SAMPLES].sum()), int(table[:, STEPS].sum())
-    end = metrics.write(
-        "end", mode="hogwild", workers=W, shards=0, elapsed_s=round(train_time, 3),
-        train_time_s=round(train_time, 3), epoch=round(samples / n, 4), samples=samples,
-        updates=updates, samples_per_s=samples / train_time, updates_per_s=updates / train_time,
+    return finish(
+        cfg, model, metrics, progress, mode="hogwild", workers=W, shards=0,
+        elapsed_s=round(train_time, 3), train_time_s=round(train_time, 3),
+        epoch=round(samples / n, 4), samples=samples, updates=updates,
+        samples_per_s=samples / train_time, updates_per_s=updates / train_time,
         train_loss=last["train_loss"], test_loss=last["test_loss"],
         test_accuracy=last["test_accuracy"], stopped_early=bool(table[:, STOP].any()),
         parameters=model.layout.size, data=about, bytes=0, bytes_per_s=0.0,
         staleness_p50=None, staleness_p99=None, staleness_max=None)
-    metrics.close()
-    if cfg.save:
-        save_model(cfg.save, model.params, model.layout, model.buffers, model.buffer_layout,
-                   spec=spec.to_dict(), seed=cfg.seed, updates=updates)
-    progress.line(f"done: {samples:,} samples in {train_time:.1f} s ({end['samples_per_s']:,.0f} "
-                  f"samples/s), test accuracy {100 * end['test_accuracy']:.2f}%"
-                  + (f"; saved {cfg.save}" if cfg.save else ""))
-    return end

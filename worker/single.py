@@ -20,7 +20,6 @@ import time
 
 import numpy as np
 
-from common.checkpoint import save_model
 from common.config import Config
 from common.data import gather, steps_per_epoch
 from common.errors import ConfigError, DownpourError
@@ -28,7 +27,7 @@ from common.metrics import MetricsLog, Progress
 from common.model import Model
 from common.optim import clip_by_global_norm, clip_by_value, make_optimizer
 from common.schedules import parse_schedule
-from common.training import EarlyStopping, model_spec, open_datasets, worker_batches
+from common.training import EarlyStopping, finish, model_spec, open_datasets, worker_batches
 
 
 def train(cfg: Config, progress: Progress | None = None, metrics: MetricsLog | None = None) -> dict:
@@ -96,18 +95,11 @@ def train(cfg: Config, progress: Progress | None = None, metrics: MetricsLog | N
     progress.close()
 
     samples = step * cfg.batch_size
-    end = metrics.write(
-        "end", mode="single", workers=1, shards=0, elapsed_s=round(elapsed, 3),
-        train_time_s=round(train_time, 3), epoch=round(step / steps, 4), samples=samples,
-        updates=step, samples_per_s=samples / train_time, updates_per_s=step / train_time,
+    return finish(
+        cfg, model, metrics, progress, mode="single", workers=1, shards=0,
+        elapsed_s=round(elapsed, 3), train_time_s=round(train_time, 3),
+        epoch=round(step / steps, 4), samples=samples, updates=step,
+        samples_per_s=samples / train_time, updates_per_s=step / train_time,
         train_loss=last.get("train_loss"), test_loss=last.get("test_loss"),
         test_accuracy=last.get("test_accuracy"), stopped_early=stopped_early,
         parameters=model.layout.size, data=about)
-    metrics.close()
-    if cfg.save:
-        save_model(cfg.save, model.params, model.layout, model.buffers, model.buffer_layout,
-                   spec=spec.to_dict(), seed=cfg.seed, updates=step)
-    progress.line(f"done: {samples:,} samples in {train_time:.1f} s of training "
-                  f"({end['samples_per_s']:,.0f} samples/s), test accuracy "
-                  f"{100 * end['test_accuracy']:.2f}%" + (f"; saved {cfg.save}" if cfg.save else ""))
-    return end
