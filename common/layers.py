@@ -86,17 +86,25 @@ class Dense(Layer):
 
 
 class ReLU(Layer):
-    """y = max(x, 0); dx = dy where y > 0, else 0."""
+    """y = max(x, 0); dx = dy where y > 0, else 0.
+
+    With `inplace` (set by the model builder when nothing else reads them) the
+    output overwrites x and dx overwrites dy, saving two passes over memory.
+    """
 
     kind = "relu"
 
+    def __init__(self, inplace: bool = False):
+        self.inplace = inplace
+
     def forward(self, x, train=False):
-        self._y = np.maximum(x, 0, out=self._buf("y", x.shape, x.dtype))
+        out = x if self.inplace else self._buf("y", x.shape, x.dtype)
+        self._y = np.maximum(x, 0, out=out)
         return self._y
 
     def backward(self, dy):
         mask = np.greater(self._y, 0, out=self._buf("mask", dy.shape, np.bool_))
-        return np.multiply(dy, mask, out=self._buf("dx", dy.shape, dy.dtype))
+        return np.multiply(dy, mask, out=dy if self.inplace else self._buf("dx", dy.shape, dy.dtype))
 
 
 class LeakyReLU(Layer):

@@ -27,7 +27,7 @@ import numpy as np
 
 from common.errors import ConfigError
 from common.initializers import DEFAULT_FOR_ACTIVATION, INITIALIZERS, initial_vector
-from common.layers import ACTIVATIONS, BatchNorm, Dense, Dropout, Layer, LeakyReLU
+from common.layers import ACTIVATIONS, BatchNorm, Dense, Dropout, Layer, LeakyReLU, ReLU
 from common.layout import Layout
 from common.losses import LOSSES, make_loss
 
@@ -97,7 +97,12 @@ def build_layers(spec: ModelSpec, seed: int = 0, stream: int = 0) -> list[Layer]
         if spec.batchnorm:
             layers.append(BatchNorm(h))
         act = ACTIVATIONS[spec.activation]
-        layers.append(act(spec.leaky_slope) if act is LeakyReLU else act())
+        if act is LeakyReLU:
+            layers.append(act(spec.leaky_slope))
+        elif act is ReLU:                     # its input and its dy are scratch nobody rereads
+            layers.append(act(inplace=True))
+        else:
+            layers.append(act())
         if spec.dropout > 0:
             rng = np.random.default_rng([seed, stream, len(layers)])
             layers.append(Dropout(spec.dropout, rng))
