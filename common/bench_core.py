@@ -129,13 +129,10 @@ def table(r: dict) -> str:
 
 
 def main(args) -> int:
-    from common.errors import ConfigError
-    try:
-        batches = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
-    except ValueError:
-        raise ConfigError(f"--batch-sizes: expected integers like 128,512, got {args.batch_sizes!r}") from None
-    if not batches or min(batches) < 1 or args.repeats < 1 or args.adam_size < 1:
-        raise ConfigError("--batch-sizes, --repeats and --adam-size must be positive")
+    from common.config import ConfigError, parse_list
+    batches = parse_list(args.batch_sizes, "batch-sizes")
+    if args.repeats < 1 or args.adam_size < 1:
+        raise ConfigError("--repeats and --adam-size must be positive")
     r = run(batches, args.repeats, args.adam_size, args.threads, use_torch=not args.no_torch)
     print(json.dumps(r) if args.json else table(r))
     return 0

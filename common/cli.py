@@ -73,10 +73,10 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _experiment(args: argparse.Namespace) -> int:
     from pathlib import Path
-    from common.experiment import parse_list, run_sweep
-    modes = parse_list(args.modes, "modes", str, config.FIELDS["mode"].metadata["choices"])
-    workers = parse_list(args.workers, "workers")
-    shards = parse_list(args.shards, "shards")
+    from common.experiment import run_sweep
+    modes = config.parse_list(args.modes, "modes", str, config.FIELDS["mode"].metadata["choices"])
+    workers = config.parse_list(args.workers, "workers")
+    shards = config.parse_list(args.shards, "shards")
     if args.repeats < 1 or not 0 < args.target <= 1:
         raise config.ConfigError("--repeats must be >= 1 and --target in (0, 1]")
     settings = {k: v for k, v in vars(args).items() if k not in ("workers", "shards")}

@@ -289,6 +289,19 @@ def add_arguments(parser: argparse.ArgumentParser, names: Iterable[str],
                                      metavar=f.name.upper())
 
 
+def parse_list(text: str, what: str, cast=int, choices=None) -> list:
+    """The comma-separated values of flag --`what`: positive integers, or names from `choices`."""
+    try:
+        items = [cast(t.strip()) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ConfigError(f"--{what}: expected a comma-separated list, got {text!r}") from None
+    if not items or (choices and any(i not in choices for i in items)) or \
+            (cast is int and min(items) < 1):
+        raise ConfigError(f"--{what}={text!r}: expected " + (
+            f"names from {', '.join(choices)}" if choices else "positive integers, e.g. 1,2,4"))
+    return items
+
+
 def to_args(cfg: Config) -> list[str]:
     """Flags that reproduce `cfg` (its non-default settings, `config` excepted)."""
     args = []

@@ -30,7 +30,7 @@ from typing import Any
 
 from common import config
 from common.config import Config
-from common.errors import ConfigError, DownpourError
+from common.errors import DownpourError
 from common.fileio import atomic_write
 from common.metrics import Progress, read_metrics
 
@@ -110,15 +110,3 @@ def run_sweep(cfg: Config, modes: list[str], workers: list[int], shards: list[in
         for path in plots.sweep(rows, out, target):
             progress.line(f"wrote {path}")
     return rows
-
-
-def parse_list(text: str, what: str, cast=int, choices=None) -> list:
-    try:
-        items = [cast(t.strip()) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise ConfigError(f"--{what}: expected a comma-separated list, got {text!r}") from None
-    if not items or (choices and any(i not in choices for i in items)) or \
-            (cast is int and min(items) < 1):
-        raise ConfigError(f"--{what}={text!r}: expected " + (
-            f"names from {', '.join(choices)}" if choices else "positive integers, e.g. 1,2,4"))
-    return items

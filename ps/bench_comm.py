@@ -29,7 +29,7 @@ import numpy as np
 import zmq
 
 from common.client import ShardClient, make_socket
-from common.config import Config
+from common.config import Config, parse_list
 from common.errors import ConfigError
 from common.model import ModelSpec, model_layout
 from common.timing import interleaved
@@ -153,12 +153,9 @@ def table(rows: list[dict]) -> str:
 
 
 def main(args) -> int:
-    try:
-        shard_counts = [int(s) for s in args.shards.split(",") if s.strip()]
-    except ValueError:
-        raise ConfigError(f"--shards: expected integers like 1,2,4, got {args.shards!r}") from None
-    if not shard_counts or min(shard_counts) < 1 or args.repeats < 1:
-        raise ConfigError("--shards and --repeats must be positive")
+    shard_counts = parse_list(args.shards, "shards")
+    if args.repeats < 1:
+        raise ConfigError("--repeats must be positive")
     vectors = [VECTORS[v] for v in VECTORS if not args.vectors or v.split()[0] in args.vectors]
     rows = [measure(spec, s, args.transport, args.repeats, args.piece_kib)
             for spec in vectors for s in shard_counts]

@@ -157,7 +157,7 @@ class Scheduler:
         train_time = (max(p.get("t_end") or time.time() for p in ran) - min(p["t_start"] for p in ran)
                       if ran else time.monotonic() - self.start)
         last = self._evaluate()
-        stats = self.client.call_all("stats")
+        stats = self._stats
         samples = self._samples()
         return finish(
             cfg, self.model, self.metrics, self.progress, mode=cfg.mode, workers=cfg.workers,
@@ -177,7 +177,7 @@ class Scheduler:
         if self.spec.batchnorm:
             m.calibrate_batchnorm(self.train.x, self.cfg.batch_size)
         test_loss, test_acc = m.evaluate(self.test.x, self.test.y)
-        stats = self.client.call_all("stats")
+        stats = self._stats = self.client.call_all("stats")
         elapsed = time.monotonic() - self.start
         loss_sum = sum(w.progress.get("loss_sum", 0.0) for w in self.workers.values())
         loss_count = sum(w.progress.get("loss_count", 0) for w in self.workers.values())
