@@ -79,6 +79,10 @@ class Config:
                                "optim", low=0.0)
     # -- training loop --------------------------------------------------------------------
     batch_size: int = setting(64, "mini-batch size per replica", "train", low=1)
+    micro_batches: int = setting(1, "take each batch's gradient as the mean over this many "
+                                 "equal micro-batches (gradient accumulation), summed as a sync "
+                                 "server sums its workers' pushes: single mode with k equals sync "
+                                 "with k workers at batch_size/k, bit for bit", "train", low=1)
     epochs: int = setting(5, "passes over the training data", "train", low=1)
     eval_every: float = setting(1.0, "evaluate on the held-out split every this many epochs",
                                 "train", low=0.0)
@@ -143,6 +147,9 @@ class Config:
                 raise ConfigError(f"{f.name} must be >= {low}, got {value}")
             if choices and value not in choices:
                 raise ConfigError(f"{f.name} must be one of {', '.join(choices)}, got {value!r}")
+        if self.batch_size % self.micro_batches:
+            raise ConfigError(f"micro_batches={self.micro_batches} must divide batch_size="
+                              f"{self.batch_size}")
 
     @property
     def slowdown(self) -> tuple[int, float]:

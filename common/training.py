@@ -20,6 +20,7 @@ from common.data import (Dataset, batch_indices, default_data_dir, epoch_permuta
 from common.errors import ConfigError, DataError
 from common.metrics import MetricsLog, Progress
 from common.model import Model, ModelSpec
+from common.optim import clip_by_global_norm, clip_by_value
 
 SYNTHETIC_DEFAULT = 10_000       # training samples when no MNIST is found
 
@@ -133,6 +134,46 @@ def worker_steps(n: int, cfg: Config, rank: int) -> int:
     if cfg.mode == "sync":
         return sync_versions(n, cfg)
     return cfg.epochs * steps_per_epoch(len(partition(n, replicas(cfg), rank)), cfg.batch_size)
+
+
+def batch_gradient(model: Model, x: np.ndarray, y: np.ndarray, cfg: Config,
+                   acc: np.ndarray | None = None) -> float:
+    """The mean loss of batch (x, y); `model.grads` then holds its gradient, clipped as `cfg` says.
+
+    With cfg.micro_batches = k > 1 the batch is k equal micro-batches in row order,
+    each a gradient of its own (clipped, as a worker clips before it pushes) summed
+    in order into `acc` (a scratch vector like model.grads) and scaled by 1/k in the
+    parameters' dtype: the very operations of a sync server averaging k workers'
+    pushes (ps/shard.py Shard._complete). So one process with k micro-batches of b
+    makes, bit for bit, the updates of a sync run with k workers at batch b, which
+    a plain batch of k*b does only up to rounding: the rows of a matrix product come
+    out differently rounded in blocks of b than in one block of k*b, and Adam's first
+    step (slope up to lr/eps where a gradient is near 0) or a ReLU whose input is
+    near 0 can grow a last-bit difference to 1e-5 and beyond.
+    """
+    k = cfg.micro_batches
+    if k == 1:
+        loss = model.loss_and_grad(x, y)
+        _clip(model.grads, cfg)
+        return loss
+    b, loss = len(x) // k, 0.0
+    for i in range(k):
+        loss += model.loss_and_grad(x[i * b:(i + 1) * b], y[i * b:(i + 1) * b])
+        _clip(model.grads, cfg)
+        if i == 0:
+            np.copyto(acc, model.grads)
+        else:
+            acc += model.grads
+    acc *= acc.dtype.type(1.0 / k)
+    np.copyto(model.grads, acc)
+    return loss / k
+
+
+def _clip(grads: np.ndarray, cfg: Config) -> None:
+    if cfg.clip_value:
+        clip_by_value(grads, cfg.clip_value)
+    if cfg.clip_norm:
+        clip_by_global_norm(grads, cfg.clip_norm)
 
 
 def finish(cfg: Config, model: Model, metrics: MetricsLog, progress: Progress,

@@ -101,27 +101,24 @@ def test_async_with_one_worker_is_exactly_single_process_sgd(downpour, tmp_path,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam"])
+@pytest.mark.parametrize("optimizer", ["adam", "sgd", "momentum"])
 def test_sync_equals_single_process_with_the_global_batch(downpour, tmp_path, shared_mnist,
                                                           optimizer):
-    """W=2 workers at batch 32 = one process at batch 64, for S = 1, 2, 3 (one MNIST epoch)."""
+    """W=2 workers at batch 32 = one process at batch 64 taken as 2 micro-batches, bit for
+    bit, for S = 1, 2, 3 (one MNIST epoch). A plain batch of 64 agrees only up to
+    rounding grown by Adam's first step and by ReLU flips (common.training.batch_gradient)."""
     data = ["--data-dir", shared_mnist, "--train-split", "t10k", "--test-split", "train-5k",
             "--hidden", "256,128", "--epochs", "1", "--optimizer", optimizer, "--progress", "none",
             "--eval-every", "0", "--lr", "0.05" if optimizer != "adam" else "0.001"]
-    r = downpour("train", "--mode", "single", "--batch-size", 64, *data, "--save", "single.npz")
+    r = downpour("train", "--mode", "single", "--batch-size", 64, "--micro-batches", 2, *data,
+                 "--save", "single.npz")
     assert r.returncode == 0, r.stderr
     single = params(tmp_path / "single.npz")
     for shards in (1, 2, 3):
         r = downpour("train", "--mode", "sync", "--workers", 2, "--shards", shards,
                      "--batch-size", 32, *data, "--save", f"sync{shards}.npz")
         assert r.returncode == 0, r.stderr
-        diff = np.abs(params(tmp_path / f"sync{shards}.npz") - single)
-        if optimizer == "adam":
-            # Adam divides by sqrt(v) + 1e-8: an element whose gradient is all but zero
-            # turns a last-bit difference in the summation order into a visible step.
-            assert np.mean(diff <= 1e-6) >= 0.9999 and diff.max() <= 1e-4
-        else:
-            assert diff.max() <= 1e-5
+        assert np.array_equal(params(tmp_path / f"sync{shards}.npz"), single)
 
 
 @pytest.mark.slow
@@ -259,11 +256,12 @@ def test_ssp_keeps_every_gradient_within_the_bound(downpour, tmp_path, staleness
 def test_sync_backup_worker_drops_a_stragglers_gradients(downpour, tmp_path):
     """A worker 30 times slower than the other: with one backup, versions go on without it
     and its late gradients are dropped (the exact count depends on timing, not the rule)."""
+    # 6 epochs: long enough that the straggler has joined before the other has finished
     r = downpour("train", "--mode", "sync", "--workers", 2, "--backup", 1, "--slow-worker", "1:30",
-                 *SMALL, "--hidden", 128, "--metrics", "m.jsonl")
+                 *SMALL, "--hidden", 128, "--epochs", 6, "--metrics", "m.jsonl")
     assert r.returncode == 0, r.stderr
     end = json.loads((tmp_path / "m.jsonl").read_text().splitlines()[-1])
-    assert end["updates"] == 2 * (2000 // 100) and end["dropped"] > 0
+    assert end["updates"] == 6 * (2000 // 100) and end["dropped"] > 0
 
 
 @pytest.mark.slow

@@ -25,10 +25,10 @@ from common.data import gather
 from common.errors import ClusterError, DownpourError
 from common.metrics import MetricsLog, Progress
 from common.model import Model, ModelSpec, initial_params
-from common.optim import clip_by_global_norm, clip_by_value, make_optimizer
+from common.optim import make_optimizer
 from common.schedules import parse_schedule
-from common.training import (EarlyStopping, check_cluster, finish, model_spec, open_datasets,
-                             worker_batches, worker_steps)
+from common.training import (EarlyStopping, batch_gradient, check_cluster, finish, model_spec,
+                             open_datasets, worker_batches, worker_steps)
 
 # the progress table: one float64 row per worker
 SAMPLES, STEPS, LOSS_SUM, LOSS_COUNT, DONE, STOP, T_START, T_END = range(8)
@@ -75,6 +75,7 @@ def _work(cfg: Config, spec: ModelSpec, rank: int, blocks: dict[str, tuple]) -> 
         schedule = parse_schedule(cfg.lr_schedule, cfg.lr)
         xb = np.empty((cfg.batch_size, train_set.n_features), np.float32)
         yb = np.empty(cfg.batch_size, np.int64)
+        micro = np.empty_like(model.grads) if cfg.micro_batches > 1 else None
         slow_rank, factor = cfg.slowdown
         table[T_START] = time.time()
         for _, idx in worker_batches(len(train_set), cfg, rank):
@@ -83,15 +84,11 @@ def _work(cfg: Config, spec: ModelSpec, rank: int, blocks: dict[str, tuple]) -> 
             t0 = time.perf_counter()
             gather(train_set.x, idx, out=xb)
             gather(train_set.y, idx, out=yb)
-            loss = model.loss_and_grad(xb, yb)
+            loss = batch_gradient(model, xb, yb, cfg, micro)
             if slow_rank == rank:
                 time.sleep((factor - 1.0) * (time.perf_counter() - t0))
             if not math.isfinite(loss):
                 raise DownpourError(f"hogwild worker {rank}: the training loss became {loss}")
-            if cfg.clip_value:
-                clip_by_value(model.grads, cfg.clip_value)
-            if cfg.clip_norm:
-                clip_by_global_norm(model.grads, cfg.clip_norm)
             opt.step(model.params, model.grads, schedule(opt.t) * float(shared.arrays["scale"][0]))
             table[SAMPLES] += len(idx)
             table[STEPS] += 1

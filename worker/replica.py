@@ -2,8 +2,9 @@
 
 Per step, in async mode (DistBelief's Downpour SGD with n_fetch and n_push):
 
-    loss_and_grad on the next batch         the weights are those last fetched: version v
-    clip, and add to the sum of gradients   (a sum when n_push > 1, as DistBelief pushes)
+    the gradient of the next batch          the weights are those last fetched: version v
+    (common.training.batch_gradient, clipped) added to the sum of gradients (a sum when
+                                            n_push > 1, as DistBelief pushes)
     every n_push steps:  push the sum       marked as computed on v
     every n_fetch steps: pull the weights   and learn their version
                          (one push_pull when both fall on the same step)
@@ -33,9 +34,8 @@ from common.errors import ClusterError, ConfigError, DownpourError
 from common.protocol import RemoteError
 from common.model import Model, ModelSpec
 from common.node import Heartbeat, register
-from common.optim import clip_by_global_norm, clip_by_value
-from common.training import (open_datasets, sync_batch, sync_versions, worker_batches,
-                             worker_steps)
+from common.training import (batch_gradient, open_datasets, sync_batch, sync_versions,
+                             worker_batches, worker_steps)
 
 
 class Replica:
@@ -58,6 +58,7 @@ class Replica:
         overlap = cfg.overlap and not sync
         acc = np.zeros_like(m.params) if cfg.n_push > 1 and not sync else None
         send = np.empty_like(m.params) if overlap else None
+        micro = np.empty_like(m.params) if cfg.micro_batches > 1 else None
         xb = np.empty((cfg.batch_size, self.data.n_features), np.float32)   # (B, D)
         yb = np.empty(cfg.batch_size, np.int64)                              # (B,)
         self.progress["t_start"] = time.time()
@@ -75,16 +76,12 @@ class Replica:
             t0 = time.perf_counter()
             gather(self.data.x, idx, out=xb)
             gather(self.data.y, idx, out=yb)
-            loss = m.loss_and_grad(xb, yb)
+            loss = batch_gradient(m, xb, yb, cfg, micro)
             if slowdown:                    # a straggler, for experiments: FACTOR x the compute
                 time.sleep(slowdown * (time.perf_counter() - t0))
             if not math.isfinite(loss):
                 raise DownpourError(f"worker-{self.rank}: the training loss became {loss} at "
                                     f"step {step}; lower --lr or add --clip-norm")
-            if cfg.clip_value:
-                clip_by_value(m.grads, cfg.clip_value)
-            if cfg.clip_norm:
-                clip_by_global_norm(m.grads, cfg.clip_norm)
             grad = m.grads
             if acc is not None:
                 acc += m.grads

@@ -3,8 +3,7 @@
 One replica and one optimizer over the whole parameter vector. Per step:
 
     idx  = next batch of the epoch's permutation (common.data, seeded by (seed, epoch))
-    loss = model.loss_and_grad(x[idx], y[idx])        # grads hold dL/dparams
-    clip grads (by value, by global norm)             # optional
+    loss = batch_gradient(model, x[idx], y[idx])      # grads hold dL/dparams, clipped
     optimizer.step(params, grads, schedule(t))        # t = updates applied so far
 
 Every `eval_every` epochs it evaluates on the held-out split, writes an `eval`
@@ -25,9 +24,10 @@ from common.data import gather, steps_per_epoch
 from common.errors import ConfigError, DownpourError
 from common.metrics import MetricsLog, Progress
 from common.model import Model
-from common.optim import clip_by_global_norm, clip_by_value, make_optimizer
+from common.optim import make_optimizer
 from common.schedules import parse_schedule
-from common.training import EarlyStopping, finish, model_spec, open_datasets, worker_batches
+from common.training import (EarlyStopping, batch_gradient, finish, model_spec, open_datasets,
+                             worker_batches)
 
 
 def train(cfg: Config, progress: Progress | None = None, metrics: MetricsLog | None = None) -> dict:
@@ -51,6 +51,7 @@ def train(cfg: Config, progress: Progress | None = None, metrics: MetricsLog | N
                   f"{cfg.optimizer} lr {cfg.lr}, batch {cfg.batch_size}, {cfg.epochs} epochs")
 
     xb = np.empty((cfg.batch_size, train_set.n_features), np.float32)   # (B, D)
+    acc = np.empty_like(model.grads) if cfg.micro_batches > 1 else None
     yb = np.empty(cfg.batch_size, np.int64)                              # (B,)
     start = time.perf_counter()
     eval_time = 0.0
@@ -61,14 +62,10 @@ def train(cfg: Config, progress: Progress | None = None, metrics: MetricsLog | N
     for epoch, idx in worker_batches(len(train_set), cfg, rank=0):
         gather(train_set.x, idx, out=xb)
         gather(train_set.y, idx, out=yb)
-        loss = model.loss_and_grad(xb, yb)
+        loss = batch_gradient(model, xb, yb, cfg, acc)
         if not math.isfinite(loss):
             raise DownpourError(f"the training loss became {loss} at update {step}; "
                                 "lower --lr or add --clip-norm")
-        if cfg.clip_value:
-            clip_by_value(model.grads, cfg.clip_value)
-        if cfg.clip_norm:
-            clip_by_global_norm(model.grads, cfg.clip_norm)
         optimizer.step(model.params, model.grads, schedule(optimizer.t))
         step += 1
         loss_sum, loss_count = loss_sum + loss, loss_count + 1
