@@ -135,8 +135,9 @@ def parser() -> argparse.ArgumentParser:
     comm.add_argument("--repeats", type=int, default=20, help="round trips per case (default 20)")
     comm.add_argument("--vectors", nargs="*", choices=["mlp", "16M"],
                       help="which vectors (default both)")
-    comm.add_argument("--piece-kib", type=int, default=4096,
-                      help="server piece size in KiB, as in training (default 4096; 0 = whole shards)")
+    comm.add_argument("--piece-kib", type=int, default=config.Config.piece_kib,
+                      help=f"server piece size in KiB, as in training (default {config.Config.piece_kib}; "
+                           "0 = whole shards)")
     for kind in (core, comm):
         kind.add_argument("--json", action="store_true", help="print JSON instead of a table")
         kind.add_argument("--threads", type=int, default=1, help="BLAS threads (default 1)")

@@ -6,10 +6,18 @@ bounded number of retries with the same sequence number, so a server applies a
 retried push at most once; a reply to an earlier attempt is recognised by its seq
 and discarded. After the last retry a ClusterError names the shard and address.
 
+A server may hold several pieces of the vector (common.layout.Layout.pieces). The
+client keeps one DEALER per server, not per piece: the requests for one server's
+pieces travel in order on one connection, so the server applies piece k while
+piece k+1 is still arriving, and the client copies reply k while the server
+works on k+1. (A socket per piece was measured slower: the server's ROUTER
+interleaves the connections, so every piece arrives at the end.) Replies are
+matched to pieces by their sequence number.
+
 Payload frames are sent zero-copy from the caller's array: `start` returns once
 the frames are queued, and the array must stay unchanged until `finish` returns
 (or `wait_sent` does). Parameters in a reply are copied straight into the
-caller's output array, each shard into its range.
+caller's output array, each piece into its range.
 
 Used by workers (all three verbs), by the scheduler (pull for evaluation, and the
 control operations through `call`) and by the benchmarks.
@@ -39,7 +47,8 @@ def make_socket(ctx: zmq.Context, kind: int, address: str, *, bind: bool = False
 
 
 class ShardClient:
-    """Requests to S shard servers at `addresses`, owning `ranges` [(lo, hi), ...] of the vector."""
+    """Requests to the pieces of the vector: piece i is `ranges[i]` = (lo, hi), held by the
+    server at `addresses[i]` (one address may hold several pieces)."""
 
     def __init__(self, addresses: list[str], ranges: list[tuple[int, int]], node: str,
                  timeout: float = 30.0, retries: int = 3, ctx: zmq.Context | None = None,
@@ -52,7 +61,8 @@ class ShardClient:
         self.node, self.timeout, self.retries = node, timeout, retries
         self.ranges = [tuple(r) for r in ranges]
         self.addresses = list(addresses)
-        self.socks = [make_socket(self.ctx, zmq.DEALER, a) for a in self.addresses]
+        self._socks: dict[str, zmq.Socket] = {}   # server address -> its DEALER
+        self._connect()
         self.before_retry = before_retry
         self.seq = 0
         self.bytes_sent = self.bytes_received = 0
@@ -84,9 +94,9 @@ class ShardClient:
 
     def call_all(self, op: str, meta: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         """`call` on every shard at once; the reply headers in shard order."""
-        self._pending = {s: self._send(s, op, meta=meta) for s in range(len(self.socks))}
+        self._pending = {s: self._send(s, op, meta=meta) for s in range(len(self.ranges))}
         replies = self._collect(None)
-        return [replies[s] for s in range(len(self.socks))]
+        return [replies[s] for s in range(len(self.ranges))]
 
     # -- split in two, so that work can overlap a request in flight ------------------------------
     def start(self, op: str, grad: np.ndarray | None = None, clock: int = 0,
@@ -95,7 +105,7 @@ class ShardClient:
         if self._pending is not None:
             raise RuntimeError("a request is already in flight; call finish() first")
         meta = {"last": True} if last else None
-        self._pending = {s: self._send(s, op, grad, clock, meta) for s in range(len(self.socks))}
+        self._pending = {s: self._send(s, op, grad, clock, meta) for s in range(len(self.ranges))}
 
     def finish(self, out: np.ndarray | None = None) -> int:
         """Wait for the replies of `start`; copy parameters into `out`; return the lowest clock."""
@@ -122,19 +132,18 @@ class ShardClient:
         return self.seq, frames, op
 
     def _post(self, shard: int, frames: list) -> None:
-        tracker = self.socks[shard].send_multipart(frames, copy=False, track=True)
+        tracker = self._socks[self.addresses[shard]].send_multipart(frames, copy=False, track=True)
         self._trackers.append(tracker)
         self.bytes_sent += sum(len(f) for f in frames)
 
     def _collect(self, out: np.ndarray | None) -> dict[int, dict[str, Any]]:
-        """Replies of the pending requests by shard, retrying shards that stay silent."""
+        """Replies of the pending requests by piece, retrying pieces whose server stays silent."""
         pending, self._pending = self._pending or {}, None
+        piece_of = {seq: s for s, (seq, _, _) in pending.items()}
         replies: dict[int, dict[str, Any]] = {}
-        poller = zmq.Poller()
-        for s in pending:
-            poller.register(self.socks[s], zmq.POLLIN)
         attempts = dict.fromkeys(pending, 0)
         deadline = dict.fromkeys(pending, time.monotonic() + self.timeout)
+        poller = self._poller()
         while len(replies) < len(pending):
             now = time.monotonic()
             for s in pending:
@@ -148,17 +157,15 @@ class ShardClient:
                 deadline[s] = now + self.timeout
                 if self.before_retry is not None:
                     self.before_retry()                           # sockets may be new now
-                    poller = zmq.Poller()
-                    for p in pending:
-                        poller.register(self.socks[p], zmq.POLLIN)
+                    poller = self._poller()
                 self._post(s, pending[s][1])                      # the same seq: idempotent
             wait = max(0.0, min(deadline[s] for s in pending if s not in replies) - now)
             for sock, _ in poller.poll(1000 * wait):
-                s = self.socks.index(sock)
                 frames = sock.recv_multipart(copy=False)
                 self.bytes_received += sum(len(f.buffer) for f in frames)
                 header, payload = protocol.decode(frames)
-                if header.get("seq") != pending[s][0] or s in replies:
+                s = piece_of.get(header.get("seq"))
+                if s is None or s in replies:
                     continue                                      # a reply to an earlier attempt
                 protocol.raise_for_error(header)
                 if out is not None and payload:
@@ -168,17 +175,33 @@ class ShardClient:
         self._trackers = [t for t in self._trackers if not t.done]
         return replies
 
-    def reconnect(self, shard: int, address: str) -> None:
-        """Point shard `shard` at a new address (a restarted server)."""
-        self.socks[shard].close()
-        self.socks[shard] = make_socket(self.ctx, zmq.DEALER, address)
-        self.addresses[shard] = address
+    def _poller(self) -> zmq.Poller:
+        poller = zmq.Poller()
+        for sock in self._socks.values():
+            poller.register(sock, zmq.POLLIN)
+        return poller
+
+    def _connect(self) -> None:
+        """One DEALER per server address in use; sockets of addresses no longer used are closed."""
+        for address in set(self._socks) - set(self.addresses):
+            self._socks.pop(address).close()
+        for address in self.addresses:
+            if address not in self._socks:
+                self._socks[address] = make_socket(self.ctx, zmq.DEALER, address)
+
+    def reconnect(self, piece: int, address: str) -> None:
+        """Point piece `piece` at a new address (its server was replaced); a new
+        socket even if the address is the same, so nothing queued for the old server is sent."""
+        if self.addresses[piece] == address and address in self._socks:
+            self._socks.pop(address).close()
+        self.addresses[piece] = address
+        self._connect()
 
     def close(self) -> None:
         """Close every socket; safe to call twice."""
-        for sock in self.socks:
+        for sock in self._socks.values():
             sock.close()
-        self.socks = []
+        self._socks = {}
 
     def __enter__(self) -> "ShardClient":
         return self

@@ -45,7 +45,7 @@ def _echo(address: str, size: int) -> None:
     """A bare pyzmq server: answer every message with `size` float32, until an empty frame."""
     ctx = zmq.Context()
     sock = make_socket(ctx, zmq.ROUTER, address, bind=True)
-    reply = np.zeros(size, np.float32)
+    reply = np.ones(size, np.float32)        # written pages: np.zeros would be the zero page
     try:
         while True:
             ident, head, *payload = sock.recv_multipart(copy=False)

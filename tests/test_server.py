@@ -527,3 +527,41 @@ def test_shard_client_raises_cluster_error_when_nothing_listens():
                 client.pull(np.empty(53, np.float32))
     finally:
         ctx.term()
+
+
+def test_shard_client_sends_the_pieces_of_one_server_in_order_on_one_connection(tmp_path):
+    """Pieces [0, 3) held by one server reach it from one peer, in piece order (so it can
+    apply each while the next arrives); replies are matched to pieces by seq, in any order;
+    moving a piece to another address connects there."""
+    ctx = zmq.Context()
+    try:
+        here, there = f"ipc://{tmp_path}/a", f"ipc://{tmp_path}/b"
+        server = ctx.socket(zmq.ROUTER)
+        server.setsockopt(zmq.LINGER, 0)
+        server.bind(here)
+        with ShardClient([here] * 3, [(0, 4), (4, 8), (8, 12)], "worker-0", timeout=WAIT_S,
+                         retries=0, ctx=ctx) as client:
+            g = np.arange(12, dtype=np.float32)
+            client.start("push_pull", g)
+            got = [server.recv_multipart() for _ in range(3)]
+            assert len({ident for ident, *_ in got}) == 1
+            headers = [msgpack.unpackb(h) for _, h, *_ in got]
+            assert [h["shard"] for h in headers] == [0, 1, 2]
+            for (ident, _, _), h in reversed(list(zip(got, headers))):    # answered backwards
+                reply = np.full(4, h["shard"], np.float32)
+                server.send_multipart([ident, *protocol.encode(
+                    {"op": "ok", "node": "s", "seq": h["seq"], "clock": 1}, reply)])
+            out = np.empty(12, np.float32)
+            assert client.finish(out) == 1
+            assert out.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+            client.reconnect(2, there)
+            moved = ctx.socket(zmq.ROUTER)
+            moved.setsockopt(zmq.LINGER, 0)
+            moved.bind(there)
+            client.start("pull")
+            assert [msgpack.unpackb(server.recv_multipart()[1])["shard"] for _ in range(2)] == [0, 1]
+            assert msgpack.unpackb(moved.recv_multipart()[1])["shard"] == 2
+            moved.close()
+        server.close()
+    finally:
+        ctx.term()
