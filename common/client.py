@@ -65,7 +65,6 @@ class ShardClient:
         self._connect()
         self.before_retry = before_retry
         self.seq = 0
-        self.bytes_sent = self.bytes_received = 0
         self._pending: dict[int, tuple[int, list, str]] | None = None  # shard -> (seq, frames, op)
         self._trackers: list[zmq.MessageTracker] = []
 
@@ -134,7 +133,6 @@ class ShardClient:
     def _post(self, shard: int, frames: list) -> None:
         tracker = self._socks[self.addresses[shard]].send_multipart(frames, copy=False, track=True)
         self._trackers.append(tracker)
-        self.bytes_sent += sum(len(f) for f in frames)
 
     def _collect(self, out: np.ndarray | None) -> dict[int, dict[str, Any]]:
         """Replies of the pending requests by piece, retrying pieces whose server stays silent."""
@@ -143,7 +141,6 @@ class ShardClient:
         replies: dict[int, dict[str, Any]] = {}
         attempts = dict.fromkeys(pending, 0)
         deadline = dict.fromkeys(pending, time.monotonic() + self.timeout)
-        poller = self._poller()
         while len(replies) < len(pending):
             now = time.monotonic()
             for s in pending:
@@ -157,12 +154,10 @@ class ShardClient:
                 deadline[s] = now + self.timeout
                 if self.before_retry is not None:
                     self.before_retry()                           # sockets may be new now
-                    poller = self._poller()
                 self._post(s, pending[s][1])                      # the same seq: idempotent
             wait = max(0.0, min(deadline[s] for s in pending if s not in replies) - now)
-            for sock, _ in poller.poll(1000 * wait):
+            for sock, _ in self._poller.poll(1000 * wait):
                 frames = sock.recv_multipart(copy=False)
-                self.bytes_received += sum(len(f.buffer) for f in frames)
                 header, payload = protocol.decode(frames)
                 s = piece_of.get(header.get("seq"))
                 if s is None or s in replies:
@@ -175,12 +170,6 @@ class ShardClient:
         self._trackers = [t for t in self._trackers if not t.done]
         return replies
 
-    def _poller(self) -> zmq.Poller:
-        poller = zmq.Poller()
-        for sock in self._socks.values():
-            poller.register(sock, zmq.POLLIN)
-        return poller
-
     def _connect(self) -> None:
         """One DEALER per server address in use; sockets of addresses no longer used are closed."""
         for address in set(self._socks) - set(self.addresses):
@@ -188,6 +177,9 @@ class ShardClient:
         for address in self.addresses:
             if address not in self._socks:
                 self._socks[address] = make_socket(self.ctx, zmq.DEALER, address)
+        self._poller = zmq.Poller()
+        for sock in self._socks.values():
+            self._poller.register(sock, zmq.POLLIN)
 
     def reconnect(self, piece: int, address: str) -> None:
         """Point piece `piece` at a new address (its server was replaced); a new

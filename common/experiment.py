@@ -21,17 +21,16 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from common import config
+from common import config, plots
 from common.config import Config
 from common.errors import DownpourError
 from common.fileio import atomic_write
+from common.launch import CLI, child_env
 from common.metrics import Progress, read_metrics
 
 COLUMNS = ("mode", "workers", "shards", "batch_size", "repeat", "seed", "samples_per_s",
@@ -73,13 +72,13 @@ def run_sweep(cfg: Config, modes: list[str], workers: list[int], shards: list[in
     (out / "runs").mkdir(parents=True, exist_ok=True)
     progress = Progress(len(runs), cfg.progress)
     progress.line(f"experiment: {len(runs)} runs into {out}")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(config.ENV_PREFIX)}
+    env = child_env()
     base = config.to_args(replace(cfg, **{k: config.FIELDS[k].default for k in SWEPT}))
     rows = []
     for i, run in enumerate(runs):
         name = f"{run['mode']}-w{run['workers']}-s{run['shards']}-r{run['repeat']}"
         path = out / "runs" / f"{name}.jsonl"
-        argv = [sys.executable, "-m", "common.cli", "train", *base, "--mode", run["mode"],
+        argv = [*CLI, "train", *base, "--mode", run["mode"],
                 "--workers", str(run["workers"]), "--shards", str(max(1, run["shards"])),
                 "--seed", str(cfg.seed + run["repeat"]), "--metrics", str(path),
                 "--progress", "none"]
@@ -99,11 +98,7 @@ def run_sweep(cfg: Config, modes: list[str], workers: list[int], shards: list[in
     writer.writeheader()
     writer.writerows(rows)
     atomic_write(out / "results.csv", lambda f: f.write(text.getvalue().encode()))
-    try:
-        from common import plots
-    except ImportError:
-        plots = None
-    if plots is None or not plots.available():
+    if not plots.available():
         progress.line("results.csv written; for the plots install matplotlib "
                       "(pip install -e '.[plot]')")
     else:

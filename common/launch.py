@@ -41,20 +41,31 @@ def _die_with_parent() -> None:
         pass
 
 
+CLI = [sys.executable, "-m", "common.cli"]
+"""The downpour command line of this interpreter and checkout, for child processes."""
+
+
+def child_env() -> dict[str, str]:
+    """This environment for a child downpour process: no DOWNPOUR_* settings (the child
+    gets its settings as flags), and this checkout first on PYTHONPATH."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(config.ENV_PREFIX)}
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(Path(__file__).resolve().parents[1]), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return env
+
+
 class Cluster:
     """The processes of one local run; a context manager that always ends them."""
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
         self.procs: dict[str, subprocess.Popen] = {}
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith(config.ENV_PREFIX)}
-        self.env["PYTHONPATH"] = os.pathsep.join(
-            [str(Path(__file__).resolve().parents[1]), *filter(None, [os.environ.get("PYTHONPATH")])])
+        self.env = child_env()
 
     def start(self, name: str, args: list[str], log: bool = True) -> subprocess.Popen:
         out = open(self.run_dir / f"{name}.log", "wb") if log else None
         try:
-            proc = subprocess.Popen([sys.executable, "-m", "common.cli", *args], env=self.env,
+            proc = subprocess.Popen([*CLI, *args], env=self.env,
                                     stdout=out, stderr=subprocess.STDOUT if log else None,
                                     stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         finally:

@@ -147,15 +147,15 @@ class Optimizer:
         if arrays:
             self._state, self._size = arrays, arrays[0].shape[0]
 
-    def state_dict(self):
+    def state_dict(self, textbook=True):
         """Name, hyperparameters, t, scalar state and, after the first step, `size` and
-        copies of the state arrays: the internal sums, which restore exactly, and the
-        textbook averages under torch's state names (exp_avg, ...)."""
+        copies of the state arrays: the internal sums, which restore exactly, and (unless
+        `textbook` is False) the textbook averages under torch's state names (exp_avg, ...)."""
         d = {"name": self.name, "t": self.t, **self.hyper, **self.scalars}
         if self._state is not None:
             d["size"] = self._size
             d.update((s, a.copy()) for s, a in zip(self.state_names, self._state))
-            for tb, (s, f) in self._textbook().items():
+            for tb, (s, f) in (self._textbook() if textbook else {}).items():
                 d[tb] = self._state[self.state_names.index(s)] * f
         return d
 

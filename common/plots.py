@@ -61,15 +61,13 @@ def sweep(rows: list[dict], out: Path, target: float | None = None) -> list[Path
     ax.grid(alpha=0.3)
     written.append(_save(fig, out / "throughput.png"))
 
+    first = [(r, *read_metrics(out / r["metrics"])) for r in rows if int(r["repeat"]) == 0]
     for x_key, x_label, name, title in (
             ("elapsed_s", "wall time (s)", "accuracy_time.png", "Test accuracy against wall time"),
             ("samples", "samples processed", "accuracy_samples.png",
              "Test accuracy against samples processed")):
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
-        for r in rows:
-            if int(r["repeat"]) != 0:
-                continue
-            evals, _ = read_metrics(out / r["metrics"])
+        for r, evals, _ in first:
             label = r["mode"] if r["mode"] == "single" else f"{r['mode']} W={r['workers']}" + (
                 f" S={r['shards']}" if int(r["shards"]) > 0 else "")
             ax.plot([e[x_key] for e in evals], [100 * e["test_accuracy"] for e in evals],
@@ -83,11 +81,10 @@ def sweep(rows: list[dict], out: Path, target: float | None = None) -> list[Path
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     drawn = 0
-    for r in rows:
-        if int(r["repeat"]) != 0 or r["mode"] not in ("async", "ssp", "sync"):
+    for r, _, end in first:
+        if r["mode"] not in ("async", "ssp", "sync"):
             continue
-        end = read_metrics(out / r["metrics"])[1] or {}
-        hist = {int(k): v for k, v in (end.get("staleness_hist") or {}).items()}
+        hist = {int(k): v for k, v in ((end or {}).get("staleness_hist") or {}).items()}
         if not hist:
             continue
         total = sum(hist.values())

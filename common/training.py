@@ -6,6 +6,7 @@ workers call these, so a setting means the same thing in every mode.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -126,7 +127,16 @@ def sync_batch(n: int, cfg: Config, rank: int, version: int) -> tuple[int, np.nd
     per_epoch = steps_per_epoch(n, W * b)
     epoch, j = divmod(version, per_epoch)
     lo = j * W * b + rank * b
-    return epoch, epoch_permutation(n, cfg.seed, epoch)[lo:lo + b]
+    return epoch, _epoch_order(n, cfg.seed, epoch)[lo:lo + b]
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """epoch_permutation, kept (read-only) while sync steps take batches from it: one
+    shuffle per epoch, not one per version."""
+    order = epoch_permutation(n, seed, epoch)
+    order.flags.writeable = False
+    return order
 
 
 def worker_steps(n: int, cfg: Config, rank: int) -> int:

@@ -32,7 +32,7 @@ from typing import Any
 import zmq
 
 from common import config, protocol
-from common.client import ShardClient, make_socket
+from common.client import ShardClient
 from common.config import Config
 from common.errors import ClusterError, ProtocolError
 from common.fileio import atomic_write
@@ -41,6 +41,7 @@ from common.model import Model
 from common.schedules import parse_schedule
 from common.training import (EarlyStopping, check_cluster, finish, model_spec, open_datasets,
                              worker_steps)
+from ps.server import bind_router
 
 
 @dataclass
@@ -371,9 +372,8 @@ class Scheduler:
 def main(cfg: Config) -> int:
     """`downpour scheduler`: bind, conduct the run, shut the cluster down."""
     ctx = zmq.Context()
-    sock = make_socket(ctx, zmq.ROUTER, cfg.bind or "tcp://*:5555", bind=True)
+    sock, endpoint = bind_router(ctx, cfg.bind or "tcp://*:5555")
     try:
-        endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         if cfg.endpoint_file:
             atomic_write(cfg.endpoint_file, lambda f: f.write(endpoint.encode()))
         Scheduler(cfg, sock, ctx).run()

@@ -111,7 +111,7 @@ class Shard:
                 rank = worker_rank(header["node"])
                 if rank is not None:
                     self._sent_at[rank] = min(self._slowest(), self.clock[rank])
-                return [(ident, self._params_reply(header))]
+                return [(ident, self._reply(header))]
             if op in ("push", "push_pull"):
                 return self._push(ident, header, payload)
             if op == "control":
@@ -237,15 +237,10 @@ class Shard:
         self.staleness.update(staleness)
 
     def _reply(self, header: dict, **meta: Any) -> list:
-        if header["op"] == "push_pull":
-            return self._params_reply(header, **meta)
-        return protocol.encode({"op": "ok", "node": self.node, "seq": header["seq"],
-                                "clock": self.version, **({"meta": meta} if meta else {})})
-
-    def _params_reply(self, header: dict, **meta: Any) -> list:
+        """The answer to a pull, push or push_pull: the version, and the parameters if asked."""
         return protocol.encode({"op": "ok", "node": self.node, "seq": header["seq"],
                                 "clock": self.version, **({"meta": meta} if meta else {})},
-                               self.params)
+                               self.params if header["op"] in ("pull", "push_pull") else None)
 
     def _stats(self, header: dict) -> list:
         return self._ok(header, version=self.version, pushes=self.pushes, dropped=self.dropped,
@@ -308,9 +303,9 @@ class Shard:
 
     def checkpoint(self) -> Path:
         """Write this shard's state atomically; return the path."""
-        state = self.opt.state_dict()
+        state = self.opt.state_dict(textbook=False)
         arrays = {"params": self.params,
-                  **{f"opt.{k}": v for k, v in state.items() if k in self.opt.state_names}}
+                  **{f"opt.{k}": v for k, v in state.items() if isinstance(v, np.ndarray)}}
         scalars = {k: (list(v) if isinstance(v, tuple) else v) for k, v in state.items()
                    if not isinstance(v, np.ndarray)}
         meta = {"rank": self.rank, "lo": self.lo, "hi": self.hi, "version": self.version,

@@ -1,11 +1,11 @@
 """Shared fixtures: where the real MNIST files live, and how to run the command line."""
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from common.launch import CLI, child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_MNIST = ROOT.parent / "shared" / "data" / "mnist"
@@ -22,11 +22,10 @@ def shared_mnist() -> Path:
 @pytest.fixture
 def downpour(tmp_path):
     """Run `downpour ARGS...` as a real process in tmp_path; returns the CompletedProcess."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DOWNPOUR_")}
-    env["PYTHONPATH"] = str(ROOT)
+    env = child_env()
 
     def run(*args, timeout=120, **kwargs):
-        return subprocess.run([sys.executable, "-m", "common.cli", *map(str, args)], cwd=tmp_path,
+        return subprocess.run([*CLI, *map(str, args)], cwd=tmp_path,
                               env={**env, **kwargs.pop("env", {})}, capture_output=True,
                               text=True, timeout=timeout, **kwargs)
     return run

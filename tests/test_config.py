@@ -55,24 +55,24 @@ def test_bad_flags_name_the_setting(argv, message):
         parse(argv)
 
 
-def test_unknown_keys(tmp_path):
-    toml = tmp_path / "bad.toml"
-    toml.write_text("batchsize = 32\n")
-    with pytest.raises(ConfigError, match="unknown setting 'batchsize'.*did you mean 'batch_size'"):
-        parse(["--config", str(toml)])
-    toml.write_text("learning_rate = 0.1\n")
-    with pytest.raises(ConfigError, match="unknown setting 'learning_rate'.*known settings: mode"):
-        parse(["--config", str(toml)])
+@pytest.mark.parametrize("toml, message", [
+    ("batchsize = 32\n", "unknown setting 'batchsize'.*did you mean 'batch_size'"),
+    ("learning_rate = 0.1\n", "unknown setting 'learning_rate'.*known settings: mode"),
+    (None, "does not exist"),
+    ("lr = [", "not valid TOML"),
+    ("batchnorm = 3\n", "batchnorm=3: expected true or false"),
+])
+def test_bad_config_files(tmp_path, toml, message):
+    path = tmp_path / "bad.toml"
+    if toml is not None:
+        path.write_text(toml)
+    with pytest.raises(ConfigError, match=message):
+        parse(["--config", str(path)])
+
+
+def test_unknown_environment_variable():
     with pytest.raises(ConfigError, match="unknown setting 'DOWNPOUR_LRR' in the environment"):
         parse([], {"DOWNPOUR_LRR": "0.1"})
-    with pytest.raises(ConfigError, match="does not exist"):
-        parse(["--config", str(tmp_path / "missing.toml")])
-    toml.write_text("lr = [")
-    with pytest.raises(ConfigError, match="not valid TOML"):
-        parse(["--config", str(toml)])
-    toml.write_text("batchnorm = 3\n")
-    with pytest.raises(ConfigError, match="batchnorm=3: expected true or false"):
-        parse(["--config", str(toml)])
 
 
 def test_optimizer_args():

@@ -10,15 +10,14 @@ volumes are directories under tmp_path.
 """
 
 import json
-import os
 import re
 import socket
 import subprocess
-import sys
 
 import pytest
 
 from common import cli, config
+from common.launch import CLI, child_env
 from conftest import ROOT
 
 yaml = pytest.importorskip("yaml")
@@ -121,8 +120,7 @@ def test_a_cluster_from_the_compose_commands_finishes_a_training_run(compose, tm
                 value = str(outside) + value[len(inside):]
         return value
 
-    base = {k: v for k, v in os.environ.items() if not k.startswith("DOWNPOUR_")}
-    base["PYTHONPATH"] = str(ROOT)
+    base = child_env()
     procs = []
 
     def start(name):
@@ -130,7 +128,7 @@ def test_a_cluster_from_the_compose_commands_finishes_a_training_run(compose, tm
         env = {k: localise(v) for k, v in service_env(service, variables).items()}
         if name == "server":
             env["DOWNPOUR_BIND"] = env["DOWNPOUR_BIND"].replace(":6000", f":{free_port()}")
-        p = subprocess.Popen([sys.executable, "-m", "common.cli", *service["command"]],
+        p = subprocess.Popen([*CLI, *service["command"]],
                              env={**base, **env}, cwd=tmp_path, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
         procs.append(p)

@@ -11,7 +11,7 @@ import pytest
 import zmq
 
 from common import protocol
-from common.client import ShardClient
+from common.client import ShardClient, make_socket
 from common.config import Config
 from common.errors import ClusterError, DataError
 from common.model import ModelSpec, initial_params, model_layout
@@ -536,9 +536,7 @@ def test_shard_client_sends_the_pieces_of_one_server_in_order_on_one_connection(
     ctx = zmq.Context()
     try:
         here, there = f"ipc://{tmp_path}/a", f"ipc://{tmp_path}/b"
-        server = ctx.socket(zmq.ROUTER)
-        server.setsockopt(zmq.LINGER, 0)
-        server.bind(here)
+        server = make_socket(ctx, zmq.ROUTER, here, bind=True)
         with ShardClient([here] * 3, [(0, 4), (4, 8), (8, 12)], "worker-0", timeout=WAIT_S,
                          retries=0, ctx=ctx) as client:
             g = np.arange(12, dtype=np.float32)
@@ -555,9 +553,7 @@ def test_shard_client_sends_the_pieces_of_one_server_in_order_on_one_connection(
             assert client.finish(out) == 1
             assert out.tolist() == [0] * 4 + [1] * 4 + [2] * 4
             client.reconnect(2, there)
-            moved = ctx.socket(zmq.ROUTER)
-            moved.setsockopt(zmq.LINGER, 0)
-            moved.bind(there)
+            moved = make_socket(ctx, zmq.ROUTER, there, bind=True)
             client.start("pull")
             assert [msgpack.unpackb(server.recv_multipart()[1])["shard"] for _ in range(2)] == [0, 1]
             assert msgpack.unpackb(moved.recv_multipart()[1])["shard"] == 2

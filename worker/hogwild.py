@@ -24,7 +24,7 @@ from common.config import Config
 from common.data import gather
 from common.errors import ClusterError, DownpourError
 from common.metrics import MetricsLog, Progress
-from common.model import Model, ModelSpec, initial_params
+from common.model import Model, ModelSpec
 from common.optim import make_optimizer
 from common.schedules import parse_schedule
 from common.training import (EarlyStopping, batch_gradient, check_cluster, finish, model_spec,
@@ -107,12 +107,12 @@ def train(cfg: Config, progress: Progress | None = None, metrics: MetricsLog | N
     spec = model_spec(cfg, train_set)
     W = cfg.workers
     probe = make_optimizer(cfg.optimizer, **cfg.optimizer_kwargs())    # validates early
-    size = initial_params(spec, cfg.seed).size
+    model = Model(spec, seed=cfg.seed)
+    size = model.layout.size
     sizes = {"params": ((size,), np.float32), "progress": ((W, COLUMNS), np.float64),
              "scale": ((1,), np.float64)}            # scale: reduce-on-plateau's factor
     sizes.update({f"state{i}": ((size,), np.float32) for i in range(len(probe.state_names))})
     shared = Shared(sizes=sizes)
-    model = Model(spec, seed=cfg.seed)
     try:
         shared.arrays["params"][:] = model.params
         shared.arrays["progress"][:] = 0
