@@ -64,6 +64,7 @@ class Server:
 
     def handle(self, ident: bytes, frames: list) -> tuple[Shard | None, list[Reply]]:
         """(the piece that answered, its replies); a request no piece can take gets an error."""
+        header = None                    # the error answers the request's seq if it was readable
         try:
             header, payload = protocol.decode(frames)
             shard = self.shards.get(header.get("shard"))
@@ -71,7 +72,7 @@ class Server:
                 raise protocol.error(protocol.E_SHARD, f"{self.node} holds pieces "
                                      f"{sorted(self.shards)}, not {header.get('shard')!r}")
         except ProtocolError as e:
-            return None, [(ident, protocol.error_reply(e.code, str(e), None, self.node))]
+            return None, [(ident, protocol.error_reply(e.code, str(e), header, self.node))]
         return shard, shard.handle_request(ident, header, payload)
 
     @property

@@ -15,7 +15,7 @@ from common.client import ShardClient, make_socket
 from common.config import Config
 from common.errors import ClusterError, DataError
 from common.model import ModelSpec, initial_params, model_layout
-from ps.server import standalone
+from ps.server import Server, standalone
 from ps.shard import Shard, worker_rank
 
 SPEC = ModelSpec(n_inputs=6, n_outputs=3, hidden=(5,))          # 6*5+5 + 5*3+3 = 53 parameters
@@ -185,6 +185,14 @@ def test_non_finite_gradient_is_refused(bad):
     g[7] = bad
     assert error_code(push(shard, g, seq=1, clock=0)) == protocol.E_PAYLOAD
     assert shard.params.tobytes() == before.tobytes() and shard.version == 0
+
+
+def test_a_server_answers_a_piece_it_does_not_hold_with_the_requests_seq():
+    """So the client raises E_SHARD at once instead of waiting for a reply it never matches."""
+    server = Server(ASYNC, SPEC, 0, model_layout(SPEC).pieces(ASYNC.shards))
+    shard, replies = server.handle(b"p", request("pull", 7, shard=1))
+    header = only(replies)[0]
+    assert shard is None and (header["seq"], header["code"]) == (7, protocol.E_SHARD)
 
 
 def test_pull_for_another_shard_and_unknown_op():
