@@ -35,6 +35,9 @@ from common import protocol
 from common.errors import ClusterError
 
 
+WAIT_TICK = 0.1    # seconds without a reply before ShardClient.while_waiting runs
+
+
 def make_socket(ctx: zmq.Context, kind: int, address: str, *, bind: bool = False) -> zmq.Socket:
     """A socket with linger 0 (closing never blocks), connected or bound to `address`."""
     sock = ctx.socket(kind)
@@ -52,9 +55,11 @@ class ShardClient:
 
     def __init__(self, addresses: list[str], ranges: list[tuple[int, int]], node: str,
                  timeout: float = 30.0, retries: int = 3, ctx: zmq.Context | None = None,
-                 before_retry: Callable[[], None] | None = None):
-        """`before_retry` runs before a request is sent again: a chance to `reconnect`
-        to a server that has been replaced meanwhile."""
+                 while_waiting: Callable[[], None] | None = None):
+        """`while_waiting` runs whenever WAIT_TICK seconds pass without a reply: the
+        caller's chance to answer its own peers (the scheduler's heartbeats) and to
+        `reconnect` to a server that has been replaced. A piece whose socket it
+        replaces is sent again at once."""
         if len(addresses) != len(ranges):
             raise ValueError(f"{len(addresses)} addresses for {len(ranges)} shard ranges")
         self.ctx = ctx or zmq.Context.instance()
@@ -63,7 +68,7 @@ class ShardClient:
         self.addresses = list(addresses)
         self._socks: dict[str, zmq.Socket] = {}   # server address -> its DEALER
         self._connect()
-        self.before_retry = before_retry
+        self.while_waiting = while_waiting
         self.seq = 0
         self._pending: dict[int, tuple[int, list, str]] | None = None  # shard -> (seq, frames, op)
         self._trackers: list[zmq.MessageTracker] = []
@@ -141,10 +146,17 @@ class ShardClient:
         replies: dict[int, dict[str, Any]] = {}
         attempts = dict.fromkeys(pending, 0)
         deadline = dict.fromkeys(pending, time.monotonic() + self.timeout)
+        sent_on = {s: self._socks[self.addresses[s]] for s in pending}
         while len(replies) < len(pending):
             now = time.monotonic()
             for s in pending:
-                if s in replies or now < deadline[s]:
+                if s in replies:
+                    continue
+                if self._socks[self.addresses[s]] is not sent_on[s]:    # reconnected meanwhile:
+                    sent_on[s], deadline[s] = self._socks[self.addresses[s]], now + self.timeout
+                    self._post(s, pending[s][1])                  # to the new server, at once
+                    continue
+                if now < deadline[s]:
                     continue
                 if attempts[s] >= self.retries:
                     raise ClusterError(
@@ -152,11 +164,14 @@ class ShardClient:
                         f"{self.retries + 1} attempts of {self.timeout:g} s; is the server running?")
                 attempts[s] += 1
                 deadline[s] = now + self.timeout
-                if self.before_retry is not None:
-                    self.before_retry()                           # sockets may be new now
                 self._post(s, pending[s][1])                      # the same seq: idempotent
             wait = max(0.0, min(deadline[s] for s in pending if s not in replies) - now)
-            for sock, _ in self._poller.poll(1000 * wait):
+            if self.while_waiting is not None:
+                wait = min(wait, WAIT_TICK)
+            events = self._poller.poll(1000 * wait)
+            if not events and self.while_waiting is not None:
+                self.while_waiting()                              # may reconnect pieces
+            for sock, _ in events:
                 frames = sock.recv_multipart(copy=False)
                 header, payload = protocol.decode(frames)
                 s = piece_of.get(header.get("seq"))

@@ -100,7 +100,7 @@ class Scheduler:
         self.client = ShardClient([self.servers[s].addr for s, _, _ in self.pieces],
                                   [(lo, hi) for _, lo, hi in self.pieces], "scheduler",
                                   self.cfg.timeout_s, self.cfg.retries, self.ctx,
-                                  before_retry=self._tend)
+                                  while_waiting=self._tend)
         try:
             end = self._train()
             self.client.call_all("shutdown")
@@ -360,8 +360,9 @@ class Scheduler:
         self._live_changed = True             # the main loop tells the servers (sync, ssp)
 
     def _tend(self, timeout_ms: int = 0) -> None:
-        """Answer registrations and heartbeats, and notice deaths. Also runs while a
-        request to a server is being retried, so that a replacement can register."""
+        """Answer registrations and heartbeats, and notice deaths. Also runs while the
+        scheduler waits for a server's reply, so that nodes go on hearing from it (they
+        give up after dead_after_s of silence) and a replacement server can register."""
         self._serve_once(timeout_ms)
         self._check_liveness()
 

@@ -212,8 +212,9 @@ def test_a_killed_server_is_replaced_from_its_checkpoint_and_the_run_goes_on(bac
     scheduler = background("scheduler", "--bind", address, "--mode", "async", "--workers", 1,
                            "--synthetic", 6000, "--hidden", 64, "--epochs", 30, "--batch-size", 20,
                            "--eval-every", 1, "--progress", "lines", "--metrics", metrics,
-                           "--checkpoint-every-s", 0.3, "--dead-after-s", 1, "--timeout-s", 1,
-                           "--retries", 30)
+                           "--checkpoint-every-s", 0.3, "--dead-after-s", 1, "--retries", 0)
+    # the default 30 s timeout and no retry: the run goes on only because the scheduler and the
+    # worker keep answering heartbeats while they wait, and resend to the replacement at once
     server = background("server", "--scheduler", address, "--bind", f"ipc://{tmp_path}/s0",
                         "--checkpoint-dir", checkpoints)
     worker = background("worker", "--scheduler", address)

@@ -569,3 +569,34 @@ def test_shard_client_sends_the_pieces_of_one_server_in_order_on_one_connection(
         server.close()
     finally:
         ctx.term()
+
+
+def test_shard_client_runs_while_waiting_and_resends_a_reconnected_piece_at_once(tmp_path):
+    """While a server stays silent the client calls `while_waiting` every WAIT_TICK (the
+    scheduler answers heartbeats there); a piece it moves to a new server is sent there
+    at once, not after the timeout, and without spending a retry."""
+    ctx = zmq.Context()
+    try:
+        silent, there = f"ipc://{tmp_path}/silent", f"ipc://{tmp_path}/there"
+        make_socket(ctx, zmq.ROUTER, silent, bind=True)          # takes requests, never answers
+        moved = make_socket(ctx, zmq.ROUTER, there, bind=True)
+        calls = []
+
+        def while_waiting():
+            calls.append(1)
+            if len(calls) == 3:
+                client.reconnect(0, there)
+            elif moved.poll(0):
+                ident, header, *_ = moved.recv_multipart()
+                moved.send_multipart([ident, *protocol.encode(
+                    {"op": "ok", "node": "s", "seq": msgpack.unpackb(header)["seq"], "clock": 7},
+                    np.ones(4, np.float32))])
+
+        with ShardClient([silent], [(0, 4)], "scheduler", timeout=60, retries=0, ctx=ctx,
+                         while_waiting=while_waiting) as client:
+            out = np.zeros(4, np.float32)
+            assert client.pull(out) == 7                         # retries=0: a timeout would raise
+            assert out.tolist() == [1] * 4
+        assert len(calls) >= 4
+    finally:
+        ctx.destroy(linger=0)

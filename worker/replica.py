@@ -179,7 +179,7 @@ def main(cfg: Config) -> int:
                           [s for s, _, _ in pieces])
         heartbeat = Heartbeat(ctx, cfg.scheduler, node, run.heartbeat_s, run.dead_after_s,
                               lambda: dict(replica.progress))
-        client.before_retry = lambda: replica._follow(heartbeat.reply.get("servers"))
+        client.while_waiting = lambda: replica._follow(heartbeat.reply.get("servers"))
         heartbeat.start()
         try:
             replica.run(heartbeat)
