@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from common.errors import DataError
-from common.fileio import atomic_write
-from common.layout import Layout
+from downpour.common.errors import DataError
+from downpour.common.fileio import atomic_write
+from downpour.common.layout import Layout
 
 
 def save_arrays(path: str | os.PathLike, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:

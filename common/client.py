@@ -31,9 +31,8 @@ from typing import Any, Callable
 import numpy as np
 import zmq
 
-from common import protocol
-from common.errors import ClusterError
-
+from downpour.common import protocol
+from downpour.common.errors import ClusterError
 
 WAIT_TICK = 0.1    # seconds without a reply before ShardClient.while_waiting runs
 

@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Iterable, Mapping
 
-from common.errors import ConfigError
+from downpour.common.errors import ConfigError
 
 try:
     import tomllib

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.errors import ConfigError, DataError
+from downpour.common.errors import ConfigError, DataError
 
 DEFAULT_DATA_DIR = "data/mnist"  # used when $DOWNPOUR_DATA_DIR is not set
 MNIST_SHAPE = (28, 28)

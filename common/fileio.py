@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-from common.errors import ConfigError
+from downpour.common.errors import ConfigError
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:

@@ -26,7 +26,7 @@ import math
 
 import numpy as np
 
-from common.errors import ConfigError
+from downpour.common.errors import ConfigError
 
 INITIALIZERS = ("lecun_normal", "lecun_uniform", "xavier_normal", "xavier_uniform",
                 "he_normal", "he_uniform", "normal", "uniform", "zeros", "ones")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.errors import ConfigError
+from downpour.common.errors import ConfigError
 
 Spec = tuple[str, tuple[int, ...], str]   # (name, shape, initialiser)
 

@@ -23,7 +23,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from common.errors import ConfigError
+from downpour.common.errors import ConfigError
 
 
 @dataclass(frozen=True)

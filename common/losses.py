@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.errors import ConfigError
+from downpour.common.errors import ConfigError
 
 
 def one_hot(labels: np.ndarray, k: int, dtype) -> np.ndarray:

@@ -15,7 +15,7 @@ import sys
 import time
 from typing import IO, Any
 
-from common.errors import ConfigError
+from downpour.common.errors import ConfigError
 
 
 class MetricsLog:

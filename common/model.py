@@ -25,11 +25,11 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from common.errors import ConfigError
-from common.initializers import DEFAULT_FOR_ACTIVATION, INITIALIZERS, initial_vector
-from common.layers import ACTIVATIONS, BatchNorm, Dense, Dropout, Layer, LeakyReLU, ReLU
-from common.layout import Layout
-from common.losses import LOSSES, make_loss
+from downpour.common.errors import ConfigError
+from downpour.common.initializers import DEFAULT_FOR_ACTIVATION, INITIALIZERS, initial_vector
+from downpour.common.layers import ACTIVATIONS, BatchNorm, Dense, Dropout, Layer, LeakyReLU, ReLU
+from downpour.common.layout import Layout
+from downpour.common.losses import LOSSES, make_loss
 
 
 @dataclass(frozen=True)
@@ -163,8 +163,8 @@ class Model:
             prefix = f"{i}.{layer.kind}."
             layer.bind(_own(pv, prefix), _own(gv, prefix), _own(bv, prefix))
         self.loss = make_loss(spec.loss)
-        self._dense = [l for l in self.layers if isinstance(l, Dense)]
-        self._scratch = np.empty(max(l.W.size for l in self._dense), self.dtype)
+        self._dense = [layer for layer in self.layers if isinstance(layer, Dense)]
+        self._scratch = np.empty(max(d.W.size for d in self._dense), self.dtype)
 
     def forward(self, x: np.ndarray, train: bool = False) -> np.ndarray:
         """The output (B, n_outputs), logits for the classification losses."""
@@ -214,19 +214,19 @@ class Model:
         running statistics were never accumulated here. The k-th batch enters with
         momentum 1/k, so the result is the plain mean of the batch statistics.
         """
-        norms = [l for l in self.layers if isinstance(l, BatchNorm)]
+        norms = [layer for layer in self.layers if isinstance(layer, BatchNorm)]
         if not norms:
             return
-        saved = [l.momentum for l in norms]
+        saved = [norm.momentum for norm in norms]
         try:
             for k, lo in enumerate(range(0, min(len(x), batches * batch_size) - batch_size + 1,
                                          batch_size), start=1):
-                for l in norms:
-                    l.momentum = 1.0 / k
+                for norm in norms:
+                    norm.momentum = 1.0 / k
                 self.forward(x[lo:lo + batch_size], train=True)
         finally:
-            for l, m in zip(norms, saved):
-                l.momentum = m
+            for norm, m in zip(norms, saved):
+                norm.momentum = m
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int = 1000) -> tuple[float, float]:
         """Mean loss (without regularisers) and accuracy on (x, y), in evaluation mode."""

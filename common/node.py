@@ -22,9 +22,9 @@ from typing import Any, Callable
 
 import zmq
 
-from common import protocol
-from common.client import make_socket
-from common.errors import ClusterError
+from downpour.common import protocol
+from downpour.common.client import make_socket
+from downpour.common.errors import ClusterError
 
 
 def register(ctx: zmq.Context, scheduler: str, node: str, meta: dict[str, Any],

@@ -26,7 +26,7 @@ import math
 
 import numpy as np
 
-from common.errors import ConfigError
+from downpour.common.errors import ConfigError
 
 CHUNK = 65536
 """Elements per chunk: 64 Ki float32 = 256 KiB per array (measured best of 16 Ki..256 Ki)."""
@@ -185,7 +185,8 @@ class Optimizer:
                 raise ConfigError(f"state_dict size {size} differs from this optimizer's {self._size}")
             state = tuple(self._load_array(d, s, size) for s in self.state_names)
             if len({a.dtype for a in state}) > 1:
-                raise ConfigError(f"{self.name} state arrays differ in dtype: {[a.dtype.name for a in state]}")
+                raise ConfigError(f"{self.name} state arrays differ in dtype: "
+                                  f"{[a.dtype.name for a in state]}")
         self.t, self.scalars, self._state, self._size = t, scalars, state, size
 
     def _load_array(self, d, s, size):
@@ -197,8 +198,9 @@ class Optimizer:
             a = avg / np.array(tb[0][1], avg.dtype)
         if not (isinstance(a, np.ndarray) and a.dtype.kind == "f" and a.shape == (size,)):
             also = f" (or {tb[0][0]!r})" if tb else ""
+            got = f"{getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}"
             raise ConfigError(f"{self.name} state_dict {s!r}{also} must be a floating array of shape "
-                              f"({size},), got {getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}")
+                              f"({size},), got {got}")
         return np.array(a, order="C", copy=True)
 
     def _check_arrays(self, param, grad):

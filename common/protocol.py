@@ -67,7 +67,7 @@ from typing import Any, Iterable, Sequence
 import msgpack
 import numpy as np
 
-from common.errors import ProtocolError
+from downpour.common.errors import ProtocolError
 
 VERSION = 1
 MAX_HEADER = 64 * 1024               # bytes; checked before unpacking

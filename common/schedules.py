@@ -23,7 +23,7 @@ Unlike torch, which waits for patience + 1 bad epochs, plateau cuts at the
 import math
 import numbers
 
-from common.errors import ConfigError
+from downpour.common.errors import ConfigError
 
 # key -> (what it must be, test, integer?)
 _KEYS = {

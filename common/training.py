@@ -9,19 +9,27 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-
-from common.config import Config
 from typing import Any, Iterator
 
 import numpy as np
 
-from common.checkpoint import save_model
-from common.data import (Dataset, batch_indices, default_data_dir, epoch_permutation, has_mnist,
-                         load_mnist, partition, steps_per_epoch, synthetic_dataset)
-from common.errors import ConfigError, DataError
-from common.metrics import MetricsLog, Progress
-from common.model import Model, ModelSpec
-from common.optim import clip_by_global_norm, clip_by_value
+from downpour.common.checkpoint import save_model
+from downpour.common.config import Config
+from downpour.common.data import (
+    Dataset,
+    batch_indices,
+    default_data_dir,
+    epoch_permutation,
+    has_mnist,
+    load_mnist,
+    partition,
+    steps_per_epoch,
+    synthetic_dataset,
+)
+from downpour.common.errors import ConfigError, DataError
+from downpour.common.metrics import MetricsLog, Progress
+from downpour.common.model import Model, ModelSpec
+from downpour.common.optim import clip_by_global_norm, clip_by_value
 
 SYNTHETIC_DEFAULT = 10_000       # training samples when no MNIST is found
 

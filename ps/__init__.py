@@ -1,1 +1,1 @@
-"""The parameter-server side: shard servers and the scheduler. Imports `common` only."""
+"""The parameter-server side: shard servers and the scheduler. Imports `downpour.common` only."""

@@ -31,17 +31,23 @@ from typing import Any
 
 import zmq
 
-from common import config, protocol
-from common.client import ShardClient
-from common.config import Config
-from common.errors import ClusterError, ProtocolError
-from common.fileio import atomic_write
-from common.metrics import MetricsLog, Progress
-from common.model import Model
-from common.schedules import parse_schedule
-from common.training import (EarlyStopping, check_cluster, finish, model_spec, open_datasets,
-                             worker_steps)
-from ps.server import bind_router
+from downpour.common import config, protocol
+from downpour.common.client import ShardClient
+from downpour.common.config import Config
+from downpour.common.errors import ClusterError, ProtocolError
+from downpour.common.fileio import atomic_write
+from downpour.common.metrics import MetricsLog, Progress
+from downpour.common.model import Model
+from downpour.common.schedules import parse_schedule
+from downpour.common.training import (
+    EarlyStopping,
+    check_cluster,
+    finish,
+    model_spec,
+    open_datasets,
+    worker_steps,
+)
+from downpour.ps.server import bind_router
 
 
 @dataclass

@@ -20,13 +20,13 @@ from dataclasses import replace
 
 import zmq
 
-from common import config, protocol
-from common.client import make_socket
-from common.config import Config
-from common.errors import ConfigError, ProtocolError
-from common.model import ModelSpec, initial_params, model_layout
-from common.node import Heartbeat, register
-from ps.shard import Reply, Shard
+from downpour.common import config, protocol
+from downpour.common.client import make_socket
+from downpour.common.config import Config
+from downpour.common.errors import ConfigError, ProtocolError
+from downpour.common.model import ModelSpec, initial_params, model_layout
+from downpour.common.node import Heartbeat, register
+from downpour.ps.shard import Reply, Shard
 
 
 def bind_router(ctx: zmq.Context, address: str) -> tuple[zmq.Socket, str]:

@@ -39,13 +39,13 @@ from typing import Any
 import numpy as np
 import zmq
 
-from common import protocol
-from common.checkpoint import load_arrays, save_arrays
-from common.config import Config
-from common.errors import ConfigError, DataError, ProtocolError
-from common.model import ModelSpec, initial_params
-from common.optim import make_optimizer
-from common.schedules import parse_schedule
+from downpour.common import protocol
+from downpour.common.checkpoint import load_arrays, save_arrays
+from downpour.common.config import Config
+from downpour.common.errors import ConfigError, DataError, ProtocolError
+from downpour.common.model import ModelSpec, initial_params
+from downpour.common.optim import make_optimizer
+from downpour.common.schedules import parse_schedule
 
 Reply = tuple[bytes, list]          # (ROUTER identity, frames)
 
@@ -254,12 +254,14 @@ class Shard:
         if "lr_scale" in meta:
             scale = meta["lr_scale"]
             if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
-                raise protocol.error(protocol.E_MALFORMED, f"lr_scale must be a finite number > 0, got {scale!r}")
+                raise protocol.error(protocol.E_MALFORMED,
+                                     f"lr_scale must be a finite number > 0, got {scale!r}")
         if "live" in meta:
             live = meta["live"]
             if not isinstance(live, list) or not all(
                     type(r) is int and 0 <= r < self.cfg.workers for r in live):
-                raise protocol.error(protocol.E_MALFORMED, f"live must be a list of worker ranks, got {live!r}")
+                raise protocol.error(protocol.E_MALFORMED,
+                                     f"live must be a list of worker ranks, got {live!r}")
             self.live = set(live)
         if "lr_scale" in meta:                    # after every check: an error changes nothing
             self.schedule.scale = float(meta["lr_scale"])

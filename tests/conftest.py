@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from common.launch import CLI, child_env
+from downpour.launch import CLI, child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_MNIST = ROOT.parent / "shared" / "data" / "mnist"

@@ -1,37 +1,152 @@
-"""Dependencies point one way: ps and worker import common, never each other; common
-imports neither, except the command line (common/cli.py), which imports roles lazily."""
+"""Dependencies point one way, with no exemption.
+
+    downpour (app/)        the application: may import everything
+    downpour.ps, .worker   import downpour.common only, never each other
+    downpour.common        imports nothing else of the project
+
+An import counts however it is written: `import`, `from ... import` (relative ones
+resolved), `importlib.import_module` / `__import__` with a constant name, and a module
+named in a string ("downpour.ps.server" or a "pkg.module:function" table entry). A
+dynamic import whose name the test cannot read is itself a violation in the library.
+"""
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FORBIDDEN = {"common": {"ps", "worker"}, "ps": {"worker"}, "worker": {"ps"}}
+FOLDERS = {"app": "downpour", "common": "downpour.common", "ps": "downpour.ps",
+           "worker": "downpour.worker"}
+LIBRARY = ("downpour.common", "downpour.ps", "downpour.worker")
+ALLOWED = {  # layer -> the project layers it may import (itself always allowed)
+    "downpour.common": set(),
+    "downpour.ps": {"downpour.common"},
+    "downpour.worker": {"downpour.common"},
+}
+OLD_TOP_LEVEL = {"common", "ps", "worker"}  # the names before the namespace; never imported
+MODULE_STRING = re.compile(r"^(?:downpour(?:\.\w+)+|(?:downpour|common|ps|worker)(?:\.\w+)*:\w+)$")
+IMPORT_CALLS = {"import_module", "__import__"}
 
 
-def imported_packages(path: Path) -> set[str]:
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+def layer(module: str) -> str | None:
+    """The layer a dotted module name belongs to: a library package, the application
+    ("downpour"), or None for anything outside the project."""
+    parts = module.split(".")
+    if parts[0] in OLD_TOP_LEVEL:
+        return "downpour." + parts[0]
+    if parts[0] != "downpour":
+        return None
+    return ".".join(parts[:2]) if ".".join(parts[:2]) in LIBRARY else "downpour"
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT)
+    parts = [FOLDERS[rel.parts[0]], *rel.parts[1:-1]]
+    return ".".join(parts + ([] if rel.stem == "__init__" else [rel.stem]))
+
+
+def docstrings(tree: ast.AST) -> set[int]:
+    ids = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+                ids.add(id(body[0].value))
+    return ids
+
+
+def imports(source: str, module: str, is_package: bool = False) -> tuple[set[str], list[str]]:
+    """(every module `source` imports, problems the test cannot resolve), for the module
+    named `module`."""
+    tree = ast.parse(source)
+    found, problems = set(), []
+    package = module if is_package else module.rpartition(".")[0]
+    skip = docstrings(tree)
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            names |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module.split(".")[0])
-    return names
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module
+            found.add(target)
+            found |= {f"{target}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Call):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+            if name in IMPORT_CALLS:
+                arg = node.args[0] if node.args else None
+                if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+                    found.add(arg.value)
+                else:
+                    problems.append(f"line {node.lineno}: {name}() of a name the test cannot read")
+        elif (isinstance(node, ast.Constant) and isinstance(node.value, str)
+              and id(node) not in skip and MODULE_STRING.match(node.value)):
+            found.add(node.value.split(":")[0])
+    return found, problems
 
 
-@pytest.mark.parametrize("package", sorted(FORBIDDEN))
-def test_dependency_direction(package):
-    for path in sorted((ROOT / package).glob("*.py")):
-        if path == ROOT / "common" / "cli.py":
-            continue
-        bad = imported_packages(path) & FORBIDDEN[package]
-        assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+def violations(source: str, module: str, is_package: bool = False) -> list[str]:
+    """What in `source` (the text of `module`) breaks the layering."""
+    own = layer(module)
+    found, problems = imports(source, module, is_package)
+    for target in sorted(found):
+        if target.split(".")[0] in OLD_TOP_LEVEL:
+            problems.append(f"imports {target!r}: use the namespace, downpour.{target}")
+        theirs = layer(target)
+        if own in ALLOWED and theirs is not None and theirs != own and theirs not in ALLOWED[own]:
+            problems.append(f"imports {target!r}: {own} may import only "
+                            f"{sorted(ALLOWED[own]) or 'nothing else of the project'}")
+    return problems
+
+
+def sources(*folders: str) -> list[Path]:
+    return sorted(p for f in folders for p in (ROOT / f).rglob("*.py"))
+
+
+@pytest.mark.parametrize("folder", ["common", "ps", "worker", "app", "tests"])
+def test_dependency_direction(folder):
+    bad = {}
+    for path in sources(folder):
+        module = module_name(path) if folder != "tests" else f"tests.{path.stem}"
+        problems = violations(path.read_text(), module, path.stem == "__init__")
+        if problems:
+            bad[str(path.relative_to(ROOT))] = problems
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("module, source, expected", [
+    ("downpour.common.model", "from downpour.ps import server", "downpour.ps.server"),
+    ("downpour.common.model", "from downpour.cli import main", "downpour.cli"),
+    ("downpour.common.model", "from ..ps.shard import Piece", "downpour.ps.shard"),
+    ("downpour.ps.server", "import downpour.worker.replica", "downpour.worker.replica"),
+    ("downpour.worker.single", "from downpour.launch import launch", "downpour.launch"),
+    ("downpour.worker.single", "ROLES = {'x': 'downpour.ps.scheduler:main'}", "downpour.ps.scheduler"),
+    ("downpour.common.cfg", "importlib.import_module('downpour.worker.single')", "downpour.worker"),
+    ("downpour.common.cfg", "import_module(f'downpour.worker.{mode}')", "cannot read"),
+    ("downpour.ps.shard", "from common.layout import Layout", "use the namespace"),
+])
+def test_the_check_catches_every_kind_of_upward_import(module, source, expected):
+    assert any(expected in p for p in violations(source, module)), violations(source, module)
+
+
+@pytest.mark.parametrize("module, source", [
+    ("downpour.ps.server", "from downpour.common import protocol\nfrom . import shard"),
+    ("downpour.worker.replica", '"""Runs downpour.ps.server beside it."""\nimport numpy'),
+    ("downpour.cli", "from downpour.ps.scheduler import main\nfrom downpour.worker import single"),
+])
+def test_the_check_allows_what_the_layering_allows(module, source):
+    assert violations(source, module) == []
 
 
 def test_no_pickle_anywhere():
-    for package in FORBIDDEN:
-        for path in (ROOT / package).glob("*.py"):
-            text = path.read_text()
-            assert "pickle" not in imported_packages(path), path
-            assert "send_pyobj" not in text and "recv_pyobj" not in text, path
+    for path in sources("app", "common", "ps", "worker"):
+        text = path.read_text()
+        found, _ = imports(text, module_name(path))
+        assert not {"pickle", "cPickle", "dill"} & {m.split(".")[0] for m in found}, path
+        assert "send_pyobj" not in text and "recv_pyobj" not in text, path

@@ -10,7 +10,7 @@ def test_train_on_synthetic_data_writes_metrics(downpour, tmp_path):
                  "--batch-size", "50", "--metrics", "m.jsonl", "--save", "model.npz")
     assert r.returncode == 0, r.stderr
     assert "synthetic data: 1000 training and 200 held-out samples" in r.stderr
-    lines = [json.loads(l) for l in (tmp_path / "m.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
     assert lines[-1]["event"] == "end" and lines[-1]["updates"] == 20
     assert (tmp_path / "model.npz").is_file()
     assert not list(tmp_path.glob(".model.npz.*"))              # no temporary left behind

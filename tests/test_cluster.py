@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from common.checkpoint import load_model
-from common.launch import CLI, child_env
+from downpour.common.checkpoint import load_model
+from downpour.launch import CLI, child_env
 
 SMALL = ["--synthetic", "2000", "--hidden", "32", "--epochs", "2", "--batch-size", "50",
          "--progress", "none", "--eval-every", "0"]
@@ -40,10 +40,10 @@ def descendants(pid):
 
 
 def role(pid):
-    """The downpour command a process runs: python -m common.cli ROLE ..."""
+    """The downpour command a process runs: python -m downpour.cli ROLE ..."""
     with open(f"/proc/{pid}/cmdline", "rb") as f:
         argv = f.read().split(b"\0")
-    return argv[3].decode() if len(argv) > 3 and argv[2] == b"common.cli" else None
+    return argv[3].decode() if len(argv) > 3 and argv[2] == b"downpour.cli" else None
 
 
 def alive(pid):
@@ -59,7 +59,8 @@ def background(tmp_path):
     """Start `downpour ARGS` in its own session; whatever is left is killed at teardown."""
     started = []
     def start(*args, **kwargs):
-        p = subprocess.Popen([*CLI, *map(str, args)], cwd=tmp_path, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        p = subprocess.Popen([*CLI, *map(str, args)], cwd=tmp_path, env=child_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              start_new_session=True, **kwargs)
         started.append(p)
         return p
@@ -282,8 +283,8 @@ def test_early_stopping_and_plateau_reach_a_cluster(downpour, tmp_path):
                  "--eval-every", 0.5, "--heartbeat-s", 0.05, "--progress", "lines",
                  "--metrics", "m.jsonl")
     assert r.returncode == 0, r.stderr
-    lines = [json.loads(l) for l in (tmp_path / "m.jsonl").read_text().splitlines()]
-    end, evals = lines[-1], [l for l in lines if l["event"] == "eval"]
+    lines = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    end, evals = lines[-1], [m for m in lines if m["event"] == "eval"]
     assert end["stopped_early"] and end["samples"] < 40 * (4000 // 100) * 100   # not all epochs
     assert r.stderr.count("early stop") == 1
     lrs = [e["lr"] for e in evals]

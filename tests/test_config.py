@@ -4,9 +4,9 @@ import argparse
 
 import pytest
 
-from common import config
-from common.config import Config, resolve
-from common.errors import ConfigError
+from downpour.common import config
+from downpour.common.config import Config, resolve
+from downpour.common.errors import ConfigError
 
 
 def parse(argv, environ=None):

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.data import (
+from downpour.common.data import (
     Dataset,
     batch_indices,
     default_data_dir,
@@ -22,7 +22,7 @@ from common.data import (
     steps_per_epoch,
     synthetic_dataset,
 )
-from common.errors import ConfigError, DataError
+from downpour.common.errors import ConfigError, DataError
 
 SHARED_MNIST = Path(__file__).resolve().parents[1].parent / "shared/data/mnist"
 needs_mnist = pytest.mark.skipif(not SHARED_MNIST.is_dir(),

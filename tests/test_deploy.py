@@ -15,10 +15,11 @@ import socket
 import subprocess
 
 import pytest
-
-from common import cli, config
-from common.launch import CLI, child_env
 from conftest import ROOT
+
+from downpour import cli
+from downpour.common import config
+from downpour.launch import CLI, child_env
 
 yaml = pytest.importorskip("yaml")
 
@@ -65,7 +66,7 @@ def test_dockerfile_is_one_slim_non_root_image_with_downpour_as_entrypoint():
     assert users and users[-1] not in ("root", "0")
     assert words.index("USER") > max(i for i, w in enumerate(words) if w == "RUN")
     copied = " ".join(arg for w, arg in instructions if w == "COPY")
-    for needed in ("pyproject.toml", "common", "ps", "worker"):
+    for needed in ("pyproject.toml", "app", "common", "ps", "worker"):
         assert needed in copied
     assert any("pip install ." in arg for w, arg in instructions if w == "RUN")
 
@@ -148,7 +149,7 @@ def test_a_cluster_from_the_compose_commands_finishes_a_training_run(compose, tm
             if p.poll() is None:
                 p.kill()
                 p.wait(timeout=10)
-    lines = [json.loads(l) for l in (tmp_path / "runs" / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (tmp_path / "runs" / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["event"] == "end" and lines[-1]["workers"] == 2 and lines[-1]["shards"] == 2
     assert (tmp_path / "runs" / "model.npz").is_file()
     assert len(list((tmp_path / "checkpoints").glob("piece-*.npz"))) >= 2   # written on shutdown

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from common import download
-from common.download import MNIST_FILES, download_mnist, file_md5
-from common.errors import ConfigError, DataError
+from downpour import download
+from downpour.common.errors import ConfigError, DataError
+from downpour.download import MNIST_FILES, download_mnist, file_md5
 
 SHARED_MNIST = Path(__file__).resolve().parents[1].parent / "shared/data/mnist"
 T10K = ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]

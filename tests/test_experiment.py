@@ -4,7 +4,7 @@ import csv
 
 import pytest
 
-from common.experiment import COLUMNS, plan
+from downpour.experiment import COLUMNS, plan
 
 pytest.importorskip("matplotlib")
 PNG = b"\x89PNG\r\n\x1a\n"

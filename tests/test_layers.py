@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
-
-from common.errors import ConfigError
-from common.layers import (BatchNorm, Dense, Dropout, LeakyReLU, ReLU, Sigmoid, Softmax, Tanh)
 from gradcheck import numeric_grad, rel_error
+
+from downpour.common.errors import ConfigError
+from downpour.common.layers import BatchNorm, Dense, Dropout, LeakyReLU, ReLU, Sigmoid, Softmax, Tanh
 
 TOL = 1e-6
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from common.errors import ConfigError
-from common.layout import Layout
+from downpour.common.errors import ConfigError
+from downpour.common.layout import Layout
 
 
 def test_offsets_follow_order():

@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
-
-from common.errors import ConfigError
-from common.losses import LOSSES, make_loss
 from gradcheck import numeric_grad, rel_error
+
+from downpour.common.errors import ConfigError
+from downpour.common.losses import LOSSES, make_loss
 
 
 def targets(name, rng, B, K, labels):

@@ -3,7 +3,7 @@
 import io
 import json
 
-from common.metrics import MetricsLog, Progress
+from downpour.common.metrics import MetricsLog, Progress
 
 
 class Terminal(io.StringIO):
@@ -18,8 +18,8 @@ def test_metrics_lines_are_complete_json(tmp_path):
     assert json.loads(path.read_text())["samples"] == 10      # flushed before close
     log.write("end", samples=20)
     log.close()
-    lines = [json.loads(l) for l in path.read_text().splitlines()]
-    assert [l["event"] for l in lines] == ["eval", "end"] and all("time" in l for l in lines)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [m["event"] for m in lines] == ["eval", "end"] and all("time" in m for m in lines)
     assert log.events == lines
 
 

@@ -2,12 +2,12 @@
 
 import numpy as np
 import pytest
-
-from common.errors import ConfigError
-from common.initializers import INITIALIZERS, draw
-from common.layers import Dropout
-from common.model import Model, ModelSpec, initial_params, model_layout
 from gradcheck import numeric_grad, rel_error
+
+from downpour.common.errors import ConfigError
+from downpour.common.initializers import INITIALIZERS, draw
+from downpour.common.layers import Dropout
+from downpour.common.model import Model, ModelSpec, initial_params, model_layout
 
 CASES = [  # (activation, batchnorm, dropout, loss, l1, l2)
     ("relu", False, 0.0, "softmax_ce", 0.0, 0.0),
@@ -25,7 +25,7 @@ def test_loss_gradient_matches_finite_differences(activation, batchnorm, dropout
     model = Model(spec, seed=1, dtype=np.float64)
     rng = np.random.default_rng(2)
     x, y = rng.standard_normal((6, 4)), rng.integers(0, 3, 6)
-    dropouts = [l for l in model.layers if isinstance(l, Dropout)]
+    dropouts = [layer for layer in model.layers if isinstance(layer, Dropout)]
 
     def f():
         for i, layer in enumerate(dropouts):          # the same masks at every evaluation

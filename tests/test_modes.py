@@ -5,11 +5,11 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-
-from common.config import Config
-from common.errors import ConfigError
-from common.training import check_cluster
 from test_server import LR, answer, grads, make_shard, request, stats
+
+from downpour.common.config import Config
+from downpour.common.errors import ConfigError
+from downpour.common.training import check_cluster
 
 SSP = Config(mode="ssp", workers=3, shards=1, optimizer="sgd", lr=0.1)
 

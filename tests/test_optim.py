@@ -7,9 +7,9 @@ import io
 import numpy as np
 import pytest
 
-from common import optim
-from common.errors import ConfigError
-from common.optim import OPTIMIZERS, clip_by_global_norm, clip_by_value, make_optimizer
+from downpour.common import optim
+from downpour.common.errors import ConfigError
+from downpour.common.optim import OPTIMIZERS, clip_by_global_norm, clip_by_value, make_optimizer
 
 LRS = (0.01, 0.02, 0.005)  # one learning rate per step: the schedule lives outside
 
@@ -19,12 +19,14 @@ CASES = [
     ("sgd", {}), ("sgd", {"weight_decay": 0.1}),
     ("momentum", {}), ("momentum", {"momentum": 0.5, "weight_decay": 0.1}),
     ("nesterov", {}), ("nesterov", {"momentum": 0.7, "weight_decay": 0.05}),
-    ("adagrad", {}), ("adagrad", {"lr_decay": 0.1, "initial_accumulator_value": 0.3, "eps": 1e-6, "weight_decay": 0.1}),
+    ("adagrad", {}),
+    ("adagrad", {"lr_decay": 0.1, "initial_accumulator_value": 0.3, "eps": 1e-6, "weight_decay": 0.1}),
     ("adadelta", {}), ("adadelta", {"rho": 0.8, "eps": 1e-4, "weight_decay": 0.1}),
     ("rmsprop", {}), ("rmsprop", {"alpha": 0.9, "eps": 1e-6, "weight_decay": 0.1}),
     ("adam", {}), ("adam", {"betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 0.1}),
     ("adamax", {}), ("adamax", {"betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 0.1}),
-    ("nadam", {}), ("nadam", {"betas": (0.8, 0.99), "eps": 1e-6, "momentum_decay": 0.01, "weight_decay": 0.1}),
+    ("nadam", {}),
+    ("nadam", {"betas": (0.8, 0.99), "eps": 1e-6, "momentum_decay": 0.01, "weight_decay": 0.1}),
 ]
 IDS = [f"{name}-{'default' if not h else 'custom'}" for name, h in CASES]
 WITH_DECAY = [(name, h) for name, h in CASES if h]

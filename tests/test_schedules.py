@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from common.errors import ConfigError
-from common.schedules import SCHEDULES, Plateau, Schedule, StepDecay, parse_schedule
+from downpour.common.errors import ConfigError
+from downpour.common.schedules import SCHEDULES, Plateau, Schedule, StepDecay, parse_schedule
 
 TS = [0, 1, 2, 7, 99, 100, 101, 999, 1000, 1001, 12345]
 

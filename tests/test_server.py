@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import zmq
 
-from common import protocol
-from common.client import ShardClient, make_socket
-from common.config import Config
-from common.errors import ClusterError, DataError
-from common.model import ModelSpec, initial_params, model_layout
-from ps.server import Server, standalone
-from ps.shard import Shard, worker_rank
+from downpour.common import protocol
+from downpour.common.client import ShardClient, make_socket
+from downpour.common.config import Config
+from downpour.common.errors import ClusterError, DataError
+from downpour.common.model import ModelSpec, initial_params, model_layout
+from downpour.ps.server import Server, standalone
+from downpour.ps.shard import Shard, worker_rank
 
 SPEC = ModelSpec(n_inputs=6, n_outputs=3, hidden=(5,))          # 6*5+5 + 5*3+3 = 53 parameters
 ASYNC = Config(mode="async", workers=1, shards=2, optimizer="sgd", lr=0.1)

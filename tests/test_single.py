@@ -5,12 +5,12 @@ import json
 import numpy as np
 import pytest
 
-from common.checkpoint import load_model
-from common.config import Config
-from common.model import Model, ModelSpec
-from common.errors import ConfigError
-from common.training import EarlyStopping, batch_gradient, open_datasets
-from worker.single import train
+from downpour.common.checkpoint import load_model
+from downpour.common.config import Config
+from downpour.common.errors import ConfigError
+from downpour.common.model import Model, ModelSpec
+from downpour.common.training import EarlyStopping, batch_gradient, open_datasets
+from downpour.worker.single import train
 
 
 def small(tmp_path, **overrides):
@@ -27,8 +27,8 @@ def test_metrics_and_saved_model(tmp_path):
     cfg = small(tmp_path, eval_every=0.5)
     end = train(cfg)
     lines = read_metrics(cfg.metrics)
-    evals = [l for l in lines if l["event"] == "eval"]
-    assert [l["event"] for l in lines] == ["eval"] * 4 + ["end"] and lines[-1] == end
+    evals = [m for m in lines if m["event"] == "eval"]
+    assert [m["event"] for m in lines] == ["eval"] * 4 + ["end"] and lines[-1] == end
     assert [e["updates"] for e in evals] == [20, 40, 60, 80]          # 40 steps per epoch
     assert [e["samples"] for e in evals] == [1000, 2000, 3000, 4000]
     for e in evals:
@@ -91,7 +91,7 @@ def test_micro_batches_must_divide_the_batch():
 def test_early_stopping_stops_when_held_out_loss_stops_falling(tmp_path):
     cfg = small(tmp_path, lr=0.0, patience=2, eval_every=0.25, epochs=5)
     end = train(cfg)                     # lr 0: the loss never falls after the first evaluation
-    evals = [l for l in read_metrics(cfg.metrics) if l["event"] == "eval"]
+    evals = [m for m in read_metrics(cfg.metrics) if m["event"] == "eval"]
     assert end["stopped_early"] and len(evals) == 3 and end["updates"] == 30
 
 
@@ -99,7 +99,7 @@ def test_plateau_schedule_lowers_the_learning_rate(tmp_path):
     cfg = small(tmp_path, optimizer="sgd", lr=1e-9, lr_schedule="plateau:factor=0.5,patience=1",
                 eval_every=0.25)
     train(cfg)
-    lrs = [l["lr"] for l in read_metrics(cfg.metrics) if l["event"] == "eval"]
+    lrs = [m["lr"] for m in read_metrics(cfg.metrics) if m["event"] == "eval"]
     assert lrs[0] == 1e-9 and lrs[-1] < lrs[0] and all(b <= a for a, b in zip(lrs, lrs[1:]))
 
 

@@ -1,4 +1,4 @@
-"""The worker side: replicas that compute gradients, and the single-process trainer.
+"""The worker side: replicas that compute gradients, the single-process trainer, Hogwild!.
 
-Imports `common` only.
+Imports `downpour.common` only.
 """

@@ -20,15 +20,23 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
-from common.config import Config
-from common.data import gather
-from common.errors import ClusterError, DownpourError
-from common.metrics import MetricsLog, Progress
-from common.model import Model, ModelSpec
-from common.optim import make_optimizer
-from common.schedules import parse_schedule
-from common.training import (EarlyStopping, batch_gradient, check_cluster, finish, model_spec,
-                             open_datasets, worker_batches, worker_steps)
+from downpour.common.config import Config
+from downpour.common.data import gather
+from downpour.common.errors import ClusterError, DownpourError
+from downpour.common.metrics import MetricsLog, Progress
+from downpour.common.model import Model, ModelSpec
+from downpour.common.optim import make_optimizer
+from downpour.common.schedules import parse_schedule
+from downpour.common.training import (
+    EarlyStopping,
+    batch_gradient,
+    check_cluster,
+    finish,
+    model_spec,
+    open_datasets,
+    worker_batches,
+    worker_steps,
+)
 
 # the progress table: one float64 row per worker
 SAMPLES, STEPS, LOSS_SUM, LOSS_COUNT, DONE, STOP, T_START, T_END = range(8)

@@ -26,16 +26,22 @@ from dataclasses import replace
 import numpy as np
 import zmq
 
-from common import config, protocol
-from common.client import ShardClient
-from common.config import Config
-from common.data import Dataset, gather
-from common.errors import ClusterError, ConfigError, DownpourError
-from common.protocol import RemoteError
-from common.model import Model, ModelSpec
-from common.node import Heartbeat, register
-from common.training import (batch_gradient, open_datasets, sync_batch, sync_versions,
-                             worker_batches, worker_steps)
+from downpour.common import config, protocol
+from downpour.common.client import ShardClient
+from downpour.common.config import Config
+from downpour.common.data import Dataset, gather
+from downpour.common.errors import ClusterError, ConfigError, DownpourError
+from downpour.common.model import Model, ModelSpec
+from downpour.common.node import Heartbeat, register
+from downpour.common.protocol import RemoteError
+from downpour.common.training import (
+    batch_gradient,
+    open_datasets,
+    sync_batch,
+    sync_versions,
+    worker_batches,
+    worker_steps,
+)
 
 
 class Replica:

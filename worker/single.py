@@ -19,15 +19,21 @@ import time
 
 import numpy as np
 
-from common.config import Config
-from common.data import gather, steps_per_epoch
-from common.errors import ConfigError, DownpourError
-from common.metrics import MetricsLog, Progress
-from common.model import Model
-from common.optim import make_optimizer
-from common.schedules import parse_schedule
-from common.training import (EarlyStopping, batch_gradient, finish, model_spec, open_datasets,
-                             worker_batches)
+from downpour.common.config import Config
+from downpour.common.data import gather, steps_per_epoch
+from downpour.common.errors import ConfigError, DownpourError
+from downpour.common.metrics import MetricsLog, Progress
+from downpour.common.model import Model
+from downpour.common.optim import make_optimizer
+from downpour.common.schedules import parse_schedule
+from downpour.common.training import (
+    EarlyStopping,
+    batch_gradient,
+    finish,
+    model_spec,
+    open_datasets,
+    worker_batches,
+)
 
 
 def train(cfg: Config, progress: Progress | None = None, metrics: MetricsLog | None = None) -> dict:

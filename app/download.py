@@ -20,8 +20,8 @@ import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from common.errors import ConfigError, DataError
-from common.fileio import atomic_write
+from downpour.common.errors import ConfigError, DataError
+from downpour.common.fileio import atomic_write
 
 DEFAULT_MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"  # torchvision's
 FALLBACK_MNIST_URL = "https://storage.googleapis.com/cvdf-datasets/mnist/"  # TensorFlow's

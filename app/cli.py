@@ -1,4 +1,4 @@
-"""The `downpour` command line, the one module that may reach `ps`, `worker` and `common`.
+"""The `downpour` command line: the application layer's entry point.
 
     downpour train [settings]             train: --mode single (one process, the baseline), or
                                           --mode async|sync (a local cluster of processes)
@@ -11,7 +11,7 @@
     downpour plot METRICS.jsonl...        accuracy curves of any runs
     downpour download mnist [--dir DIR]   fetch the four MNIST files, verifying their checksums
 
-Settings come from common.config (flags, DOWNPOUR_* variables, --config FILE).
+Settings come from downpour.common.config (flags, DOWNPOUR_* variables, --config FILE).
 Each command imports the role it runs only when it runs, after the BLAS thread
 count is pinned, so nothing here loads NumPy before that. A user's mistake prints
 one line, `downpour: error: ...`, and exits with status 2; Ctrl-C exits with 130.
@@ -22,58 +22,67 @@ from __future__ import annotations
 import argparse
 import sys
 
-from common import config
-from common.errors import DownpourError
+from downpour.common import config
+from downpour.common.errors import DownpourError
 
 TRAIN_GROUPS = ("run", "data", "model", "optim", "train", "output", "cluster")
-ROLES = {  # command -> (settings it takes, "module:function" it runs)
-    "scheduler": (TRAIN_GROUPS + ("bind", "endpoint_file"), "ps.scheduler:main"),
-    "server": (("scheduler", "bind", "advertise", "checkpoint_dir", "resume", "threads",
-                "start_timeout_s"), "ps.server:main"),
-    "worker": (("scheduler", "data_dir", "threads", "start_timeout_s"), "worker.replica:main"),
+ROLE_SETTINGS = {  # command -> the settings it takes
+    "scheduler": TRAIN_GROUPS + ("bind", "endpoint_file"),
+    "server": ("scheduler", "bind", "advertise", "checkpoint_dir", "resume", "threads",
+               "start_timeout_s"),
+    "worker": ("scheduler", "data_dir", "threads", "start_timeout_s"),
 }
 
 
 def _pinned(args: argparse.Namespace) -> config.Config:
     """The settings of `args`, with this process's BLAS threads pinned before NumPy loads."""
     cfg = config.resolve(args)
-    from common.threads import pin_blas_threads
+    from downpour.common.threads import pin_blas_threads
     pin_blas_threads(cfg.threads)
     return cfg
 
 
 def _train(args: argparse.Namespace) -> int:
     cfg = _pinned(args)
-    if cfg.mode in ("single", "hogwild"):
-        from importlib import import_module
-        import_module(f"worker.{cfg.mode}").train(cfg)
+    if cfg.mode == "single":
+        from downpour.worker.single import train
+        train(cfg)
         return 0
-    from common.launch import launch
-    from common.training import check_cluster
+    if cfg.mode == "hogwild":
+        from downpour.worker.hogwild import train
+        train(cfg)
+        return 0
+    from downpour.common.training import check_cluster
+    from downpour.launch import launch
     check_cluster(cfg)
     return launch(cfg)
 
 
 def _role(args: argparse.Namespace) -> int:
-    import importlib
-    module, function = ROLES[args.command][1].split(":")
     cfg = _pinned(args)
-    return getattr(importlib.import_module(module), function)(cfg)
+    if args.command == "scheduler":
+        from downpour.ps.scheduler import main
+    elif args.command == "server":
+        from downpour.ps.server import main
+    else:
+        from downpour.worker.replica import main
+    return main(cfg)
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from common.threads import pin_blas_threads
+    from downpour.common.threads import pin_blas_threads
     pin_blas_threads(args.threads)
     if args.what == "core":
-        from common.bench_core import main as bench_core
+        from downpour.bench.core import main as bench_core
         return bench_core(args)
-    from ps.bench_comm import main as bench_comm
+    from downpour.bench.comm import main as bench_comm
     return bench_comm(args)
 
 
 def _experiment(args: argparse.Namespace) -> int:
     from pathlib import Path
-    from common.experiment import run_sweep
+
+    from downpour.experiment import run_sweep
     modes = config.parse_list(args.modes, "modes", str, config.FIELDS["mode"].metadata["choices"])
     workers = config.parse_list(args.workers, "workers")
     shards = config.parse_list(args.shards, "shards")
@@ -87,7 +96,8 @@ def _experiment(args: argparse.Namespace) -> int:
 
 def _plot(args: argparse.Namespace) -> int:
     from pathlib import Path
-    from common import plots
+
+    from downpour import plots
     if not plots.available():
         raise config.ConfigError("plots need matplotlib: pip install -e '.[plot]'")
     missing = [m for m in args.metrics if not Path(m).is_file()]
@@ -98,8 +108,8 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _download(args: argparse.Namespace) -> int:
-    from common.data import default_data_dir
-    from common.download import MNIST_MIRRORS, download_mnist
+    from downpour.common.data import default_data_dir
+    from downpour.download import MNIST_MIRRORS, download_mnist
     mirrors = [args.base_url] if args.base_url else list(MNIST_MIRRORS)
     dest = args.dir or str(default_data_dir())
     for path in download_mnist(dest, mirrors, timeout=args.timeout):
@@ -116,7 +126,7 @@ def parser() -> argparse.ArgumentParser:
     config.add_arguments(train, TRAIN_GROUPS)
     train.set_defaults(run=_train)
 
-    for role, (settings, _) in ROLES.items():
+    for role, settings in ROLE_SETTINGS.items():
         p = sub.add_parser(role, help=f"run one {role} (settings: flags or DOWNPOUR_*)")
         config.add_arguments(p, settings)
         p.set_defaults(run=_role)

@@ -26,12 +26,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from common import config, plots
-from common.config import Config
-from common.errors import DownpourError
-from common.fileio import atomic_write
-from common.launch import CLI, child_env
-from common.metrics import Progress, read_metrics
+from downpour import plots
+from downpour.common import config
+from downpour.common.config import Config
+from downpour.common.errors import DownpourError
+from downpour.common.fileio import atomic_write
+from downpour.common.metrics import Progress, read_metrics
+from downpour.launch import CLI, child_env
 
 COLUMNS = ("mode", "workers", "shards", "batch_size", "repeat", "seed", "samples_per_s",
            "updates_per_s", "time_to_target_s", "final_accuracy", "best_accuracy",

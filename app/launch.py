@@ -25,9 +25,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from common import config
-from common.config import Config
-from common.errors import ClusterError
+from downpour.common import config
+from downpour.common.config import Config
+from downpour.common.errors import ClusterError
 
 GRACE_S = 10.0                 # how long children get to exit after the run ends
 NODE_SETTINGS = ("scheduler", "bind", "advertise", "checkpoint_dir", "resume", "endpoint_file")
@@ -41,7 +41,7 @@ def _die_with_parent() -> None:
         pass
 
 
-CLI = [sys.executable, "-m", "common.cli"]
+CLI = [sys.executable, "-m", "downpour.cli"]
 """The downpour command line of this interpreter and checkout, for child processes."""
 
 

@@ -28,12 +28,12 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from common.client import ShardClient, make_socket
-from common.config import Config, parse_list
-from common.errors import ConfigError
-from common.model import ModelSpec, model_layout
-from common.timing import interleaved
-from ps.server import standalone
+from downpour.bench.timing import interleaved
+from downpour.common.client import ShardClient, make_socket
+from downpour.common.config import Config, parse_list
+from downpour.common.errors import ConfigError
+from downpour.common.model import ModelSpec, model_layout
+from downpour.ps.server import standalone
 
 VECTORS = {  # name -> a model whose parameter vector has that size
     "mlp 784-1024-1024-10": ModelSpec(n_inputs=784, n_outputs=10, hidden=(1024, 1024)),

@@ -15,7 +15,7 @@ import importlib.util
 from collections import defaultdict
 from pathlib import Path
 
-from common.metrics import read_metrics
+from downpour.common.metrics import read_metrics
 
 MODES_ORDER = ("single", "sync", "async", "ssp", "hogwild")
 

@@ -22,9 +22,9 @@ from typing import Callable
 
 import numpy as np
 
-from common.model import Model, ModelSpec
-from common.optim import make_optimizer
-from common.timing import interleaved
+from downpour.bench.timing import interleaved
+from downpour.common.model import Model, ModelSpec
+from downpour.common.optim import make_optimizer
 
 SPEC = ModelSpec(n_inputs=784, n_outputs=10, hidden=(1024, 1024), activation="relu",
                  loss="softmax_ce")
@@ -129,7 +129,7 @@ def table(r: dict) -> str:
 
 
 def main(args) -> int:
-    from common.config import ConfigError, parse_list
+    from downpour.common.config import ConfigError, parse_list
     batches = parse_list(args.batch_sizes, "batch-sizes")
     if args.repeats < 1 or args.adam_size < 1:
         raise ConfigError("--repeats and --adam-size must be positive")
