@@ -1,7 +1,7 @@
 """Download MNIST, verified by md5 and written atomically.
 
 Each file is streamed into a temporary file in the destination directory, its md5
-checked, fsynced, and only then renamed onto its final name (common.fileio). So an
+checked, fsynced, and only then renamed onto its final name (downpour.common.fileio). So an
 interrupted, truncated or corrupt download never leaves a half-written or wrong
 file under the final name, and a file already present with the right checksum is
 never fetched again. Mirrors are tried in order; the error after the last one
@@ -104,7 +104,7 @@ def download_mnist(dest_dir: str | os.PathLike,
 
 
 def _fetch(url: str, final: Path, md5: str, timeout: float, progress: Progress | None) -> None:
-    """Download `url` to `final` atomically (common.fileio.atomic_write).
+    """Download `url` to `final` atomically (downpour.common.fileio.atomic_write).
 
     Raises _MirrorFailed for anything that went wrong during the transfer
     (including a checksum mismatch, and a disk filling up) and OSError if the

@@ -30,13 +30,21 @@ from downpour.common.config import Config
 from downpour.common.errors import ClusterError
 
 GRACE_S = 10.0                 # how long children get to exit after the run ends
+FAILED_GRACE_S = 2.0           # ... after the scheduler failed
+INTERRUPT_GRACE_S = 3.0        # ... after Ctrl-C
+SIGNAL_WAIT_S = 3.0            # how long children get to exit after each SIGTERM, SIGKILL
+FILE_POLL_S = 0.02             # how often to look for the scheduler's endpoint file
+TAIL_LINES = 15                # lines of each failed process's log shown
+EXIT_INTERRUPTED = 130         # exit status after Ctrl-C: 128 + SIGINT, as a shell reports it
+TCP_BIND = "tcp://127.0.0.1:0"  # --transport tcp: loopback, a free port
+PR_SET_PDEATHSIG = 1           # prctl option: the signal this process gets when its parent dies
 NODE_SETTINGS = ("scheduler", "bind", "advertise", "checkpoint_dir", "resume", "endpoint_file")
 
 
 def _die_with_parent() -> None:
     """In the child, before exec: SIGTERM this process when its parent dies (Linux)."""
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:
         pass
 
@@ -86,11 +94,11 @@ class Cluster:
                     p.wait(timeout=max(0.0, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
                     pass
-            deadline = time.monotonic() + 3.0
+            deadline = time.monotonic() + SIGNAL_WAIT_S
             if all(p.poll() is not None for p in self.procs.values()):
                 return
 
-    def tails(self, lines: int = 15) -> str:
+    def tails(self, lines: int = TAIL_LINES) -> str:
         parts = []
         for name, p in self.procs.items():
             log = self.run_dir / f"{name}.log"
@@ -108,14 +116,14 @@ def launch(cfg: Config) -> int:
     common = ["--threads", str(cfg.threads), "--start-timeout-s", str(cfg.start_timeout_s)]
     try:
         endpoint_file = run_dir / "scheduler.endpoint"
-        bind = f"ipc://{run_dir}/scheduler" if cfg.transport == "ipc" else "tcp://127.0.0.1:0"
+        bind = f"ipc://{run_dir}/scheduler" if cfg.transport == "ipc" else TCP_BIND
         run_settings = replace(cfg, **{k: config.FIELDS[k].default for k in NODE_SETTINGS})
         scheduler = cluster.start("scheduler", ["scheduler", *config.to_args(run_settings),
                                                 "--bind", bind, "--endpoint-file", str(endpoint_file)],
                                   log=False)
         endpoint = _wait_for_file(endpoint_file, scheduler, cfg.start_timeout_s)
         for i in range(cfg.shards):
-            server_bind = f"ipc://{run_dir}/server-{i}" if cfg.transport == "ipc" else "tcp://127.0.0.1:0"
+            server_bind = f"ipc://{run_dir}/server-{i}" if cfg.transport == "ipc" else TCP_BIND
             extra = ["--checkpoint-dir", cfg.checkpoint_dir] if cfg.checkpoint_dir else []
             extra += ["--resume"] if cfg.resume else []
             cluster.start(f"server-{i}", ["server", "--scheduler", endpoint, "--bind", server_bind,
@@ -124,15 +132,15 @@ def launch(cfg: Config) -> int:
             cluster.start(f"worker-{i}", ["worker", "--scheduler", endpoint, *common])
         status = scheduler.wait()
         if status != 0:
-            cluster.stop(grace=2.0)
+            cluster.stop(grace=FAILED_GRACE_S)
             tails = cluster.tails()
             print(f"downpour: the scheduler failed (exit {status})" +
                   (f"; the other processes said:\n{tails}" if tails else ""), file=sys.stderr)
         return status
     except KeyboardInterrupt:
         print("downpour: interrupted; stopping the cluster", file=sys.stderr)
-        cluster.stop(grace=3.0)
-        return 130
+        cluster.stop(grace=INTERRUPT_GRACE_S)
+        return EXIT_INTERRUPTED
     finally:
         cluster.stop()
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -146,5 +154,5 @@ def _wait_for_file(path: Path, proc: subprocess.Popen, timeout: float) -> str:
             return path.read_text()
         if proc.poll() is not None:
             raise ClusterError(f"the scheduler exited (status {proc.returncode}) before it was ready")
-        time.sleep(0.02)
+        time.sleep(FILE_POLL_S)
     raise ClusterError(f"the scheduler did not start listening within {timeout:g} s")

@@ -1,7 +1,7 @@
 """Saved models: the flat vectors and their layouts in one .npz, written atomically.
 
 Every file here is an .npz archive of arrays plus one JSON string `meta`, readable
-without pickle, written atomically (common.fileio). A saved model (`save_model`):
+without pickle, written atomically (downpour.common.fileio). A saved model (`save_model`):
 
     params          float32 (P,)   the flat parameter vector
     buffers         float32 (Q,)   non-trainable state (batch-norm running statistics)

@@ -6,7 +6,7 @@ bounded number of retries with the same sequence number, so a server applies a
 retried push at most once; a reply to an earlier attempt is recognised by its seq
 and discarded. After the last retry a ClusterError names the shard and address.
 
-A server may hold several pieces of the vector (common.layout.Layout.pieces). The
+A server may hold several pieces of the vector (downpour.common.layout.Layout.pieces). The
 client keeps one DEALER per server, not per piece: the requests for one server's
 pieces travel in order on one connection, so the server applies piece k while
 piece k+1 is still arriving, and the client copies reply k while the server
@@ -20,13 +20,14 @@ the frames are queued, and the array must stay unchanged until `finish` returns
 caller's output array, each piece into its range.
 
 Used by workers (all three verbs), by the scheduler (pull for evaluation, and the
-control operations through `call`) and by the benchmarks.
+control operations through `call`) and by the benchmarks. The two socket helpers
+here, `make_socket` and `bind_router`, are shared by every role.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import zmq
@@ -48,6 +49,20 @@ def make_socket(ctx: zmq.Context, kind: int, address: str, *, bind: bool = False
     return sock
 
 
+def bind_router(ctx: zmq.Context, address: str) -> tuple[zmq.Socket, str]:
+    """A ROUTER bound to `address` (tcp port 0 = a free port) and the endpoint it got."""
+    sock = make_socket(ctx, zmq.ROUTER, address, bind=True)
+    return sock, sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+class Pending(NamedTuple):
+    """A request in flight to one piece; a retry resends `frames` as they are, with the same `seq`."""
+
+    seq: int
+    frames: list        # the encoded request (header, then payload frames)
+    op: str
+
+
 class ShardClient:
     """Requests to the pieces of the vector: piece i is `ranges[i]` = (lo, hi), held by the
     server at `addresses[i]` (one address may hold several pieces)."""
@@ -66,10 +81,11 @@ class ShardClient:
         self.ranges = [tuple(r) for r in ranges]
         self.addresses = list(addresses)
         self._socks: dict[str, zmq.Socket] = {}   # server address -> its DEALER
+        self._poller = zmq.Poller()                # polls every socket of _socks
         self._connect()
         self.while_waiting = while_waiting
         self.seq = 0
-        self._pending: dict[int, tuple[int, list, str]] | None = None  # shard -> (seq, frames, op)
+        self._pending: dict[int, Pending] | None = None    # piece -> its request in flight
         self._trackers: list[zmq.MessageTracker] = []
 
     # -- the verbs -------------------------------------------------------------------------
@@ -123,7 +139,7 @@ class ShardClient:
 
     # -- internals --------------------------------------------------------------------------
     def _send(self, shard: int, op: str, grad: np.ndarray | None = None, clock: int = 0,
-              meta: dict[str, Any] | None = None) -> tuple[int, list, str]:
+              meta: dict[str, Any] | None = None) -> Pending:
         self.seq += 1
         lo, hi = self.ranges[shard]
         header: dict[str, Any] = {"op": op, "node": self.node, "seq": self.seq, "shard": shard,
@@ -132,7 +148,7 @@ class ShardClient:
             header["meta"] = meta
         frames = protocol.encode(header, None if grad is None else grad[lo:hi])
         self._post(shard, frames)
-        return self.seq, frames, op
+        return Pending(self.seq, frames, op)
 
     def _post(self, shard: int, frames: list) -> None:
         tracker = self._socks[self.addresses[shard]].send_multipart(frames, copy=False, track=True)
@@ -141,7 +157,7 @@ class ShardClient:
     def _collect(self, out: np.ndarray | None) -> dict[int, dict[str, Any]]:
         """Replies of the pending requests by piece, retrying pieces whose server stays silent."""
         pending, self._pending = self._pending or {}, None
-        piece_of = {seq: s for s, (seq, _, _) in pending.items()}
+        piece_of = {p.seq: s for s, p in pending.items()}
         replies: dict[int, dict[str, Any]] = {}
         attempts = dict.fromkeys(pending, 0)
         deadline = dict.fromkeys(pending, time.monotonic() + self.timeout)
@@ -153,17 +169,17 @@ class ShardClient:
                     continue
                 if self._socks[self.addresses[s]] is not sent_on[s]:    # reconnected meanwhile:
                     sent_on[s], deadline[s] = self._socks[self.addresses[s]], now + self.timeout
-                    self._post(s, pending[s][1])                  # to the new server, at once
+                    self._post(s, pending[s].frames)              # to the new server, at once
                     continue
                 if now < deadline[s]:
                     continue
                 if attempts[s] >= self.retries:
                     raise ClusterError(
-                        f"shard {s} at {self.addresses[s]} did not answer {pending[s][2]!r} in "
+                        f"shard {s} at {self.addresses[s]} did not answer {pending[s].op!r} in "
                         f"{self.retries + 1} attempts of {self.timeout:g} s; is the server running?")
                 attempts[s] += 1
                 deadline[s] = now + self.timeout
-                self._post(s, pending[s][1])                      # the same seq: idempotent
+                self._post(s, pending[s].frames)                  # the same seq: idempotent
             wait = max(0.0, min(deadline[s] for s in pending if s not in replies) - now)
             if self.while_waiting is not None:
                 wait = min(wait, WAIT_TICK)

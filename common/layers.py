@@ -23,7 +23,13 @@ Spec = tuple[str, tuple[int, ...], str]   # (name, shape, initialiser)
 
 
 class Layer:
+    """The base of every layer. Tensors are views of the model's flat vectors, handed
+    over by `bind`; what `forward` keeps for `backward` is declared in `__init__`."""
+
     kind = "layer"
+
+    def __init__(self):
+        self._bufs: dict[str, np.ndarray] = {}        # scratch arrays by name, see _buf
 
     def param_specs(self) -> list[Spec]:
         return []
@@ -42,10 +48,9 @@ class Layer:
 
     def _buf(self, key: str, shape: tuple[int, ...], dtype) -> np.ndarray:
         """A scratch array reused across calls while shape and dtype stay the same."""
-        cache = self.__dict__.setdefault("_bufs", {})
-        a = cache.get(key)
+        a = self._bufs.get(key)
         if a is None or a.shape != shape or a.dtype != dtype:
-            a = cache[key] = np.empty(shape, dtype)
+            a = self._bufs[key] = np.empty(shape, dtype)
         return a
 
 
@@ -59,8 +64,11 @@ class Dense(Layer):
     kind = "dense"
 
     def __init__(self, n_in: int, n_out: int, init: str):
+        super().__init__()
         self.n_in, self.n_out, self.init = n_in, n_out, init
         self.need_dx = True
+        self.W = self.b = self.dW = self.db = None     # views, set by bind
+        self._x = None                                 # (B, n_in): forward's input
 
     def param_specs(self) -> list[Spec]:
         return [("W", (self.n_in, self.n_out), self.init), ("b", (self.n_out,), "zeros")]
@@ -95,7 +103,9 @@ class ReLU(Layer):
     kind = "relu"
 
     def __init__(self, inplace: bool = False):
+        super().__init__()
         self.inplace = inplace
+        self._y = None                                 # forward's output
 
     def forward(self, x, train=False):
         out = x if self.inplace else self._buf("y", x.shape, x.dtype)
@@ -115,7 +125,9 @@ class LeakyReLU(Layer):
     def __init__(self, slope: float = 0.01):
         if not 0.0 <= slope < 1.0:
             raise ConfigError(f"leaky ReLU slope must be in [0, 1), got {slope}")
+        super().__init__()
         self.slope = slope
+        self._x = None                                 # forward's input
 
     def forward(self, x, train=False):
         self._x = x
@@ -134,6 +146,10 @@ class Sigmoid(Layer):
     """y = 1 / (1 + e^-x), computed as (1 + tanh(x/2)) / 2, which never overflows; dx = dy y (1 - y)."""
 
     kind = "sigmoid"
+
+    def __init__(self):
+        super().__init__()
+        self._y = None                                 # forward's output
 
     def forward(self, x, train=False):
         y = np.multiply(x, 0.5, out=self._buf("y", x.shape, x.dtype))
@@ -155,6 +171,10 @@ class Tanh(Layer):
 
     kind = "tanh"
 
+    def __init__(self):
+        super().__init__()
+        self._y = None                                 # forward's output
+
     def forward(self, x, train=False):
         self._y = np.tanh(x, out=self._buf("y", x.shape, x.dtype))
         return self._y
@@ -175,6 +195,10 @@ class Softmax(Layer):
     """
 
     kind = "softmax"
+
+    def __init__(self):
+        super().__init__()
+        self._y = None                                 # forward's output
 
     def forward(self, x, train=False):
         y = self._buf("y", x.shape, x.dtype)
@@ -204,8 +228,9 @@ class Dropout(Layer):
     def __init__(self, p: float, rng: np.random.Generator):
         if not 0.0 <= p < 1.0:
             raise ConfigError(f"dropout probability must be in [0, 1), got {p}")
+        super().__init__()
         self.p, self.rng = p, rng
-        self._train = False
+        self._train = False                            # the last forward dropped units
 
     def forward(self, x, train=False):
         self._train = train and self.p > 0.0
@@ -241,7 +266,13 @@ class BatchNorm(Layer):
     def __init__(self, n: int, momentum: float = 0.1, eps: float = 1e-5):
         if not 0.0 < momentum <= 1.0:
             raise ConfigError(f"batch-norm momentum must be in (0, 1], got {momentum}")
+        super().__init__()
         self.n, self.momentum, self.eps = n, momentum, eps
+        self.gamma = self.beta = self.dgamma = self.dbeta = None       # views, set by bind
+        self.running_mean = self.running_var = None
+        self._train = False                            # the last forward used batch statistics
+        self._inv_std = None                           # (n,) 1 / sqrt(var + eps) of that forward
+        self._xh = None                                # (B, n) its normalised input
 
     def param_specs(self):
         return [("gamma", (self.n,), "ones"), ("beta", (self.n,), "zeros")]

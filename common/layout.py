@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from math import prod
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, NamedTuple
 
 import numpy as np
 
@@ -41,6 +41,14 @@ class Tensor:
     @property
     def stop(self) -> int:
         return self.offset + self.size
+
+
+class Piece(NamedTuple):
+    """A piece of the flat vector, [lo, hi), held by server `server`."""
+
+    server: int
+    lo: int
+    hi: int
 
 
 class Layout:
@@ -100,18 +108,19 @@ class Layout:
         bounds = [i * self.size // n_shards for i in range(n_shards + 1)]
         return list(zip(bounds[:-1], bounds[1:]))
 
-    def pieces(self, n_servers: int, max_piece: int = 0) -> list[tuple[int, int, int]]:
-        """Each server's range cut into pieces of at most `max_piece` elements: [(server, lo, hi), ...].
+    def pieces(self, n_servers: int, max_piece: int = 0) -> list[Piece]:
+        """Each server's range cut into pieces of at most `max_piece` elements, in vector order.
 
         A server applies and answers each piece of a push as soon as that piece
         has arrived, so computing one piece overlaps the transfer of the next.
         Pieces of one server are near-equal; `max_piece` 0 means one piece per server.
+        A piece's index in the list is its number on the wire (the header's "shard" field).
         """
-        out = []
+        out: list[Piece] = []
         for server, (lo, hi) in enumerate(self.shard_ranges(n_servers)):
             k = max(1, -(-(hi - lo) // max_piece)) if max_piece > 0 else 1
             bounds = [lo + i * (hi - lo) // k for i in range(k + 1)]
-            out += [(server, a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+            out += [Piece(server, a, b) for a, b in zip(bounds[:-1], bounds[1:])]
         return out
 
     def to_dict(self) -> dict:

@@ -51,6 +51,10 @@ class SoftmaxCrossEntropy(Loss):
 
     name = "softmax_ce"
 
+    def __init__(self):
+        self._p = None                      # (B, K) softmax of the last forward
+        self._labels = self._t = None       # its targets: (B,) labels, or (B, K) distributions
+
     def forward(self, out, target):
         B = out.shape[0]
         m = out.max(axis=1, keepdims=True)                        # (B, 1)
@@ -84,6 +88,9 @@ class SoftmaxCrossEntropy(Loss):
 class MeanSquaredError(Loss):
     name = "mse"
 
+    def __init__(self):
+        self._diff = None                   # (B, K) out - target of the last forward
+
     def forward(self, out, target):
         t = self._target(out, target)
         self._diff = np.subtract(out, t)
@@ -95,6 +102,9 @@ class MeanSquaredError(Loss):
 
 class SigmoidBinaryCrossEntropy(Loss):
     name = "sigmoid_bce"
+
+    def __init__(self):
+        self._out = self._t = None          # (B, K) logits and targets of the last forward
 
     def forward(self, out, target):
         t = self._target(out, target)

@@ -26,6 +26,9 @@ from downpour.common import protocol
 from downpour.common.client import make_socket
 from downpour.common.errors import ClusterError
 
+POLL_TICK_S = 0.1       # longest wait for a heartbeat reply before checking for close()
+JOIN_TIMEOUT_S = 5.0    # how long close() waits for the heartbeat thread to end
+
 
 def register(ctx: zmq.Context, scheduler: str, node: str, meta: dict[str, Any],
              timeout: float) -> dict[str, Any]:
@@ -71,7 +74,7 @@ class Heartbeat(threading.Thread):
                                                      "seq": seq, "meta": self.progress()}))
                 deadline = time.monotonic() + self.interval
                 while (left := deadline - time.monotonic()) > 0 and not self._closing.is_set():
-                    if not sock.poll(1000 * min(left, 0.1)):
+                    if not sock.poll(1000 * min(left, POLL_TICK_S)):
                         continue
                     header, _ = protocol.decode(sock.recv_multipart())
                     if header["op"] == "ok":
@@ -100,4 +103,4 @@ class Heartbeat(threading.Thread):
     def close(self) -> None:
         self._closing.set()
         if self.is_alive():
-            self.join(timeout=5)
+            self.join(timeout=JOIN_TIMEOUT_S)

@@ -1,4 +1,4 @@
-"""Pieces every trainer shares: which data a run uses, the model it builds, when it stops.
+"""Pieces every trainer shares: which data a run uses, the model it builds, how it ends.
 
 The single-process trainer (worker/single.py) and, in a cluster, the scheduler and
 workers call these, so a setting means the same thing in every mode.
@@ -7,8 +7,6 @@ workers call these, so a setting means the same thing in every mode.
 from __future__ import annotations
 
 import functools
-import math
-from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
@@ -162,7 +160,7 @@ def batch_gradient(model: Model, x: np.ndarray, y: np.ndarray, cfg: Config,
     each a gradient of its own (clipped, as a worker clips before it pushes) summed
     in order into `acc` (a scratch vector like model.grads) and scaled by 1/k in the
     parameters' dtype: the very operations of a sync server averaging k workers'
-    pushes (ps/shard.py Shard._complete). So one process with k micro-batches of b
+    pushes (ps/piece.py PieceState._complete). So one process with k micro-batches of b
     makes, bit for bit, the updates of a sync run with k workers at batch b, which
     a plain batch of k*b does only up to rounding: the rows of a matrix product come
     out differently rounded in blocks of b than in one block of k*b, and Adam's first
@@ -209,22 +207,3 @@ def finish(cfg: Config, model: Model, metrics: MetricsLog, progress: Progress,
                   f"test accuracy {100 * end['test_accuracy']:.2f}%{staleness}"
                   + (f"; saved {cfg.save}" if cfg.save else ""))
     return end
-
-
-@dataclass
-class EarlyStopping:
-    """Stop after `patience` evaluations in a row without a held-out loss below the best.
-
-    patience 0 never stops. `observe(loss)` returns True when it is time to stop.
-    """
-
-    patience: int
-    best: float = math.inf
-    bad: int = 0
-
-    def observe(self, loss: float) -> bool:
-        if loss < self.best:
-            self.best, self.bad = loss, 0
-        else:
-            self.bad += 1
-        return self.patience > 0 and self.bad >= self.patience

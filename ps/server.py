@@ -1,9 +1,9 @@
 """A parameter-server process: one shard of the vector, held as pieces.
 
-    request --> ROUTER --> Server.handle --> the piece it names (ps/shard.py) --> replies
+    request --> ROUTER --> Server.handle --> the piece it names (ps/piece.py) --> replies
 
-The shard assigned by the scheduler is cut into pieces (common.layout.Layout.pieces),
-each a `Shard` with its own slice, optimizer state and version, so that the
+The shard assigned by the scheduler is cut into pieces (downpour.common.layout.Layout.pieces),
+each a `PieceState` with its own slice, optimizer state and version, so that the
 server updates one piece while the next is still arriving. `serve` is the loop: a
 ROUTER socket polled with a timeout, a heartbeat thread to the scheduler, and
 SIGTERM/SIGINT handling that checkpoints and exits. Initial weights are the
@@ -21,18 +21,16 @@ from dataclasses import replace
 import zmq
 
 from downpour.common import config, protocol
-from downpour.common.client import make_socket
+from downpour.common.client import bind_router
 from downpour.common.config import Config
 from downpour.common.errors import ConfigError, ProtocolError
+from downpour.common.layout import Piece
 from downpour.common.model import ModelSpec, initial_params, model_layout
 from downpour.common.node import Heartbeat, register
-from downpour.ps.shard import Reply, Shard
+from downpour.ps.piece import PieceState, Reply
 
-
-def bind_router(ctx: zmq.Context, address: str) -> tuple[zmq.Socket, str]:
-    """A ROUTER bound to `address` (tcp port 0 = a free port) and the endpoint it got."""
-    sock = make_socket(ctx, zmq.ROUTER, address, bind=True)
-    return sock, sock.getsockopt_string(zmq.LAST_ENDPOINT)
+POLL_MS = 100                  # how long `serve` waits for a request before checking for a stop
+DEFAULT_BIND = "tcp://*:0"     # a free port on every interface
 
 
 def advertised(endpoint: str, host: str) -> str:
@@ -46,53 +44,53 @@ def advertised(endpoint: str, host: str) -> str:
 class Server:
     """The pieces one server process holds, and the routing of each request to its piece.
 
-    A piece is a Shard of its own (its slice of the vector, its optimizer state, its
+    Each piece has its own state (its slice of the vector, its optimizer state, its
     version): the optimizer being element-wise, pieces updated one by one give the
     same numbers as the whole range updated at once.
     """
 
-    def __init__(self, cfg: Config, spec: ModelSpec, rank: int,
-                 pieces: list[tuple[int, int, int]]):
-        """Server `rank` of a run whose pieces are [(server, lo, hi), ...] (all servers')."""
+    def __init__(self, cfg: Config, spec: ModelSpec, rank: int, pieces: list[Piece]):
+        """Server `rank` of a run whose pieces are `pieces` (all servers')."""
         self.rank, self.cfg = rank, cfg
         self.node = f"server-{rank}"
         initial = initial_params(spec, cfg.seed)
-        self.shards = {i: Shard(cfg, spec, i, lo, hi, initial, self.node)
-                       for i, (server, lo, hi) in enumerate(pieces) if server == rank}
-        if not self.shards:
+        # this server's pieces: piece number (the header's "shard" field) -> its state
+        self.pieces = {i: PieceState(cfg, spec, i, p.lo, p.hi, initial, self.node)
+                       for i, p in enumerate(pieces) if p.server == rank}
+        if not self.pieces:
             raise ConfigError(f"server {rank} holds no piece of the {len(pieces)} given")
 
-    def handle(self, ident: bytes, frames: list) -> tuple[Shard | None, list[Reply]]:
+    def handle(self, ident: bytes, frames: list) -> tuple[PieceState | None, list[Reply]]:
         """(the piece that answered, its replies); a request no piece can take gets an error."""
         header = None                    # the error answers the request's seq if it was readable
         try:
             header, payload = protocol.decode(frames)
-            shard = self.shards.get(header.get("shard"))
-            if shard is None:
+            piece = self.pieces.get(header.get("shard"))
+            if piece is None:
                 raise protocol.error(protocol.E_SHARD, f"{self.node} holds pieces "
-                                     f"{sorted(self.shards)}, not {header.get('shard')!r}")
+                                     f"{sorted(self.pieces)}, not {header.get('shard')!r}")
         except ProtocolError as e:
-            return None, [(ident, protocol.error_reply(e.code, str(e), header, self.node))]
-        return shard, shard.handle_request(ident, header, payload)
+            return None, [Reply(ident, protocol.error_reply(e.code, str(e), header, self.node))]
+        return piece, piece.handle_request(ident, header, payload)
 
     @property
     def stopping(self) -> bool:
-        return all(s.stopping for s in self.shards.values())
+        return all(p.stopping for p in self.pieces.values())
 
     @property
     def version(self) -> int:
-        return min(s.version for s in self.shards.values())
+        return min(p.version for p in self.pieces.values())
 
     def restore(self) -> None:
-        for shard in self.shards.values():
-            shard.restore()
+        for piece in self.pieces.values():
+            piece.restore()
 
     def close(self) -> None:
         """Wait for every send in flight; checkpoint if there is a directory."""
-        for shard in self.shards.values():
-            shard.wait_sent()
+        for piece in self.pieces.values():
+            piece.wait_sent()
             if self.cfg.checkpoint_dir:
-                shard.checkpoint()
+                piece.checkpoint()
 
 
 def own_address() -> str:
@@ -105,7 +103,7 @@ def own_address() -> str:
 
 
 def serve(server: Server, sock: zmq.Socket, heartbeat: Heartbeat | None = None,
-          poll_ms: int = 100) -> None:
+          poll_ms: int = POLL_MS) -> None:
     """Answer requests on `sock` until shutdown, SIGTERM/SIGINT, or a lost scheduler."""
     stop = []
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -114,11 +112,11 @@ def serve(server: Server, sock: zmq.Socket, heartbeat: Heartbeat | None = None,
         if not sock.poll(poll_ms):
             continue
         ident, *frames = sock.recv_multipart(copy=False)
-        shard, replies = server.handle(ident.bytes, frames)
-        for to, out in replies:
-            tracker = sock.send_multipart([to, *out], copy=False, track=True)
-            if shard is not None:
-                shard.sent(tracker, sum(len(f) for f in out))
+        piece, replies = server.handle(ident.bytes, frames)
+        for reply in replies:
+            tracker = sock.send_multipart([reply.ident, *reply.frames], copy=False, track=True)
+            if piece is not None:
+                piece.sent(tracker, sum(len(f) for f in reply.frames))
     server.close()
     if heartbeat and heartbeat.lost.is_set():
         print(f"{server.node}: the scheduler stopped answering; stopped"
@@ -147,7 +145,7 @@ def main(cfg: Config) -> int:
         raise ConfigError("a server needs the scheduler's address: --scheduler tcp://HOST:PORT "
                           "(or DOWNPOUR_SCHEDULER)")
     ctx = zmq.Context()
-    sock, endpoint = bind_router(ctx, cfg.bind or "tcp://*:0")
+    sock, endpoint = bind_router(ctx, cfg.bind or DEFAULT_BIND)
     try:
         addr = advertised(endpoint, cfg.advertise or own_address())
         meta = register(ctx, cfg.scheduler, "server", {"role": "server", "addr": addr},
@@ -156,7 +154,7 @@ def main(cfg: Config) -> int:
         run = replace(config.from_dict(meta["config"]), checkpoint_dir=cfg.checkpoint_dir,
                       resume=cfg.resume)
         server = Server(run, ModelSpec.from_dict(meta["model"]), rank,
-                        [tuple(p) for p in meta["pieces"]])
+                        [Piece(*p) for p in meta["pieces"]])     # [[server, lo, hi], ...] on the wire
         if cfg.resume:
             server.restore()
         heartbeat = Heartbeat(ctx, cfg.scheduler, server.node, run.heartbeat_s, run.dead_after_s,

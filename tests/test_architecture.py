@@ -123,20 +123,20 @@ def test_dependency_direction(folder):
 @pytest.mark.parametrize("module, source, expected", [
     ("downpour.common.model", "from downpour.ps import server", "downpour.ps.server"),
     ("downpour.common.model", "from downpour.cli import main", "downpour.cli"),
-    ("downpour.common.model", "from ..ps.shard import Piece", "downpour.ps.shard"),
+    ("downpour.common.model", "from ..ps.piece import PieceState", "downpour.ps.piece"),
     ("downpour.ps.server", "import downpour.worker.replica", "downpour.worker.replica"),
     ("downpour.worker.single", "from downpour.launch import launch", "downpour.launch"),
     ("downpour.worker.single", "ROLES = {'x': 'downpour.ps.scheduler:main'}", "downpour.ps.scheduler"),
     ("downpour.common.cfg", "importlib.import_module('downpour.worker.single')", "downpour.worker"),
     ("downpour.common.cfg", "import_module(f'downpour.worker.{mode}')", "cannot read"),
-    ("downpour.ps.shard", "from common.layout import Layout", "use the namespace"),
+    ("downpour.ps.piece", "from common.layout import Layout", "use the namespace"),
 ])
 def test_the_check_catches_every_kind_of_upward_import(module, source, expected):
     assert any(expected in p for p in violations(source, module)), violations(source, module)
 
 
 @pytest.mark.parametrize("module, source", [
-    ("downpour.ps.server", "from downpour.common import protocol\nfrom . import shard"),
+    ("downpour.ps.server", "from downpour.common import protocol\nfrom . import piece"),
     ("downpour.worker.replica", '"""Runs downpour.ps.server beside it."""\nimport numpy'),
     ("downpour.cli", "from downpour.ps.scheduler import main\nfrom downpour.worker import single"),
 ])

@@ -102,7 +102,7 @@ def test_sync_equals_single_process_with_the_global_batch(downpour, tmp_path, sh
                                                           optimizer):
     """W=2 workers at batch 32 = one process at batch 64 taken as 2 micro-batches, bit for
     bit, for S = 1, 2, 3 (one MNIST epoch). A plain batch of 64 agrees only up to
-    rounding grown by Adam's first step and by ReLU flips (common.training.batch_gradient)."""
+    rounding grown by Adam's first step and by ReLU flips (downpour.common.training.batch_gradient)."""
     data = ["--data-dir", shared_mnist, "--train-split", "t10k", "--test-split", "train-5k",
             "--hidden", "256,128", "--epochs", "1", "--optimizer", optimizer, "--progress", "none",
             "--eval-every", "0", "--lr", "0.05" if optimizer != "adam" else "0.001"]

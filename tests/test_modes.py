@@ -1,11 +1,11 @@
-"""The consistency modes inside one shard: ssp's bound, sync's backup workers,
+"""The consistency modes inside one piece: ssp's bound, sync's backup workers,
 the staleness-aware learning rate, and finished workers."""
 
 from dataclasses import replace
 
 import numpy as np
 import pytest
-from test_server import LR, answer, grads, make_shard, request, stats
+from test_server import LR, answer, grads, make_piece, request, stats
 
 from downpour.common.config import Config
 from downpour.common.errors import ConfigError
@@ -14,9 +14,9 @@ from downpour.common.training import check_cluster
 SSP = Config(mode="ssp", workers=3, shards=1, optimizer="sgd", lr=0.1)
 
 
-def push_pull(shard, grad, seq, rank, clock, last=False):
-    fields = {"shard": shard.rank, "clock": clock, **({"meta": {"last": True}} if last else {})}
-    return shard.handle(f"w{rank}".encode(), request("push_pull", seq, grad, node=f"worker-{rank}",
+def push_pull(piece, grad, seq, rank, clock, last=False):
+    fields = {"shard": piece.rank, "clock": clock, **({"meta": {"last": True}} if last else {})}
+    return piece.handle(f"w{rank}".encode(), request("push_pull", seq, grad, node=f"worker-{rank}",
                                                      **fields))
 
 
@@ -26,78 +26,78 @@ def answered(replies):
 
 @pytest.mark.parametrize("s", [0, 1, 2])
 def test_ssp_holds_a_worker_more_than_s_clocks_ahead(s):
-    shard = make_shard(replace(SSP, staleness=s))
-    g = grads(shard.hi - shard.lo, 1)[0]
+    piece = make_piece(replace(SSP, staleness=s))
+    g = grads(piece.hi - piece.lo, 1)[0]
     seq = 0
     for k in range(s + 1):                    # worker 0 runs ahead alone
         seq += 1
-        replies = push_pull(shard, g, seq, rank=0, clock=shard.version)
+        replies = push_pull(piece, g, seq, rank=0, clock=piece.version)
         if k < s:
             assert answered(replies) == [b"w0"], k          # still within the bound
     assert replies == []                      # s + 1 ahead of workers 1 and 2: held
-    assert shard.clock[0] == s + 1
-    released = push_pull(shard, g, 100, rank=1, clock=0)
+    assert piece.clock[0] == s + 1
+    released = push_pull(piece, g, 100, rank=1, clock=0)
     assert b"w0" not in answered(released)    # worker 2 is still at clock 0
-    released += push_pull(shard, g, 200, rank=2, clock=0)
+    released += push_pull(piece, g, 200, rank=2, clock=0)
     # workers 1 and 2 now have clock 1: worker 0 (clock s+1) is s ahead and goes on
     assert answered(released) == [b"w0", b"w1", b"w2"]
-    gaps = {int(k): v for k, v in stats(shard)["clock_gap"].items()}
+    gaps = {int(k): v for k, v in stats(piece)["clock_gap"].items()}
     assert max(gaps) <= s
 
 
 def test_ssp_with_s0_is_lockstep_and_every_gradient_sees_all_earlier_clocks():
-    shard = make_shard(replace(SSP, staleness=0))
-    g = grads(shard.hi - shard.lo, 1)[0]
+    piece = make_piece(replace(SSP, staleness=0))
+    g = grads(piece.hi - piece.lo, 1)[0]
     versions_seen = {}
     for clock in range(3):                    # three rounds, workers in a changing order
         order = [0, 1, 2] if clock % 2 == 0 else [2, 0, 1]
         out = []
         for i, rank in enumerate(order):
-            versions_seen[(rank, clock)] = shard.version if i == 0 else versions_seen[(order[0], clock)]
-            out += push_pull(shard, g, 10 * clock + rank + 1, rank, clock=3 * clock)
+            versions_seen[(rank, clock)] = piece.version if i == 0 else versions_seen[(order[0], clock)]
+            out += push_pull(piece, g, 10 * clock + rank + 1, rank, clock=3 * clock)
         assert answered(out) == [b"w0", b"w1", b"w2"]       # released together, each round
-        assert shard.version == 3 * (clock + 1)
-    assert stats(shard)["clock_gap"] == {"0": 9}
+        assert piece.version == 3 * (clock + 1)
+    assert stats(piece)["clock_gap"] == {"0": 9}
 
 
 def test_a_finished_or_dead_worker_holds_nobody_back():
-    shard = make_shard(replace(SSP, staleness=0, workers=2))
-    g = grads(shard.hi - shard.lo, 1)[0]
-    assert answered(push_pull(shard, g, 1, rank=1, clock=0, last=True)) == [b"w1"]
-    assert 1 in shard.finished
+    piece = make_piece(replace(SSP, staleness=0, workers=2))
+    g = grads(piece.hi - piece.lo, 1)[0]
+    assert answered(push_pull(piece, g, 1, rank=1, clock=0, last=True)) == [b"w1"]
+    assert 1 in piece.finished
     for seq in range(2, 6):                   # worker 0 alone: never held
-        assert answered(push_pull(shard, g, seq, rank=0, clock=shard.version)) == [b"w0"]
-    shard = make_shard(replace(SSP, staleness=0, workers=2))
-    assert push_pull(shard, g, 1, rank=0, clock=0) == []          # waits for worker 1
-    reply = shard.handle(b"s", request("control", 9, node="scheduler", meta={"live": [0]}))
+        assert answered(push_pull(piece, g, seq, rank=0, clock=piece.version)) == [b"w0"]
+    piece = make_piece(replace(SSP, staleness=0, workers=2))
+    assert push_pull(piece, g, 1, rank=0, clock=0) == []          # waits for worker 1
+    reply = piece.handle(b"s", request("control", 9, node="scheduler", meta={"live": [0]}))
     assert answered(reply) == [b"s", b"w0"]                       # worker 1 died: released
 
 
 def test_sync_backup_applies_after_w_minus_b_and_drops_the_straggler():
     cfg = Config(mode="sync", workers=3, shards=1, optimizer="sgd", lr=0.1, backup=1)
-    shard = make_shard(cfg)
-    g = grads(shard.hi - shard.lo, 3)
-    p0 = shard.params.copy()
-    assert push_pull(shard, g[0], 1, rank=0, clock=0) == []
-    out = push_pull(shard, g[2], 1, rank=2, clock=0)
-    assert answered(out) == [b"w0", b"w2"] and shard.version == 1
+    piece = make_piece(cfg)
+    g = grads(piece.hi - piece.lo, 3)
+    p0 = piece.params.copy()
+    assert push_pull(piece, g[0], 1, rank=0, clock=0) == []
+    out = push_pull(piece, g[2], 1, rank=2, clock=0)
+    assert answered(out) == [b"w0", b"w2"] and piece.version == 1
     mean = (g[0] + g[2]) * np.float32(0.5)
-    assert np.array_equal(shard.params, p0 - mean * LR)
-    late = push_pull(shard, g[1], 1, rank=1, clock=0)
+    assert np.array_equal(piece.params, p0 - mean * LR)
+    late = push_pull(piece, g[1], 1, rank=1, clock=0)
     ident, header, params = answer(late[0])
     assert header["meta"] == {"dropped": True} and header["clock"] == 1
-    assert np.array_equal(params, shard.params) and stats(shard)["dropped"] == 1
+    assert np.array_equal(params, piece.params) and stats(piece)["dropped"] == 1
 
 
 def test_staleness_aware_lr_divides_the_step_by_staleness_plus_one():
     cfg = Config(mode="async", workers=2, shards=1, optimizer="sgd", lr=0.1, staleness_lr=True)
-    shard = make_shard(cfg)
-    g = grads(shard.hi - shard.lo, 2)
-    push_pull(shard, g[0], 1, rank=0, clock=0)                    # staleness 0: full step
-    before = shard.params.copy()
-    push_pull(shard, g[1], 1, rank=1, clock=0)                    # staleness 1: half a step
+    piece = make_piece(cfg)
+    g = grads(piece.hi - piece.lo, 2)
+    push_pull(piece, g[0], 1, rank=0, clock=0)                    # staleness 0: full step
+    before = piece.params.copy()
+    push_pull(piece, g[1], 1, rank=1, clock=0)                    # staleness 1: half a step
     lr = np.float32(0.1 * 0.5)
-    assert np.array_equal(shard.params, before - g[1] * lr)
+    assert np.array_equal(piece.params, before - g[1] * lr)
 
 
 @pytest.mark.parametrize("settings,message", [

@@ -1,4 +1,4 @@
-"""The shard server: the `Shard` state machine driven directly, and a live server fed malformed messages."""
+"""The server: a piece's state (`PieceState`) driven directly, and a live server fed malformed messages."""
 
 import multiprocessing
 import tempfile
@@ -15,8 +15,8 @@ from downpour.common.client import ShardClient, make_socket
 from downpour.common.config import Config
 from downpour.common.errors import ClusterError, DataError
 from downpour.common.model import ModelSpec, initial_params, model_layout
+from downpour.ps.piece import PieceState, Reply, worker_rank
 from downpour.ps.server import Server, standalone
-from downpour.ps.shard import Shard, worker_rank
 
 SPEC = ModelSpec(n_inputs=6, n_outputs=3, hidden=(5,))          # 6*5+5 + 5*3+3 = 53 parameters
 ASYNC = Config(mode="async", workers=1, shards=2, optimizer="sgd", lr=0.1)
@@ -28,9 +28,9 @@ def ranges(cfg: Config) -> list[tuple[int, int]]:
     return model_layout(SPEC).shard_ranges(cfg.shards)
 
 
-def make_shard(cfg: Config = ASYNC, rank: int = 0) -> Shard:
+def make_piece(cfg: Config = ASYNC, rank: int = 0) -> PieceState:
     lo, hi = ranges(cfg)[rank]
-    return Shard(cfg, SPEC, rank, lo, hi)
+    return PieceState(cfg, SPEC, rank, lo, hi)
 
 
 def request(op: str, seq: int, payload: np.ndarray | None = None, node: str = "worker-0",
@@ -39,10 +39,10 @@ def request(op: str, seq: int, payload: np.ndarray | None = None, node: str = "w
     return [bytes(f) for f in protocol.encode({"op": op, "node": node, "seq": seq, **fields}, payload)]
 
 
-def answer(reply: tuple[bytes, list]) -> tuple[bytes, dict, np.ndarray | None]:
+def answer(reply: Reply) -> tuple[bytes, dict, np.ndarray | None]:
     """(identity, header, a copy of the parameters or None) of one reply.
 
-    Copied at once: a Shard's parameter replies are views of its live parameters.
+    Copied at once: a piece's parameter replies are views of its live parameters.
     """
     ident, frames = reply
     header, payload = protocol.decode(frames)
@@ -56,17 +56,17 @@ def only(replies: list) -> tuple[dict, np.ndarray | None]:
     return answer(replies[0])[1:]
 
 
-def push(shard: Shard, grad: np.ndarray, seq: int, clock: int, node: str = "worker-0",
+def push(piece: PieceState, grad: np.ndarray, seq: int, clock: int, node: str = "worker-0",
          op: str = "push", ident: bytes = b"peer") -> list:
-    return shard.handle(ident, request(op, seq, grad, node=node, shard=shard.rank, clock=clock))
+    return piece.handle(ident, request(op, seq, grad, node=node, shard=piece.rank, clock=clock))
 
 
-def pull(shard: Shard) -> tuple[dict, np.ndarray]:
-    return only(shard.handle(b"peer", request("pull", 0, node="tool", shard=shard.rank)))
+def pull(piece: PieceState) -> tuple[dict, np.ndarray]:
+    return only(piece.handle(b"peer", request("pull", 0, node="tool", shard=piece.rank)))
 
 
-def stats(shard: Shard) -> dict:
-    header, _ = only(shard.handle(b"peer", request("stats", 0, node="tool")))
+def stats(piece: PieceState) -> dict:
+    header, _ = only(piece.handle(b"peer", request("stats", 0, node="tool")))
     return header["meta"]
 
 
@@ -95,36 +95,36 @@ def test_initial_params_are_the_slice_of_the_single_process_vector():
     full = initial_params(SPEC, ASYNC.seed)
     assert ranges(ASYNC) == [(0, 26), (26, 53)]
     for rank, (lo, hi) in enumerate(ranges(ASYNC)):
-        header, params = pull(make_shard(ASYNC, rank))
+        header, params = pull(make_piece(ASYNC, rank))
         assert header["op"] == "ok" and header["clock"] == 0
         assert params.tobytes() == full[lo:hi].tobytes()
     other = replace(ASYNC, seed=5)
-    assert pull(make_shard(other, 1))[1].tobytes() == initial_params(SPEC, 5)[26:53].tobytes()
+    assert pull(make_piece(other, 1))[1].tobytes() == initial_params(SPEC, 5)[26:53].tobytes()
 
 
 def test_async_push_applies_sgd_exactly_and_bumps_the_version():
-    shard = make_shard(ASYNC, 1)
-    p0 = shard.params.copy()
-    g1, g2 = grads(shard.hi - shard.lo, 2)
-    header, params = only(push(shard, g1, seq=1, clock=0))
+    piece = make_piece(ASYNC, 1)
+    p0 = piece.params.copy()
+    g1, g2 = grads(piece.hi - piece.lo, 2)
+    header, params = only(push(piece, g1, seq=1, clock=0))
     assert header == {"v": 1, "op": "ok", "node": "server-1", "seq": 1, "clock": 1}
     assert params is None
     p1 = p0 - g1 * LR
-    assert shard.params.tobytes() == p1.tobytes()
+    assert piece.params.tobytes() == p1.tobytes()
 
-    header, params = only(push(shard, g2, seq=2, clock=1, op="push_pull"))
+    header, params = only(push(piece, g2, seq=2, clock=1, op="push_pull"))
     p2 = p1 - g2 * LR
     assert header["clock"] == 2 and params.tobytes() == p2.tobytes()
-    header, params = pull(shard)
+    header, params = pull(piece)
     assert header["clock"] == 2 and params.tobytes() == p2.tobytes()
 
 
 def test_push_split_over_several_frames_is_applied_like_one(monkeypatch):
-    one = make_shard(ASYNC, 1)
+    one = make_piece(ASYNC, 1)
     (g,) = grads(one.hi - one.lo, 1)
     push(one, g, seq=1, clock=0)
     monkeypatch.setattr(protocol, "MAX_FRAME", 12)
-    many = make_shard(ASYNC, 1)
+    many = make_piece(ASYNC, 1)
     frames = request("push", 1, g, shard=1, clock=0)
     assert len(frames) == 1 + 9                            # 27 float32 = 9 frames of 3
     assert only(many.handle(b"peer", frames))[0]["clock"] == 1
@@ -132,28 +132,28 @@ def test_push_split_over_several_frames_is_applied_like_one(monkeypatch):
 
 
 def test_a_retried_push_is_answered_but_not_applied_twice():
-    shard = make_shard()
-    g1, g2 = grads(shard.hi - shard.lo, 2)
-    push(shard, g1, seq=5, clock=0)
-    after_one = shard.params.copy()
-    header, params = only(push(shard, g1, seq=5, clock=0, op="push_pull"))    # the retry
+    piece = make_piece()
+    g1, g2 = grads(piece.hi - piece.lo, 2)
+    push(piece, g1, seq=5, clock=0)
+    after_one = piece.params.copy()
+    header, params = only(push(piece, g1, seq=5, clock=0, op="push_pull"))    # the retry
     assert header["op"] == "ok" and header["seq"] == 5 and header["clock"] == 1
-    assert params.tobytes() == after_one.tobytes() == shard.params.tobytes()
-    header, _ = only(push(shard, g2, seq=4, clock=0))                          # older still
-    assert header["op"] == "ok" and shard.version == 1
-    assert only(push(shard, g1, seq=5, clock=1, node="worker-1"))[0]["clock"] == 2   # seqs are per node
-    assert only(push(shard, g2, seq=6, clock=2))[0]["clock"] == 3                   # a new seq is applied
-    assert shard.params.tobytes() == ((after_one - g1 * LR) - g2 * LR).tobytes()
-    assert stats(shard)["pushes"] == 3
+    assert params.tobytes() == after_one.tobytes() == piece.params.tobytes()
+    header, _ = only(push(piece, g2, seq=4, clock=0))                          # older still
+    assert header["op"] == "ok" and piece.version == 1
+    assert only(push(piece, g1, seq=5, clock=1, node="worker-1"))[0]["clock"] == 2   # seqs are per node
+    assert only(push(piece, g2, seq=6, clock=2))[0]["clock"] == 3                   # a new seq is applied
+    assert piece.params.tobytes() == ((after_one - g1 * LR) - g2 * LR).tobytes()
+    assert stats(piece)["pushes"] == 3
 
 
 def test_staleness_is_recorded_and_reported():
-    shard = make_shard()
-    g = grads(shard.hi - shard.lo, 3)
-    push(shard, g[0], seq=1, clock=0)
-    push(shard, g[1], seq=2, clock=1)
-    push(shard, g[2], seq=1, clock=0, node="worker-1")         # computed on version 0, applied at 2
-    meta = stats(shard)
+    piece = make_piece()
+    g = grads(piece.hi - piece.lo, 3)
+    push(piece, g[0], seq=1, clock=0)
+    push(piece, g[1], seq=2, clock=1)
+    push(piece, g[2], seq=1, clock=0, node="worker-1")         # computed on version 0, applied at 2
+    meta = stats(piece)
     assert meta["staleness"] == {"0": 2, "2": 1}
     assert meta["version"] == 3 and meta["pushes"] == 3 and meta["dropped"] == 0
     assert meta["lr"] == pytest.approx(0.1) and meta["live"] == [0]
@@ -166,45 +166,45 @@ def test_staleness_is_recorded_and_reported():
     ({"clock": 0}, protocol.E_SHARD),                          # no shard at all
 ])
 def test_push_refused_changes_nothing(fields, code):
-    shard = make_shard()
-    before = shard.params.copy()
-    (g,) = grads(shard.hi - shard.lo, 1)
+    piece = make_piece()
+    before = piece.params.copy()
+    (g,) = grads(piece.hi - piece.lo, 1)
     for op in ("push", "push_pull"):
-        assert error_code(shard.handle(b"peer", request(op, 1, g, **fields))) == code
-    assert shard.params.tobytes() == before.tobytes() and shard.version == 0
-    assert shard.last_seq == {}
-    assert only(push(shard, g, seq=1, clock=0))[0]["clock"] == 1   # the seq was not used up
+        assert error_code(piece.handle(b"peer", request(op, 1, g, **fields))) == code
+    assert piece.params.tobytes() == before.tobytes() and piece.version == 0
+    assert piece.last_seq == {}
+    assert only(push(piece, g, seq=1, clock=0))[0]["clock"] == 1   # the seq was not used up
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 3e19])   # 3e19 squared overflows float32
 def test_non_finite_gradient_is_refused(bad):
-    shard = make_shard()
-    before = shard.params.copy()
-    (g,) = grads(shard.hi - shard.lo, 1)
+    piece = make_piece()
+    before = piece.params.copy()
+    (g,) = grads(piece.hi - piece.lo, 1)
     g[7] = bad
-    assert error_code(push(shard, g, seq=1, clock=0)) == protocol.E_PAYLOAD
-    assert shard.params.tobytes() == before.tobytes() and shard.version == 0
+    assert error_code(push(piece, g, seq=1, clock=0)) == protocol.E_PAYLOAD
+    assert piece.params.tobytes() == before.tobytes() and piece.version == 0
 
 
 def test_a_server_answers_a_piece_it_does_not_hold_with_the_requests_seq():
     """So the client raises E_SHARD at once instead of waiting for a reply it never matches."""
     server = Server(ASYNC, SPEC, 0, model_layout(SPEC).pieces(ASYNC.shards))
-    shard, replies = server.handle(b"p", request("pull", 7, shard=1))
+    piece, replies = server.handle(b"p", request("pull", 7, shard=1))
     header = only(replies)[0]
-    assert shard is None and (header["seq"], header["code"]) == (7, protocol.E_SHARD)
+    assert piece is None and (header["seq"], header["code"]) == (7, protocol.E_SHARD)
 
 
 def test_pull_for_another_shard_and_unknown_op():
-    shard = make_shard()
-    assert error_code(shard.handle(b"p", request("pull", 1, shard=1))) == protocol.E_SHARD
+    piece = make_piece()
+    assert error_code(piece.handle(b"p", request("pull", 1, shard=1))) == protocol.E_SHARD
     for op in ("register", "heartbeat", "_push", "__init__", "ok", "error", "PULL"):
-        assert error_code(shard.handle(b"p", request(op, 1, shard=0))) == protocol.E_UNKNOWN_OP
+        assert error_code(piece.handle(b"p", request(op, 1, shard=0))) == protocol.E_UNKNOWN_OP
 
 
 def test_error_reply_goes_to_the_sender_with_its_seq():
-    shard = make_shard()
-    ((ident, frames),) = shard.handle(b"sender", request("nope", 41))
+    piece = make_piece()
+    ((ident, frames),) = piece.handle(b"sender", request("nope", 41))
     header, _ = protocol.decode(frames)
     assert ident == b"sender" and header["seq"] == 41 and header["node"] == "server-0"
 
@@ -220,79 +220,79 @@ def mean_in_rank_order(gs: list[np.ndarray]) -> np.ndarray:
 
 
 def test_sync_waits_for_every_worker_then_applies_the_mean_once():
-    shard = make_shard(SYNC, 1)
-    p0 = shard.params.copy()
-    g = grads(shard.hi - shard.lo, 3)
-    assert push(shard, g[0], seq=1, clock=0, node="worker-0", ident=b"w0") == []
-    assert push(shard, g[2], seq=1, clock=0, node="worker-2", ident=b"w2", op="push_pull") == []
-    assert shard.version == 0 and shard.params.tobytes() == p0.tobytes()
-    replies = [answer(r) for r in push(shard, g[1], seq=1, clock=0, node="worker-1", ident=b"w1")]
+    piece = make_piece(SYNC, 1)
+    p0 = piece.params.copy()
+    g = grads(piece.hi - piece.lo, 3)
+    assert push(piece, g[0], seq=1, clock=0, node="worker-0", ident=b"w0") == []
+    assert push(piece, g[2], seq=1, clock=0, node="worker-2", ident=b"w2", op="push_pull") == []
+    assert piece.version == 0 and piece.params.tobytes() == p0.tobytes()
+    replies = [answer(r) for r in push(piece, g[1], seq=1, clock=0, node="worker-1", ident=b"w1")]
     expected = p0 - mean_in_rank_order(g) * LR
-    assert shard.params.tobytes() == expected.tobytes()
+    assert piece.params.tobytes() == expected.tobytes()
     assert [ident for ident, _, _ in replies] == [b"w0", b"w1", b"w2"]
     assert all(h["op"] == "ok" and h["clock"] == 1 and h["seq"] == 1 for _, h, _ in replies)
     assert [p is None for _, _, p in replies] == [True, True, False]     # only worker-2 asked push_pull
     assert replies[2][2].tobytes() == expected.tobytes()
 
     # a straggler's push for version 0, now applied: answered, counted, dropped
-    header, _ = only(push(shard, g[0], seq=2, clock=0, node="worker-2"))
+    header, _ = only(push(piece, g[0], seq=2, clock=0, node="worker-2"))
     assert header["op"] == "ok" and header["meta"] == {"dropped": True} and header["clock"] == 1
-    assert shard.params.tobytes() == expected.tobytes()
-    meta = stats(shard)
+    assert piece.params.tobytes() == expected.tobytes()
+    meta = stats(piece)
     assert meta["dropped"] == 1 and meta["pushes"] == 3 and meta["staleness"] == {"0": 3}
 
 
 def test_sync_retry_while_gathering_is_answered_once_at_release():
-    shard = make_shard(SYNC, 0)
-    g = grads(shard.hi - shard.lo, 3)
-    assert push(shard, g[0], seq=1, clock=0, node="worker-0", ident=b"old") == []
-    assert push(shard, g[0], seq=1, clock=0, node="worker-0", ident=b"new") == []   # retried
-    assert push(shard, g[1], seq=1, clock=0, node="worker-1", ident=b"w1") == []
-    replies = push(shard, g[2], seq=1, clock=0, node="worker-2", ident=b"w2")
+    piece = make_piece(SYNC, 0)
+    g = grads(piece.hi - piece.lo, 3)
+    assert push(piece, g[0], seq=1, clock=0, node="worker-0", ident=b"old") == []
+    assert push(piece, g[0], seq=1, clock=0, node="worker-0", ident=b"new") == []   # retried
+    assert push(piece, g[1], seq=1, clock=0, node="worker-1", ident=b"w1") == []
+    replies = push(piece, g[2], seq=1, clock=0, node="worker-2", ident=b"w2")
     assert [ident for ident, _ in replies] == [b"new", b"w1", b"w2"]
-    assert shard.version == 1
+    assert piece.version == 1
 
 
 def test_sync_push_from_a_non_worker_is_refused():
-    shard = make_shard(SYNC, 0)
-    (g,) = grads(shard.hi - shard.lo, 1)
+    piece = make_piece(SYNC, 0)
+    (g,) = grads(piece.hi - piece.lo, 1)
     for node in ("tool", "worker-3", "worker-\u00b2"):          # rank >= workers; a digit int() refuses
-        assert error_code(push(shard, g, seq=1, clock=0, node=node)) == protocol.E_MALFORMED
-    assert shard.version == 0 and shard._waiting == {}
+        assert error_code(push(piece, g, seq=1, clock=0, node=node)) == protocol.E_MALFORMED
+    assert piece.version == 0 and piece._waiting == {}
 
 
 def test_control_live_releases_a_version_missing_a_dead_worker():
-    shard = make_shard(SYNC, 0)
-    p0 = shard.params.copy()
-    g = grads(shard.hi - shard.lo, 2)
-    assert push(shard, g[0], seq=1, clock=0, node="worker-0", ident=b"w0") == []
-    assert push(shard, g[1], seq=1, clock=0, node="worker-1", ident=b"w1") == []
-    replies = [answer(r) for r in shard.handle(b"sched", request("control", 3, node="scheduler",
+    piece = make_piece(SYNC, 0)
+    p0 = piece.params.copy()
+    g = grads(piece.hi - piece.lo, 2)
+    assert push(piece, g[0], seq=1, clock=0, node="worker-0", ident=b"w0") == []
+    assert push(piece, g[1], seq=1, clock=0, node="worker-1", ident=b"w1") == []
+    replies = [answer(r) for r in piece.handle(b"sched", request("control", 3, node="scheduler",
                                                                   meta={"live": [0, 1]}))]
     assert [(ident, h["op"], h["seq"]) for ident, h, _ in replies] == [
         (b"sched", "ok", 3), (b"w0", "ok", 1), (b"w1", "ok", 1)]
-    assert shard.version == 1
-    assert shard.params.tobytes() == (p0 - mean_in_rank_order(g) * LR).tobytes()
-    assert stats(shard)["live"] == [0, 1]
+    assert piece.version == 1
+    assert piece.params.tobytes() == (p0 - mean_in_rank_order(g) * LR).tobytes()
+    assert stats(piece)["live"] == [0, 1]
 
 
 def test_control_live_with_nothing_waiting_releases_nothing():
-    shard = make_shard(SYNC, 0)
-    replies = shard.handle(b"sched", request("control", 1, node="scheduler", meta={"live": [1]}))
-    assert len(replies) == 1 and shard.version == 0
+    piece = make_piece(SYNC, 0)
+    replies = piece.handle(b"sched", request("control", 1, node="scheduler", meta={"live": [1]}))
+    assert len(replies) == 1 and piece.version == 0
 
 
 # -- control -------------------------------------------------------------------------------
 
 def test_control_lr_scale_changes_the_effective_lr():
-    shard = make_shard()
-    p0 = shard.params.copy()
-    (g,) = grads(shard.hi - shard.lo, 1)
-    header, _ = only(shard.handle(b"s", request("control", 1, node="scheduler", meta={"lr_scale": 0.5})))
+    piece = make_piece()
+    p0 = piece.params.copy()
+    (g,) = grads(piece.hi - piece.lo, 1)
+    header, _ = only(piece.handle(b"s", request("control", 1, node="scheduler", meta={"lr_scale": 0.5})))
     assert header["op"] == "ok"
-    assert stats(shard)["lr"] == pytest.approx(0.05)
-    push(shard, g, seq=1, clock=0)
-    assert shard.params.tobytes() == (p0 - g * np.float32(0.1 * 0.5)).tobytes()
+    assert stats(piece)["lr"] == pytest.approx(0.05)
+    push(piece, g, seq=1, clock=0)
+    assert piece.params.tobytes() == (p0 - g * np.float32(0.1 * 0.5)).tobytes()
 
 
 @pytest.mark.parametrize("meta", [
@@ -302,17 +302,17 @@ def test_control_lr_scale_changes_the_effective_lr():
     {"lr_scale": 0.5, "live": [7]},
 ])
 def test_bad_control_values_are_malformed(meta):
-    shard = make_shard()
-    assert error_code(shard.handle(b"s", request("control", 1, node="scheduler", meta=meta))) \
+    piece = make_piece()
+    assert error_code(piece.handle(b"s", request("control", 1, node="scheduler", meta=meta))) \
         == protocol.E_MALFORMED
-    assert shard.schedule.scale == 1.0 and shard.live == {0}
+    assert piece.schedule.scale == 1.0 and piece.live == {0}
 
 
 # -- checkpoints ---------------------------------------------------------------------------
 
 def test_checkpoint_and_restore_continue_bit_identically(tmp_path):
     cfg = replace(ASYNC, optimizer="adam", lr=0.01, checkpoint_dir=str(tmp_path))
-    original = make_shard(cfg, 1)
+    original = make_piece(cfg, 1)
     g = grads(original.hi - original.lo, 6)
     for i in range(3):
         push(original, g[i], seq=i + 1, clock=i)
@@ -320,22 +320,22 @@ def test_checkpoint_and_restore_continue_bit_identically(tmp_path):
     path = original.checkpoint()
     assert path == tmp_path / "piece-26-53.npz" and path.is_file()
 
-    resumed = make_shard(cfg, 1)
+    resumed = make_piece(cfg, 1)
     resumed.restore()
     assert resumed.version == original.version == 4
     assert resumed.params.tobytes() == original.params.tobytes()
     assert stats(resumed)["staleness"] == stats(original)["staleness"] == {"0": 3, "2": 1}
     assert only(push(resumed, g[5], seq=3, clock=4))[0]["clock"] == 4      # a retry, remembered
     for i in range(3, 6):
-        for shard in (original, resumed):
-            assert only(push(shard, g[i], seq=i + 1, clock=i, op="push_pull"))[0]["clock"] == i + 2
+        for piece in (original, resumed):
+            assert only(push(piece, g[i], seq=i + 1, clock=i, op="push_pull"))[0]["clock"] == i + 2
         assert resumed.params.tobytes() == original.params.tobytes()
     assert not np.array_equal(resumed.params, initial_params(SPEC, cfg.seed)[26:53])
 
 
 def test_checkpoint_op_writes_the_file(tmp_path):
-    shard = make_shard(replace(ASYNC, checkpoint_dir=str(tmp_path / "new")))
-    header, _ = only(shard.handle(b"s", request("checkpoint", 2, node="scheduler")))
+    piece = make_piece(replace(ASYNC, checkpoint_dir=str(tmp_path / "new")))
+    header, _ = only(piece.handle(b"s", request("checkpoint", 2, node="scheduler")))
     assert header["op"] == "ok"
     assert Path(header["meta"]["path"]) == tmp_path / "new" / "piece-0-26.npz"
     assert Path(header["meta"]["path"]).is_file()
@@ -343,28 +343,28 @@ def test_checkpoint_op_writes_the_file(tmp_path):
 
 def test_restore_refuses_a_checkpoint_of_another_range(tmp_path):
     cfg = replace(ASYNC, checkpoint_dir=str(tmp_path))
-    make_shard(cfg, 0).checkpoint()
-    wrong = Shard(cfg, SPEC, 0, 0, 27)                   # shard 0, but another range
+    make_piece(cfg, 0).checkpoint()
+    wrong = PieceState(cfg, SPEC, 0, 0, 27)              # piece 0, but another range
     before = wrong.params.copy()
     with pytest.raises(DataError, match=r"no checkpoint for piece \[0, 27\).*piece-0-26.npz"):
         wrong.restore()
     assert wrong.params.tobytes() == before.tobytes()
     (tmp_path / "piece-0-26.npz").rename(tmp_path / "piece-26-53.npz")
     with pytest.raises(DataError, match="resume with the same model"):
-        make_shard(cfg, 1).restore()                      # shard 1 reading shard 0's file
+        make_piece(cfg, 1).restore()                      # piece 1 reading piece 0's file
     with pytest.raises(DataError, match="no checkpoint for piece"):
-        make_shard(cfg, 0).restore()
+        make_piece(cfg, 0).restore()
 
 
 def test_checkpoint_op_without_a_directory_is_e_state():
-    shard = make_shard()
-    assert error_code(shard.handle(b"s", request("checkpoint", 1, node="scheduler"))) == protocol.E_STATE
+    piece = make_piece()
+    assert error_code(piece.handle(b"s", request("checkpoint", 1, node="scheduler"))) == protocol.E_STATE
 
 
-def test_shutdown_op_stops_the_shard():
-    shard = make_shard()
-    header, _ = only(shard.handle(b"s", request("shutdown", 1, node="scheduler")))
-    assert header["op"] == "ok" and shard.stopping
+def test_shutdown_op_stops_the_piece():
+    piece = make_piece()
+    header, _ = only(piece.handle(b"s", request("shutdown", 1, node="scheduler")))
+    assert header["op"] == "ok" and piece.stopping
 
 
 # -- a live server -------------------------------------------------------------------------

@@ -17,18 +17,19 @@ import math
 import multiprocessing
 import time
 from multiprocessing import shared_memory
+from typing import Callable
 
 import numpy as np
 
 from downpour.common.config import Config
-from downpour.common.data import gather
+from downpour.common.data import Dataset, gather
 from downpour.common.errors import ClusterError, DownpourError
+from downpour.common.evaluation import Evaluator
 from downpour.common.metrics import MetricsLog, Progress
 from downpour.common.model import Model, ModelSpec
 from downpour.common.optim import make_optimizer
 from downpour.common.schedules import parse_schedule
 from downpour.common.training import (
-    EarlyStopping,
     batch_gradient,
     check_cluster,
     finish,
@@ -41,6 +42,9 @@ from downpour.common.training import (
 # the progress table: one float64 row per worker
 SAMPLES, STEPS, LOSS_SUM, LOSS_COUNT, DONE, STOP, T_START, T_END = range(8)
 COLUMNS = 8
+POLL_S = 0.05                # how often the parent looks at the progress table
+JOIN_TIMEOUT_S = 10.0        # for a finished process to exit
+TERMINATE_TIMEOUT_S = 5.0    # for a terminated process to go
 
 
 class Shared:
@@ -132,73 +136,49 @@ def train(cfg: Config, progress: Progress | None = None, metrics: MetricsLog | N
         shared.close(unlink=True)
 
 
-def _run(cfg, spec, model, shared, train_set, test_set, about, progress, metrics) -> dict:
+def _run(cfg: Config, spec: ModelSpec, model: Model, shared: Shared, train_set: Dataset,
+         test_set: Dataset, about: str, progress: Progress | None,
+         metrics: MetricsLog | None) -> dict:
+    """Start the W processes, watch and evaluate them until they are done, report."""
     W, n = cfg.workers, len(train_set)
     total = sum(worker_steps(n, cfg, r) for r in range(W)) * cfg.batch_size
     progress = progress or Progress(total, cfg.progress)
     metrics = metrics or MetricsLog(cfg.metrics)
+    scale, table = shared.arrays["scale"], shared.arrays["progress"]
     schedule = parse_schedule(cfg.lr_schedule, cfg.lr)
-    stopper = EarlyStopping(cfg.patience)
+    evaluator = Evaluator(cfg, model, train_set, test_set, metrics, progress, schedule,
+                          recalibrate=True, on_lr_scale=lambda s: scale.__setitem__(0, s))
     progress.line(f"{about}; hogwild mode, {W} process(es) on one shared vector, model "
                   f"{model.layout.size:,} parameters")
-    table = shared.arrays["progress"]
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_work, args=(cfg, spec, r, shared.describe()), daemon=True)
              for r in range(W)]
-    eval_every = cfg.eval_every * n if cfg.eval_every > 0 else math.inf
-    next_eval, last, losses = eval_every, {}, (0.0, 0)
     start = time.time()
+
+    def evaluate() -> None:
+        np.copyto(model.params, shared.arrays["params"])
+        samples = int(table[:, SAMPLES].sum())
+        evaluator.evaluate(epoch=samples / n, samples=samples, updates=int(table[:, STEPS].sum()),
+                           loss_sum=table[:, LOSS_SUM].sum(), loss_count=table[:, LOSS_COUNT].sum(),
+                           lr=schedule(0) * scale[0], elapsed_s=time.time() - start)
+        if evaluator.stopping:
+            table[:, STOP] = 1
+
     for p in procs:
         p.start()
     try:
-        def evaluate() -> dict:
-            nonlocal losses
-            np.copyto(model.params, shared.arrays["params"])
-            if spec.batchnorm:
-                model.calibrate_batchnorm(train_set.x, cfg.batch_size)
-            test_loss, test_acc = model.evaluate(test_set.x, test_set.y)
-            loss_sum, loss_count = table[:, LOSS_SUM].sum(), table[:, LOSS_COUNT].sum()
-            s0, c0 = losses
-            losses = (loss_sum, loss_count)
-            samples = int(table[:, SAMPLES].sum())
-            record = metrics.write(
-                "eval", elapsed_s=round(time.time() - start, 3), epoch=round(samples / n, 4),
-                samples=samples, updates=int(table[:, STEPS].sum()),
-                train_loss=(loss_sum - s0) / (loss_count - c0) if loss_count > c0 else None,
-                test_loss=test_loss, test_accuracy=test_acc,
-                lr=schedule(0) * shared.arrays["scale"][0])
-            progress.line(f"epoch {record['epoch']:6.2f}  test loss {test_loss:.4f}  "
-                          f"test accuracy {100 * test_acc:.2f}%")
-            if schedule.observe(test_loss):
-                shared.arrays["scale"][0] = schedule.scale
-            if stopper.observe(test_loss):
-                table[:, STOP] = 1
-            return record
-
-        while not all(table[:, DONE]):
-            for r, p in enumerate(procs):
-                if not p.is_alive() and not table[r, DONE]:
-                    raise ClusterError(f"hogwild worker {r} died (exit {p.exitcode})")
-            samples = int(table[:, SAMPLES].sum())
-            progress.update(samples, f"{samples:,} samples")
-            if samples >= next_eval:
-                next_eval += eval_every
-                last = evaluate()
-            time.sleep(0.05)
+        _watch(cfg, procs, table, progress, evaluate, n)
         ran = table[table[:, T_START] > 0]
         train_time = (ran[:, T_END].max() - ran[:, T_START].min()) if len(ran) else time.time() - start
         for p in procs:
-            p.join(timeout=10)
+            p.join(timeout=JOIN_TIMEOUT_S)
             if p.exitcode not in (0, None):
                 raise ClusterError(f"a hogwild worker exited with status {p.exitcode}")
-        last = evaluate()
+        evaluate()
     finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-                p.join(timeout=5)
+        _end(procs)
         progress.close()
-    samples, updates = int(table[:, SAMPLES].sum()), int(table[:, STEPS].sum())
+    samples, updates, last = int(table[:, SAMPLES].sum()), int(table[:, STEPS].sum()), evaluator.last
     return finish(
         cfg, model, metrics, progress, mode="hogwild", workers=W, shards=0,
         elapsed_s=round(train_time, 3), train_time_s=round(train_time, 3),
@@ -208,3 +188,28 @@ def _run(cfg, spec, model, shared, train_set, test_set, about, progress, metrics
         test_accuracy=last["test_accuracy"], stopped_early=bool(table[:, STOP].any()),
         parameters=model.layout.size, data=about, bytes=0, bytes_per_s=0.0,
         staleness_p50=None, staleness_p99=None, staleness_max=None)
+
+
+def _watch(cfg: Config, procs: list, table: np.ndarray, progress: Progress,
+           evaluate: Callable[[], None], n: int) -> None:
+    """Until every process is done: fail on a dead one, move the bar, evaluate on time."""
+    every = cfg.eval_every * n if cfg.eval_every > 0 else math.inf      # samples between evaluations
+    next_eval = every
+    while not all(table[:, DONE]):
+        for r, p in enumerate(procs):
+            if not p.is_alive() and not table[r, DONE]:
+                raise ClusterError(f"hogwild worker {r} died (exit {p.exitcode})")
+        samples = int(table[:, SAMPLES].sum())
+        progress.update(samples, f"{samples:,} samples")
+        if samples >= next_eval:
+            next_eval += every
+            evaluate()
+        time.sleep(POLL_S)
+
+
+def _end(procs: list) -> None:
+    """Terminate whatever is still running."""
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+            p.join(timeout=TERMINATE_TIMEOUT_S)

@@ -3,7 +3,7 @@
 Per step, in async mode (DistBelief's Downpour SGD with n_fetch and n_push):
 
     the gradient of the next batch          the weights are those last fetched: version v
-    (common.training.batch_gradient, clipped) added to the sum of gradients (a sum when
+    (downpour.common.training.batch_gradient, clipped) added to the sum of gradients (a sum when
                                             n_push > 1, as DistBelief pushes)
     every n_push steps:  push the sum       marked as computed on v
     every n_fetch steps: pull the weights   and learn their version
@@ -13,7 +13,7 @@ In sync mode every step is a push_pull whose reply is the next version, which th
 server sends once every live worker has pushed. With `overlap` (async, n_fetch =
 n_push = 1) the next gradient is computed while the push_pull is in flight, as
 DistBelief's replicas do: each gradient is then one version staler, and the
-servers count it. The batches come from common.training.worker_batches, so one
+servers count it. The batches come from downpour.common.training.worker_batches, so one
 async worker without overlap takes exactly the single-process trainer's steps.
 """
 
@@ -31,6 +31,7 @@ from downpour.common.client import ShardClient
 from downpour.common.config import Config
 from downpour.common.data import Dataset, gather
 from downpour.common.errors import ClusterError, ConfigError, DownpourError
+from downpour.common.layout import Piece
 from downpour.common.model import Model, ModelSpec
 from downpour.common.node import Heartbeat, register
 from downpour.common.protocol import RemoteError
@@ -52,6 +53,7 @@ class Replica:
         self.cfg, self.rank, self.data, self.client = cfg, rank, data, client
         self.piece_servers = piece_servers          # the server that holds each piece
         self.model = Model(spec, seed=cfg.seed, stream=rank)
+        self.version = 0                            # of the weights last received from the servers
         # what heartbeats report; t_start/t_end (Unix seconds) bracket the training steps
         self.progress = {"role": "worker", "rank": rank, "samples": 0, "steps": 0,
                          "loss_sum": 0.0, "loss_count": 0, "done": False,
@@ -178,11 +180,11 @@ def main(cfg: Config) -> int:
             raise ConfigError(f"{node}: its training data has {len(train)} samples of "
                               f"{train.n_features} features, the scheduler's {meta['n_train']} of "
                               f"{meta['model']['n_inputs']}; give every node the same data")
-        pieces = meta["pieces"]                              # [(server, lo, hi), ...]
-        client = ShardClient([meta["servers"][s] for s, _, _ in pieces],
-                             [(lo, hi) for _, lo, hi in pieces], node, run.timeout_s, run.retries, ctx)
+        pieces = [Piece(*p) for p in meta["pieces"]]         # [[server, lo, hi], ...] on the wire
+        client = ShardClient([meta["servers"][p.server] for p in pieces],
+                             [(p.lo, p.hi) for p in pieces], node, run.timeout_s, run.retries, ctx)
         replica = Replica(run, ModelSpec.from_dict(meta["model"]), rank, train, client,
-                          [s for s, _, _ in pieces])
+                          [p.server for p in pieces])
         heartbeat = Heartbeat(ctx, cfg.scheduler, node, run.heartbeat_s, run.dead_after_s,
                               lambda: dict(replica.progress))
         client.while_waiting = lambda: replica._follow(heartbeat.reply.get("servers"))

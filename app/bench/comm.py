@@ -103,7 +103,8 @@ def measure(spec: ModelSpec, shards: int, transport: str, repeats: int, piece_ki
                   for i, (lo, hi) in enumerate(ranges)]
         for p in procs:
             p.start()
-        client = ShardClient([ours[s] for s, _, _ in pieces], [(lo, hi) for _, lo, hi in pieces],
+        client = ShardClient([ours[piece.server] for piece in pieces],
+                             [(piece.lo, piece.hi) for piece in pieces],
                              "bench", timeout=60.0, retries=0, ctx=ctx)
         echo = _Bare(bare, ranges, ctx)
         try:

@@ -1,8 +1,8 @@
-"""The state of one piece of a shard, and its answer to every request.
+"""The state of one piece of a server's shard, and its answer to every request.
 
 A server process (ps/server.py) holds its shard as pieces; each piece is a
-`Shard`: its slice of the vector, that slice's optimizer state, its version, and
-the consistency rule of the run:
+`PieceState`: its slice of the vector, that slice's optimizer state, its version,
+and the consistency rule of the run:
 
     async  apply every push as it arrives (Downpour SGD)
     sync   hold each worker's push for version v until every live worker (but
@@ -15,7 +15,7 @@ A worker's clock is the number of its pushes applied. A worker's last push says 
 (meta last), and a finished worker no longer holds others back.
 
 Guarantees:
-- A message is fully validated (header, shard, dtype, length, finite values)
+- A message is fully validated (header, "shard" field, dtype, length, finite values)
   before anything changes; a bad one gets an error reply and changes nothing.
 - A push is applied at most once per (node, seq): a retried push is answered
   with the current state, not applied again.
@@ -23,7 +23,7 @@ Guarantees:
   was computed on) is counted for every push; in ssp mode so is the clock gap
   (the push's clock minus the slowest clock when its weights were sent), which
   the rule keeps <= staleness.
-- Parameters go out zero-copy; the shard waits until ZeroMQ has sent them before
+- Parameters go out zero-copy; the piece waits until ZeroMQ has sent them before
   it changes them again.
 - Checkpoints (slice, optimizer state, version, seen sequence numbers) are
   written atomically; `restore` continues from them bit-exactly.
@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import zmq
@@ -47,7 +47,20 @@ from downpour.common.model import ModelSpec, initial_params
 from downpour.common.optim import make_optimizer
 from downpour.common.schedules import parse_schedule
 
-Reply = tuple[bytes, list]          # (ROUTER identity, frames)
+
+class Reply(NamedTuple):
+    """A message to send: `frames` addressed to the peer whose ROUTER identity is `ident`."""
+
+    ident: bytes
+    frames: list
+
+
+class HeldRequest(NamedTuple):
+    """A request answered later (sync: until its version completes; ssp: while its worker
+    is too far ahead): the peer to answer and the request's header."""
+
+    ident: bytes
+    header: dict
 
 
 def worker_rank(node: str) -> int | None:
@@ -56,8 +69,8 @@ def worker_rank(node: str) -> int | None:
     return int(rank) if prefix == "worker" and rank.isascii() and rank.isdigit() else None
 
 
-class Shard:
-    """The state of one shard and the answer to every request."""
+class PieceState:
+    """The state of one piece and its answer to every request."""
 
     def __init__(self, cfg: Config, spec: ModelSpec, rank: int, lo: int, hi: int,
                  initial: np.ndarray | None = None, node: str = ""):
@@ -78,10 +91,10 @@ class Shard:
         self.staleness: Counter = Counter()
         self.gaps: Counter = Counter()            # ssp: clock gap of every push
         self._sent_at: dict[int, int] = {}        # ssp: rank -> slowest clock when its weights went
-        self._blocked: dict[int, tuple[bytes, dict]] = {}     # ssp: rank -> reply held back
+        self._blocked: dict[int, HeldRequest] = {}           # ssp: rank -> reply held back
         self.pushes = self.dropped = self.bytes_in = self.bytes_out = 0
         self.stopping = False
-        self._waiting: dict[int, tuple[bytes, dict]] = {}   # sync: rank -> (ident, request)
+        self._waiting: dict[int, HeldRequest] = {}           # sync: rank -> its push
         self._grads: dict[int, np.ndarray] = {}              # sync: rank -> its gradient
         self._recv = np.empty_like(self.params)              # a payload split over frames
         self._sum = np.empty_like(self.params)
@@ -93,7 +106,7 @@ class Shard:
         try:
             header, payload = protocol.decode(frames)
         except ProtocolError as e:
-            return [(ident, protocol.error_reply(e.code, str(e), None, self.node))]
+            return [Reply(ident, protocol.error_reply(e.code, str(e), None, self.node))]
         return self.handle_request(ident, header, payload)
 
     def handle_request(self, ident: bytes, header: dict, payload: list) -> list[Reply]:
@@ -111,16 +124,16 @@ class Shard:
                 rank = worker_rank(header["node"])
                 if rank is not None:
                     self._sent_at[rank] = min(self._slowest(), self.clock[rank])
-                return [(ident, self._reply(header))]
+                return [Reply(ident, self._reply(header))]
             if op in ("push", "push_pull"):
                 return self._push(ident, header, payload)
             if op == "control":
-                return [(ident, self._control(header)), *self._released()]
-            return [(ident, getattr(self, "_" + op)(header))]
+                return [Reply(ident, self._control(header)), *self._released()]
+            return [Reply(ident, getattr(self, "_" + op)(header))]
         except ProtocolError as e:
-            return [(ident, protocol.error_reply(e.code, str(e), header, self.node))]
+            return [Reply(ident, protocol.error_reply(e.code, str(e), header, self.node))]
         except (ConfigError, DataError, OSError) as e:
-            return [(ident, protocol.error_reply(protocol.E_STATE, str(e), header, self.node))]
+            return [Reply(ident, protocol.error_reply(protocol.E_STATE, str(e), header, self.node))]
 
     def _push(self, ident: bytes, header: dict, payload: list) -> list[Reply]:
         views = protocol.payload(header, payload, self.hi - self.lo)
@@ -150,20 +163,20 @@ class Shard:
         staleness = self.version - clock
         self._apply(grad, [staleness], lr_scale=1.0 / (1 + staleness) if self.cfg.staleness_lr else 1.0)
         if self.cfg.mode != "ssp":
-            return [(ident, self._reply(header))]
+            return [Reply(ident, self._reply(header))]
         self.gaps[self.clock[rank] - self._sent_at.get(rank, 0)] += 1
         self.clock[rank] += 1
         self._taken(rank, header)
-        self._blocked[rank] = (ident, header)
+        self._blocked[rank] = HeldRequest(ident, header)
         return self._released()
 
     def _retry(self, ident: bytes, header: dict) -> list[Reply]:
         rank = worker_rank(header["node"])
         for held in (self._waiting, self._blocked):
-            if rank in held and held[rank][1]["seq"] == header["seq"]:
-                held[rank] = (ident, header)                 # still held: answer later
+            if rank in held and held[rank].header["seq"] == header["seq"]:
+                held[rank] = HeldRequest(ident, header)      # still held: answer later
                 return []
-        return [(ident, self._reply(header))]
+        return [Reply(ident, self._reply(header))]
 
     def _taken(self, rank: int, header: dict) -> None:
         """Note a worker's last push: it no longer holds anyone back."""
@@ -175,17 +188,17 @@ class Shard:
         self._taken(rank, header)
         if header.get("clock", 0) < self.version:             # a straggler's late gradient
             self.dropped += 1
-            return [(ident, self._reply(header, dropped=True))]
+            return [Reply(ident, self._reply(header, dropped=True))]
         replies = []
         if rank in self._waiting:                              # a second push for this version
-            old_ident, old = self._waiting[rank]
-            replies.append((old_ident, protocol.error_reply(
+            old = self._waiting[rank]
+            replies.append(Reply(old.ident, protocol.error_reply(
                 protocol.E_STATE, f"superseded by push seq {header['seq']} for the same version",
-                old, self.node)))
+                old.header, self.node)))
         if rank not in self._grads:
             self._grads[rank] = np.empty_like(self.params)
         np.copyto(self._grads[rank], grad)
-        self._waiting[rank] = (ident, header)
+        self._waiting[rank] = HeldRequest(ident, header)
         return replies + self._complete()
 
     def _complete(self) -> list[Reply]:
@@ -207,7 +220,7 @@ class Shard:
             self._sum *= np.float32(1.0 / len(ranks))
         self._apply(self._sum, staleness=[0] * len(ranks))
         waiting, self._waiting = self._waiting, {}
-        return [(ident, self._reply(header)) for ident, header in (waiting[r] for r in ranks)]
+        return [Reply(ident, self._reply(header)) for ident, header in (waiting[r] for r in ranks)]
 
     def _slowest(self) -> float:
         """ssp: the lowest clock among live workers that have not finished."""
@@ -226,7 +239,7 @@ class Shard:
                     or rank in self.finished):
                 ident, header = self._blocked.pop(rank)
                 self._sent_at[rank] = min(slowest, self.clock[rank])
-                out.append((ident, self._reply(header)))
+                out.append(Reply(ident, self._reply(header)))
         return out
 
     def _apply(self, grad: np.ndarray, staleness: list[int], lr_scale: float = 1.0) -> None:
@@ -288,7 +301,7 @@ class Shard:
     def wait_sent(self) -> None:
         """Make `params` safe to change: wait for zero-copy sends of it to finish.
 
-        If one has not finished within timeout_s (a peer not reading), the shard
+        If one has not finished within timeout_s (a peer not reading), the piece
         moves on to a copy of its parameters, leaving the old buffer to ZeroMQ.
         """
         for t in self._trackers:
@@ -304,7 +317,7 @@ class Shard:
         return Path(self.cfg.checkpoint_dir) / f"piece-{self.lo}-{self.hi}.npz"
 
     def checkpoint(self) -> Path:
-        """Write this shard's state atomically; return the path."""
+        """Write this piece's state atomically; return the path."""
         state = self.opt.state_dict(textbook=False)
         arrays = {"params": self.params,
                   **{f"opt.{k}": v for k, v in state.items() if isinstance(v, np.ndarray)}}
@@ -321,7 +334,7 @@ class Shard:
         return path
 
     def restore(self) -> None:
-        """Continue from this shard's checkpoint; DataError if it is missing or does not fit."""
+        """Continue from this piece's checkpoint; DataError if it is missing or does not fit."""
         path = self.checkpoint_path()
         if not path.is_file():
             there = sorted(p.name for p in path.parent.glob("piece-*.npz"))

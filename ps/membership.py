@@ -1,0 +1,242 @@
+"""Who is in the cluster: registration, seats for servers, heartbeats and liveness.
+
+The scheduler's bookkeeping of its nodes, apart from the run it conducts
+(ps/scheduler.py). It answers the two operations nodes send the scheduler:
+
+    register    a server gets a rank and its shard at once (a free rank while the
+                cluster assembles, later a dead server's rank: it replaces it); a
+                worker gets its rank, and the cluster spec once all S servers are in
+                (until then its reply is held)
+    heartbeat   records the node's progress; the reply says whether to stop and
+                where the servers are (a replaced server has moved)
+
+A node silent for dead_after_s is dead. A dead worker changes the live set
+(`live_changed`, which the conductor passes on to sync and ssp servers); a dead
+server's rank goes to the next server that registers. Nothing here pulls, pushes
+or evaluates.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, NamedTuple
+
+import zmq
+
+from downpour.common import protocol
+from downpour.common.config import Config
+from downpour.common.errors import ClusterError, ProtocolError
+
+
+@dataclass
+class NodeState:
+    role: str
+    rank: int
+    addr: str = ""
+    last_seen: float = field(default_factory=time.monotonic)
+    progress: dict[str, Any] = field(default_factory=dict)     # its last heartbeat's meta
+    dead: bool = False
+
+
+class HeldWorker(NamedTuple):
+    """A worker that registered before all the servers: its reply waits for them."""
+    ident: bytes
+    header: dict
+    rank: int
+
+
+class SpareServer(NamedTuple):
+    """A server that registered while every rank was taken: it waits for a dead one's."""
+    ident: bytes
+    header: dict
+    addr: str
+
+
+class Membership:
+    """The scheduler's nodes: who registered, at which rank and address, who is alive.
+
+    `base_spec` is what every node needs to take part (settings, model, pieces);
+    a node's registration reply adds its rank and the server addresses. `log`
+    takes a line for people. `on_server_moved(rank, addr)` is called when a
+    server replaces a dead one.
+    """
+
+    def __init__(self, cfg: Config, sock: zmq.Socket, base_spec: dict[str, Any],
+                 log: Callable[[str], None]):
+        self.cfg, self.sock, self.base_spec, self.log = cfg, sock, base_spec, log
+        self.servers: dict[int, NodeState] = {}
+        self.workers: dict[int, NodeState] = {}
+        self.stopping = False              # told to every worker in its heartbeat reply
+        self.live_changed = False          # the live workers changed since the conductor looked
+        self.on_server_moved: Callable[[int, str], None] | None = None
+        self._held: list[HeldWorker] = []
+        self._spares: list[SpareServer] = []
+
+    # -- what the conductor asks -------------------------------------------------------------
+    @property
+    def assembled(self) -> bool:
+        return len(self.servers) == self.cfg.shards and len(self.workers) == self.cfg.workers
+
+    def addresses(self) -> list[str]:
+        """The servers' addresses by rank."""
+        return [s.addr for _, s in sorted(self.servers.items())]
+
+    def live_workers(self) -> list[int]:
+        """Ranks of the workers that are alive and not done: those a sync version waits for."""
+        return sorted(r for r, w in self.workers.items() if not w.dead and not w.progress.get("done"))
+
+    def dead_workers(self) -> list[int]:
+        return sorted(r for r, w in self.workers.items() if w.dead)
+
+    def all_done(self) -> bool:
+        """Every live worker has finished its steps."""
+        return all(w.progress.get("done") for w in self.workers.values() if not w.dead)
+
+    def total(self, key: str) -> float:
+        """The sum of a progress counter over the workers (samples, loss_sum, loss_count)."""
+        return sum(w.progress.get(key, 0) for w in self.workers.values())
+
+    def worker_progress(self) -> list[dict[str, Any]]:
+        return [w.progress for w in self.workers.values()]
+
+    # -- the loop ------------------------------------------------------------------------
+    def assemble(self, interrupted: Callable[[], bool], timeout_s: float, tick_ms: int) -> None:
+        """Serve registrations until all S servers and W workers are in.
+
+        ClusterError naming who is missing after `timeout_s`; KeyboardInterrupt as
+        soon as `interrupted()` says so.
+        """
+        deadline = time.monotonic() + timeout_s
+        while not self.assembled:
+            if interrupted():
+                raise KeyboardInterrupt
+            if time.monotonic() > deadline:
+                raise ClusterError(
+                    f"the cluster did not assemble in {timeout_s:g} s: "
+                    f"{len(self.servers)} of {self.cfg.shards} server(s) and {len(self.workers)} of "
+                    f"{self.cfg.workers} worker(s) registered; start the missing nodes with "
+                    f"--scheduler pointing here")
+            self._serve(tick_ms)
+        self.log("cluster assembled: " + ", ".join(
+            [f"server-{r} at {s.addr}" for r, s in sorted(self.servers.items())]))
+
+    def tend(self, timeout_ms: int = 0) -> None:
+        """Answer registrations and heartbeats for up to `timeout_ms`, then notice deaths."""
+        self._serve(timeout_ms)
+        self._check_liveness()
+
+    # -- messages --------------------------------------------------------------------------
+    def _serve(self, timeout_ms: int) -> None:
+        """Answer every message that arrives within `timeout_ms`."""
+        if not self.sock.poll(timeout_ms):
+            return
+        while self.sock.poll(0):
+            ident, *frames = self.sock.recv_multipart()
+            header = None
+            try:
+                header, _ = protocol.decode(frames)
+                if header["op"] == "register":
+                    self._register(ident, header)
+                elif header["op"] == "heartbeat":
+                    self._reply(ident, header, self._heartbeat(header))
+                else:
+                    raise protocol.error(protocol.E_UNKNOWN_OP, f"the scheduler offers "
+                                         f"{', '.join(protocol.SCHEDULER_OPS)}, not {header['op']!r}")
+            except ProtocolError as e:
+                self.sock.send_multipart([ident, *protocol.error_reply(e.code, str(e), header,
+                                                                        "scheduler")])
+
+    def _reply(self, ident: bytes, request: dict, meta: dict[str, Any]) -> None:
+        self.sock.send_multipart([ident, *protocol.encode(
+            {"op": "ok", "node": "scheduler", "seq": request["seq"], "meta": meta})])
+
+    def _register(self, ident: bytes, header: dict) -> None:
+        meta = header.get("meta", {})
+        role = meta.get("role")
+        if role == "server":
+            addr = meta.get("addr")
+            if not isinstance(addr, str) or not addr:
+                raise protocol.error(protocol.E_MALFORMED, "a server registers with its addr")
+            self._spares.append(SpareServer(ident, header, addr))
+            self._seat_servers()
+        elif role == "worker":
+            if len(self.workers) >= self.cfg.workers:
+                raise protocol.error(protocol.E_STATE, f"the run already has its {self.cfg.workers} "
+                                     "worker(s); raise --workers to add more")
+            rank = len(self.workers)
+            self.workers[rank] = NodeState("worker", rank)
+            if len(self.servers) == self.cfg.shards:
+                self._reply(ident, header, self._spec(rank))
+            else:
+                self._held.append(HeldWorker(ident, header, rank))
+        else:
+            raise protocol.error(protocol.E_MALFORMED, f"role must be server or worker, not {role!r}")
+
+    def _seat_servers(self) -> None:
+        """Give waiting servers a rank: a free one while assembling, later a dead one's.
+
+        A server that registers when every rank is taken waits here until a server
+        dies (it then takes over that rank, and with --resume its checkpoint), or
+        until its own registration times out.
+        """
+        while self._spares:
+            free = [r for r in range(self.cfg.shards) if r not in self.servers] or \
+                   [r for r, s in sorted(self.servers.items()) if s.dead]
+            if not free:
+                return
+            spare, rank = self._spares.pop(0), free[0]
+            replacing = rank in self.servers
+            self.servers[rank] = NodeState("server", rank, spare.addr)
+            self._reply(spare.ident, spare.header, self._spec(rank))
+            if replacing:
+                if self.on_server_moved is not None:
+                    self.on_server_moved(rank, spare.addr)
+                self.log(f"server-{rank} replaced, now at {spare.addr}")
+            if len(self.servers) == self.cfg.shards:
+                for held in self._held:
+                    self._reply(held.ident, held.header, self._spec(held.rank))
+                self._held.clear()
+
+    def _spec(self, rank: int) -> dict[str, Any]:
+        """What a node needs to take part: the run's spec, its rank and, once all are in,
+        the servers' addresses."""
+        spec = {"rank": rank, **self.base_spec}
+        if len(self.servers) == self.cfg.shards:
+            spec["servers"] = self.addresses()
+        return spec
+
+    def _heartbeat(self, header: dict) -> dict[str, Any]:
+        meta = header.get("meta", {})
+        role, rank = meta.get("role"), meta.get("rank")
+        nodes = {"server": self.servers, "worker": self.workers}.get(role, {})
+        if rank not in nodes:
+            raise protocol.error(protocol.E_STATE, f"{header['node']} is not registered")
+        node = nodes[rank]
+        node.last_seen = time.monotonic()
+        if node.dead or (meta.get("done") and not node.progress.get("done")):
+            node.dead = False
+            self.live_changed = True            # back, or done: servers stop waiting for it
+        node.progress = meta
+        return {"stop": self.stopping, "servers": self.addresses()}
+
+    def _check_liveness(self) -> None:
+        now, dead_after = time.monotonic(), self.cfg.dead_after_s
+        for node in [*self.servers.values(), *self.workers.values()]:
+            if node.dead or now - node.last_seen < dead_after:
+                continue
+            if node.role == "worker" and node.progress.get("done"):
+                continue                                  # finished, and gone: not a death
+            node.dead = True
+            self.log(f"{node.role}-{node.rank} stopped answering for {dead_after:g} s: marked dead")
+            if node.role == "worker":
+                self.live_changed = True
+            else:
+                self._seat_servers()
+        if self.workers and all(w.dead for w in self.workers.values()):
+            raise ClusterError("every worker has died; the run cannot go on")
+        gone = [s for s in self.servers.values()
+                if s.dead and now - s.last_seen > dead_after + self.cfg.start_timeout_s]
+        if gone:
+            raise ClusterError(f"server-{gone[0].rank} at {gone[0].addr} died and no server "
+                               f"replaced it within {self.cfg.start_timeout_s:g} s")

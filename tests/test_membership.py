@@ -1,0 +1,149 @@
+"""The scheduler's membership: registration, held replies, heartbeats, deaths and replacements,
+driven over real sockets."""
+
+import time
+from dataclasses import replace
+
+import pytest
+import zmq
+
+from downpour.common import protocol
+from downpour.common.config import Config
+from downpour.common.errors import ClusterError
+from downpour.ps.membership import Membership
+
+CFG = Config(mode="sync", workers=2, shards=2, dead_after_s=0.3, start_timeout_s=5.0)
+BASE = {"config": {}, "model": {}, "pieces": [[0, 0, 5], [1, 5, 9]], "n_train": 10}
+WAIT_S = 5.0                          # the longest a test waits for a reply
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """(membership, connect): a Membership on a ROUTER, and DEALER peers that talk to it."""
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.linger = 0
+    router.bind(f"ipc://{tmp_path}/scheduler")
+    lines = []
+    nodes = Membership(CFG, router, BASE, log=lines.append)
+    nodes.lines = lines
+    peers = []
+
+    def connect():
+        s = ctx.socket(zmq.DEALER)
+        s.linger = 0
+        s.connect(f"ipc://{tmp_path}/scheduler")
+        peers.append(s)
+        return s
+
+    yield nodes, connect
+    for s in peers:
+        s.close()
+    router.close()
+    ctx.term()
+
+
+def send(sock, op, seq=0, **meta):
+    sock.send_multipart(protocol.encode({"op": op, "node": "peer", "seq": seq, "meta": meta}))
+
+
+def reply(nodes, sock, within_s=WAIT_S):
+    """The header of `sock`'s next reply, tending `nodes` meanwhile; None if none came."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        nodes.tend(10)
+        if sock.poll(10):
+            return protocol.decode(sock.recv_multipart())[0]
+    return None
+
+
+def test_a_worker_that_comes_before_the_servers_waits_for_them(cluster):
+    nodes, connect = cluster
+    worker = connect()
+    send(worker, "register", role="worker")
+    assert reply(nodes, worker, within_s=0.2) is None           # held: no servers yet
+    servers = [connect(), connect()]
+    for i, s in enumerate(servers):
+        send(s, "register", role="server", addr=f"tcp://host:{6000 + i}")
+        header = reply(nodes, s)
+        assert header["meta"]["rank"] == i and header["meta"]["pieces"] == BASE["pieces"]
+    header = reply(nodes, worker)
+    assert header["meta"]["rank"] == 0
+    assert header["meta"]["servers"] == ["tcp://host:6000", "tcp://host:6001"]
+
+
+def test_registration_errors_change_nothing(cluster):
+    nodes, connect = cluster
+    peer = connect()
+    send(peer, "register", role="observer")
+    assert reply(nodes, peer)["code"] == protocol.E_MALFORMED
+    send(peer, "register", role="server")                        # no addr
+    assert reply(nodes, peer)["code"] == protocol.E_MALFORMED
+    send(peer, "heartbeat", role="worker", rank=0)               # never registered
+    assert reply(nodes, peer)["code"] == protocol.E_STATE
+    send(peer, "pull")
+    assert reply(nodes, peer)["code"] == protocol.E_UNKNOWN_OP
+    assert nodes.servers == {} and nodes.workers == {}
+
+
+def test_a_third_worker_is_refused(cluster):
+    nodes, connect = cluster
+    for expected in (None, None, protocol.E_STATE):
+        w = connect()
+        send(w, "register", role="worker")
+        header = reply(nodes, w, within_s=0.2)
+        assert (header and header.get("code")) == expected
+    assert sorted(nodes.workers) == [0, 1]
+
+
+def test_a_silent_worker_dies_and_the_live_set_changes(cluster):
+    nodes, connect = cluster
+    for i in range(2):
+        send(connect(), "register", role="server", addr=f"tcp://host:{6000 + i}")
+    workers = [connect(), connect()]
+    for w in workers:
+        send(w, "register", role="worker")
+        assert reply(nodes, w)["meta"]["rank"] in (0, 1)
+    assert nodes.assembled and nodes.live_workers() == [0, 1]
+    deadline = time.monotonic() + WAIT_S
+    while not nodes.workers[1].dead and time.monotonic() < deadline:
+        for s, rank in ((workers[0], 0),):                       # worker 1 stays silent
+            send(s, "heartbeat", role="worker", rank=rank, samples=64, done=False)
+            assert reply(nodes, s)["meta"]["stop"] is False
+        for rank in (0, 1):                                      # the servers keep beating
+            nodes.servers[rank].last_seen = time.monotonic()
+        time.sleep(0.05)
+    assert nodes.workers[1].dead and nodes.live_changed
+    assert nodes.live_workers() == [0] and nodes.dead_workers() == [1]
+    assert nodes.total("samples") == 64
+    assert any("worker-1 stopped answering" in line for line in nodes.lines)
+
+
+def test_a_dead_server_is_replaced_by_a_spare(cluster):
+    nodes, connect = cluster
+    moved = []
+    nodes.on_server_moved = lambda rank, addr: moved.append((rank, addr))
+    for i in range(2):
+        s = connect()
+        send(s, "register", role="server", addr=f"tcp://host:{6000 + i}")
+        assert reply(nodes, s)["meta"]["rank"] == i
+    spare = connect()
+    send(spare, "register", role="server", addr="tcp://spare:7000")
+    assert reply(nodes, spare, within_s=0.2) is None             # every rank is taken: it waits
+    nodes.servers[1].last_seen -= 10 * CFG.dead_after_s          # server-1 falls silent
+    header = reply(nodes, spare)
+    assert header["meta"]["rank"] == 1 and header["meta"]["servers"][1] == "tcp://spare:7000"
+    assert moved == [(1, "tcp://spare:7000")] and not nodes.servers[1].dead
+
+
+def test_a_dead_server_with_no_replacement_ends_the_run(cluster):
+    nodes, connect = cluster
+    for i in range(2):
+        send(connect(), "register", role="server", addr=f"tcp://host:{6000 + i}")
+    nodes.tend(100)
+    nodes.workers[0] = replace(nodes.servers[0], role="worker", rank=0)   # a live worker
+    nodes.servers[0].last_seen -= CFG.dead_after_s + CFG.start_timeout_s + 1   # long gone
+    with pytest.raises(ClusterError, match="server-0 .* died and no server replaced it"):
+        for _ in range(3):
+            nodes.workers[0].last_seen = time.monotonic()
+            nodes.tend(10)
