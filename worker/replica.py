@@ -58,71 +58,85 @@ class Replica:
         self.progress = {"role": "worker", "rank": rank, "samples": 0, "steps": 0,
                          "loss_sum": 0.0, "loss_count": 0, "done": False,
                          "t_start": 0.0, "t_end": 0.0}
+        sync, params = cfg.mode == "sync", self.model.params
+        self._overlap = cfg.overlap and not sync
+        self._in_flight = False                     # overlap: a push_pull whose weights are due
+        self._acc = np.zeros_like(params) if cfg.n_push > 1 and not sync else None  # summed grads
+        self._send = np.empty_like(params) if self._overlap else None    # the gradient in flight
+        self._micro = np.empty_like(params) if cfg.micro_batches > 1 else None
+        self._xb = np.empty((cfg.batch_size, data.n_features), np.float32)   # (B, D)
+        self._yb = np.empty(cfg.batch_size, np.int64)                         # (B,)
+        slow_rank, slow_factor = cfg.slowdown
+        self._slowdown = slow_factor - 1.0 if slow_rank == rank else 0.0     # extra compute, x1
 
     def run(self, heartbeat: Heartbeat | None = None) -> None:
         """Take every step of this worker's share, or stop early when the scheduler says so."""
-        cfg, m = self.cfg, self.model
-        sync = cfg.mode == "sync"
-        overlap = cfg.overlap and not sync
-        acc = np.zeros_like(m.params) if cfg.n_push > 1 and not sync else None
-        send = np.empty_like(m.params) if overlap else None
-        micro = np.empty_like(m.params) if cfg.micro_batches > 1 else None
-        xb = np.empty((cfg.batch_size, self.data.n_features), np.float32)   # (B, D)
-        yb = np.empty(cfg.batch_size, np.int64)                              # (B,)
         self.progress["t_start"] = time.time()
-        self.version = version = self.client.pull(m.params)
-        in_flight = False
-        slow_rank, slow_factor = cfg.slowdown
-        slowdown = slow_factor - 1.0 if slow_rank == self.rank else 0.0
+        self.version = self.client.pull(self.model.params)
         for step, idx, last in self._batches():
-            if heartbeat is not None:
-                if heartbeat.stop.is_set():
-                    break
-                if heartbeat.lost.is_set():
-                    raise ClusterError(f"worker-{self.rank}: the scheduler stopped answering")
-                self._follow(heartbeat.reply.get("servers"))
-            t0 = time.perf_counter()
-            gather(self.data.x, idx, out=xb)
-            gather(self.data.y, idx, out=yb)
-            loss = batch_gradient(m, xb, yb, cfg, micro)
-            if slowdown:                    # a straggler, for experiments: FACTOR x the compute
-                time.sleep(slowdown * (time.perf_counter() - t0))
-            if not math.isfinite(loss):
-                raise DownpourError(f"worker-{self.rank}: the training loss became {loss} at "
-                                    f"step {step}; lower --lr or add --clip-norm")
-            grad = m.grads
-            if acc is not None:
-                acc += m.grads
-                grad = acc
-            push = sync or last or (step + 1) % cfg.n_push == 0
-            fetch = sync or (step + 1) % cfg.n_fetch == 0
-            computed_on = version
-            if in_flight:                   # the previous push_pull: its weights arrive now
-                version = self._exchange(self.client.finish, m.params)
-                in_flight = False
-            if push and fetch and overlap:
-                np.copyto(send, grad)
-                self.client.start("push_pull", send, computed_on, last)
-                in_flight = True
-            elif push and fetch:
-                version = self._exchange(self.client.push_pull, grad, computed_on, m.params, last)
-            elif push:
-                self._exchange(self.client.push, grad, computed_on, last)
-            elif fetch:
-                version = self.client.pull(m.params)
-            if push and acc is not None:
-                acc[:] = 0
-            self.version = version
+            if heartbeat is not None and self._told_to_stop(heartbeat):
+                break
+            loss = self._gradient(step, idx)
+            self._communicate(step, last)
             p = self.progress
             p["samples"] += len(idx)
             p["steps"] += 1
             p["loss_sum"] += loss
             p["loss_count"] += 1
-        if in_flight:
-            self._exchange(self.client.finish, m.params)
+        if self._in_flight:
+            self._exchange(self.client.finish, self.model.params)
+            self._in_flight = False
         self.client.wait_sent()
         self.progress["t_end"] = time.time()
         self.progress["done"] = True
+
+    def _told_to_stop(self, heartbeat: Heartbeat) -> bool:
+        """Whether the scheduler said stop; ClusterError if it went silent. Follows moved servers."""
+        if heartbeat.stop.is_set():
+            return True
+        if heartbeat.lost.is_set():
+            raise ClusterError(f"worker-{self.rank}: the scheduler stopped answering")
+        self._follow(heartbeat.reply.get("servers"))
+        return False
+
+    def _gradient(self, step: int, idx: np.ndarray) -> float:
+        """The loss of batch `idx`; its gradient is left in model.grads (and added to the
+        sum of gradients when n_push > 1)."""
+        m, t0 = self.model, time.perf_counter()
+        gather(self.data.x, idx, out=self._xb)
+        gather(self.data.y, idx, out=self._yb)
+        loss = batch_gradient(m, self._xb, self._yb, self.cfg, self._micro)
+        if self._slowdown:                    # a straggler, for experiments: FACTOR x the compute
+            time.sleep(self._slowdown * (time.perf_counter() - t0))
+        if not math.isfinite(loss):
+            raise DownpourError(f"worker-{self.rank}: the training loss became {loss} at "
+                                f"step {step}; lower --lr or add --clip-norm")
+        if self._acc is not None:
+            self._acc += m.grads
+        return loss
+
+    def _communicate(self, step: int, last: bool) -> None:
+        """Push and pull as the step's place in the n_push / n_fetch cycle says."""
+        cfg, m, sync = self.cfg, self.model, self.cfg.mode == "sync"
+        grad = self._acc if self._acc is not None else m.grads
+        push = sync or last or (step + 1) % cfg.n_push == 0
+        fetch = sync or (step + 1) % cfg.n_fetch == 0
+        computed_on = self.version
+        if self._in_flight:                   # the previous push_pull: its weights arrive now
+            self.version = self._exchange(self.client.finish, m.params)
+            self._in_flight = False
+        if push and fetch and self._overlap:
+            np.copyto(self._send, grad)
+            self.client.start("push_pull", self._send, computed_on, last)
+            self._in_flight = True
+        elif push and fetch:
+            self.version = self._exchange(self.client.push_pull, grad, computed_on, m.params, last)
+        elif push:
+            self._exchange(self.client.push, grad, computed_on, last)
+        elif fetch:
+            self.version = self.client.pull(m.params)
+        if push and self._acc is not None:
+            self._acc[:] = 0
 
     def _batches(self):
         """(step, sample indices, whether it is the last step) for this worker.
