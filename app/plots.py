@@ -18,6 +18,7 @@ from pathlib import Path
 from downpour.common.metrics import read_metrics
 
 MODES_ORDER = ("single", "sync", "async", "ssp", "hogwild")
+FIGSIZE = (6.4, 4.4)          # inches, one plot
 
 
 def available() -> bool:
@@ -40,11 +41,19 @@ def _save(fig, path: Path) -> Path:
 
 def sweep(rows: list[dict], out: Path, target: float | None = None) -> list[Path]:
     """The four plots of a sweep (rows as in results.csv, with `metrics` relative to `out`)."""
-    plt = _pyplot()
     out = Path(out)
-    written = []
+    first = [(r, *read_metrics(out / r["metrics"])) for r in rows if int(r["repeat"]) == 0]
+    return [_throughput(rows, out / "throughput.png"),
+            _accuracy(first, "elapsed_s", "wall time (s)", out / "accuracy_time.png",
+                      "Test accuracy against wall time", target),
+            _accuracy(first, "samples", "samples processed", out / "accuracy_samples.png",
+                      "Test accuracy against samples processed", target),
+            _staleness(first, out / "staleness.png")]
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+
+def _throughput(rows: list[dict], path: Path) -> Path:
+    """Mean samples/s against workers, a line per mode; single process as a level."""
+    fig, ax = _pyplot().subplots(figsize=FIGSIZE)
     by_mode: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         by_mode[r["mode"]][int(r["workers"])].append(float(r["samples_per_s"]))
@@ -59,29 +68,31 @@ def sweep(rows: list[dict], out: Path, target: float | None = None) -> list[Path
     ax.set_xticks(sorted({int(r["workers"]) for r in rows}))
     ax.legend()
     ax.grid(alpha=0.3)
-    written.append(_save(fig, out / "throughput.png"))
+    return _save(fig, path)
 
-    first = [(r, *read_metrics(out / r["metrics"])) for r in rows if int(r["repeat"]) == 0]
-    for x_key, x_label, name, title in (
-            ("elapsed_s", "wall time (s)", "accuracy_time.png", "Test accuracy against wall time"),
-            ("samples", "samples processed", "accuracy_samples.png",
-             "Test accuracy against samples processed")):
-        fig, ax = plt.subplots(figsize=(6.4, 4.4))
-        for r, evals, _ in first:
-            label = r["mode"] if r["mode"] == "single" else f"{r['mode']} W={r['workers']}" + (
-                f" S={r['shards']}" if int(r["shards"]) > 0 else "")
-            ax.plot([e[x_key] for e in evals], [100 * e["test_accuracy"] for e in evals],
-                    marker=".", label=label)
-        if target:
-            ax.axhline(100 * target, linestyle=":", color="gray", label=f"target {100 * target:g}%")
-        ax.set(xlabel=x_label, ylabel="test accuracy (%)", title=title)
-        ax.legend(fontsize="small")
-        ax.grid(alpha=0.3)
-        written.append(_save(fig, out / name))
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+def _accuracy(runs: list[tuple], x_key: str, x_label: str, path: Path, title: str,
+              target: float | None) -> Path:
+    """Test accuracy against `x_key` of every eval line, a line per run."""
+    fig, ax = _pyplot().subplots(figsize=FIGSIZE)
+    for r, evals, _ in runs:
+        label = r["mode"] if r["mode"] == "single" else f"{r['mode']} W={r['workers']}" + (
+            f" S={r['shards']}" if int(r["shards"]) > 0 else "")
+        ax.plot([e[x_key] for e in evals], [100 * e["test_accuracy"] for e in evals],
+                marker=".", label=label)
+    if target:
+        ax.axhline(100 * target, linestyle=":", color="gray", label=f"target {100 * target:g}%")
+    ax.set(xlabel=x_label, ylabel="test accuracy (%)", title=title)
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def _staleness(runs: list[tuple], path: Path) -> Path:
+    """The staleness distribution of every async-family (and sync) run, as grouped bars."""
+    fig, ax = _pyplot().subplots(figsize=FIGSIZE)
     drawn = 0
-    for r, _, end in first:
+    for r, _, end in runs:
         if r["mode"] not in ("async", "ssp", "sync"):
             continue
         hist = {int(k): v for k, v in ((end or {}).get("staleness_hist") or {}).items()}
@@ -99,8 +110,7 @@ def sweep(rows: list[dict], out: Path, target: float | None = None) -> list[Path
     if drawn:
         ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
-    written.append(_save(fig, out / "staleness.png"))
-    return written
+    return _save(fig, path)
 
 
 def curves(paths: list[Path], out: Path) -> Path:
