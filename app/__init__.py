@@ -10,3 +10,10 @@ and the application above them, in this package: the command line (`downpour.cli
 local launcher, experiment sweeps, plots, the MNIST download and the benchmarks
 (`downpour.bench`). Only the application imports all three.
 """
+
+from importlib import metadata as _metadata
+
+try:
+    __version__ = _metadata.version("downpour-ps")
+except _metadata.PackageNotFoundError:          # run from a checkout that is not installed
+    __version__ = "0+unknown"

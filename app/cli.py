@@ -20,8 +20,10 @@ one line, `downpour: error: ...`, and exits with status 2; Ctrl-C exits with 130
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 
+from downpour import __version__
 from downpour.common import config
 from downpour.common.errors import DownpourError
 
@@ -35,8 +37,20 @@ ROLE_SETTINGS = {  # command -> the settings it takes
 
 
 def _pinned(args: argparse.Namespace) -> config.Config:
-    """The settings of `args`, with this process's BLAS threads pinned before NumPy loads."""
-    cfg = config.resolve(args)
+    """The settings of `args`, with this process's BLAS threads pinned before NumPy loads.
+
+    A command that knows the run's mode (train, scheduler) refuses a setting given
+    explicitly that the mode does not use, and makes its output paths ready first.
+    """
+    given = config.given(args)
+    cfg = config.Config(**given)
+    if args.command == "scheduler" and cfg.mode not in config.CLUSTER:
+        raise config.ConfigError(f"the scheduler conducts --mode {', '.join(config.CLUSTER)}, not "
+                                 f"{cfg.mode!r}: give --mode (or DOWNPOUR_MODE)")
+    if args.command in ("train", "scheduler"):
+        config.check_used(given, cfg.mode)
+        from downpour.common.training import check_outputs
+        check_outputs(cfg)
     from downpour.common.threads import pin_blas_threads
     pin_blas_threads(cfg.threads)
     return cfg
@@ -89,8 +103,9 @@ def _experiment(args: argparse.Namespace) -> int:
     if args.repeats < 1 or not 0 < args.target <= 1:
         raise config.ConfigError("--repeats must be >= 1 and --target in (0, 1]")
     settings = {k: v for k, v in vars(args).items() if k not in ("workers", "shards")}
-    run_sweep(config.resolve(settings), modes, workers, shards, args.repeats, Path(args.out),
-              args.target)
+    given = config.given(settings)
+    run_sweep(config.Config(**given), modes, workers, shards, args.repeats, Path(args.out),
+              args.target, given=given)
     return 0
 
 
@@ -100,26 +115,25 @@ def _plot(args: argparse.Namespace) -> int:
     from downpour import plots
     if not plots.available():
         raise config.ConfigError("plots need matplotlib: pip install -e '.[plot]'")
-    missing = [m for m in args.metrics if not Path(m).is_file()]
-    if missing:
-        raise config.ConfigError(f"no metrics file {missing[0]!r}")
     print(plots.curves([Path(m) for m in args.metrics], Path(args.out)))
     return 0
 
 
 def _download(args: argparse.Namespace) -> int:
     from downpour.common.data import default_data_dir
-    from downpour.download import MNIST_MIRRORS, download_mnist
+    from downpour.download import MNIST_MIRRORS, download_mnist, training_hint
     mirrors = [args.base_url] if args.base_url else list(MNIST_MIRRORS)
     dest = args.dir or str(default_data_dir())
     for path in download_mnist(dest, mirrors, timeout=args.timeout):
         print(path)
+    print(training_hint(dest), file=sys.stderr)
     return 0
 
 
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="downpour", description="Distributed parameter-server "
                                   "training: sharded servers, NumPy workers, Downpour SGD.")
+    top.add_argument("--version", action="version", version=f"downpour {__version__}")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = sub.add_parser("train", help="train a model (settings: flags, DOWNPOUR_* or --config)")
@@ -179,8 +193,26 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Parsed arguments; an unknown flag exits 2 naming the nearest flag of its command."""
+    top = parser()
+    args, extra = top.parse_known_args(argv)
+    if extra:
+        command = top._subparsers._group_actions[0].choices[args.command]
+        while getattr(args, "what", None) and command._subparsers:      # bench core|comm
+            command = command._subparsers._group_actions[0].choices[args.what]
+        flags = [o for a in command._actions for o in a.option_strings]
+        unknown = next((e for e in extra if e.startswith("-")), extra[0]).split("=")[0]
+        close = difflib.get_close_matches(unknown, flags, n=1)
+        hint = f"did you mean {close[0]}?" if close else "see --help"
+        print(f"{command.prog}: error: unrecognized argument {unknown}; {hint} "
+              f"({command.prog} --help lists every flag)", file=sys.stderr)
+        sys.exit(2)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = _parse(argv)
     try:
         return args.run(args)
     except DownpourError as e:

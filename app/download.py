@@ -5,7 +5,7 @@ checked, fsynced, and only then renamed onto its final name (downpour.common.fil
 interrupted, truncated or corrupt download never leaves a half-written or wrong
 file under the final name, and a file already present with the right checksum is
 never fetched again. Mirrors are tried in order; the error after the last one
-lists why each failed.
+lists why each failed. `training_hint` says how to train on what arrived.
 
 Only the standard library is used, so importing this module does not load NumPy.
 """
@@ -101,6 +101,13 @@ def download_mnist(dest_dir: str | os.PathLike,
         raise DataError("\n".join(errors) + "\npass another mirror with --base-url URL, or copy "
                         f"the files into {dest} by hand")
     return paths
+
+
+def training_hint(dest_dir: str | os.PathLike) -> str:
+    """One line telling the user how to train on the full MNIST downloaded to `dest_dir`
+    (by default downpour trains on the 15,000 digits it ships, not on a download)."""
+    return (f"train on it with: downpour train --data-dir {dest_dir} "
+            "--train-split train --test-split t10k")
 
 
 def _fetch(url: str, final: Path, md5: str, timeout: float, progress: Progress | None) -> None:

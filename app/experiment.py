@@ -5,11 +5,16 @@
                        --metrics OUT/runs/NAME.jsonl
     -> OUT/results.csv   one row per run
     -> OUT/*.png         throughput against workers, accuracy against wall time and
-                         against samples, the staleness distribution (common/plots.py)
+                         against samples, the staleness distribution (downpour.plots)
 
 Every run is a separate `downpour train` process, exactly as a user would start it,
 so runs do not share caches or state. Single mode runs once per repeat (W = 1,
 no shards) and hogwild once per W (no shards): their settings do not vary with S.
+
+Before the first run, the sweep says on stderr, once each, what it leaves out:
+cases that cannot exist (single at 2 workers, hogwild at 2 shards, or settings that
+contradict a case, as sync with --backup 1 at 1 worker), and settings given that a
+mode does not use (--backup in an async run), which that mode's runs drop.
 
 Columns of results.csv: mode, workers, shards, batch_size, repeat, seed,
 samples_per_s, updates_per_s, time_to_target_s (the wall time of the first
@@ -22,15 +27,16 @@ from __future__ import annotations
 import csv
 import io
 import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, NamedTuple
 
 from downpour import plots
 from downpour.common import config
-from downpour.common.config import Config
-from downpour.common.errors import DownpourError
-from downpour.common.fileio import atomic_write
+from downpour.common.config import FIELDS, Config
+from downpour.common.errors import ConfigError, DownpourError
+from downpour.common.fileio import atomic_write, prepare_output
 from downpour.common.metrics import Progress, read_metrics
 from downpour.launch import CLI, child_env
 
@@ -38,6 +44,19 @@ COLUMNS = ("mode", "workers", "shards", "batch_size", "repeat", "seed", "samples
            "updates_per_s", "time_to_target_s", "final_accuracy", "best_accuracy",
            "staleness_p50", "staleness_p99", "staleness_max", "bytes", "elapsed_s", "metrics")
 SWEPT = ("mode", "workers", "shards", "seed", "metrics", "save", "progress", "config")
+ONE_CASE = {"single": "single runs one process", "hogwild": "hogwild has no servers"}
+
+
+class Case(NamedTuple):
+    """One run of the sweep: its record (mode, workers, shards, repeat) and its settings."""
+    run: dict
+    cfg: Config
+
+
+class Sweep(NamedTuple):
+    """The runs to start, in order, and what the sweep leaves out, one sentence each."""
+    cases: list[Case]
+    notes: list[str]
 
 
 def plan(modes: list[str], workers: list[int], shards: list[int], repeats: int) -> list[dict]:
@@ -49,6 +68,83 @@ def plan(modes: list[str], workers: list[int], shards: list[int], repeats: int) 
                 for r in range(repeats):
                     runs.append({"mode": mode, "workers": w, "shards": s, "repeat": r})
     return runs
+
+
+def _counted(values: list[int], noun: str) -> str:
+    """[2, 4], "worker" -> "2 and 4 workers"."""
+    text = " and ".join(map(str, dict.fromkeys(values)))
+    return f"{text} {noun}" + ("" if values == [1] else "s")
+
+
+def impossible(modes: list[str], workers: list[int], shards: list[int]) -> dict[str, list[str]]:
+    """{mode: the cases of it that `plan` leaves out because they cannot exist}, e.g.
+    {"single": ["single at 2 workers"]}."""
+    cases: dict[str, list[str]] = {}
+    for mode in modes:
+        if mode == "single" and (ws := [w for w in workers if w != 1]):
+            cases.setdefault(mode, []).append(f"{mode} at {_counted(ws, 'worker')}")
+        if mode in ONE_CASE and (ss := [s for s in shards if s != 1]):
+            cases.setdefault(mode, []).append(f"{mode} at {_counted(ss, 'shard')}")
+    return cases
+
+
+def case_config(cfg: Config, run: dict, given: Iterable[str] = ()) -> Config:
+    """The settings of one run: `cfg` with the run's mode, workers, shards and seed, and
+    every setting in `given` that the mode does not use back at its default."""
+    swept = replace(cfg, mode=run["mode"], workers=run["workers"], shards=max(1, run["shards"]),
+                    seed=cfg.seed + run["repeat"])
+    unused = config.unused_settings([*given, "workers", "shards"], run["mode"])
+    return replace(swept, **{k: FIELDS[k].default for k in unused})
+
+
+def _case_name(run: dict) -> str:
+    return f"{run['mode']} at {_counted([run['workers']], 'worker')}" + (
+        f" and {run['shards']} shards" if run["shards"] > 1 else "")
+
+
+def _unused_notes(names: list[str], modes: list[str]) -> list[str]:
+    """A sentence for each setting in `names` that some mode in `modes` does not use."""
+    idle: dict[str, list[str]] = {}             # {setting: the modes of the sweep not using it}
+    used_by: dict[str, tuple[str, ...]] = {}    # {setting: the modes that use it}
+    for mode in modes:
+        for name, users in config.unused_settings(names, mode).items():
+            idle.setdefault(name, []).append(mode)
+            used_by[name] = users
+    return [f"{name} is a setting of --mode {', '.join(used_by[name])}; not used by the "
+            f"{', '.join(idle[name])} runs" for name in idle]
+
+
+def sweep_plan(cfg: Config, modes: list[str], workers: list[int], shards: list[int], repeats: int,
+               given: Iterable[str] = ()) -> Sweep:
+    """The cases of a sweep and what it leaves out (see the module docstring).
+
+    `given` names the settings given explicitly; those `cfg` holds at a value other than
+    the default count as given too. ConfigError if no case is left to run.
+    """
+    from downpour.common.training import check_cluster
+    cfg.slowdown                        # a malformed --slow-worker is an error, not a skip of every case
+    given = set(given)
+    names = [k for k in FIELDS if k not in SWEPT and (k in given or getattr(cfg, k) != FIELDS[k].default)]
+    notes = []
+    if dropped := impossible(modes, workers, shards):
+        notes.append(f"{'; '.join(ONE_CASE[m] for m in dropped)}; skipping "
+                     f"{', '.join(c for mode_cases in dropped.values() for c in mode_cases)}")
+    notes += _unused_notes(names, modes)
+    cases, contradicted = [], {}                # contradicted: {reason: the cases it rules out}
+    for run in plan(modes, workers, shards, repeats):
+        case = Case(run, case_config(cfg, run, names))
+        try:
+            check_cluster(case.cfg)
+        except ConfigError as e:
+            ruled_out = contradicted.setdefault(str(e), [])
+            if run["repeat"] == 0:
+                ruled_out.append(_case_name(run))
+            continue
+        cases.append(case)
+    notes += [f"{reason}; skipping {', '.join(ruled_out)}" for reason, ruled_out in contradicted.items()]
+    if not cases:
+        raise ConfigError("no run of the sweep can start: " + "; ".join(notes))
+    return Sweep(cases, notes)
 
 
 def row(run: dict, cfg: Config, path: Path, target: float) -> dict[str, Any]:
@@ -67,22 +163,27 @@ def row(run: dict, cfg: Config, path: Path, target: float) -> dict[str, Any]:
 
 
 def run_sweep(cfg: Config, modes: list[str], workers: list[int], shards: list[int], repeats: int,
-              out: Path, target: float) -> list[dict]:
-    """Run every run of the sweep; write results.csv and the plots; return the rows."""
-    runs = plan(modes, workers, shards, repeats)
-    (out / "runs").mkdir(parents=True, exist_ok=True)
+              out: Path, target: float, given: Iterable[str] = ()) -> list[dict]:
+    """Run every run of the sweep; write results.csv and the plots; return the rows.
+
+    `given` names the settings given explicitly (see `sweep_plan`). ConfigError, before
+    any run, if `out` cannot be written or no case can run; DownpourError if a run fails.
+    """
+    cases, notes = sweep_plan(cfg, modes, workers, shards, repeats, given)
+    out = prepare_output(out, "--out", directory=True)
+    for note in notes:
+        print(f"experiment: {note}", file=sys.stderr)
+    (out / "runs").mkdir(exist_ok=True)
+    runs = [case.run for case in cases]
     progress = Progress(len(runs), cfg.progress)
     progress.line(f"experiment: {len(runs)} runs into {out}")
     env = child_env()
-    base = config.to_args(replace(cfg, **{k: config.FIELDS[k].default for k in SWEPT}))
     rows = []
-    for i, run in enumerate(runs):
+    for i, (run, run_cfg) in enumerate(cases):
         name = f"{run['mode']}-w{run['workers']}-s{run['shards']}-r{run['repeat']}"
         path = out / "runs" / f"{name}.jsonl"
-        argv = [*CLI, "train", *base, "--mode", run["mode"],
-                "--workers", str(run["workers"]), "--shards", str(max(1, run["shards"])),
-                "--seed", str(cfg.seed + run["repeat"]), "--metrics", str(path),
-                "--progress", "none"]
+        argv = [*CLI, "train", *config.to_args(replace(run_cfg, metrics=str(path), save="",
+                                                       progress="none", config=""))]
         progress.update(i, f"run {i + 1}/{len(runs)}: {name}")
         done = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
         if done.returncode != 0:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -71,7 +72,7 @@ class Cluster:
         self.env = child_env()
 
     def start(self, name: str, args: list[str], log: bool = True) -> subprocess.Popen:
-        out = open(self.run_dir / f"{name}.log", "wb") if log else None
+        out = open(self._log(name), "wb") if log else None
         try:
             proc = subprocess.Popen([*CLI, *args], env=self.env,
                                     stdout=out, stderr=subprocess.STDOUT if log else None,
@@ -98,10 +99,13 @@ class Cluster:
             if all(p.poll() is not None for p in self.procs.values()):
                 return
 
+    def _log(self, name: str) -> Path:
+        return self.run_dir / (name.replace(" ", "-") + ".log")
+
     def tails(self, lines: int = TAIL_LINES) -> str:
         parts = []
         for name, p in self.procs.items():
-            log = self.run_dir / f"{name}.log"
+            log = self._log(name)
             if log.exists() and (p.returncode not in (0, None) or name.startswith("server")):
                 text = log.read_text(errors="replace").strip().splitlines()[-lines:]
                 if text:
@@ -122,14 +126,17 @@ def launch(cfg: Config) -> int:
                                                 "--bind", bind, "--endpoint-file", str(endpoint_file)],
                                   log=False)
         endpoint = _wait_for_file(endpoint_file, scheduler, cfg.start_timeout_s)
+        # Ranks go by registration order, not launch order: process i need not be server-i,
+        # so neither its socket nor its log is named by a number that could pass for a rank.
         for i in range(cfg.shards):
-            server_bind = f"ipc://{run_dir}/server-{i}" if cfg.transport == "ipc" else TCP_BIND
+            server_bind = (f"ipc://{run_dir}/server-{secrets.token_hex(3)}"
+                           if cfg.transport == "ipc" else TCP_BIND)
             extra = ["--checkpoint-dir", cfg.checkpoint_dir] if cfg.checkpoint_dir else []
             extra += ["--resume"] if cfg.resume else []
-            cluster.start(f"server-{i}", ["server", "--scheduler", endpoint, "--bind", server_bind,
-                                          *common, *extra])
+            cluster.start(f"server process {i}", ["server", "--scheduler", endpoint,
+                                                  "--bind", server_bind, *common, *extra])
         for i in range(cfg.workers):
-            cluster.start(f"worker-{i}", ["worker", "--scheduler", endpoint, *common])
+            cluster.start(f"worker process {i}", ["worker", "--scheduler", endpoint, *common])
         status = scheduler.wait()
         if status != 0:
             cluster.stop(grace=FAILED_GRACE_S)

@@ -29,10 +29,18 @@ except ModuleNotFoundError:  # Python 3.10
 ENV_PREFIX = "DOWNPOUR_"
 
 
-def setting(default, help: str, group: str, *, low=None, choices: Iterable[str] | None = None):
-    """A Config field: `low` is an inclusive lower bound, `choices` the allowed strings."""
+MODES = ("single", "async", "sync", "ssp", "hogwild")
+CLUSTER = ("async", "sync", "ssp")                  # the modes with servers and a scheduler
+REPLICAS = CLUSTER + ("hogwild",)                   # the modes with several workers
+
+
+def setting(default, help: str, group: str, *, low=None, choices: Iterable[str] | None = None,
+            modes: tuple[str, ...] = MODES):
+    """A Config field: `low` is an inclusive lower bound, `choices` the allowed strings,
+    `modes` the modes that use it (giving it explicitly to another mode is an error)."""
     return field(default=default, metadata={"help": help, "group": group, "low": low,
-                                            "choices": tuple(choices) if choices else None})
+                                            "choices": tuple(choices) if choices else None,
+                                            "modes": modes})
 
 
 @dataclass(frozen=True)
@@ -40,17 +48,17 @@ class Config:
     # -- run ------------------------------------------------------------------------------
     mode: str = setting("single", "single: one process; async: Downpour SGD; sync: synchronous "
                         "data-parallel SGD; ssp: bounded staleness; hogwild: lock-free "
-                        "local processes", "run",
-                        choices=("single", "async", "sync", "ssp", "hogwild"))
+                        "local processes", "run", choices=MODES)
     seed: int = setting(0, "seed of the initial weights, data order and dropout masks", "run", low=0)
     threads: int = setting(1, "BLAS threads per process", "run", low=1)
     # -- data -----------------------------------------------------------------------------
-    data_dir: str = setting("", "directory holding MNIST IDX files (default: $DOWNPOUR_DATA_DIR "
-                            "or data/mnist; synthetic data if absent)", "data")
-    train_split: str = setting("train", "file prefix of the training split (e.g. t10k)", "data")
-    test_split: str = setting("t10k", "file prefix of the held-out split (e.g. train-5k)", "data")
+    data_dir: str = setting("", "directory of MNIST IDX files; must hold both splits "
+                            "(default: data/mnist if it holds both, else the 15,000 digits shipped "
+                            "with downpour: t10k and train-5k)", "data")
+    train_split: str = setting("t10k", "file prefix of the training split (e.g. train)", "data")
+    test_split: str = setting("train-5k", "file prefix of the held-out split (e.g. t10k)", "data")
     synthetic: int = setting(0, "train on N synthetic samples (N/5 held out) instead of MNIST; "
-                             "0 = MNIST if found", "data", low=0)
+                             "0 = MNIST (see --data-dir)", "data", low=0)
     # -- model ----------------------------------------------------------------------------
     hidden: tuple = setting((256, 128), "hidden layer widths, comma-separated", "model")
     activation: str = setting("relu", "hidden activation", "model",
@@ -89,36 +97,39 @@ class Config:
     patience: int = setting(0, "stop after this many evaluations without a lower held-out "
                             "loss; 0 = never", "train", low=0)
     # -- cluster (the scheduler hands these to every node) ---------------------------------
-    workers: int = setting(2, "worker replicas", "cluster", low=1)
-    shards: int = setting(1, "parameter-server shards", "cluster", low=1)
+    workers: int = setting(2, "worker replicas", "cluster", low=1, modes=REPLICAS)
+    shards: int = setting(1, "parameter-server shards", "cluster", low=1, modes=CLUSTER)
     n_fetch: int = setting(1, "async: a worker pulls the weights every n_fetch steps", "cluster",
-                           low=1)
+                           low=1, modes=("async",))
     n_push: int = setting(1, "async: a worker pushes its gradients, summed, every n_push steps",
-                          "cluster", low=1)
+                          "cluster", low=1, modes=("async",))
     piece_kib: int = setting(4096, "servers take each shard in pieces of at most this many KiB, "
                              "applying one while the next arrives; 0 = whole shards", "cluster",
-                             low=0)
+                             low=0, modes=CLUSTER)
     overlap: bool = setting(False, "async: compute the next gradient while a push_pull is in "
-                            "flight (adds one step of staleness, counted)", "cluster")
+                            "flight (adds one step of staleness, counted)", "cluster", modes=("async",))
     staleness: int = setting(0, "ssp: a worker more than this many clocks ahead of the "
-                             "slowest live worker waits", "cluster", low=0)
+                             "slowest live worker waits", "cluster", low=0, modes=("ssp",))
     backup: int = setting(0, "sync: apply each version after workers - backup gradients; "
-                          "late ones are dropped and counted", "cluster", low=0)
+                          "late ones are dropped and counted", "cluster", low=0, modes=("sync",))
     staleness_lr: bool = setting(False, "async/ssp: divide each push's step by its staleness "
-                                 "+ 1 (Zhang et al. 2016)", "cluster")
+                                 "+ 1 (Zhang et al. 2016)", "cluster", modes=("async", "ssp"))
     slow_worker: str = setting("", "straggler injection for experiments: RANK:FACTOR makes "
-                               "that worker's steps FACTOR times slower", "cluster")
+                               "that worker's steps FACTOR times slower", "cluster", modes=REPLICAS)
     transport: str = setting("ipc", "local runs: ipc (unix sockets in a temp dir) or tcp "
-                             "(loopback)", "cluster", choices=("ipc", "tcp"))
-    heartbeat_s: float = setting(0.5, "seconds between a node's heartbeats", "cluster", low=0.01)
-    dead_after_s: float = setting(5.0, "a node silent this long is dead", "cluster", low=0.1)
+                             "(loopback)", "cluster", choices=("ipc", "tcp"), modes=CLUSTER)
+    heartbeat_s: float = setting(0.5, "seconds between a node's heartbeats", "cluster", low=0.01,
+                                 modes=CLUSTER)
+    dead_after_s: float = setting(5.0, "a node silent this long is dead", "cluster", low=0.1,
+                                  modes=CLUSTER)
     timeout_s: float = setting(30.0, "seconds a request waits for its reply before a retry",
-                               "cluster", low=0.01)
-    retries: int = setting(3, "retries of a request before the node gives up", "cluster", low=0)
+                               "cluster", low=0.01, modes=CLUSTER)
+    retries: int = setting(3, "retries of a request before the node gives up", "cluster", low=0,
+                           modes=CLUSTER)
     start_timeout_s: float = setting(60.0, "seconds to wait for the cluster to assemble",
-                                     "cluster", low=0.1)
+                                     "cluster", low=0.1, modes=CLUSTER)
     checkpoint_every_s: float = setting(0.0, "servers checkpoint every this many seconds; 0 = "
-                                        "only when they stop", "cluster", low=0.0)
+                                        "only when they stop", "cluster", low=0.0, modes=CLUSTER)
     # -- this node (role commands; not part of the cluster spec) ---------------------------
     scheduler: str = setting("", "the scheduler's address, e.g. tcp://scheduler:5555", "node")
     bind: str = setting("", "address to listen on (scheduler default tcp://*:5555; server "
@@ -236,9 +247,13 @@ def _convert(name: str, value: Any) -> Any:
     return value
 
 
-def _unknown(key: str, where: str) -> ConfigError:
-    close = difflib.get_close_matches(key, FIELDS, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else f"; known settings: {', '.join(FIELDS)}"
+def _unknown(key: str, where: str, prefix: str = "") -> ConfigError:
+    """The error for an unknown setting `key`, spelled as it was (`prefix` + NAME for a
+    variable), with the nearest known setting suggested in the same spelling."""
+    name = key[len(prefix):].lower().replace("-", "_")
+    close = difflib.get_close_matches(name, FIELDS, n=1)
+    spelled = (prefix + close[0].upper()) if prefix else close[0] if close else ""
+    hint = f"; did you mean {spelled!r}?" if close else f"; known settings: {', '.join(FIELDS)}"
     return ConfigError(f"unknown setting {key!r} in {where}{hint}")
 
 
@@ -254,6 +269,10 @@ def load_toml(path: str) -> dict[str, Any]:
     out = {}
     for key, value in data.items():
         name = key.replace("-", "_")
+        if isinstance(value, dict):
+            raise ConfigError(f"config file {path!r}: [{key}] is a table, but settings are "
+                              f"top-level keys (write `epochs = 5`, not `[{key}]` and then "
+                              "`epochs = 5`); see examples/run.toml")
         if name not in FIELDS or name == "config":
             raise _unknown(key, f"config file {path!r}")
         out[name] = _convert(name, value)
@@ -268,7 +287,7 @@ def from_environ(environ: Mapping[str, str]) -> dict[str, Any]:
             continue
         name = var[len(ENV_PREFIX):].lower()
         if name not in FIELDS:
-            raise _unknown(var, "the environment")
+            raise _unknown(var, "the environment", prefix=ENV_PREFIX)
         out[name] = _convert(name, value)
     return out
 
@@ -287,7 +306,9 @@ def add_arguments(parser: argparse.ArgumentParser, names: Iterable[str],
         for f in chosen:
             flag = "--" + f.name.replace("_", "-")
             shown = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
-            help_ = f"{f.metadata['help']} (default: {shown!r})"
+            help_ = f.metadata["help"]
+            if "default" not in help_:                  # some say their default in words
+                help_ += f" (default: {shown!r})"
             if isinstance(f.default, bool):
                 section.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                      default=argparse.SUPPRESS, help=help_)
@@ -338,13 +359,33 @@ def from_dict(d: Mapping[str, Any]) -> Config:
     return replace(Config(), **{k: _convert(k, v) for k, v in d.items()})
 
 
+def given(args: argparse.Namespace | Mapping[str, Any] | None = None,
+          environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The settings given explicitly, converted: parsed flags `args` over DOWNPOUR_*
+    variables over the TOML file they name. Defaults are not in it."""
+    flags = dict(vars(args) if isinstance(args, argparse.Namespace) else (args or {}))
+    flags = {k: v for k, v in flags.items() if k in FIELDS}
+    env = from_environ(os.environ if environ is None else environ)
+    path = flags.get("config") or env.get("config") or ""
+    values = {**(load_toml(path) if path else {}), **env}
+    values.update({k: _convert(k, v) for k, v in flags.items()})
+    return values
+
+
 def resolve(args: argparse.Namespace | Mapping[str, Any] | None = None,
             environ: Mapping[str, str] | None = None) -> Config:
     """The Config for parsed flags `args`, after the file they name and the environment."""
-    given = dict(vars(args) if isinstance(args, argparse.Namespace) else (args or {}))
-    given = {k: v for k, v in given.items() if k in FIELDS}
-    env = from_environ(os.environ if environ is None else environ)
-    path = given.get("config") or env.get("config") or ""
-    values = {**(load_toml(path) if path else {}), **env}
-    values.update({k: _convert(k, v) for k, v in given.items()})
-    return replace(Config(), **values)
+    return replace(Config(), **given(args, environ))
+
+
+def unused_settings(names: Iterable[str], mode: str) -> dict[str, tuple[str, ...]]:
+    """{setting: the modes that use it} for each setting in `names` that `mode` does not use."""
+    return {n: FIELDS[n].metadata["modes"] for n in names
+            if mode not in FIELDS[n].metadata["modes"]}
+
+
+def check_used(names: Iterable[str], mode: str) -> None:
+    """ConfigError if a setting in `names` (those given explicitly) means nothing in `mode`."""
+    for name, modes in unused_settings(names, mode).items():
+        raise ConfigError(f"{name} is a setting of --mode {', '.join(modes)}; --mode {mode} does "
+                          f"not use it: drop it, or run one of those modes")

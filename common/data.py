@@ -3,8 +3,9 @@
 Three parts, each a few functions:
 
 - reading: `read_idx` parses one IDX file (raw or gzip), `load_mnist_split` reads
-  and checks one MNIST split, `load_mnist` turns two splits into standardised
-  float32 `Dataset`s; `synthetic_dataset` makes a seeded problem of any size;
+  and checks one MNIST split, `find_mnist` decides which directory to read,
+  `load_mnist` turns two splits into standardised float32 `Dataset`s;
+  `synthetic_dataset` makes a seeded problem of any size;
 - order: `epoch_permutation` and `batch_indices` decide which samples make each
   mini-batch, `partition` decides which samples each worker owns;
 - the hot path: `gather` copies a batch's rows into a preallocated buffer.
@@ -20,7 +21,7 @@ import gzip
 import math
 import os
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,10 @@ import numpy as np
 
 from downpour.common.errors import ConfigError, DataError
 
-DEFAULT_DATA_DIR = "data/mnist"  # used when $DOWNPOUR_DATA_DIR is not set
+DEFAULT_DATA_DIR = "data/mnist"  # relative to the cwd; used when $DOWNPOUR_DATA_DIR is not set
+# 15,000 real digits installed with the package (README.md there: source, licence, md5s)
+SHIPPED_DATA_DIR = Path(__file__).resolve().parent / "mnist"
+SHIPPED_SPLITS = {"t10k": "10,000 official test digits", "train-5k": "5,000 training digits"}
 MNIST_SHAPE = (28, 28)
 MNIST_CLASSES = 10
 
@@ -48,7 +52,8 @@ _IDX_DTYPES = {
 
 
 def default_data_dir() -> Path:
-    """$DOWNPOUR_DATA_DIR if set, else `DEFAULT_DATA_DIR`; read at call time."""
+    """The user's own MNIST directory: $DOWNPOUR_DATA_DIR if set, else `DEFAULT_DATA_DIR`;
+    read at call time. Downloads go here; `find_mnist` looks here before the shipped digits."""
     return Path(os.environ.get("DOWNPOUR_DATA_DIR", DEFAULT_DATA_DIR))
 
 
@@ -145,6 +150,37 @@ def has_mnist(data_dir: str | os.PathLike, split: str) -> bool:
     data_dir = Path(data_dir)
     return (_split_file(data_dir, split, "images", 3) is not None
             and _split_file(data_dir, split, "labels", 1) is not None)
+
+
+def find_mnist(data_dir: str | os.PathLike | None, splits: Sequence[str]) -> Path:
+    """The directory to read the MNIST `splits` from, in this order:
+
+    1. `data_dir` if given, else $DOWNPOUR_DATA_DIR if set: it must hold every split;
+    2. `DEFAULT_DATA_DIR` (relative to the cwd), if it holds every split;
+    3. `SHIPPED_DATA_DIR`, the digits installed with downpour (`SHIPPED_SPLITS` only).
+
+    Only the presence of the files is checked. Raises DataError naming the first
+    missing split and what to do: for an explicit directory, where to point it; else
+    which splits are shipped and how to get the full set.
+    """
+    explicit = data_dir or os.environ.get("DOWNPOUR_DATA_DIR")
+    candidates = [Path(explicit)] if explicit else [Path(DEFAULT_DATA_DIR), SHIPPED_DATA_DIR]
+    for candidate in candidates:
+        if all(has_mnist(candidate, split) for split in splits):
+            return candidate
+    missing = next(s for s in splits if not has_mnist(candidates[-1], s))
+    if explicit:
+        raise DataError(f"{str(explicit)!r} has no MNIST split {missing!r} (expected "
+                        f"{missing}-images-idx3-ubyte.gz and {missing}-labels-idx1-ubyte.gz); "
+                        "point --data-dir at a directory holding them, set --train-split/"
+                        "--test-split, or run `downpour download mnist --dir DIR`; without "
+                        "--data-dir and $DOWNPOUR_DATA_DIR the digits shipped with downpour are used")
+    shipped = ", ".join(f"{name!r} ({about})" for name, about in SHIPPED_SPLITS.items())
+    raise DataError(f"no MNIST split {missing!r}: no --data-dir given, {DEFAULT_DATA_DIR} does not "
+                    f"hold it, and downpour ships only {shipped}; use those as --train-split/"
+                    f"--test-split, or get the full set with `downpour download mnist --dir "
+                    f"{DEFAULT_DATA_DIR}` and train with `--data-dir {DEFAULT_DATA_DIR} "
+                    f"--train-split train --test-split t10k`")
 
 
 def load_mnist_split(data_dir: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -250,10 +286,10 @@ def load_mnist(data_dir: str | os.PathLike | None = None, train_split: str = "tr
     Pixels are scaled to [0, 1] and then standardised with the global scalar mean
     and std of the TRAIN split (one number each, over all pixels); the same two
     numbers are applied to the test split, so test statistics never leak into
-    training. `data_dir` defaults to `default_data_dir()`. Raises DataError as
-    `load_mnist_split` does.
+    training. `data_dir` defaults to `find_mnist`'s choice. Raises DataError as
+    `find_mnist` and `load_mnist_split` do.
     """
-    data_dir = default_data_dir() if data_dir is None else Path(data_dir)
+    data_dir = find_mnist(None, (train_split, test_split)) if data_dir is None else Path(data_dir)
     train_images, train_labels = load_mnist_split(data_dir, train_split)
     test_images, test_labels = load_mnist_split(data_dir, test_split)
 

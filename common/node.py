@@ -16,6 +16,7 @@ run that started it.
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 import time
 from typing import Any, Callable
@@ -28,6 +29,11 @@ from downpour.common.errors import ClusterError
 
 POLL_TICK_S = 0.1       # longest wait for a heartbeat reply before checking for close()
 JOIN_TIMEOUT_S = 5.0    # how long close() waits for the heartbeat thread to end
+
+
+def say(line: str) -> None:
+    """A line for the person who started this node (stderr, at once): joined, left, why."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def register(ctx: zmq.Context, scheduler: str, node: str, meta: dict[str, Any],

@@ -14,51 +14,40 @@ import numpy as np
 from downpour.common.checkpoint import save_model
 from downpour.common.config import Config
 from downpour.common.data import (
+    SHIPPED_DATA_DIR,
     Dataset,
     batch_indices,
-    default_data_dir,
     epoch_permutation,
-    has_mnist,
+    find_mnist,
     load_mnist,
     partition,
     steps_per_epoch,
     synthetic_dataset,
 )
-from downpour.common.errors import ConfigError, DataError
+from downpour.common.errors import ConfigError
+from downpour.common.fileio import prepare_output
 from downpour.common.metrics import MetricsLog, Progress
 from downpour.common.model import Model, ModelSpec
 from downpour.common.optim import clip_by_global_norm, clip_by_value
-
-SYNTHETIC_DEFAULT = 10_000       # training samples when no MNIST is found
 
 
 def open_datasets(cfg: Config) -> tuple[Dataset, Dataset, str]:
     """(train, test, a sentence saying what they are).
 
-    `--synthetic N` asks for synthetic data. An explicit `--data-dir` must hold the
-    two splits (DataError otherwise). With neither, MNIST is read from the default
-    data directory if it is there, else a synthetic dataset is used, and the
-    sentence says so.
+    `--synthetic N` asks for synthetic data. Otherwise MNIST splits `train_split` and
+    `test_split` are read from the directory `downpour.common.data.find_mnist` picks:
+    `--data-dir` (or $DOWNPOUR_DATA_DIR), which must hold both; else data/mnist if it
+    holds both; else the digits shipped with downpour. DataError if none will do.
     """
     if cfg.synthetic:
         train, test = synthetic_dataset(cfg.synthetic, max(1, cfg.synthetic // 5), seed=cfg.seed)
         return train, test, f"synthetic data: {len(train)} training and {len(test)} held-out samples"
-    data_dir = cfg.data_dir or str(default_data_dir())
-    found = has_mnist(data_dir, cfg.train_split) and has_mnist(data_dir, cfg.test_split)
-    if cfg.data_dir or found:
-        if not found:
-            missing = [s for s in (cfg.train_split, cfg.test_split) if not has_mnist(data_dir, s)]
-            raise DataError(f"{data_dir!r} has no MNIST split {missing[0]!r} (expected "
-                            f"{missing[0]}-images-idx3-ubyte.gz and {missing[0]}-labels-idx1-ubyte.gz); "
-                            "point --data-dir at a directory holding them, set --train-split/"
-                            "--test-split, or run `downpour download mnist --dir DIR`")
-        train, test = load_mnist(data_dir, cfg.train_split, cfg.test_split)
-        return train, test, (f"MNIST from {data_dir}: train on {cfg.train_split!r} ({len(train)}), "
-                             f"hold out {cfg.test_split!r} ({len(test)})")
-    train, test = synthetic_dataset(SYNTHETIC_DEFAULT, SYNTHETIC_DEFAULT // 5, seed=cfg.seed)
-    return train, test, (f"no MNIST in {data_dir} (set --data-dir or run `downpour download "
-                         f"mnist`): using synthetic data, {len(train)} training and "
-                         f"{len(test)} held-out samples")
+    data_dir = find_mnist(cfg.data_dir, (cfg.train_split, cfg.test_split))
+    train, test = load_mnist(data_dir, cfg.train_split, cfg.test_split)
+    shipped = data_dir == SHIPPED_DATA_DIR
+    source = "MNIST digits shipped with downpour" if shipped else f"MNIST from {data_dir}"
+    return train, test, (f"{source}: train on {cfg.train_split!r} ({len(train)}), "
+                         f"hold out {cfg.test_split!r} ({len(test)})")
 
 
 def model_spec(cfg: Config, data: Dataset) -> ModelSpec:
@@ -190,6 +179,17 @@ def _clip(grads: np.ndarray, cfg: Config) -> None:
         clip_by_value(grads, cfg.clip_value)
     if cfg.clip_norm:
         clip_by_global_norm(grads, cfg.clip_norm)
+
+
+def check_outputs(cfg: Config) -> None:
+    """Make the run's output paths ready before any work, or fail at once (ConfigError):
+    the metrics file, the saved model and the checkpoint folder."""
+    if cfg.metrics:
+        prepare_output(cfg.metrics, "--metrics")
+    if cfg.save:
+        prepare_output(cfg.save, "--save")
+    if cfg.checkpoint_dir:
+        prepare_output(cfg.checkpoint_dir, "--checkpoint-dir", directory=True)
 
 
 def finish(cfg: Config, model: Model, metrics: MetricsLog, progress: Progress,

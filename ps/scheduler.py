@@ -124,7 +124,7 @@ class Scheduler:
             if self.nodes.all_done():
                 break
             if samples >= next_eval:
-                next_eval += every
+                next_eval = (samples // every + 1) * every    # points already passed are skipped
                 self._evaluate()
             if cfg.checkpoint_every_s and time.monotonic() - last_checkpoint >= cfg.checkpoint_every_s:
                 self._checkpoint()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import signal
 import socket
-import sys
 from dataclasses import replace
 
 import zmq
@@ -24,9 +23,10 @@ from downpour.common import config, protocol
 from downpour.common.client import bind_router
 from downpour.common.config import Config
 from downpour.common.errors import ConfigError, ProtocolError
+from downpour.common.fileio import prepare_output
 from downpour.common.layout import Piece
 from downpour.common.model import ModelSpec, initial_params, model_layout
-from downpour.common.node import Heartbeat, register
+from downpour.common.node import Heartbeat, register, say
 from downpour.ps.piece import PieceState, Reply
 
 POLL_MS = 100                  # how long `serve` waits for a request before checking for a stop
@@ -103,11 +103,12 @@ def own_address() -> str:
 
 
 def serve(server: Server, sock: zmq.Socket, heartbeat: Heartbeat | None = None,
-          poll_ms: int = POLL_MS) -> None:
-    """Answer requests on `sock` until shutdown, SIGTERM/SIGINT, or a lost scheduler."""
-    stop = []
+          poll_ms: int = POLL_MS) -> str:
+    """Answer requests on `sock` until shutdown, SIGTERM/SIGINT, or a lost scheduler;
+    return why it stopped, in words."""
+    stop: list[str] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.append(True))
+        signal.signal(sig, lambda signum, _: stop.append(signal.Signals(signum).name))
     while not (stop or server.stopping or (heartbeat and heartbeat.lost.is_set())):
         if not sock.poll(poll_ms):
             continue
@@ -118,9 +119,13 @@ def serve(server: Server, sock: zmq.Socket, heartbeat: Heartbeat | None = None,
             if piece is not None:
                 piece.sent(tracker, sum(len(f) for f in reply.frames))
     server.close()
-    if heartbeat and heartbeat.lost.is_set():
-        print(f"{server.node}: the scheduler stopped answering; stopped"
-              + (" after a checkpoint" if server.cfg.checkpoint_dir else ""), file=sys.stderr)
+    if stop:
+        why = f"stopped by {stop[0]}"
+    elif server.stopping:
+        why = "shut down by the scheduler"
+    else:
+        why = "the scheduler stopped answering; stopped"
+    return why + (" after a checkpoint" if server.cfg.checkpoint_dir else "")
 
 
 def standalone(cfg: Config, spec: ModelSpec, rank: int, address: str) -> None:
@@ -144,6 +149,8 @@ def main(cfg: Config) -> int:
     if not cfg.scheduler:
         raise ConfigError("a server needs the scheduler's address: --scheduler tcp://HOST:PORT "
                           "(or DOWNPOUR_SCHEDULER)")
+    if cfg.checkpoint_dir:
+        prepare_output(cfg.checkpoint_dir, "--checkpoint-dir", directory=True)
     ctx = zmq.Context()
     sock, endpoint = bind_router(ctx, cfg.bind or DEFAULT_BIND)
     try:
@@ -157,13 +164,18 @@ def main(cfg: Config) -> int:
                         [Piece(*p) for p in meta["pieces"]])     # [[server, lo, hi], ...] on the wire
         if cfg.resume:
             server.restore()
+        pieces = [server.pieces[i] for i in sorted(server.pieces)]
+        say(f"{server.node}: joined the scheduler at {cfg.scheduler}; serving [{pieces[0].lo}, "
+            f"{pieces[-1].hi}) of the vector ({len(pieces)} piece(s)) at {addr}"
+            + (f", resumed at version {server.version}" if cfg.resume else ""))
         heartbeat = Heartbeat(ctx, cfg.scheduler, server.node, run.heartbeat_s, run.dead_after_s,
                               lambda: {"role": "server", "rank": rank, "version": server.version})
         heartbeat.start()
         try:
-            serve(server, sock, heartbeat)
+            why = serve(server, sock, heartbeat)
         finally:
             heartbeat.close()
+        say(f"{server.node}: {why} at version {server.version}")
     finally:
         sock.close()
         ctx.term()

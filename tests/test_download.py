@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from downpour import download
+from downpour.common.data import SHIPPED_DATA_DIR
 from downpour.common.errors import ConfigError, DataError
-from downpour.download import MNIST_FILES, download_mnist, file_md5
+from downpour.download import MNIST_FILES, download_mnist, file_md5, training_hint
 
-SHARED_MNIST = Path(__file__).resolve().parents[1].parent / "shared/data/mnist"
+REAL = SHIPPED_DATA_DIR  # the official t10k files, shipped with downpour
 T10K = ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
 
 
@@ -92,22 +93,21 @@ def test_the_table_lists_the_four_official_files():
     assert len(download.MNIST_MIRRORS) >= 2
 
 
-@pytest.mark.skipif(not SHARED_MNIST.is_dir(), reason=f"no shared MNIST at {SHARED_MNIST}")
 def test_real_t10k_files_download_and_pass_the_official_checksums(served, dest):
     served_dir, server = served
     for name in T10K:
-        assert file_md5(SHARED_MNIST / name) == MNIST_FILES[name]
-        shutil.copyfile(SHARED_MNIST / name, served_dir / name)
+        assert file_md5(REAL / name) == MNIST_FILES[name]
+        shutil.copyfile(REAL / name, served_dir / name)
     seen = []
     paths = download_mnist(dest, base_url=server.url, timeout=10,
                            progress=lambda *args: seen.append(args),
                            files={name: MNIST_FILES[name] for name in T10K})
     assert paths == [dest / name for name in T10K]
     for name in T10K:
-        assert (dest / name).read_bytes() == (SHARED_MNIST / name).read_bytes()
+        assert (dest / name).read_bytes() == (REAL / name).read_bytes()
     assert sorted(p.name for p in dest.iterdir()) == sorted(T10K)  # no temp files left
     images = [(done, total) for name, done, total in seen if name == T10K[0]]
-    size = (SHARED_MNIST / T10K[0]).stat().st_size
+    size = (REAL / T10K[0]).stat().st_size
     assert images[-1] == (size, size) and len(images) > 1
     assert [done for done, _ in images] == sorted(done for done, _ in images)
 
@@ -220,11 +220,11 @@ def test_bad_destination_and_arguments(served, tmp_path, monkeypatch):
         download_mnist(tmp_path, base_url=[])
 
 
-def test_download_command(served, tmp_path, downpour, shared_mnist):
+def test_download_command(served, tmp_path, downpour):
     """`downpour download mnist`: fetches what the mirror has, and says what it lacks."""
     served_dir, server = served
     for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
-        (served_dir / name).write_bytes((shared_mnist / name).read_bytes())
+        (served_dir / name).write_bytes((REAL / name).read_bytes())
     r = downpour("download", "mnist", "--dir", tmp_path / "d", "--base-url", server.url,
                  "--timeout", "5")
     assert r.returncode == 2 and "Traceback" not in r.stderr
@@ -236,3 +236,8 @@ def test_download_command(served, tmp_path, downpour, shared_mnist):
     assert r.returncode == 2 and "checksum mismatch" in r.stderr
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [
         "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]   # verified, nothing partial
+
+
+def test_training_hint_names_the_flags_for_the_full_set(tmp_path):
+    assert training_hint(tmp_path / "d") == (f"train on it with: downpour train --data-dir "
+                                            f"{tmp_path / 'd'} --train-split train --test-split t10k")

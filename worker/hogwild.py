@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import signal
 import time
 from multiprocessing import shared_memory
 from typing import Callable
@@ -164,8 +165,14 @@ def _run(cfg: Config, spec: ModelSpec, model: Model, shared: Shared, train_set: 
         if evaluator.stopping:
             table[:, STOP] = 1
 
-    for p in procs:
-        p.start()
+    # Ctrl-C is this process's to handle: the children ignore SIGINT (inherited, and kept
+    # by the interpreters they start), and are ended by SIGTERM in _end.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         _watch(cfg, procs, table, progress, evaluate, n)
         ran = table[table[:, T_START] > 0]
@@ -202,7 +209,7 @@ def _watch(cfg: Config, procs: list, table: np.ndarray, progress: Progress,
         samples = int(table[:, SAMPLES].sum())
         progress.update(samples, f"{samples:,} samples")
         if samples >= next_eval:
-            next_eval += every
+            next_eval = (samples // every + 1) * every    # points already passed are skipped
             evaluate()
         time.sleep(POLL_S)
 

@@ -33,7 +33,7 @@ from downpour.common.data import Dataset, gather
 from downpour.common.errors import ClusterError, ConfigError, DownpourError
 from downpour.common.layout import Piece
 from downpour.common.model import Model, ModelSpec
-from downpour.common.node import Heartbeat, register
+from downpour.common.node import Heartbeat, register, say
 from downpour.common.protocol import RemoteError
 from downpour.common.training import (
     batch_gradient,
@@ -189,7 +189,7 @@ def main(cfg: Config) -> int:
         local = {k: getattr(cfg, k) for k in ("data_dir", "threads") if getattr(cfg, k)
                  != getattr(Config(), k)}          # this host's data and cores win
         run = replace(run, **local)
-        train, _, _ = open_datasets(run)
+        train, _, about = open_datasets(run)
         if len(train) != meta["n_train"] or train.n_features != meta["model"]["n_inputs"]:
             raise ConfigError(f"{node}: its training data has {len(train)} samples of "
                               f"{train.n_features} features, the scheduler's {meta['n_train']} of "
@@ -202,6 +202,9 @@ def main(cfg: Config) -> int:
         heartbeat = Heartbeat(ctx, cfg.scheduler, node, run.heartbeat_s, run.dead_after_s,
                               lambda: dict(replica.progress))
         client.while_waiting = lambda: replica._follow(heartbeat.reply.get("servers"))
+        say(f"{node}: joined the scheduler at {cfg.scheduler}; {run.mode} mode, "
+            f"{worker_steps(len(train), run, rank)} steps on {about}; servers "
+            f"{', '.join(meta['servers'])}")
         heartbeat.start()
         try:
             replica.run(heartbeat)
@@ -209,6 +212,9 @@ def main(cfg: Config) -> int:
         finally:
             heartbeat.close()
             client.close()
+        p = replica.progress
+        why = "stopped early: the scheduler said stop" if heartbeat.stop.is_set() else "done"
+        say(f"{node}: {why} after {p['steps']} steps ({p['samples']:,} samples)")
     finally:
         ctx.term()
     return 0

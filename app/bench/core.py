@@ -107,9 +107,12 @@ def _row(t: dict[str, float], **key) -> dict:
     return row
 
 
+NO_TORCH = 'not installed (for the reference: pip install -e ".[bench]")'
+
+
 def table(r: dict) -> str:
     lines = [f"downpour bench core: {r['threads']} BLAS thread(s), numpy {r['numpy']}, "
-             f"torch {r['torch'] or 'not installed'}",
+             f"torch {r['torch'] or NO_TORCH}",
              "step: forward, backward and update of the MLP 784-1024-1024-10 (ReLU, softmax "
              "cross-entropy, float32)",
              "", f"{'case':<34}{'numpy ms':>10}{'torch ms':>10}{'ratio':>8}"]

@@ -1,0 +1,141 @@
+"""`downpour plot` as a user runs it, and the pieces of downpour.plots it rests on."""
+
+import numpy as np
+import pytest
+
+from downpour import plots
+from downpour.common.errors import DataError
+from downpour.common.metrics import MetricsLog
+
+PNG = b"\x89PNG\r\n\x1a\n"
+EXPECTED = 'expected JSON lines written by --metrics (each an object with an "event")'
+needs_matplotlib = pytest.mark.skipif(not plots.available(), reason="plots need matplotlib")
+
+
+def write_run(path, mode="async", evals=3):
+    """A metrics file as a run writes it: `evals` eval lines, then the end line."""
+    with MetricsLog(str(path)) as log:
+        for i in range(1, evals + 1):
+            log.write("eval", elapsed_s=0.5 * i, epoch=float(i), samples=600 * i, updates=12 * i,
+                      train_loss=1.0 / i, test_loss=1.1 / i, test_accuracy=0.5 + 0.1 * i, lr=0.01)
+        log.write("end", mode=mode, elapsed_s=0.5 * evals, samples=600 * evals,
+                  test_accuracy=0.5 + 0.1 * evals)
+    return path
+
+
+def refused(r) -> str:
+    """The one error line of a command that must exit 2 without a traceback."""
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("downpour: error: "), r.stderr
+    return lines[0]
+
+
+# -- files that are not metrics files ----------------------------------------------------------
+
+@needs_matplotlib
+def test_plot_of_a_csv_says_it_is_not_a_metrics_file(downpour, tmp_path):
+    (tmp_path / "results.csv").write_text("mode,workers,shards,batch_size\nsingle,1,0,50\n")
+    line = refused(downpour("plot", "results.csv", timeout=60))
+    assert line == (f"downpour: error: results.csv is not a metrics file: {EXPECTED}, got text "
+                    "starting 'mode,workers,shards,batc...'")
+    assert not (tmp_path / "accuracy.png").exists()
+
+
+@needs_matplotlib
+def test_plot_of_a_saved_model_says_binary_data(downpour, tmp_path):
+    np.savez(tmp_path / "model.npz", w=np.arange(10.0))
+    line = refused(downpour("plot", "model.npz", timeout=60))
+    assert line == f"downpour: error: model.npz is not a metrics file: {EXPECTED}, got binary data"
+
+
+@needs_matplotlib
+def test_plot_of_a_readme_says_what_text_it_found(downpour, tmp_path):
+    (tmp_path / "README.md").write_text("# downpour\n\nDistributed training.\n")
+    line = refused(downpour("plot", "README.md", timeout=60))
+    assert line == (f"downpour: error: README.md is not a metrics file: {EXPECTED}, got text "
+                    "starting '# downpour'")
+
+
+@needs_matplotlib
+def test_plot_of_a_run_without_evaluations_says_so(downpour, tmp_path):
+    write_run(tmp_path / "early.jsonl", evals=0)
+    line = refused(downpour("plot", "early.jsonl", timeout=60))
+    assert line.startswith("downpour: error: early.jsonl has no eval lines, so no accuracy to plot")
+
+
+@pytest.mark.parametrize("text, got", [
+    ("", "an empty file"),
+    ("[1, 2]\n", "JSON without an \"event\" (line 1: '[1, 2]')"),
+    ('{"event": "eval", "elapsed_s": 1, "samples": 5, "test_accuracy": 0.5}\noops\n',
+     "a line that is not JSON (line 2: 'oops')"),
+])
+def test_read_run_names_what_it_found(tmp_path, text, got):
+    (tmp_path / "m.jsonl").write_text(text)
+    with pytest.raises(DataError) as e:
+        plots.read_run(tmp_path / "m.jsonl")
+    assert str(e.value) == f"{tmp_path / 'm.jsonl'} is not a metrics file: {EXPECTED}, got {got}"
+
+
+def test_read_run_ignores_a_last_line_cut_short(tmp_path):
+    path = write_run(tmp_path / "killed.jsonl", evals=2)
+    with open(path, "a") as f:
+        f.write('{"event": "eval", "elapsed_s": 1.5, "sam')             # killed mid-write
+    evals, end = plots.read_run(path)
+    assert [e["samples"] for e in evals] == [600, 1200] and end["mode"] == "async"
+
+
+# -- the output path --------------------------------------------------------------------------
+
+@needs_matplotlib
+def test_plot_out_creates_missing_folders(downpour, tmp_path):
+    write_run(tmp_path / "async.jsonl")
+    write_run(tmp_path / "run2.jsonl", mode="sync")
+    r = downpour("plot", "async.jsonl", "run2.jsonl", "--out", "newdir/sub/acc.png", timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "newdir/sub/acc.png"
+    assert (tmp_path / "newdir" / "sub" / "acc.png").read_bytes().startswith(PNG)
+
+
+@needs_matplotlib
+def test_plot_out_that_cannot_be_written_fails_before_drawing(downpour, tmp_path):
+    write_run(tmp_path / "a.jsonl")
+    line = refused(downpour("plot", "a.jsonl", "--out", "a.jsonl/x.png", timeout=60))
+    assert line.startswith("downpour: error: cannot write --out 'a.jsonl/x.png': ")
+    line = refused(downpour("plot", "a.jsonl", "--out", "acc.pgn", timeout=60))
+    assert line.startswith("downpour: error: --out 'acc.pgn': expected an image file name ending in .png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl"]
+
+
+# -- what is drawn ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", range(1, 8))
+def test_staleness_bars_are_centred_on_their_tick(n):
+    offsets, width = plots.bar_offsets(n)
+    assert len(offsets) == n and width == pytest.approx(plots.GROUP_WIDTH / n)
+    assert sum(offsets) / n == pytest.approx(0.0, abs=1e-12)           # the group's centre is the tick
+    assert np.diff(offsets) == pytest.approx([width] * (n - 1))         # side by side, no overlap
+    assert offsets[0] - width / 2 == pytest.approx(-plots.GROUP_WIDTH / 2)
+    assert offsets[-1] + width / 2 == pytest.approx(plots.GROUP_WIDTH / 2)
+
+
+def test_staleness_bar_offsets_by_hand():
+    assert plots.bar_offsets(1) == ([0.0], 0.8)
+    offsets, width = plots.bar_offsets(2)
+    assert offsets == pytest.approx([-0.2, 0.2]) and width == pytest.approx(0.4)
+    offsets, width = plots.bar_offsets(4)
+    assert offsets == pytest.approx([-0.3, -0.1, 0.1, 0.3]) and width == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("path, mode, label", [
+    ("single.jsonl", "single", "single"),
+    ("exp/runs/async-w2-s1-r0.jsonl", "async", "async-w2-s1-r0"),
+    ("Hogwild_4.jsonl", "hogwild", "Hogwild_4"),
+    ("run3.jsonl", "async", "run3 (async)"),
+    ("async-w2.jsonl", "sync", "async-w2 (sync)"),                     # "sync" inside "async" is not it
+    ("old.jsonl", None, "old"),
+])
+def test_the_legend_names_the_mode_once(path, mode, label):
+    assert plots.run_label(path, mode) == label
+
