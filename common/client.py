@@ -69,11 +69,13 @@ class ShardClient:
 
     def __init__(self, addresses: list[str], ranges: list[tuple[int, int]], node: str,
                  timeout: float = 30.0, retries: int = 3, ctx: zmq.Context | None = None,
-                 while_waiting: Callable[[], None] | None = None):
+                 while_waiting: Callable[[], None] | None = None, first_seq: int = 0):
         """`while_waiting` runs whenever WAIT_TICK seconds pass without a reply: the
         caller's chance to answer its own peers (the scheduler's heartbeats) and to
         `reconnect` to a server that has been replaced. A piece whose socket it
-        replaces is sent again at once."""
+        replaces is sent again at once. Sequence numbers start after `first_seq`: a
+        worker that takes over a rank starts past its predecessor's, which servers
+        remember per node name."""
         if len(addresses) != len(ranges):
             raise ValueError(f"{len(addresses)} addresses for {len(ranges)} shard ranges")
         self.ctx = ctx or zmq.Context.instance()
@@ -84,7 +86,7 @@ class ShardClient:
         self._poller = zmq.Poller()                # polls every socket of _socks
         self._connect()
         self.while_waiting = while_waiting
-        self.seq = 0
+        self.seq = first_seq
         self._pending: dict[int, Pending] | None = None    # piece -> its request in flight
         self._trackers: list[zmq.MessageTracker] = []
 

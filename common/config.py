@@ -103,6 +103,10 @@ class Config:
                            low=1, modes=("async",))
     n_push: int = setting(1, "async: a worker pushes its gradients, summed, every n_push steps",
                           "cluster", low=1, modes=("async",))
+    chunk_batches: int = setting(4, "async, ssp: workers draw the epoch's batches from the "
+                                 "scheduler in chunks of this many, one chunk ahead, so a fast "
+                                 "worker does more of the work", "cluster", low=1,
+                                 modes=("async", "ssp"))
     piece_kib: int = setting(4096, "servers take each shard in pieces of at most this many KiB, "
                              "applying one while the next arrives; 0 = whole shards", "cluster",
                              low=0, modes=CLUSTER)

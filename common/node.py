@@ -2,9 +2,11 @@
 
     node                                   scheduler
      |-- register {role, addr, host} ------->|   held until the node can be given work
-     |<------------- ok {rank, spec} ---------|
+     |<------ ok {rank, incarnation, spec} ---|
      |-- heartbeat {rank, progress} -------->|   every heartbeat_s, from a thread
      |<------------- ok {stop, servers} ------|
+     |-- next_chunk {done, want} ----------->|   async, ssp workers: `ChunkFeed`, one
+     |<------------- ok {chunks, end} --------|   chunk ahead of the one in training
 
 Nodes may start in any order: a DEALER queues the registration until the
 scheduler is there, and `register` gives up with a clear ClusterError after
@@ -19,6 +21,7 @@ import socket
 import sys
 import threading
 import time
+from collections import deque
 from typing import Any, Callable
 
 import zmq
@@ -59,7 +62,8 @@ class Heartbeat(threading.Thread):
     """Sends `progress()` to the scheduler every `interval` seconds from its own socket.
 
     `reply` holds the meta of the latest reply; `stop` is set when the scheduler
-    says stop; `lost` when it has not answered for `dead_after` seconds.
+    says stop; `lost` when it has not answered for `dead_after` seconds; `refused`
+    holds the scheduler's message when it refuses this node (its rank went to another).
     """
 
     def __init__(self, ctx: zmq.Context, scheduler: str, node: str, interval: float,
@@ -68,6 +72,7 @@ class Heartbeat(threading.Thread):
         self.ctx, self.scheduler, self.node = ctx, scheduler, node
         self.interval, self.dead_after, self.progress = interval, dead_after, progress
         self.reply: dict[str, Any] = {}
+        self.refused = ""
         self.stop, self.lost, self._closing = threading.Event(), threading.Event(), threading.Event()
 
     def run(self) -> None:
@@ -83,11 +88,13 @@ class Heartbeat(threading.Thread):
                     if not sock.poll(1000 * min(left, POLL_TICK_S)):
                         continue
                     header, _ = protocol.decode(sock.recv_multipart())
+                    last_heard = time.monotonic()
                     if header["op"] == "ok":
                         self.reply = header.get("meta", {})
-                        last_heard = time.monotonic()
                         if self.reply.get("stop"):
                             self.stop.set()
+                    elif header.get("code") == protocol.E_STATE:
+                        self.refused = header.get("msg", "refused")
                 if time.monotonic() - last_heard > self.dead_after:
                     self.lost.set()
         finally:
@@ -110,3 +117,95 @@ class Heartbeat(threading.Thread):
         self._closing.set()
         if self.is_alive():
             self.join(timeout=JOIN_TIMEOUT_S)
+
+
+class ChunkFeed:
+    """A worker's chunks, drawn from the scheduler one ahead of the chunk in training.
+
+    `take()` returns the next chunk to train, or None when the run has no more for
+    this worker; it reports the previous chunk done and asks for the next one in the
+    same request, sent while the new chunk trains, so the answer is there before it
+    is needed. `more()` says whether another chunk follows the one in training (it
+    waits for the answer in flight if there is one). Requests are retried with the
+    same seq after `timeout` seconds, `retries` times; ClusterError after that, or
+    when the scheduler refuses (e.g. this worker was declared dead).
+    """
+
+    def __init__(self, ctx: zmq.Context, scheduler: str, node: str, identity: dict[str, Any],
+                 timeout: float, retries: int, ahead: int = 1):
+        self.node, self.identity, self.timeout, self.retries = node, identity, timeout, retries
+        self.ahead = ahead                    # chunks held beyond the one in training
+        self.sock = make_socket(ctx, zmq.DEALER, scheduler)
+        self.current: int | None = None       # the chunk in training
+        self._hand: deque[int] = deque()      # chunks dealt, not started
+        self._ended = False                   # the scheduler has nothing more to deal
+        self._seq = 0
+        self._pending: list | None = None     # the frames of the request in flight
+        self._done: list[int] = []            # finished, not yet reported
+
+    def take(self) -> int | None:
+        """Finish the chunk in training and start the next; None when there is none."""
+        if self.current is not None:
+            self._done.append(self.current)
+            self.current = None
+        if not self._hand:
+            self._wait()                      # the answer in flight, if any
+        if not self._hand and not self._ended:
+            self._ask(want=1 + self.ahead)
+            self._wait()
+        if self._hand:
+            self.current = self._hand.popleft()
+        if self._done or (not self._ended and len(self._hand) < self.ahead):
+            self._ask(want=0 if self._ended else self.ahead - len(self._hand))
+        if self.current is None:
+            self._wait()                      # the last report: the ledger marks it done
+        return self.current
+
+    def more(self) -> bool:
+        """Whether a chunk follows the one in training."""
+        if not self._hand:
+            self._wait()
+        if not self._hand and not self._ended:
+            self._ask(want=self.ahead)
+            self._wait()
+        return bool(self._hand)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _ask(self, want: int) -> None:
+        """Send a request (after the answer to the one in flight, if any)."""
+        self._wait()
+        self._seq += 1
+        meta = {**self.identity, "done": self._done, "want": want}
+        self._pending = protocol.encode({"op": "next_chunk", "node": self.node, "seq": self._seq,
+                                         "meta": meta})
+        self._done = []
+        self.sock.send_multipart(self._pending)
+
+    def _wait(self) -> None:
+        """Receive the answer to the request in flight (if any): Lazy Pirate, same seq."""
+        if self._pending is None:
+            return
+        for attempt in range(self.retries + 1):
+            if attempt:
+                self.sock.send_multipart(self._pending)  # the same seq: answered once
+            deadline = time.monotonic() + self.timeout
+            while (left := deadline - time.monotonic()) > 0:
+                if not self.sock.poll(1000 * left):
+                    break
+                header, _ = protocol.decode(self.sock.recv_multipart())
+                if header["seq"] != self._seq:
+                    continue                              # an answer to an earlier attempt
+                try:
+                    meta = protocol.raise_for_error(header).get("meta", {})
+                except protocol.RemoteError as e:
+                    raise ClusterError(f"{self.node}: the scheduler refused its chunk request: "
+                                       f"{e}") from None
+                self._hand.extend(meta.get("chunks", []))
+                self._ended = bool(meta.get("end"))
+                self._pending = None
+                return
+        raise ClusterError(f"{self.node}: the scheduler did not answer next_chunk in "
+                           f"{self.retries + 1} attempts of {self.timeout:g} s; is it running?")
+

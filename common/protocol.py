@@ -39,9 +39,19 @@ Operations to a shard server (replies carry clock):
 Operations to the scheduler:
 
     register    meta: role ("server" | "worker"), addr (a server's endpoint),
-                host -> ok, meta: rank and the cluster spec (see ps/scheduler.py)
-    heartbeat   meta: rank, role, progress (samples, steps, loss_sum, loss_count,
-                done) -> ok, meta: stop (bool), servers (current endpoints)
+                host -> ok, meta: rank, incarnation and the cluster spec (see
+                ps/scheduler.py). A worker that registers mid-run takes the lowest
+                dead worker's rank, or (async, ssp) a new one
+    heartbeat   meta: rank, role, incarnation, progress (samples, steps, loss_sum,
+                loss_count, done) -> ok, meta: stop (bool), servers (current endpoints)
+    next_chunk  async and ssp workers: meta: rank, incarnation, done (the chunks
+                finished since the last request, in order), want (chunks to deal, 0-2)
+                -> ok, meta: chunks (chunk numbers dealt, to train in order), end
+                (true: the table is empty, nothing more will be dealt). A retry with
+                the same seq gets the same answer
+
+The rank and incarnation a node sends must be those its registration got; a node
+whose rank was given to another (it was declared dead) gets E_STATE.
 
 Error codes (an error reply changes nothing on the server that sends it):
 
@@ -73,9 +83,10 @@ VERSION = 1
 MAX_HEADER = 64 * 1024               # bytes; checked before unpacking
 MAX_FRAME = 16 * 1024 * 1024         # bytes per payload frame
 DTYPES = {"<f4": np.dtype("<f4")}    # the payload dtypes a receiver accepts
+MAX_WORKERS = 1 << 16                # worker ranks are 0 .. MAX_WORKERS - 1
 
 SERVER_OPS = ("pull", "push", "push_pull", "stats", "control", "checkpoint", "shutdown")
-SCHEDULER_OPS = ("register", "heartbeat")
+SCHEDULER_OPS = ("register", "heartbeat", "next_chunk")
 REPLY_OPS = ("ok", "error")
 
 E_MALFORMED, E_VERSION, E_UNKNOWN_OP, E_PAYLOAD, E_SHARD, E_STATE, E_INTERNAL = range(1, 8)

@@ -106,6 +106,43 @@ def worker_batches(n: int, cfg: Config, rank: int) -> Iterator[tuple[int, np.nda
             yield epoch, batch
 
 
+def dealt(cfg: Config) -> bool:
+    """Whether the run's workers draw chunks from the scheduler (async, ssp) rather than
+    walk a partition (single, Hogwild!) or the versions' global batches (sync)."""
+    return cfg.mode in ("async", "ssp")
+
+
+def chunks_per_epoch(n: int, cfg: Config) -> int:
+    """Chunks an epoch is cut into: its steps_per_epoch batches, chunk_batches at a time."""
+    return -(-steps_per_epoch(n, cfg.batch_size) // cfg.chunk_batches)
+
+
+def total_chunks(n: int, cfg: Config) -> int:
+    return cfg.epochs * chunks_per_epoch(n, cfg)
+
+
+def chunk_batches(n: int, cfg: Config, chunk: int) -> list[np.ndarray]:
+    """The batches of chunk `chunk` (numbered across epochs): each (batch_size,) sample indices.
+
+    Chunk j of epoch e is batches [j k, (j + 1) k) of epoch e's permutation (k =
+    chunk_batches; the epoch's last chunk may be shorter), the very batches the
+    single-process trainer takes, so one worker drawing every chunk in order takes
+    exactly its steps.
+    """
+    per_epoch, b, k = chunks_per_epoch(n, cfg), cfg.batch_size, cfg.chunk_batches
+    epoch, j = divmod(chunk, per_epoch)
+    order = _epoch_order(n, cfg.seed, epoch)
+    steps = range(j * k, min((j + 1) * k, steps_per_epoch(n, b)))
+    return [order[s * b:(s + 1) * b] for s in steps]
+
+
+def asked_samples(n: int, cfg: Config) -> int:
+    """The samples a run is asked to train: every full batch of every epoch."""
+    if cfg.mode == "sync":
+        return sync_versions(n, cfg) * cfg.workers * cfg.batch_size
+    return cfg.epochs * steps_per_epoch(n, cfg.batch_size) * cfg.batch_size
+
+
 def sync_versions(n: int, cfg: Config) -> int:
     """The versions a sync run makes: one per global batch of W*b, every epoch."""
     return cfg.epochs * steps_per_epoch(n, cfg.workers * cfg.batch_size)

@@ -10,15 +10,24 @@ The scheduler's bookkeeping of its nodes, apart from the run it conducts
     heartbeat   records the node's progress; the reply says whether to stop and
                 where the servers are (a replaced server has moved)
 
+    next_chunk  (async, ssp) passed to the conductor's `on_next_chunk`, once the
+                rank and incarnation are checked
+
 A node silent for dead_after_s is dead. A dead worker changes the live set
-(`live_changed`, which the conductor passes on to sync and ssp servers); a dead
-server's rank goes to the next server that registers. Nothing here pulls, pushes
-or evaluates.
+(`live_changed`, which the conductor passes on to sync and ssp servers) and is
+reported to `on_worker_dead`; a dead server's rank goes to the next server that
+registers. A worker that registers mid-run takes the lowest dead worker's rank
+(a restart, or a new node in its place); without one it gets a new rank in async
+and ssp runs, and is refused in sync runs, whose global batch has W slices. Each
+registration gets a new incarnation, which the node sends with every request: a
+worker declared dead in a dealt run, or whose rank went to another, is refused.
+Nothing here pulls, pushes or evaluates.
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
@@ -27,6 +36,9 @@ import zmq
 from downpour.common import protocol
 from downpour.common.config import Config
 from downpour.common.errors import ClusterError, ProtocolError
+from downpour.common.training import dealt
+
+COUNTERS = ("samples", "steps", "loss_sum", "loss_count")   # worker progress that adds up
 
 
 @dataclass
@@ -37,6 +49,7 @@ class NodeState:
     last_seen: float = field(default_factory=time.monotonic)
     progress: dict[str, Any] = field(default_factory=dict)     # its last heartbeat's meta
     dead: bool = False
+    incarnation: int = 0                                       # which registration holds the rank
 
 
 class HeldWorker(NamedTuple):
@@ -69,7 +82,12 @@ class Membership:
         self.workers: dict[int, NodeState] = {}
         self.stopping = False              # told to every worker in its heartbeat reply
         self.live_changed = False          # the live workers changed since the conductor looked
+        self.started = False               # assembled: from now on a worker may join
         self.on_server_moved: Callable[[int, str], None] | None = None
+        self.on_worker_dead: Callable[[int], None] | None = None
+        self.on_next_chunk: Callable[[int, dict], dict[str, Any]] | None = None
+        self.retired: dict[int, Counter] = {}    # rank -> progress of its earlier incarnations
+        self._incarnations = 0
         self._held: list[HeldWorker] = []
         self._spares: list[SpareServer] = []
 
@@ -94,8 +112,14 @@ class Membership:
         return all(w.progress.get("done") for w in self.workers.values() if not w.dead)
 
     def total(self, key: str) -> float:
-        """The sum of a progress counter over the workers (samples, loss_sum, loss_count)."""
-        return sum(w.progress.get(key, 0) for w in self.workers.values())
+        """The sum of a progress counter (COUNTERS) over every worker that ever held a rank."""
+        return (sum(w.progress.get(key, 0) for w in self.workers.values())
+                + sum(c[key] for c in self.retired.values()))
+
+    def worker_samples(self) -> dict[str, int]:
+        """Samples trained under each rank, earlier incarnations included: who did the work."""
+        return {str(r): int(w.progress.get("samples", 0) + self.retired.get(r, Counter())["samples"])
+                for r, w in sorted(self.workers.items())}
 
     def worker_progress(self) -> list[dict[str, Any]]:
         return [w.progress for w in self.workers.values()]
@@ -118,6 +142,7 @@ class Membership:
                     f"{self.cfg.workers} worker(s) registered; start the missing nodes with "
                     f"--scheduler pointing here")
             self._serve(tick_ms)
+        self.started = True
         self.log("cluster assembled: " + ", ".join(
             [f"server-{r} at {s.addr}" for r, s in sorted(self.servers.items())]))
 
@@ -140,6 +165,9 @@ class Membership:
                     self._register(ident, header)
                 elif header["op"] == "heartbeat":
                     self._reply(ident, header, self._heartbeat(header))
+                elif header["op"] == "next_chunk" and self.on_next_chunk is not None:
+                    rank = self._worker_of(header).rank
+                    self._reply(ident, header, self.on_next_chunk(rank, header))
                 else:
                     raise protocol.error(protocol.E_UNKNOWN_OP, f"the scheduler offers "
                                          f"{', '.join(protocol.SCHEDULER_OPS)}, not {header['op']!r}")
@@ -161,17 +189,36 @@ class Membership:
             self._spares.append(SpareServer(ident, header, addr))
             self._seat_servers()
         elif role == "worker":
-            if len(self.workers) >= self.cfg.workers:
-                raise protocol.error(protocol.E_STATE, f"the run already has its {self.cfg.workers} "
-                                     "worker(s); raise --workers to add more")
-            rank = len(self.workers)
-            self.workers[rank] = NodeState("worker", rank)
+            rank = self._worker_rank()
+            self._incarnations += 1
+            self.workers[rank] = NodeState("worker", rank, incarnation=self._incarnations)
+            if self.started:
+                self.live_changed = True
+                self.log(f"worker-{rank} joined mid-run")
             if len(self.servers) == self.cfg.shards:
-                self._reply(ident, header, self._spec(rank))
+                self._reply(ident, header, self._spec(rank, worker=True))
             else:
                 self._held.append(HeldWorker(ident, header, rank))
         else:
             raise protocol.error(protocol.E_MALFORMED, f"role must be server or worker, not {role!r}")
+
+    def _worker_rank(self) -> int:
+        """The rank for a worker that registers now: the lowest dead one's, a free one while
+        assembling, or (async, ssp, once started) a new one."""
+        dead = sorted(r for r, w in self.workers.items() if w.dead)
+        if dead:
+            old = self.workers[dead[0]]
+            kept = self.retired.setdefault(dead[0], Counter())
+            kept.update({k: old.progress.get(k, 0) for k in COUNTERS})
+            return dead[0]
+        if len(self.workers) < self.cfg.workers:
+            return len(self.workers)
+        if self.started and dealt(self.cfg):
+            return max(self.workers) + 1
+        why = ("a sync run's global batch has one slice per worker, so a new worker can only take "
+               "a dead worker's place" if self.started else "raise --workers to add more")
+        raise protocol.error(protocol.E_STATE, f"the run already has its {len(self.workers)} "
+                             f"live worker(s): {why}")
 
     def _seat_servers(self) -> None:
         """Give waiting servers a rank: a free one while assembling, later a dead one's.
@@ -195,30 +242,54 @@ class Membership:
                 self.log(f"server-{rank} replaced, now at {spare.addr}")
             if len(self.servers) == self.cfg.shards:
                 for held in self._held:
-                    self._reply(held.ident, held.header, self._spec(held.rank))
+                    self._reply(held.ident, held.header, self._spec(held.rank, worker=True))
                 self._held.clear()
 
-    def _spec(self, rank: int) -> dict[str, Any]:
+    def _spec(self, rank: int, worker: bool = False) -> dict[str, Any]:
         """What a node needs to take part: the run's spec, its rank and, once all are in,
         the servers' addresses."""
         spec = {"rank": rank, **self.base_spec}
+        if worker:
+            spec["incarnation"] = self.workers[rank].incarnation
         if len(self.servers) == self.cfg.shards:
             spec["servers"] = self.addresses()
         return spec
 
     def _heartbeat(self, header: dict) -> dict[str, Any]:
         meta = header.get("meta", {})
-        role, rank = meta.get("role"), meta.get("rank")
-        nodes = {"server": self.servers, "worker": self.workers}.get(role, {})
-        if rank not in nodes:
+        if meta.get("role") == "worker":
+            node = self._worker_of(header)
+        elif meta.get("rank") in self.servers and meta.get("role") == "server":
+            node = self.servers[meta["rank"]]
+        else:
             raise protocol.error(protocol.E_STATE, f"{header['node']} is not registered")
-        node = nodes[rank]
         node.last_seen = time.monotonic()
         if node.dead or (meta.get("done") and not node.progress.get("done")):
             node.dead = False
             self.live_changed = True            # back, or done: servers stop waiting for it
         node.progress = meta
         return {"stop": self.stopping, "servers": self.addresses()}
+
+    def _worker_of(self, header: dict) -> NodeState:
+        """The worker a request comes from, by the rank and incarnation its registration got.
+
+        E_STATE for a rank no worker holds, for an earlier holder of a rank that went to
+        another, and (async, ssp) for a worker declared dead: its chunks were dealt again.
+        """
+        meta = header.get("meta", {})
+        rank, incarnation = meta.get("rank"), meta.get("incarnation")
+        node = self.workers.get(rank) if type(rank) is int else None
+        if node is None:
+            raise protocol.error(protocol.E_STATE, f"{header['node']} is not registered")
+        if incarnation != node.incarnation:
+            raise protocol.error(protocol.E_STATE, f"worker-{rank}'s rank went to another worker "
+                                 "after this one was declared dead; stop it, or restart it to "
+                                 "register again")
+        if node.dead and dealt(self.cfg):
+            raise protocol.error(protocol.E_STATE, f"worker-{rank} was declared dead after "
+                                 f"{self.cfg.dead_after_s:g} s of silence and its chunks were dealt "
+                                 "again; restart it to register again")
+        return node
 
     def _check_liveness(self) -> None:
         now, dead_after = time.monotonic(), self.cfg.dead_after_s
@@ -231,10 +302,14 @@ class Membership:
             self.log(f"{node.role}-{node.rank} stopped answering for {dead_after:g} s: marked dead")
             if node.role == "worker":
                 self.live_changed = True
+                if self.on_worker_dead is not None:
+                    self.on_worker_dead(node.rank)
             else:
                 self._seat_servers()
-        if self.workers and all(w.dead for w in self.workers.values()):
-            raise ClusterError("every worker has died; the run cannot go on")
+        wait_s = dead_after + self.cfg.start_timeout_s          # for a replacement to register
+        if self.workers and all(w.dead and now - w.last_seen > wait_s for w in self.workers.values()):
+            raise ClusterError(f"every worker has died and none registered in their place within "
+                               f"{self.cfg.start_timeout_s:g} s; the run cannot go on")
         gone = [s for s in self.servers.values()
                 if s.dead and now - s.last_seen > dead_after + self.cfg.start_timeout_s]
         if gone:

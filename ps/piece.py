@@ -85,6 +85,9 @@ class PieceState:
         self.schedule = parse_schedule(cfg.lr_schedule, cfg.lr)
         self.version = 0
         self.live = set(range(cfg.workers))
+        # ranks a push may come from: sync splits each global batch in W slices; an async
+        # or ssp run takes new workers mid-run
+        self._ranks = cfg.workers if cfg.mode == "sync" else protocol.MAX_WORKERS
         self.finished: set[int] = set()           # workers whose last push has been taken
         self.clock: Counter = Counter()           # worker rank -> its pushes applied
         self.last_seq: dict[str, int] = {}        # node -> seq of its last push taken
@@ -154,9 +157,9 @@ class PieceState:
         if header["seq"] <= self.last_seq.get(node, -1):          # a retry of a push already taken
             return self._retry(ident, header)
         rank = worker_rank(node)
-        if self.cfg.mode in ("sync", "ssp") and (rank is None or rank >= self.cfg.workers):
+        if self.cfg.mode in ("sync", "ssp") and (rank is None or rank >= self._ranks):
             raise protocol.error(protocol.E_MALFORMED, f"{self.cfg.mode} pushes come from worker-<rank> "
-                                 f"nodes with rank < {self.cfg.workers}, not {node!r}")
+                                 f"nodes with rank < {self._ranks}, not {node!r}")
         if self.cfg.mode == "sync":
             return self._push_sync(ident, header, grad, rank)
         self.last_seq[node] = header["seq"]
@@ -272,13 +275,26 @@ class PieceState:
         if "live" in meta:
             live = meta["live"]
             if not isinstance(live, list) or not all(
-                    type(r) is int and 0 <= r < self.cfg.workers for r in live):
+                    type(r) is int and 0 <= r < self._ranks for r in live):
                 raise protocol.error(protocol.E_MALFORMED,
-                                     f"live must be a list of worker ranks, got {live!r}")
-            self.live = set(live)
+                                     f"live must be a list of worker ranks < {self._ranks}, "
+                                     f"got {live!r}")
         if "lr_scale" in meta:                    # after every check: an error changes nothing
             self.schedule.scale = float(meta["lr_scale"])
+        if "live" in meta:
+            self._set_live(set(meta["live"]))
         return self._ok(header)
+
+    def _set_live(self, live: set[int]) -> None:
+        """ssp: a worker that (re)joins starts at the slowest live clock, as if it had kept
+        pace: it holds nobody back for the pushes it missed, and runs no further ahead."""
+        joining = live - self.live
+        slowest = self._slowest()
+        for rank in joining:
+            self.finished.discard(rank)
+            if slowest != math.inf:
+                self.clock[rank] = max(self.clock[rank], int(slowest))
+        self.live = live
 
     def _checkpoint(self, header: dict) -> list:
         if not self.cfg.checkpoint_dir:

@@ -43,7 +43,17 @@ from downpour.common.fileio import atomic_write
 from downpour.common.metrics import MetricsLog, Progress
 from downpour.common.model import Model
 from downpour.common.schedules import parse_schedule
-from downpour.common.training import check_cluster, finish, model_spec, open_datasets, worker_steps
+from downpour.common.training import (
+    asked_samples,
+    check_cluster,
+    chunk_batches,
+    dealt,
+    finish,
+    model_spec,
+    open_datasets,
+    total_chunks,
+)
+from downpour.ps.ledger import Ledger
 from downpour.ps.membership import Membership
 
 DEFAULT_BIND = "tcp://*:5555"
@@ -72,8 +82,9 @@ class Scheduler:
         self.model = Model(self.spec, seed=cfg.seed)
         self.pieces = self.model.layout.pieces(cfg.shards, cfg.piece_elements)
         self.metrics = MetricsLog(cfg.metrics)
-        total = sum(worker_steps(len(self.train), cfg, r) for r in range(cfg.workers)) * cfg.batch_size
-        self.progress = Progress(total, cfg.progress)
+        n = len(self.train)
+        self.asked = asked_samples(n, cfg)
+        self.progress = Progress(self.asked, cfg.progress)
         self.schedule = parse_schedule(cfg.lr_schedule, cfg.lr)
         self.evaluator = Evaluator(cfg, self.model, self.train, self.test, self.metrics,
                                    self.progress, self.schedule, recalibrate=True,
@@ -82,6 +93,13 @@ class Scheduler:
             "config": config.to_dict(cfg), "model": self.spec.to_dict(),
             "pieces": [list(p) for p in self.pieces], "n_train": len(self.train)},
             log=self.progress.line)
+        # async, ssp: the chunks of every epoch, dealt to workers as they ask
+        self.ledger = Ledger(total_chunks(n, cfg),
+                             lambda c: len(chunk_batches(n, cfg, c)) * cfg.batch_size) \
+            if dealt(cfg) else None
+        if self.ledger is not None:
+            self.nodes.on_next_chunk = self._deal
+            self.nodes.on_worker_dead = self._worker_died
         self.client: ShardClient | None = None
         self.interrupted = False
         self.start = time.monotonic()               # reset when training starts
@@ -145,7 +163,30 @@ class Scheduler:
             train_loss=last["train_loss"], test_loss=last["test_loss"],
             test_accuracy=last["test_accuracy"], stopped_early=self.evaluator.stopping,
             dead_workers=self.nodes.dead_workers(), parameters=self.model.layout.size,
-            data=self.about, **self._figures(self._stats, train_time))
+            data=self.about, samples_asked=self.asked, worker_samples=self.nodes.worker_samples(),
+            **self._dealing(), **self._figures(self._stats, train_time))
+
+    # -- dealing (async, ssp) ---------------------------------------------------------------
+    def _deal(self, rank: int, header: dict) -> dict[str, Any]:
+        meta = header.get("meta", {})
+        return self.ledger.request(rank, header["seq"], meta.get("done"), meta.get("want"))
+
+    def _worker_died(self, rank: int) -> None:
+        lost = self.ledger.drop(rank)
+        if lost:
+            self.progress.line(f"worker-{rank} died training chunk {lost[0]}: "
+                               f"{self.ledger.samples_of(lost[0])} samples lost; its other "
+                               "chunks go back on the table")
+
+    def _dealing(self) -> dict[str, Any]:
+        """The end line's account of the chunks: their size, how many were lost or left."""
+        if self.ledger is None:
+            return {}
+        left = self.ledger.left()
+        return {"chunk_batches": self.cfg.chunk_batches, "chunks": self.ledger.total,
+                "chunks_lost": len(self.ledger.lost), "samples_lost": self.ledger.samples_lost(),
+                "chunks_left": len(left),
+                "samples_left": sum(self.ledger.samples_of(c) for c in left)}
 
     def _train_time(self) -> float:
         """Training time: from the first worker's first step to the last worker's last."""

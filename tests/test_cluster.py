@@ -5,6 +5,7 @@ import os
 import re
 import signal
 import subprocess
+import threading
 import time
 
 import numpy as np
@@ -76,15 +77,44 @@ def background(tmp_path):
         p.wait(timeout=10)
 
 
-def wait_for_eval(path, proc, timeout=60):
-    """Block until the metrics file has an eval line (the run is training)."""
+def wait_for_eval(path, proc, timeout=60, epoch=0.0):
+    """Block until the metrics file has an eval line at `epoch` or later (the run is training)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if path.exists() and '"event": "eval"' in path.read_text():
+        if path.exists() and any(json.loads(line)["event"] == "eval" and
+                                 json.loads(line)["epoch"] >= epoch
+                                 for line in path.read_text().splitlines() if line.endswith("}")):
             return
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.05)
-    raise AssertionError("the run never evaluated")
+    raise AssertionError(f"the run never evaluated at epoch {epoch} or later")
+
+
+def end_line(path):
+    record = json.loads(path.read_text().splitlines()[-1])
+    assert record["event"] == "end", record
+    return record
+
+
+class Lines:
+    """The lines a process writes to a pipe, collected by a thread as they come."""
+
+    def __init__(self, pipe):
+        self.lines = []
+        self._thread = threading.Thread(target=lambda: self.lines.extend(pipe), daemon=True)
+        self._thread.start()
+
+    def wait_for(self, text, proc, timeout=60):
+        deadline = time.monotonic() + timeout
+        while not any(text in line for line in self.lines):
+            assert proc.poll() is None and time.monotonic() < deadline, (text, self.lines)
+            time.sleep(0.05)
+
+    def text(self, finished=True):
+        """What was written so far; with `finished`, all of it (the process has exited)."""
+        if finished:
+            self._thread.join(timeout=10)
+        return "".join(self.lines)
 
 
 @pytest.mark.parametrize("shards", [1, 3])
@@ -139,19 +169,79 @@ def test_two_workers_two_shards_reach_95_percent_on_mnist(downpour, tmp_path, mn
 
 @pytest.mark.slow
 def test_killing_a_worker_does_not_stop_an_async_run(background, tmp_path):
+    """SIGKILL of a worker 30% into the run: the living worker takes the dead one's share
+    of the chunks, so the run still covers its epochs but for the chunk that was lost."""
     metrics = tmp_path / "m.jsonl"
     run = background("train", "--mode", "async", "--workers", 2, "--synthetic", 6000,
-                     "--hidden", 64, "--epochs", 12, "--batch-size", 20, "--eval-every", 1,
+                     "--hidden", 64, "--epochs", 12, "--batch-size", 20, "--eval-every", 0.25,
                      "--dead-after-s", 1.0, "--progress", "lines", "--metrics", metrics)
-    wait_for_eval(metrics, run)
+    wait_for_eval(metrics, run, epoch=0.3 * 12)
     workers = [pid for pid in descendants(run.pid) if role(pid) == "worker"]
     assert len(workers) == 2
     os.kill(workers[1], signal.SIGKILL)
     out, err = run.communicate(timeout=120)
     assert run.returncode == 0, err
-    end = json.loads(metrics.read_text().splitlines()[-1])
-    assert end["event"] == "end" and len(end["dead_workers"]) == 1
-    assert "stopped answering" in err and end["test_accuracy"] > 0.5
+    end = end_line(metrics)
+    assert len(end["dead_workers"]) == 1 and "stopped answering" in err
+    assert end["samples_asked"] == 12 * 300 * 20
+    assert end["samples"] >= 0.95 * end["samples_asked"], end
+    assert end["chunks_lost"] <= 1 and end["samples_lost"] <= 4 * 20
+    assert end["test_accuracy"] > 0.5
+
+
+def test_a_fast_worker_takes_more_chunks_than_a_straggler(downpour, tmp_path):
+    """A straggler whose steps take 20 times the compute (steps this small are mostly
+    communication, which the slowdown leaves alone)."""
+    r = downpour("train", "--mode", "async", "--workers", 2, "--slow-worker", "1:20", *SMALL,
+                 "--metrics", "m.jsonl")
+    assert r.returncode == 0, r.stderr
+    end = end_line(tmp_path / "m.jsonl")
+    done = end["worker_samples"]
+    assert done["0"] + done["1"] == end["samples"] == end["samples_asked"]
+    assert done["0"] > 1.5 * done["1"], done
+
+
+def hand_cluster(background, tmp_path, *settings):
+    """A scheduler, one server and two workers started by hand, as docker-compose runs them;
+    (scheduler, its stderr Lines, workers, address)."""
+    address = f"ipc://{tmp_path}/scheduler"
+    scheduler = background("scheduler", "--bind", address, "--mode", "async", "--workers", 2,
+                           "--shards", 1, "--synthetic", 6000, "--hidden", 64, "--batch-size", 20,
+                           "--eval-every", 0.5, "--dead-after-s", 1.0, "--progress", "lines",
+                           "--metrics", tmp_path / "m.jsonl", *settings)
+    background("server", "--scheduler", address, "--bind", f"ipc://{tmp_path}/s0")
+    workers = [background("worker", "--scheduler", address) for _ in range(2)]
+    return scheduler, Lines(scheduler.stderr), workers, address
+
+
+def test_a_worker_started_mid_run_joins_and_trains_chunks(background, tmp_path):
+    scheduler, said, workers, address = hand_cluster(background, tmp_path, "--epochs", 20)
+    wait_for_eval(tmp_path / "m.jsonl", scheduler)
+    joiner = background("worker", "--scheduler", address)
+    scheduler.wait(timeout=120)
+    assert scheduler.returncode == 0, said.text()
+    assert "worker-2 joined mid-run" in said.text()
+    end = end_line(tmp_path / "m.jsonl")
+    assert set(end["worker_samples"]) == {"0", "1", "2"} and end["worker_samples"]["2"] > 0
+    assert end["samples"] == end["samples_asked"]
+    _, err = joiner.communicate(timeout=30)
+    assert err.startswith("worker-2: joined") and "worker-2: done after" in err
+
+
+def test_a_restarted_worker_takes_the_dead_ranks_place(background, tmp_path):
+    scheduler, said, workers, address = hand_cluster(background, tmp_path, "--epochs", 20)
+    wait_for_eval(tmp_path / "m.jsonl", scheduler)
+    workers[1].kill()
+    said.wait_for("stopped answering", scheduler)
+    dead = int(re.search(r"worker-(\d) stopped answering", said.text(finished=False)).group(1))
+    restarted = background("worker", "--scheduler", address)
+    scheduler.wait(timeout=120)
+    assert scheduler.returncode == 0, said.text()
+    end = end_line(tmp_path / "m.jsonl")
+    assert set(end["worker_samples"]) == {"0", "1"} and end["dead_workers"] == [], said.text()
+    assert end["samples"] >= 0.95 * end["samples_asked"], end
+    _, err = restarted.communicate(timeout=30)
+    assert err.startswith(f"worker-{dead}: joined") and f"worker-{dead}: done after" in err
 
 
 @pytest.mark.slow

@@ -86,8 +86,9 @@ def test_registration_errors_change_nothing(cluster):
     assert nodes.servers == {} and nodes.workers == {}
 
 
-def test_a_third_worker_is_refused(cluster):
+def test_a_third_worker_is_refused_while_assembling(cluster):
     nodes, connect = cluster
+    nodes.cfg = replace(CFG, dead_after_s=60.0)         # nobody dies while this test waits
     for expected in (None, None, protocol.E_STATE):
         w = connect()
         send(w, "register", role="worker")
@@ -101,14 +102,18 @@ def test_a_silent_worker_dies_and_the_live_set_changes(cluster):
     for i in range(2):
         send(connect(), "register", role="server", addr=f"tcp://host:{6000 + i}")
     workers = [connect(), connect()]
+    incarnation = {}
     for w in workers:
         send(w, "register", role="worker")
-        assert reply(nodes, w)["meta"]["rank"] in (0, 1)
+        meta = reply(nodes, w)["meta"]
+        incarnation[meta["rank"]] = meta["incarnation"]
+    assert sorted(incarnation) == [0, 1]
     assert nodes.assembled and nodes.live_workers() == [0, 1]
     deadline = time.monotonic() + WAIT_S
     while not nodes.workers[1].dead and time.monotonic() < deadline:
         for s, rank in ((workers[0], 0),):                       # worker 1 stays silent
-            send(s, "heartbeat", role="worker", rank=rank, samples=64, done=False)
+            send(s, "heartbeat", role="worker", rank=rank, incarnation=incarnation[rank],
+                 samples=64, done=False)
             assert reply(nodes, s)["meta"]["stop"] is False
         for rank in (0, 1):                                      # the servers keep beating
             nodes.servers[rank].last_seen = time.monotonic()

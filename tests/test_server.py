@@ -298,14 +298,26 @@ def test_control_lr_scale_changes_the_effective_lr():
 @pytest.mark.parametrize("meta", [
     {"lr_scale": 0}, {"lr_scale": -1.0}, {"lr_scale": float("nan")}, {"lr_scale": float("inf")},
     {"lr_scale": "2"}, {"lr_scale": True}, {"lr_scale": None},
-    {"live": [0, 1]}, {"live": [-1]}, {"live": 0}, {"live": ["0"]}, {"live": [0.0]},
-    {"lr_scale": 0.5, "live": [7]},
+    {"live": [protocol.MAX_WORKERS]}, {"live": [-1]}, {"live": 0}, {"live": ["0"]},
+    {"live": [0.0]}, {"lr_scale": 0.5, "live": [1 << 20]},
 ])
 def test_bad_control_values_are_malformed(meta):
     piece = make_piece()
     assert error_code(piece.handle(b"s", request("control", 1, node="scheduler", meta=meta))) \
         == protocol.E_MALFORMED
     assert piece.schedule.scale == 1.0 and piece.live == {0}
+
+
+def test_a_sync_piece_takes_only_the_ranks_of_its_global_batch():
+    """Sync splits each global batch in W slices: rank W has no slice. Async and ssp take
+    workers that join mid-run, with new ranks."""
+    piece = make_piece(SYNC)
+    assert error_code(piece.handle(b"s", request("control", 1, node="scheduler",
+                                                 meta={"live": [0, 3]}))) == protocol.E_MALFORMED
+    assert piece.live == {0, 1, 2}
+    ssp = make_piece(replace(SYNC, mode="ssp", staleness=1))
+    header, _ = only(ssp.handle(b"s", request("control", 1, node="scheduler", meta={"live": [0, 5]})))
+    assert header["op"] == "ok" and ssp.live == {0, 5}
 
 
 # -- checkpoints ---------------------------------------------------------------------------
@@ -600,3 +612,18 @@ def test_shard_client_runs_while_waiting_and_resends_a_reconnected_piece_at_once
         assert len(calls) >= 4
     finally:
         ctx.destroy(linger=0)
+
+
+def test_an_ssp_worker_that_joins_starts_at_the_slowest_clock():
+    """A joiner (or a restarted worker) holds nobody back for the pushes it missed."""
+    cfg = replace(SYNC, mode="ssp", workers=1, staleness=1)
+    piece = make_piece(cfg)
+    grad = np.ones(piece.hi - piece.lo, np.float32)
+    for seq in range(1, 6):                                   # worker-0 alone: 5 clocks
+        assert len(push(piece, grad, seq, piece.version)) == 1
+    only(piece.handle(b"s", request("control", 1, node="scheduler", meta={"live": [0, 1]})))
+    assert piece.clock[1] == 5
+    assert len(push(piece, grad, 6, piece.version)) == 1       # 6 - 5 <= 1: not held back
+    assert push(piece, grad, 7, piece.version) == []           # 7 - 5 > 1: waits for worker-1
+    released = push(piece, grad, 1, piece.version, node="worker-1")
+    assert len(released) == 2                                  # worker-1's reply and worker-0's

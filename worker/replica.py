@@ -33,10 +33,12 @@ from downpour.common.data import Dataset, gather
 from downpour.common.errors import ClusterError, ConfigError, DownpourError
 from downpour.common.layout import Piece
 from downpour.common.model import Model, ModelSpec
-from downpour.common.node import Heartbeat, register, say
+from downpour.common.node import ChunkFeed, Heartbeat, register, say
 from downpour.common.protocol import RemoteError
 from downpour.common.training import (
     batch_gradient,
+    chunk_batches,
+    dealt,
     open_datasets,
     sync_batch,
     sync_versions,
@@ -44,18 +46,22 @@ from downpour.common.training import (
     worker_steps,
 )
 
+SEQ_SPAN = 2**40        # sequence numbers each incarnation of a rank has to itself
+
 
 class Replica:
     """Worker `rank` of a run: trains on its batches against the shard servers."""
 
     def __init__(self, cfg: Config, spec: ModelSpec, rank: int, data: Dataset, client: ShardClient,
-                 piece_servers: list[int]):
+                 piece_servers: list[int], feed: ChunkFeed | None = None, incarnation: int = 0):
         self.cfg, self.rank, self.data, self.client = cfg, rank, data, client
+        self.feed = feed                            # async, ssp: chunks dealt by the scheduler
         self.piece_servers = piece_servers          # the server that holds each piece
         self.model = Model(spec, seed=cfg.seed, stream=rank)
         self.version = 0                            # of the weights last received from the servers
         # what heartbeats report; t_start/t_end (Unix seconds) bracket the training steps
-        self.progress = {"role": "worker", "rank": rank, "samples": 0, "steps": 0,
+        self.progress = {"role": "worker", "rank": rank, "incarnation": incarnation,
+                         "samples": 0, "steps": 0,
                          "loss_sum": 0.0, "loss_count": 0, "done": False,
                          "t_start": 0.0, "t_end": 0.0}
         sync, params = cfg.mode == "sync", self.model.params
@@ -92,6 +98,8 @@ class Replica:
 
     def _told_to_stop(self, heartbeat: Heartbeat) -> bool:
         """Whether the scheduler said stop; ClusterError if it went silent. Follows moved servers."""
+        if heartbeat.refused:
+            raise ClusterError(f"worker-{self.rank}: the scheduler refused it: {heartbeat.refused}")
         if heartbeat.stop.is_set():
             return True
         if heartbeat.lost.is_set():
@@ -146,6 +154,14 @@ class Replica:
         worker that was too late for a version (backup workers) skips to the next.
         """
         n, cfg = len(self.data), self.cfg
+        if self.feed is not None:                 # async, ssp: the chunks dealt, in order
+            step = 0
+            while (chunk := self.feed.take()) is not None:
+                batches = chunk_batches(n, cfg, chunk)
+                for i, idx in enumerate(batches):
+                    yield step, idx, i == len(batches) - 1 and not self.feed.more()
+                    step += 1
+            return
         if cfg.mode == "sync":
             total, step = sync_versions(n, cfg), 0
             while self.version < total:
@@ -194,17 +210,22 @@ def main(cfg: Config) -> int:
             raise ConfigError(f"{node}: its training data has {len(train)} samples of "
                               f"{train.n_features} features, the scheduler's {meta['n_train']} of "
                               f"{meta['model']['n_inputs']}; give every node the same data")
+        incarnation = meta["incarnation"]
         pieces = [Piece(*p) for p in meta["pieces"]]         # [[server, lo, hi], ...] on the wire
         client = ShardClient([meta["servers"][p.server] for p in pieces],
-                             [(p.lo, p.hi) for p in pieces], node, run.timeout_s, run.retries, ctx)
+                             [(p.lo, p.hi) for p in pieces], node, run.timeout_s, run.retries, ctx,
+                             first_seq=incarnation * SEQ_SPAN)
+        feed = ChunkFeed(ctx, cfg.scheduler, node, {"rank": rank, "incarnation": incarnation},
+                         run.timeout_s, run.retries) if dealt(run) else None
         replica = Replica(run, ModelSpec.from_dict(meta["model"]), rank, train, client,
-                          [p.server for p in pieces])
+                          [p.server for p in pieces], feed, incarnation)
         heartbeat = Heartbeat(ctx, cfg.scheduler, node, run.heartbeat_s, run.dead_after_s,
                               lambda: dict(replica.progress))
         client.while_waiting = lambda: replica._follow(heartbeat.reply.get("servers"))
-        say(f"{node}: joined the scheduler at {cfg.scheduler}; {run.mode} mode, "
-            f"{worker_steps(len(train), run, rank)} steps on {about}; servers "
-            f"{', '.join(meta['servers'])}")
+        work = (f"chunks of {run.chunk_batches} batches dealt" if feed is not None
+                else f"{worker_steps(len(train), run, rank)} steps")
+        say(f"{node}: joined the scheduler at {cfg.scheduler}; {run.mode} mode, {work} on "
+            f"{about}; servers {', '.join(meta['servers'])}")
         heartbeat.start()
         try:
             replica.run(heartbeat)
@@ -212,6 +233,8 @@ def main(cfg: Config) -> int:
         finally:
             heartbeat.close()
             client.close()
+            if feed is not None:
+                feed.close()
         p = replica.progress
         why = "stopped early: the scheduler said stop" if heartbeat.stop.is_set() else "done"
         say(f"{node}: {why} after {p['steps']} steps ({p['samples']:,} samples)")
