@@ -125,8 +125,9 @@ class ChunkFeed:
     `take()` returns the next chunk to train, or None when the run has no more for
     this worker; it reports the previous chunk done and asks for the next one in the
     same request, sent while the new chunk trains, so the answer is there before it
-    is needed. `more()` says whether another chunk follows the one in training (it
-    waits for the answer in flight if there is one). Requests are retried with the
+    is needed (near the end of the run the scheduler deals nothing ahead, and the
+    next `take()` asks again). `more()` says whether another chunk may follow the
+    one in training (it waits for the answer in flight if there is one). Requests are retried with the
     same seq after `timeout` seconds, `retries` times; ClusterError after that, or
     when the scheduler refuses (e.g. this worker was declared dead).
     """
@@ -162,13 +163,11 @@ class ChunkFeed:
         return self.current
 
     def more(self) -> bool:
-        """Whether a chunk follows the one in training."""
+        """Whether a chunk may follow the one in training: False only once the scheduler
+        has said it has nothing more to deal and none is in hand."""
         if not self._hand:
             self._wait()
-        if not self._hand and not self._ended:
-            self._ask(want=self.ahead)
-            self._wait()
-        return bool(self._hand)
+        return bool(self._hand) or not self._ended
 
     def close(self) -> None:
         self.sock.close()

@@ -17,7 +17,11 @@ Guarantees:
 - Chunks are dealt in order, chunks back on the table first; with one worker this
   is the single-process order.
 - A worker trains its hand in the order dealt: the head is the chunk in training,
-  the rest were not started. When the worker dies, its head is lost (some of its
+  the rest were not started.
+- Near the end (no more chunks left to deal than there are live workers) nobody
+  is dealt a chunk ahead: a straggler does not sit on a chunk that an idle fast
+  worker could train. A worker with nothing in hand is always dealt one if any is
+  left, so the run ends when the last chunk is done. When the worker dies, its head is lost (some of its
   pushes may have been applied) and the rest go back on the table.
 - A request is answered once per seq: a retry (same rank and seq) gets the same
   reply, and changes nothing.
@@ -49,10 +53,11 @@ class Ledger:
     @property
     def exhausted(self) -> bool:
         """Nothing is left to deal (chunks may still be in hands)."""
-        return not self._table and self._next >= self.total
+        return self.remaining() == 0
 
-    def request(self, rank: int, seq: int, done: Any, want: Any) -> dict[str, Any]:
-        """The reply to worker `rank`'s next_chunk: note `done`, deal up to `want`.
+    def request(self, rank: int, seq: int, done: Any, want: Any, live: int = 1) -> dict[str, Any]:
+        """The reply to worker `rank`'s next_chunk: note `done`, deal up to `want` (of
+        `live` workers alive now).
 
         ProtocolError (E_MALFORMED) for bad fields and (E_STATE) for a `done` that is
         not the worker's chunk in training; either changes nothing.
@@ -73,6 +78,8 @@ class Ledger:
         for _ in done:
             hand.popleft()
         self.done += len(done)
+        if hand and self.remaining() <= live:
+            want = 0                                      # the end game: nothing dealt ahead
         dealt = []
         while len(dealt) < want and not self.exhausted:
             chunk = self._table.popleft() if self._table else self._take_new()
@@ -81,6 +88,10 @@ class Ledger:
         reply = {"chunks": dealt, "end": self.exhausted}
         self._answered[rank] = (seq, reply)
         return reply
+
+    def remaining(self) -> int:
+        """Chunks left to deal."""
+        return len(self._table) + self.total - self._next
 
     def drop(self, rank: int) -> list[int]:
         """Worker `rank` is dead: its chunk in training is lost, the rest go back on the

@@ -169,7 +169,8 @@ class Scheduler:
     # -- dealing (async, ssp) ---------------------------------------------------------------
     def _deal(self, rank: int, header: dict) -> dict[str, Any]:
         meta = header.get("meta", {})
-        return self.ledger.request(rank, header["seq"], meta.get("done"), meta.get("want"))
+        return self.ledger.request(rank, header["seq"], meta.get("done"), meta.get("want"),
+                                   live=len(self.nodes.live_workers()))
 
     def _worker_died(self, rank: int) -> None:
         lost = self.ledger.drop(rank)

@@ -40,13 +40,24 @@ def test_chunks_cut_each_epoch_into_the_single_process_batches():
 
 
 def test_chunks_are_dealt_in_order_one_ahead():
-    book = ledger()
-    assert book.request(0, 1, [], 2) == {"chunks": [0, 1], "end": False}
-    assert book.request(1, 1, [], 2) == {"chunks": [2, 3], "end": False}
-    assert book.request(0, 2, [0], 1) == {"chunks": [4], "end": False}   # 1 in training, 4 ahead
-    assert book.request(0, 3, [1], 1) == {"chunks": [5], "end": True}
-    assert book.request(0, 4, [4], 1) == {"chunks": [], "end": True}
-    assert list(book.hands[0]) == [5] and book.done == 3
+    book = Ledger(10, lambda c: 30)
+    assert book.request(0, 1, [], 2, live=2) == {"chunks": [0, 1], "end": False}
+    assert book.request(1, 1, [], 2, live=2) == {"chunks": [2, 3], "end": False}
+    assert book.request(0, 2, [0], 1, live=2) == {"chunks": [4], "end": False}  # 1 trains, 4 ahead
+    assert list(book.hands[0]) == [1, 4] and book.done == 1
+
+
+def test_near_the_end_nothing_is_dealt_ahead():
+    """With no more chunks left than live workers, a worker in training gets none ahead;
+    one with an empty hand still gets one, and the last one says end."""
+    book = ledger(5)
+    book.request(0, 1, [], 2, live=2)                         # 0 trains, 1 ahead
+    book.request(1, 1, [], 2, live=2)                         # 2 trains, 3 ahead
+    assert book.request(0, 2, [0], 1, live=2) == {"chunks": [], "end": False}   # 1 left: kept
+    assert book.request(0, 3, [1], 1, live=2) == {"chunks": [4], "end": True}   # empty hand
+    assert book.request(1, 2, [2], 1, live=2) == {"chunks": [], "end": True}
+    assert book.request(1, 3, [3], 0, live=2) == {"chunks": [], "end": True}
+    assert list(book.hands[0]) == [4] and book.done == 4 and book.left() == [4]
 
 
 def test_a_retry_gets_the_same_answer_and_deals_nothing_more():

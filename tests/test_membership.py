@@ -152,3 +152,54 @@ def test_a_dead_server_with_no_replacement_ends_the_run(cluster):
         for _ in range(3):
             nodes.workers[0].last_seen = time.monotonic()
             nodes.tend(10)
+
+
+def assembled(nodes, connect):
+    """Two servers and two workers registered; {rank: (socket, incarnation)} of the workers."""
+    for i in range(2):
+        send(connect(), "register", role="server", addr=f"tcp://host:{6000 + i}")
+    workers = {}
+    for _ in range(2):
+        w = connect()
+        send(w, "register", role="worker")
+        meta = reply(nodes, w)["meta"]
+        workers[meta["rank"]] = (w, meta["incarnation"])
+    nodes.started = True                               # what assemble() sets
+    return workers
+
+
+@pytest.mark.parametrize("mode, rank", [("async", 2), ("ssp", 2), ("sync", None)])
+def test_a_worker_that_joins_mid_run_gets_a_new_rank_but_in_sync(cluster, mode, rank):
+    nodes, connect = cluster
+    nodes.cfg = replace(CFG, mode=mode, dead_after_s=60.0)
+    assembled(nodes, connect)
+    joiner = connect()
+    send(joiner, "register", role="worker")
+    header = reply(nodes, joiner)
+    if rank is None:
+        assert header["code"] == protocol.E_STATE and "a dead worker's place" in header["msg"]
+    else:
+        assert header["meta"]["rank"] == rank and nodes.live_changed
+        assert any("worker-2 joined mid-run" in line for line in nodes.lines)
+
+
+def test_a_restarted_worker_takes_the_dead_rank_and_the_old_one_is_refused(cluster):
+    nodes, connect = cluster
+    nodes.cfg = replace(CFG, mode="async", dead_after_s=60.0)
+    dropped = []
+    nodes.on_worker_dead = dropped.append
+    workers = assembled(nodes, connect)
+    nodes.workers[1].progress = {"samples": 640, "steps": 10, "loss_sum": 5.0, "loss_count": 10}
+    nodes.workers[1].last_seen -= 100                  # worker-1 falls silent: dead
+    nodes.tend(0)
+    assert dropped == [1] and nodes.workers[1].dead
+    old, old_incarnation = workers[1]
+    send(old, "heartbeat", role="worker", rank=1, incarnation=old_incarnation)
+    assert "declared dead" in reply(nodes, old)["msg"]             # its chunks went to others
+    restarted = connect()
+    send(restarted, "register", role="worker")
+    meta = reply(nodes, restarted)["meta"]
+    assert meta["rank"] == 1 and meta["incarnation"] != old_incarnation
+    send(old, "heartbeat", role="worker", rank=1, incarnation=old_incarnation)
+    assert "went to another worker" in reply(nodes, old)["msg"]
+    assert nodes.total("samples") == 640 and nodes.worker_samples() == {"0": 0, "1": 640}
