@@ -32,6 +32,28 @@ from downpour.common.errors import ClusterError
 
 POLL_TICK_S = 0.1       # longest wait for a heartbeat reply before checking for close()
 JOIN_TIMEOUT_S = 5.0    # how long close() waits for the heartbeat thread to end
+NAME_GONE_S = 3.0       # a scheduler host name that stays unresolvable this long is gone
+WAIT_SAY_S = 10.0       # how often a node waiting to register says so
+
+
+def _host_name(address: str) -> str | None:
+    """The host name in a tcp:// address, or None (ipc, an IP address, a wildcard)."""
+    if not address.startswith("tcp://"):
+        return None
+    host = address[len("tcp://"):].rpartition(":")[0].strip("[]")
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+        return None
+    except OSError:
+        return host or None
+
+
+def _resolves(host: str) -> bool:
+    try:
+        socket.getaddrinfo(host, None)
+        return True
+    except OSError:
+        return False
 
 
 def say(line: str) -> None:
@@ -41,14 +63,37 @@ def say(line: str) -> None:
 
 def register(ctx: zmq.Context, scheduler: str, node: str, meta: dict[str, Any],
              timeout: float) -> dict[str, Any]:
-    """Register with the scheduler at `scheduler`; return the meta of its reply (rank, spec)."""
+    """Register with the scheduler at `scheduler`; return the meta of its reply (rank, spec).
+
+    ClusterError after `timeout` seconds without an answer, and sooner when the
+    scheduler's host name stops resolving for NAME_GONE_S: on a container network a
+    name goes when its container exits, so a node whose scheduler is gone (or never
+    came) does not wait out the whole timeout. A line says it is waiting every WAIT_SAY_S.
+    """
+    host = _host_name(scheduler)
     sock = make_socket(ctx, zmq.DEALER, scheduler)
     try:
         sock.send_multipart(protocol.encode({"op": "register", "node": node, "seq": 1,
                                              "meta": {"host": socket.gethostname(), **meta}}))
-        if not sock.poll(1000 * timeout):
-            raise ClusterError(f"{node}: no answer from the scheduler at {scheduler} within "
-                               f"{timeout:g} s; is it running, and is the address right?")
+        start = time.monotonic()
+        unresolved_since, said = None, start
+        while not sock.poll(1000 * POLL_TICK_S):
+            now = time.monotonic()
+            if now - start > timeout:
+                raise ClusterError(f"{node}: no answer from the scheduler at {scheduler} within "
+                                   f"{timeout:g} s; is it running, and is the address right?")
+            if host is not None and not _resolves(host):
+                unresolved_since = unresolved_since or now
+                if now - unresolved_since > NAME_GONE_S:
+                    raise ClusterError(f"{node}: the scheduler's host {host!r} has not resolved "
+                                       f"for {NAME_GONE_S:g} s: the scheduler is not running (or "
+                                       "the address is wrong)")
+            else:
+                unresolved_since = None
+            if now - said > WAIT_SAY_S:
+                said = now
+                say(f"{node}: waiting for the scheduler at {scheduler} "
+                    f"({timeout - (now - start):.0f} s left)")
         header, _ = protocol.decode(sock.recv_multipart())
         try:
             return protocol.raise_for_error(header).get("meta", {})

@@ -69,7 +69,7 @@ class SpareServer(NamedTuple):
 class Membership:
     """The scheduler's nodes: who registered, at which rank and address, who is alive.
 
-    `base_spec` is what every node needs to take part (settings, model, pieces);
+    `base_spec` is what every node needs to take part (run id, settings, model, pieces);
     a node's registration reply adds its rank and the server addresses. `log`
     takes a line for people. `on_server_moved(rank, addr)` is called when a
     server replaces a dead one.
@@ -88,8 +88,9 @@ class Membership:
         self.on_next_chunk: Callable[[int, dict], dict[str, Any]] | None = None
         self.retired: dict[int, Counter] = {}    # rank -> progress of its earlier incarnations
         self._incarnations = 0
-        self._held: list[HeldWorker] = []
-        self._spares: list[SpareServer] = []
+        self._held: list[HeldWorker] = []              # workers waiting for the servers
+        self._spares: list[SpareServer] = []           # servers waiting for a rank
+        self._spare_workers: list[HeldWorker] = []     # sync: workers waiting for a rank
 
     # -- what the conductor asks -------------------------------------------------------------
     @property
@@ -190,21 +191,37 @@ class Membership:
             self._seat_servers()
         elif role == "worker":
             rank = self._worker_rank()
-            self._incarnations += 1
-            self.workers[rank] = NodeState("worker", rank, incarnation=self._incarnations)
-            if self.started:
-                self.live_changed = True
-                self.log(f"worker-{rank} joined mid-run")
-            if len(self.servers) == self.cfg.shards:
-                self._reply(ident, header, self._spec(rank, worker=True))
-            else:
-                self._held.append(HeldWorker(ident, header, rank))
+            if rank is None:                  # sync: it waits for a dead worker's place
+                self._spare_workers.append(HeldWorker(ident, header, -1))
+                self.log("a worker waits for a dead worker's place (a sync run has one slice "
+                         "of each global batch per worker)")
+                return
+            self._admit_worker(ident, header, rank)
         else:
             raise protocol.error(protocol.E_MALFORMED, f"role must be server or worker, not {role!r}")
 
-    def _worker_rank(self) -> int:
+    def _admit_worker(self, ident: bytes, header: dict, rank: int) -> None:
+        """Worker `rank` is the registration `header`'s, with a new incarnation."""
+        self._incarnations += 1
+        self.workers[rank] = NodeState("worker", rank, incarnation=self._incarnations)
+        if self.started:
+            self.live_changed = True
+            self.log(f"worker-{rank} joined mid-run")
+        if len(self.servers) == self.cfg.shards:
+            self._reply(ident, header, self._spec(rank, worker=True))
+        else:
+            self._held.append(HeldWorker(ident, header, rank))
+
+    def _seat_workers(self) -> None:
+        """Give waiting workers (sync) the ranks of dead ones."""
+        while self._spare_workers and any(w.dead for w in self.workers.values()):
+            spare = self._spare_workers.pop(0)
+            self._admit_worker(spare.ident, spare.header, self._worker_rank())
+
+    def _worker_rank(self) -> int | None:
         """The rank for a worker that registers now: the lowest dead one's, a free one while
-        assembling, or (async, ssp, once started) a new one."""
+        assembling, or (async, ssp, once started) a new one; None for a sync run that has
+        none free (the worker waits for one to die)."""
         dead = sorted(r for r, w in self.workers.items() if w.dead)
         if dead:
             old = self.workers[dead[0]]
@@ -213,12 +230,10 @@ class Membership:
             return dead[0]
         if len(self.workers) < self.cfg.workers:
             return len(self.workers)
-        if self.started and dealt(self.cfg):
-            return max(self.workers) + 1
-        why = ("a sync run's global batch has one slice per worker, so a new worker can only take "
-               "a dead worker's place" if self.started else "raise --workers to add more")
+        if self.started:
+            return max(self.workers) + 1 if dealt(self.cfg) else None
         raise protocol.error(protocol.E_STATE, f"the run already has its {len(self.workers)} "
-                             f"live worker(s): {why}")
+                             "worker(s); raise --workers to add more")
 
     def _seat_servers(self) -> None:
         """Give waiting servers a rank: a free one while assembling, later a dead one's.
@@ -304,6 +319,7 @@ class Membership:
                 self.live_changed = True
                 if self.on_worker_dead is not None:
                     self.on_worker_dead(node.rank)
+                self._seat_workers()
             else:
                 self._seat_servers()
         wait_s = dead_after + self.cfg.start_timeout_s          # for a replacement to register

@@ -56,19 +56,32 @@ def service_env(service, variables):
     return {k: substitute(v, variables) for k, v in (service.get("environment") or {}).items()}
 
 
-def test_dockerfile_is_one_slim_non_root_image_with_downpour_as_entrypoint():
+def test_dockerfile_is_one_slim_image_whose_entrypoint_drops_root():
+    """The entrypoint starts as root only to open the output folders, then runs downpour
+    as an unprivileged user (deploy/entrypoint.sh); a container test checks the uid."""
     instructions = dockerfile_instructions()
-    words = [w for w, _ in instructions]
     base = dict(instructions)["FROM"]
     assert base.startswith("python:3.11") and base.endswith("-slim")
-    assert "ENTRYPOINT" in words and json.loads(dict(instructions)["ENTRYPOINT"]) == ["downpour"]
-    users = [arg for w, arg in instructions if w == "USER"]
-    assert users and users[-1] not in ("root", "0")
-    assert words.index("USER") > max(i for i, w in enumerate(words) if w == "RUN")
+    assert json.loads(dict(instructions)["ENTRYPOINT"]) == ["downpour-entrypoint"]
+    assert not [arg for w, arg in instructions if w == "USER"]
+    script = (ROOT / "deploy" / "entrypoint.sh").read_text()
+    runs = [line.strip() for line in script.splitlines() if line.strip().startswith("exec ")]
+    assert runs == ['exec downpour "$@"',
+                    'exec setpriv --reuid="$uid" --regid="$gid" --clear-groups downpour "$@"']
+    assert "uid=10001" in script
     copied = " ".join(arg for w, arg in instructions if w == "COPY")
-    for needed in ("pyproject.toml", "app", "common", "ps", "worker"):
+    for needed in ("pyproject.toml", "app", "common", "ps", "worker", "deploy/entrypoint.sh"):
         assert needed in copied
     assert any("pip install ." in arg for w, arg in instructions if w == "RUN")
+
+
+def test_compose_restarts_crashed_nodes_a_bounded_number_of_times(compose):
+    services = compose["services"]
+    assert services["scheduler"]["restart"] == "no"
+    for name in ("server", "worker"):
+        policy, _, count = services[name]["restart"].partition(":")
+        assert policy == "on-failure" and 1 <= int(count) <= 5, name
+    assert services["server"]["environment"]["DOWNPOUR_RESUME"] == "1"
 
 
 def test_compose_services_scale_and_share_one_image(compose):

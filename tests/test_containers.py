@@ -1,0 +1,243 @@
+"""The cluster on a real Docker engine: compose from a fresh clone, bad settings, and faults
+injected through the engine (crashes, `docker kill`).
+
+Driven with the Docker SDK for Python; only `docker-compose` itself is a command (the SDK
+has no compose). Each test copies the repository's files as a fresh clone has them, runs
+its own compose project with a unique name, and removes everything it started
+(`down -v`). Skips, saying how to get one, where no engine answers.
+"""
+
+import calendar
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import time
+import uuid
+
+import pytest
+from conftest import ROOT
+
+docker = pytest.importorskip("docker", reason="the Docker SDK: pip install -e '.[test]'")
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+
+COMPOSE = shutil.which("docker-compose")
+RUN_TIMEOUT_S = 300                 # the longest a compose run in these tests may take
+POLL_S = 0.2
+
+
+@pytest.fixture(scope="session")
+def engine():
+    try:
+        client = docker.from_env()
+        client.ping()
+    except Exception as e:                        # the SDK raises several unrelated types
+        pytest.skip(f"no Docker engine answers ({type(e).__name__}); "
+                    "../shared/tools/docker-engine.sh installs and starts one")
+    if COMPOSE is None:
+        pytest.skip("docker-compose is not installed; ../shared/tools/docker-engine.sh installs it")
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def fresh_clone(tmp_path_factory, engine):
+    """The repository's files as a fresh clone has them, and the image built from them."""
+    dest = tmp_path_factory.mktemp("clone")
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            cwd=ROOT, capture_output=True, check=True, timeout=60).stdout
+    for name in filter(None, listed.decode().split("\0")):
+        if (ROOT / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dest / name)
+    subprocess.run([COMPOSE, "build", "-q"], cwd=dest, check=True, timeout=900,
+                   capture_output=True)
+    return dest
+
+
+class Cluster:
+    """One compose project in its own copy of the clone."""
+
+    def __init__(self, engine, clone, tmp_path, **variables):
+        self.engine, self.dir = engine, tmp_path / "clone"
+        shutil.copytree(clone, self.dir, symlinks=True)
+        self.project = f"dptest{uuid.uuid4().hex[:8]}"
+        self.env = {**os.environ, **{k: str(v) for k, v in variables.items()}}
+        self.up_proc = None
+
+    def compose(self, *args, timeout=120, check=True):
+        return subprocess.run([COMPOSE, "-p", self.project, *args], cwd=self.dir, env=self.env,
+                              capture_output=True, text=True, timeout=timeout, check=check)
+
+    def up(self, *args):
+        """`docker-compose up ARGS` in the background, its output to a file."""
+        self.log = open(self.dir / "compose.log", "w")
+        self.up_proc = subprocess.Popen([COMPOSE, "-p", self.project, "up", *args], cwd=self.dir,
+                                        env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        return self.up_proc
+
+    def wait(self, timeout=RUN_TIMEOUT_S):
+        """Wait for `up` to return (the run is over); its exit status."""
+        try:
+            return self.up_proc.wait(timeout=timeout)
+        finally:
+            self.log.close()
+
+    def containers(self, service=None):
+        labels = [f"com.docker.compose.project={self.project}"]
+        if service:
+            labels.append(f"com.docker.compose.service={service}")
+        return self.engine.containers.list(all=True, filters={"label": labels})
+
+    def scheduler(self):
+        (found,) = self.containers("scheduler")
+        found.reload()
+        return found
+
+    def metrics(self):
+        path = self.dir / "runs" / "metrics.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+    def wait_for_eval(self, epoch, timeout=120):
+        deadline = time.monotonic() + timeout
+        while not any(m["event"] == "eval" and m["epoch"] >= epoch for m in self.metrics()):
+            assert self.up_proc.poll() is None and time.monotonic() < deadline, self.output()
+            time.sleep(POLL_S)
+
+    def output(self):
+        return (self.dir / "compose.log").read_text(errors="replace")[-4000:]
+
+    def down(self):
+        if self.up_proc is not None and self.up_proc.poll() is None:
+            self.up_proc.send_signal(signal.SIGINT)
+            try:
+                self.up_proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.up_proc.kill()
+                self.up_proc.wait(timeout=10)
+        self.compose("down", "-v", "--remove-orphans", "-t", "5", timeout=120, check=False)
+
+
+@pytest.fixture
+def cluster(engine, fresh_clone, tmp_path):
+    made = []
+
+    def make(**variables):
+        made.append(Cluster(engine, fresh_clone, tmp_path, **variables))
+        return made[-1]
+    yield make
+    for c in made:
+        c.down()
+        assert not c.containers(), "containers left behind"
+
+
+def ended(c):
+    """The scheduler's exit code and the run's end line."""
+    scheduler = c.scheduler()
+    metrics = c.metrics()
+    assert metrics and metrics[-1]["event"] == "end", c.output()
+    return scheduler.attrs["State"]["ExitCode"], metrics[-1]
+
+
+def test_compose_from_a_fresh_clone_runs_to_the_end_and_leaves_readable_results(cluster):
+    """The README's command, as written, with small counts: `up` returns when the run is
+    over, the scheduler's exit code is 0, and ./runs holds the metrics and the model."""
+    c = cluster(SHARDS=2, WORKERS=2, EPOCHS=2)
+    c.up("--build", "--scale", "server=2", "--scale", "worker=2")
+    assert c.wait() == 0, c.output()
+    code, end = ended(c)
+    assert code == 0 and end["workers"] == 2 and end["shards"] == 2
+    assert end["samples"] == end["samples_asked"] and end["test_accuracy"] > 0.9
+    assert "MNIST digits shipped with downpour" in end["data"]
+    for name in ("metrics.jsonl", "model.npz"):
+        mode = stat.S_IMODE((c.dir / "runs" / name).stat().st_mode)
+        assert mode & 0o044 == 0o044, (name, oct(mode))      # readable by the user, any uid
+    for container in c.containers():
+        container.reload()
+        assert container.status == "exited" and container.attrs["RestartCount"] == 0
+        assert container.attrs["State"]["ExitCode"] == 0, container.logs()[-2000:]
+    for service in ("server", "worker"):                     # unprivileged, whoever owns ./runs
+        top = c.containers(service)[0]
+        assert top.attrs["Config"]["User"] in ("", "root")   # the entrypoint drops it
+
+
+def test_a_bad_setting_stops_every_container_within_30_s(cluster):
+    """The scheduler exits at once; servers and workers see its name go and exit, and their
+    bounded restarts end too (compose's `up` may return while one is still restarting)."""
+    c = cluster(EPOCHS="abc")
+    start = time.monotonic()
+    c.up("--scale", "server=2", "--scale", "worker=2")
+    c.wait(timeout=120)
+    while any(x.status != "exited" for x in c.containers()) and time.monotonic() - start < 60:
+        time.sleep(POLL_S)
+    took = time.monotonic() - start
+    scheduler = c.scheduler()
+    assert scheduler.attrs["State"]["ExitCode"] == 2
+    assert b"epochs='abc': expected an integer" in scheduler.logs()
+    assert took < 30, f"{took:.1f} s: " + ", ".join(f"{x.name} {x.status}" for x in c.containers())
+    for container in c.containers("worker") + c.containers("server"):
+        assert container.attrs["RestartCount"] <= 2
+        assert b"the scheduler's host 'scheduler' has not resolved" in container.logs()
+
+
+def figures(c, since):
+    """Seconds from `since` (Unix time) to the scheduler's first line with each mark."""
+    marks = {"detected": "stopped answering", "replaced": "joined mid-run",
+             "server replaced": "replaced, now at"}
+    out = {}
+    for line in c.scheduler().logs(timestamps=True).decode(errors="replace").splitlines():
+        stamp, _, text = line.partition(" ")
+        for name, mark in marks.items():
+            if mark in text and name not in out:
+                when = calendar.timegm(time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S"))
+                out[name] = round(when + float("0." + stamp[20:29]) - since, 2)
+    return out
+
+
+def crash(container):
+    """SIGKILL of the container's main process: a crash, which the restart policy answers
+    (unlike `docker kill`, which the engine treats as a manual stop)."""
+    container.reload()
+    os.kill(container.attrs["State"]["Pid"], signal.SIGKILL)
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_a_crashed_worker_is_restarted_and_the_run_covers_its_epochs(cluster, mode):
+    c = cluster(MODE=mode, SHARDS=1, WORKERS=2, EPOCHS=8, DEAD_AFTER_S=3)
+    c.up("--scale", "worker=2")
+    c.wait_for_eval(epoch=2)
+    victim = c.containers("worker")[0]
+    crashed_at = time.time()
+    crash(victim)
+    assert c.wait() == 0, c.output()
+    code, end = ended(c)
+    assert code == 0, c.output()
+    victim.reload()
+    assert victim.attrs["RestartCount"] == 1
+    assert end["samples"] >= 0.9 * end["samples_asked"], end
+    # The engine restarts the container before the scheduler notices the death: in sync
+    # the restarted worker waits and takes the dead rank; in async it joins at once with
+    # a new rank, and the dead rank's unstarted chunks go to whoever asks.
+    ranks = {"sync": {"0", "1"}, "async": {"0", "1", "2"}}[mode]
+    assert set(end["worker_samples"]) == ranks, end["worker_samples"]
+    assert len(end["dead_workers"]) == {"sync": 0, "async": 1}[mode]
+    print(f"\n{mode} worker crash: {figures(c, crashed_at)}")
+
+
+def test_a_killed_worker_is_not_replaced_and_the_others_take_its_chunks(cluster):
+    c = cluster(SHARDS=1, WORKERS=2, EPOCHS=8, DEAD_AFTER_S=3)
+    c.up("--scale", "worker=2")
+    c.wait_for_eval(epoch=2)
+    victim = c.containers("worker")[0]
+    victim.kill()
+    assert c.wait() == 0, c.output()
+    code, end = ended(c)
+    assert code == 0 and len(end["dead_workers"]) == 1
+    victim.reload()
+    assert victim.attrs["RestartCount"] == 0
+    assert end["samples"] >= 0.9 * end["samples_asked"], end
