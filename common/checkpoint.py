@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 
 from downpour.common.errors import DataError
 from downpour.common.fileio import atomic_write
 from downpour.common.layout import Layout
+
+T = TypeVar("T")
 
 
 def save_arrays(path: str | os.PathLike, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
@@ -29,15 +31,24 @@ def save_arrays(path: str | os.PathLike, arrays: dict[str, np.ndarray], meta: di
 
 def load_arrays(path: str | os.PathLike, what: str = "file") -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """The arrays and meta of a `save_arrays` file; DataError naming `what` if it is not one."""
+    return _read(path, what, lambda z: ({k: z[k] for k in z.files if k != "meta"},
+                                        json.loads(str(z["meta"]))))
+
+
+def load_meta(path: str | os.PathLike, what: str = "file") -> dict[str, Any]:
+    """The meta of a `save_arrays` file, without reading its arrays; DataError as `load_arrays`."""
+    return _read(path, what, lambda z: json.loads(str(z["meta"])))
+
+
+def _read(path: str | os.PathLike, what: str, read: Callable[[Any], T]) -> T:
+    """`read(the open archive)`; DataError naming `what` if `path` is missing or not one."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files if k != "meta"}
-            meta = json.loads(str(z["meta"]))
+            return read(z)
     except FileNotFoundError:
         raise DataError(f"{what} {str(path)!r} does not exist") from None
     except (OSError, ValueError, KeyError) as e:
         raise DataError(f"{str(path)!r} is not a downpour {what} ({e})") from None
-    return arrays, meta
 
 
 def save_model(path: str | os.PathLike, params: np.ndarray, layout: Layout,

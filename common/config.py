@@ -141,7 +141,9 @@ class Config:
     advertise: str = setting("", "host name or IP others reach this server by (default: "
                              "the address this host's name resolves to)", "node")
     checkpoint_dir: str = setting("", "servers write shard checkpoints here", "node")
-    resume: bool = setting(False, "servers start from the checkpoints in checkpoint_dir", "node")
+    resume: bool = setting(False, "servers continue from this run's checkpoints in checkpoint_dir "
+                           "where there are any, else start fresh; another run's are ignored",
+                           "node")
     endpoint_file: str = setting("", "the scheduler writes its bound address to this file",
                                  "node")
     # -- output ---------------------------------------------------------------------------

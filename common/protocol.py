@@ -15,8 +15,13 @@ Header fields (every message has v, op, node, seq):
     seq     int    sender's sequence number, >= 0; the reply echoes it. A retried
                    request reuses its seq, so a server applies a push at most once
     shard   int    the shard a pull/push is for (servers check it is theirs)
-    clock   int    parameter version. Request: the version the gradient was computed
-                   on. Reply: the server's version after the operation
+    clock   int    parameter version of the piece named by shard: every piece counts its
+                   own updates, and pieces differ (one restored from a checkpoint is
+                   behind). Push request: the version of THIS piece's weights the
+                   gradient was computed on, so staleness = the piece's version at
+                   apply time - clock; in sync mode the version whose global batch it
+                   is, the same for every piece. Reply: the piece's version after the
+                   operation
     dtype   str    payload dtype; the allow-list is DTYPES ("<f4")
     n       int    payload elements in all payload frames together
     meta    map    operation-specific fields (below)
@@ -40,8 +45,10 @@ Operations to the scheduler:
 
     register    meta: role ("server" | "worker"), addr (a server's endpoint),
                 host -> ok, meta: rank, incarnation and the cluster spec (see
-                ps/scheduler.py). A worker that registers mid-run takes the lowest
-                dead worker's rank, or (async, ssp) a new one
+                ps/scheduler.py), which holds run_id: the run's random id, written
+                into every checkpoint, so --resume continues this run's only. A
+                worker that registers mid-run takes the lowest dead worker's rank,
+                or (async, ssp) a new one
     heartbeat   meta: rank, role, incarnation, progress (samples, steps, loss_sum,
                 loss_count, done) -> ok, meta: stop (bool), servers (current endpoints)
     next_chunk  async and ssp workers: meta: rank, incarnation, done (the chunks

@@ -19,14 +19,16 @@ Guarantees:
   before anything changes; a bad one gets an error reply and changes nothing.
 - A push is applied at most once per (node, seq): a retried push is answered
   with the current state, not applied again.
-- Staleness (the version when a push is applied minus the version its gradient
-  was computed on) is counted for every push; in ssp mode so is the clock gap
+- Staleness (this piece's version when a push is applied minus the push's clock,
+  the version of this piece's weights its gradient was computed on) is counted for
+  every push; in ssp mode so is the clock gap
   (the push's clock minus the slowest clock when its weights were sent), which
   the rule keeps <= staleness.
 - Parameters go out zero-copy; the piece waits until ZeroMQ has sent them before
   it changes them again.
-- Checkpoints (slice, optimizer state, version, seen sequence numbers) are
-  written atomically; `restore` continues from them bit-exactly.
+- Checkpoints (slice, optimizer state, version, seen sequence numbers, the run id)
+  are written atomically; `restore` continues from them bit-exactly, and only from
+  a checkpoint of the same run.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import numpy as np
 import zmq
 
 from downpour.common import protocol
-from downpour.common.checkpoint import load_arrays, save_arrays
+from downpour.common.checkpoint import load_arrays, load_meta, save_arrays
 from downpour.common.config import Config
 from downpour.common.errors import ConfigError, DataError, ProtocolError
 from downpour.common.model import ModelSpec, initial_params
@@ -73,10 +75,11 @@ class PieceState:
     """The state of one piece and its answer to every request."""
 
     def __init__(self, cfg: Config, spec: ModelSpec, rank: int, lo: int, hi: int,
-                 initial: np.ndarray | None = None, node: str = ""):
-        """Piece `rank` of the run, [lo, hi) of the vector; `initial` is the whole initial
-        vector if the caller has it (else it is computed from the spec and seed)."""
-        self.cfg, self.rank, self.lo, self.hi = cfg, rank, lo, hi
+                 initial: np.ndarray | None = None, node: str = "", run_id: str = ""):
+        """Piece `rank` of the run `run_id` (the scheduler's), [lo, hi) of the vector;
+        `initial` is the whole initial vector if the caller has it (else it is computed
+        from the spec and seed)."""
+        self.cfg, self.rank, self.lo, self.hi, self.run_id = cfg, rank, lo, hi, run_id
         self.node = node or f"server-{rank}"
         if initial is None:
             initial = initial_params(spec, cfg.seed)
@@ -339,8 +342,8 @@ class PieceState:
                   **{f"opt.{k}": v for k, v in state.items() if isinstance(v, np.ndarray)}}
         scalars = {k: (list(v) if isinstance(v, tuple) else v) for k, v in state.items()
                    if not isinstance(v, np.ndarray)}
-        meta = {"rank": self.rank, "lo": self.lo, "hi": self.hi, "version": self.version,
-                "optimizer": scalars, "schedule": self.schedule.state_dict(),
+        meta = {"run_id": self.run_id, "rank": self.rank, "lo": self.lo, "hi": self.hi,
+                "version": self.version, "optimizer": scalars, "schedule": self.schedule.state_dict(),
                 "last_seq": self.last_seq, "pushes": self.pushes, "dropped": self.dropped,
                 "staleness": {str(k): v for k, v in self.staleness.items()}}
         path = self.checkpoint_path()
@@ -349,8 +352,17 @@ class PieceState:
         save_arrays(path, arrays, meta)
         return path
 
+    def saved_run(self) -> str | None:
+        """The run id of this piece's checkpoint: None if there is none, "" if it names no
+        run (written before runs had ids). DataError if the file is not a checkpoint."""
+        path = self.checkpoint_path()
+        if not path.is_file():
+            return None
+        return str(load_meta(path, "shard checkpoint").get("run_id", ""))
+
     def restore(self) -> None:
-        """Continue from this piece's checkpoint; DataError if it is missing or does not fit."""
+        """Continue from this piece's checkpoint; DataError if it is missing, of another run,
+        or does not fit."""
         path = self.checkpoint_path()
         if not path.is_file():
             there = sorted(p.name for p in path.parent.glob("piece-*.npz"))
@@ -358,6 +370,10 @@ class PieceState:
                             f"(it holds {there or 'none'}); resume with the same model, number "
                             "of shards and piece size, or start without --resume")
         arrays, meta = load_arrays(path, "shard checkpoint")
+        if meta.get("run_id", "") != self.run_id:
+            raise DataError(f"{path} is a checkpoint of run {meta.get('run_id') or '(unnamed)'}, "
+                            f"this piece belongs to run {self.run_id or '(unnamed)'}: a checkpoint "
+                            "continues only the run that wrote it")
         if (meta.get("rank"), meta.get("lo"), meta.get("hi")) != (self.rank, self.lo, self.hi):
             raise DataError(f"{path} holds shard {meta.get('rank')} [{meta.get('lo')}, "
                             f"{meta.get('hi')}), this server is shard {self.rank} [{self.lo}, "

@@ -8,8 +8,10 @@ three phases:
 1. Assemble. Servers and workers register, in any order. Server i gets rank i and
    its shard range at once; workers get their rank and the server addresses once
    all S servers are in. The cluster spec a node receives (`_spec`) holds the run's
-   settings, the model, the shard ranges and the server addresses. Whoever is still
-   missing after start_timeout_s is named in a ClusterError.
+   id, settings, the model, the shard ranges and the server addresses. The run id
+   is random, made at start and said in the first line; checkpoints carry it, so a
+   restarted server continues this run's and never an earlier run's. Whoever is
+   still missing after start_timeout_s is named in a ClusterError.
 2. Train. Heartbeats carry each worker's progress. A node silent for dead_after_s
    is dead: in sync mode the servers are told the live workers, so a version
    completes without the dead one; in async mode the run goes on regardless. A
@@ -29,6 +31,7 @@ scheduler recomputes them from training batches with the pulled weights
 
 from __future__ import annotations
 
+import secrets
 import signal
 import time
 from typing import Any
@@ -58,6 +61,7 @@ from downpour.ps.membership import Membership
 
 DEFAULT_BIND = "tcp://*:5555"
 TICK_MS = 100                 # the longest the conductor waits for a message between its checks
+RUN_ID_BYTES = 8              # a run id is this many random bytes, in hex
 
 
 def percentile(hist: dict[int, int], q: float) -> float:
@@ -77,6 +81,7 @@ class Scheduler:
     def __init__(self, cfg: Config, sock: zmq.Socket, ctx: zmq.Context):
         check_cluster(cfg)
         self.cfg, self.ctx = cfg, ctx
+        self.run_id = secrets.token_hex(RUN_ID_BYTES)
         self.train, self.test, self.about = open_datasets(cfg)
         self.spec = model_spec(cfg, self.train)
         self.model = Model(self.spec, seed=cfg.seed)
@@ -90,7 +95,7 @@ class Scheduler:
                                    self.progress, self.schedule, recalibrate=True,
                                    on_lr_scale=self._tell_lr_scale)
         self.nodes = Membership(cfg, sock, {
-            "config": config.to_dict(cfg), "model": self.spec.to_dict(),
+            "run_id": self.run_id, "config": config.to_dict(cfg), "model": self.spec.to_dict(),
             "pieces": [list(p) for p in self.pieces], "n_train": len(self.train)},
             log=self.progress.line)
         # async, ssp: the chunks of every epoch, dealt to workers as they ask
@@ -109,8 +114,9 @@ class Scheduler:
     def run(self) -> dict[str, Any]:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._interrupt)
-        self.progress.line(f"{self.about}; {self.cfg.mode} mode, {self.cfg.workers} worker(s), "
-                           f"{self.cfg.shards} shard(s), model {self.model.layout.size:,} parameters")
+        self.progress.line(f"run {self.run_id}: {self.about}; {self.cfg.mode} mode, "
+                           f"{self.cfg.workers} worker(s), {self.cfg.shards} shard(s), "
+                           f"model {self.model.layout.size:,} parameters")
         self.nodes.assemble(lambda: self.interrupted, self.cfg.start_timeout_s, TICK_MS)
         servers = self.nodes.addresses()
         self.client = ShardClient([servers[p.server] for p in self.pieces],
@@ -156,8 +162,8 @@ class Scheduler:
         last = self._evaluate()
         samples = int(self.nodes.total("samples"))
         return finish(
-            cfg, self.model, self.metrics, self.progress, mode=cfg.mode, workers=cfg.workers,
-            shards=cfg.shards, elapsed_s=round(time.monotonic() - self.start, 3),
+            cfg, self.model, self.metrics, self.progress, run_id=self.run_id, mode=cfg.mode,
+            workers=cfg.workers, shards=cfg.shards, elapsed_s=round(time.monotonic() - self.start, 3),
             train_time_s=round(train_time, 3), epoch=round(samples / n, 4), samples=samples,
             updates=last["updates"], samples_per_s=samples / train_time,
             train_loss=last["train_loss"], test_loss=last["test_loss"],

@@ -9,6 +9,12 @@ ROUTER socket polled with a timeout, a heartbeat thread to the scheduler, and
 SIGTERM/SIGINT handling that checkpoints and exits. Initial weights are the
 single-process trainer's for the same seed, sliced: the server computes the whole
 initial vector once and each piece keeps its range.
+
+With --resume a server continues each piece from the checkpoint THIS run wrote
+(the scheduler's run id, in the cluster spec, is in every checkpoint): a server
+restarted, or started in a dead one's place, picks up where that rank stopped.
+Where this run wrote none, the piece starts fresh; a checkpoint of another run
+(an earlier run's, left in the same directory) is never continued, only named.
 """
 
 from __future__ import annotations
@@ -49,14 +55,16 @@ class Server:
     same numbers as the whole range updated at once.
     """
 
-    def __init__(self, cfg: Config, spec: ModelSpec, rank: int, pieces: list[Piece]):
-        """Server `rank` of a run whose pieces are `pieces` (all servers')."""
-        self.rank, self.cfg = rank, cfg
+    def __init__(self, cfg: Config, spec: ModelSpec, rank: int, pieces: list[Piece],
+                 run_id: str = ""):
+        """Server `rank` of the run `run_id`, whose pieces are `pieces` (all servers')."""
+        self.rank, self.cfg, self.run_id = rank, cfg, run_id
         self.node = f"server-{rank}"
         initial = initial_params(spec, cfg.seed)
         # this server's pieces: piece number (the header's "shard" field) -> its state
-        self.pieces = {i: PieceState(cfg, spec, i, p.lo, p.hi, initial, self.node)
+        self.pieces = {i: PieceState(cfg, spec, i, p.lo, p.hi, initial, self.node, run_id)
                        for i, p in enumerate(pieces) if p.server == rank}
+        self.resumed: list[int] = []          # the pieces `resume` restored
         if not self.pieces:
             raise ConfigError(f"server {rank} holds no piece of the {len(pieces)} given")
 
@@ -81,9 +89,31 @@ class Server:
     def version(self) -> int:
         return min(p.version for p in self.pieces.values())
 
-    def restore(self) -> None:
-        for piece in self.pieces.values():
-            piece.restore()
+    def resume(self) -> str:
+        """Continue every piece from this run's checkpoint where there is one; the others
+        start fresh. What happened, in words, if anything but all resumed ("" then).
+
+        DataError if a checkpoint of this run does not fit its piece (another model or
+        layout), or a file in the directory is not a checkpoint.
+        """
+        saved = {i: piece.saved_run() for i, piece in self.pieces.items()}
+        for i in sorted(saved):
+            if saved[i] == self.run_id:
+                self.pieces[i].restore()
+        self.resumed = sorted(i for i, run in saved.items() if run == self.run_id)
+        if len(self.resumed) == len(self.pieces):
+            return ""
+        where, run = f"in {self.cfg.checkpoint_dir}", self.run_id or "(unnamed)"
+        others = sorted({saved_run or "(unnamed)" for saved_run in saved.values()
+                         if saved_run is not None and saved_run != self.run_id})
+        fresh = ", ".join(str(i) for i in sorted(set(self.pieces) - set(self.resumed)))
+        if others:
+            return (f"{self.node}: ignores checkpoint(s) of run {', '.join(others)} {where} and "
+                    + (f"starts piece(s) {fresh} fresh" if self.resumed else "starts fresh"))
+        if self.resumed:
+            return (f"{self.node}: no checkpoint of run {run} {where} for piece(s) {fresh}: "
+                    "starting them fresh")
+        return f"{self.node}: no checkpoint of run {run} {where}: starting fresh"
 
     def close(self) -> None:
         """Wait for every send in flight; checkpoint if there is a directory."""
@@ -144,11 +174,23 @@ def standalone(cfg: Config, spec: ModelSpec, rank: int, address: str) -> None:
         ctx.term()
 
 
+def _resumed(server: Server) -> str:
+    """The join line's account of a resume: at which version, of how many pieces."""
+    if not server.resumed:
+        return ""
+    some = "" if len(server.resumed) == len(server.pieces) else \
+        f" {len(server.resumed)} of {len(server.pieces)} pieces"
+    return f", resumed{some} at version {min(server.pieces[i].version for i in server.resumed)}"
+
+
 def main(cfg: Config) -> int:
     """`downpour server`: register with the scheduler, take a shard, serve its pieces."""
     if not cfg.scheduler:
         raise ConfigError("a server needs the scheduler's address: --scheduler tcp://HOST:PORT "
                           "(or DOWNPOUR_SCHEDULER)")
+    if cfg.resume and not cfg.checkpoint_dir:
+        raise ConfigError("--resume continues from the checkpoints in --checkpoint-dir; give "
+                          "one (or DOWNPOUR_CHECKPOINT_DIR)")
     if cfg.checkpoint_dir:
         prepare_output(cfg.checkpoint_dir, "--checkpoint-dir", directory=True)
     ctx = zmq.Context()
@@ -161,13 +203,14 @@ def main(cfg: Config) -> int:
         run = replace(config.from_dict(meta["config"]), checkpoint_dir=cfg.checkpoint_dir,
                       resume=cfg.resume)
         server = Server(run, ModelSpec.from_dict(meta["model"]), rank,
-                        [Piece(*p) for p in meta["pieces"]])     # [[server, lo, hi], ...] on the wire
-        if cfg.resume:
-            server.restore()
+                        [Piece(*p) for p in meta["pieces"]],     # [[server, lo, hi], ...] on the wire
+                        meta.get("run_id", ""))
+        if cfg.resume and (note := server.resume()):
+            say(note)
         pieces = [server.pieces[i] for i in sorted(server.pieces)]
         say(f"{server.node}: joined the scheduler at {cfg.scheduler}; serving [{pieces[0].lo}, "
             f"{pieces[-1].hi}) of the vector ({len(pieces)} piece(s)) at {addr}"
-            + (f", resumed at version {server.version}" if cfg.resume else ""))
+            + _resumed(server))
         heartbeat = Heartbeat(ctx, cfg.scheduler, server.node, run.heartbeat_s, run.dead_after_s,
                               lambda: {"role": "server", "rank": rank, "version": server.version})
         heartbeat.start()

@@ -10,8 +10,11 @@ import time
 
 import numpy as np
 import pytest
+import zmq
 
-from downpour.common.checkpoint import load_model
+from downpour.common import protocol
+from downpour.common.checkpoint import load_arrays, load_model
+from downpour.common.client import make_socket
 from downpour.launch import CLI, child_env
 
 SMALL = ["--synthetic", "2000", "--hidden", "32", "--epochs", "2", "--batch-size", "50",
@@ -77,17 +80,19 @@ def background(tmp_path):
         p.wait(timeout=10)
 
 
-def wait_for_eval(path, proc, timeout=60, epoch=0.0):
-    """Block until the metrics file has an eval line at `epoch` or later (the run is training)."""
+def wait_for_eval(path, proc, timeout=60, epoch=0.0, updates=0):
+    """Block until the metrics file has an eval line at `epoch` or later and `updates` or more
+    (the run is training)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if path.exists() and any(json.loads(line)["event"] == "eval" and
-                                 json.loads(line)["epoch"] >= epoch
-                                 for line in path.read_text().splitlines() if line.endswith("}")):
+        records = [json.loads(line) for line in (path.read_text().splitlines() if path.exists()
+                                                 else []) if line.endswith("}")]
+        if any(r["event"] == "eval" and r["epoch"] >= epoch and r["updates"] >= updates
+               for r in records):
             return
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.05)
-    raise AssertionError(f"the run never evaluated at epoch {epoch} or later")
+    raise AssertionError(f"the run never evaluated at epoch {epoch} and {updates} updates or later")
 
 
 def end_line(path):
@@ -330,6 +335,8 @@ def test_a_missing_node_is_a_clear_error_not_a_hang(downpour, tmp_path):
     assert r.returncode == 2 and "no answer from the scheduler" in r.stderr
     r = downpour("server")
     assert r.returncode == 2 and "needs the scheduler's address" in r.stderr
+    r = downpour("server", "--scheduler", f"ipc://{tmp_path}/nowhere", "--resume")
+    assert r.returncode == 2 and "--resume continues from the checkpoints in --checkpoint-dir" in r.stderr
 
 
 def test_contradicting_cluster_settings(downpour):
@@ -366,12 +373,116 @@ def test_a_killed_server_is_replaced_from_its_checkpoint_and_the_run_goes_on(bac
     out, err = scheduler.communicate(timeout=180)
     assert scheduler.returncode == 0, err
     assert "server-0 stopped answering" in err and "server-0 replaced, now at" in err
-    for node in (worker, replacement):
-        node.communicate(timeout=30)
-        assert node.returncode == 0
+    said = {node: node.communicate(timeout=30)[1] for node in (worker, replacement)}
+    assert worker.returncode == replacement.returncode == 0, said
+    assert re.search(r"server-0: joined .*, resumed at version \d+\n", said[replacement])
     end = json.loads(metrics.read_text().splitlines()[-1])
     assert end["event"] == "end" and end["test_accuracy"] > 0.5
     assert not np.array_equal(saved, np.load(next(checkpoints.glob("piece-*.npz")))["params"])
+
+
+def checkpoint_now(address, piece):
+    """Order the server at `address` to checkpoint `piece`, as the scheduler does; the
+    checkpoint's meta."""
+    ctx = zmq.Context.instance()
+    sock = make_socket(ctx, zmq.DEALER, address)
+    try:
+        sock.send_multipart(protocol.encode({"op": "checkpoint", "node": "test", "seq": 1,
+                                              "shard": piece}))
+        assert sock.poll(30_000), f"{address} did not answer a checkpoint"
+        header, _ = protocol.decode(sock.recv_multipart())
+    finally:
+        sock.close()
+    return load_arrays(protocol.raise_for_error(header)["meta"]["path"])[1]
+
+
+@pytest.mark.slow
+def test_a_server_restored_to_an_older_version_adds_no_staleness(background, tmp_path):
+    """Two servers; server-1 checkpoints, the run goes on for hundreds of updates, then it is
+    killed and replaced from that checkpoint: its piece is now far behind server-0's. Each
+    push must be counted against the version of the piece it goes to, so one worker's
+    staleness stays 0 throughout (one clock for all pieces made every later push to
+    server-0 as stale as the checkpoint was old)."""
+    address, checkpoints = f"ipc://{tmp_path}/scheduler", tmp_path / "checkpoints"
+    metrics = tmp_path / "m.jsonl"
+    scheduler = background("scheduler", "--bind", address, "--mode", "async", "--workers", 1,
+                           "--shards", 2, "--synthetic", 6000, "--hidden", 64, "--epochs", 20,
+                           "--batch-size", 20, "--eval-every", 0.25, "--progress", "lines",
+                           "--metrics", metrics, "--dead-after-s", 1, "--retries", 0)
+    said = Lines(scheduler.stderr)
+    servers = [background("server", "--scheduler", address, "--bind", f"ipc://{tmp_path}/s{i}",
+                          "--checkpoint-dir", checkpoints) for i in range(2)]
+    background("worker", "--scheduler", address)
+    said.wait_for("cluster assembled", scheduler)
+    s1 = re.search(r"server-1 at (ipc://\S+?)(,|$)", said.text(finished=False)).group(1)
+    wait_for_eval(metrics, scheduler)
+    saved = checkpoint_now(s1, piece=1)
+    wait_for_eval(metrics, scheduler, updates=saved["version"] + 300)
+    killed = next(s for s in servers if s1 in s.args)
+    killed.kill()
+    killed.wait(timeout=10)
+    replacement = background("server", "--scheduler", address, "--bind", f"ipc://{tmp_path}/s1b",
+                             "--checkpoint-dir", checkpoints, "--resume")
+    scheduler.wait(timeout=180)
+    assert scheduler.returncode == 0, said.text()
+    run_id = re.match(r"run ([0-9a-f]{16}): ", said.text()).group(1)
+    assert "server-1 replaced, now at" in said.text()
+    _, err = replacement.communicate(timeout=30)
+    assert saved["run_id"] == run_id and f"resumed at version {saved['version']}" in err, err
+    end = end_line(metrics)
+    assert end["run_id"] == run_id and end["test_accuracy"] > 0.5
+    assert end["staleness_max"] == 0, end["staleness_hist"]
+
+
+def run_by_hand(background, tmp_path, name, *server_settings):
+    """A run of one worker and two servers started by hand (the servers with `server_settings`),
+    to the end; (its run id, the scheduler's stderr, each server's stderr)."""
+    address = f"ipc://{tmp_path}/{name}"
+    scheduler = background("scheduler", "--bind", address, "--mode", "async", "--workers", 1,
+                           "--shards", 2, *SMALL, "--metrics", f"{name}.jsonl",
+                           "--save", f"{name}.npz", "--progress", "lines")
+    servers = [background("server", "--scheduler", address, "--bind", f"{address}-s{i}",
+                          *server_settings) for i in range(2)]
+    background("worker", "--scheduler", address)
+    _, err = scheduler.communicate(timeout=120)
+    assert scheduler.returncode == 0, err
+    said = [server.communicate(timeout=30)[1] for server in servers]
+    assert [server.returncode for server in servers] == [0, 0], said
+    run_id = re.match(r"run ([0-9a-f]{16}): ", err).group(1)
+    assert end_line(tmp_path / f"{name}.jsonl")["run_id"] == run_id
+    return run_id, err, said
+
+
+def test_a_server_ignores_another_runs_checkpoints_and_starts_fresh(downpour, background, tmp_path):
+    """A checkpoint volume that outlives runs, servers always started with --resume (as under
+    a restart policy): the next run's servers name the earlier run's checkpoints and start
+    fresh, so with one worker the run is still exactly single-process SGD."""
+    checkpoints = tmp_path / "checkpoints"
+    first, _, _ = run_by_hand(background, tmp_path, "first", "--checkpoint-dir", checkpoints)
+    assert len(list(checkpoints.glob("piece-*.npz"))) == 2            # written at shutdown
+    again, _, said = run_by_hand(background, tmp_path, "again", "--checkpoint-dir", checkpoints,
+                                 "--resume")
+    assert again != first
+    for text in said:
+        lines = text.splitlines()
+        joined = next(i for i, line in enumerate(lines) if " joined the scheduler" in line)
+        rank = re.match(r"server-(\d): joined", lines[joined]).group(1)
+        assert lines[joined - 1] == (f"server-{rank}: ignores checkpoint(s) of run {first} in "
+                                     f"{checkpoints} and starts fresh")
+        assert "resumed" not in lines[joined]
+    r = downpour("train", "--mode", "single", *SMALL, "--save", "single.npz")
+    assert r.returncode == 0, r.stderr
+    assert np.array_equal(params(tmp_path / "again.npz"), params(tmp_path / "single.npz"))
+
+
+def test_overlap_makes_every_push_but_the_first_one_version_stale(downpour, tmp_path):
+    """One worker with --overlap: each gradient is computed on the weights that came before
+    the push_pull in flight, so each piece counts every push but the first as 1 stale."""
+    r = downpour("train", "--mode", "async", "--workers", 1, "--shards", 2, "--overlap", *SMALL,
+                 "--metrics", "m.jsonl")
+    assert r.returncode == 0, r.stderr
+    steps = 2 * 2000 // 50
+    assert end_line(tmp_path / "m.jsonl")["staleness_hist"] == {"0": 2, "1": 2 * (steps - 1)}
 
 
 @pytest.mark.parametrize("staleness", [0, 1])

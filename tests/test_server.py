@@ -11,12 +11,13 @@ import pytest
 import zmq
 
 from downpour.common import protocol
+from downpour.common.checkpoint import load_meta
 from downpour.common.client import ShardClient, make_socket
 from downpour.common.config import Config
 from downpour.common.errors import ClusterError, DataError
 from downpour.common.model import ModelSpec, initial_params, model_layout
 from downpour.ps.piece import PieceState, Reply, worker_rank
-from downpour.ps.server import Server, standalone
+from downpour.ps.server import Server, _resumed, standalone
 
 SPEC = ModelSpec(n_inputs=6, n_outputs=3, hidden=(5,))          # 6*5+5 + 5*3+3 = 53 parameters
 ASYNC = Config(mode="async", workers=1, shards=2, optimizer="sgd", lr=0.1)
@@ -28,9 +29,9 @@ def ranges(cfg: Config) -> list[tuple[int, int]]:
     return model_layout(SPEC).shard_ranges(cfg.shards)
 
 
-def make_piece(cfg: Config = ASYNC, rank: int = 0) -> PieceState:
+def make_piece(cfg: Config = ASYNC, rank: int = 0, run_id: str = "") -> PieceState:
     lo, hi = ranges(cfg)[rank]
-    return PieceState(cfg, SPEC, rank, lo, hi)
+    return PieceState(cfg, SPEC, rank, lo, hi, run_id=run_id)
 
 
 def request(op: str, seq: int, payload: np.ndarray | None = None, node: str = "worker-0",
@@ -324,15 +325,17 @@ def test_a_sync_piece_takes_only_the_ranks_of_its_global_batch():
 
 def test_checkpoint_and_restore_continue_bit_identically(tmp_path):
     cfg = replace(ASYNC, optimizer="adam", lr=0.01, checkpoint_dir=str(tmp_path))
-    original = make_piece(cfg, 1)
+    original = make_piece(cfg, 1, run_id="0123abcd")
     g = grads(original.hi - original.lo, 6)
     for i in range(3):
         push(original, g[i], seq=i + 1, clock=i)
     push(original, g[0], seq=1, clock=1, node="worker-7")                  # staleness 2
     path = original.checkpoint()
     assert path == tmp_path / "piece-26-53.npz" and path.is_file()
+    assert load_meta(path)["run_id"] == "0123abcd"
 
-    resumed = make_piece(cfg, 1)
+    resumed = make_piece(cfg, 1, run_id="0123abcd")
+    assert resumed.saved_run() == "0123abcd"
     resumed.restore()
     assert resumed.version == original.version == 4
     assert resumed.params.tobytes() == original.params.tobytes()
@@ -366,6 +369,80 @@ def test_restore_refuses_a_checkpoint_of_another_range(tmp_path):
         make_piece(cfg, 1).restore()                      # piece 1 reading piece 0's file
     with pytest.raises(DataError, match="no checkpoint for piece"):
         make_piece(cfg, 0).restore()
+
+
+def test_restore_refuses_a_checkpoint_of_another_run(tmp_path):
+    cfg = replace(ASYNC, checkpoint_dir=str(tmp_path))
+    make_piece(cfg, 0, run_id="aaaa").checkpoint()
+    other = make_piece(cfg, 0, run_id="bbbb")
+    with pytest.raises(DataError, match="a checkpoint of run aaaa, this piece belongs to run bbbb"):
+        other.restore()
+    assert other.params.tobytes() == initial_params(SPEC, cfg.seed)[0:26].tobytes()
+
+
+def trained_server(cfg: Config, rank: int, run_id: str, pushes: int = 3) -> Server:
+    """Server `rank` of run `run_id` after `pushes` pushes to each of its pieces, checkpointed."""
+    server = Server(cfg, SPEC, rank, model_layout(SPEC).pieces(cfg.shards, cfg.piece_elements),
+                    run_id)
+    for i, piece in server.pieces.items():
+        for seq, g in enumerate(grads(piece.hi - piece.lo, pushes, seed=i), start=1):
+            assert only(push(piece, g, seq=seq, clock=seq - 1))[0]["op"] == "ok"
+    server.close()                                   # checkpoints every piece, as on shutdown
+    return server
+
+
+def test_resume_continues_this_runs_checkpoints_bit_identically(tmp_path):
+    cfg = replace(ASYNC, optimizer="adam", lr=0.01, checkpoint_dir=str(tmp_path))
+    before = trained_server(cfg, 1, "aaaa")
+    again = Server(cfg, SPEC, 1, model_layout(SPEC).pieces(cfg.shards), "aaaa")
+    assert again.resume() == "" and again.resumed == [1]
+    assert _resumed(again) == ", resumed at version 3"
+    assert again.pieces[1].params.tobytes() == before.pieces[1].params.tobytes()
+    assert again.pieces[1].opt.t == before.pieces[1].opt.t == 3
+
+
+def test_resume_ignores_another_runs_checkpoints_and_starts_fresh(tmp_path):
+    """A previous run's leftovers on the same volume (a container restarted with --resume
+    for a new run): named in one line, never continued, nothing raised."""
+    cfg = replace(ASYNC, checkpoint_dir=str(tmp_path))
+    trained_server(cfg, 1, "aaaa")
+    fresh = Server(cfg, SPEC, 1, model_layout(SPEC).pieces(cfg.shards), "bbbb")
+    assert fresh.resume() == f"server-1: ignores checkpoint(s) of run aaaa in {tmp_path} and starts fresh"
+    assert fresh.resumed == [] and _resumed(fresh) == "" and fresh.version == 0
+    assert fresh.pieces[1].params.tobytes() == initial_params(SPEC, cfg.seed)[26:53].tobytes()
+    fresh.close()                                    # its own checkpoint replaces the leftover
+    assert load_meta(tmp_path / "piece-26-53.npz")["run_id"] == "bbbb"
+
+
+def test_resume_without_a_checkpoint_of_this_run_starts_fresh(tmp_path):
+    cfg = replace(ASYNC, checkpoint_dir=str(tmp_path))
+    fresh = Server(cfg, SPEC, 0, model_layout(SPEC).pieces(cfg.shards), "bbbb")
+    assert fresh.resume() == f"server-0: no checkpoint of run bbbb in {tmp_path}: starting fresh"
+    assert fresh.resumed == [] and fresh.version == 0
+    assert fresh.pieces[0].params.tobytes() == initial_params(SPEC, cfg.seed)[0:26].tobytes()
+
+
+def test_resume_of_some_pieces_says_which_start_fresh(tmp_path):
+    """One server holding two pieces, only one of which this run has checkpointed."""
+    cfg = replace(ASYNC, checkpoint_dir=str(tmp_path))
+    trained_server(cfg, 0, "aaaa")                           # piece [0, 26) of run aaaa
+    pieces = model_layout(SPEC).pieces(1, 27)                # one server: [0, 26) and [26, 53)
+    assert [(p.lo, p.hi) for p in pieces] == [(0, 26), (26, 53)]
+    server = Server(replace(cfg, shards=1), SPEC, 0, pieces, "aaaa")
+    assert server.resume() == (f"server-0: no checkpoint of run aaaa in {tmp_path} for piece(s) 1: "
+                               "starting them fresh")
+    assert server.resumed == [0] and _resumed(server) == ", resumed 1 of 2 pieces at version 3"
+    assert (server.pieces[0].version, server.pieces[1].version) == (3, 0)
+
+
+def test_resume_refuses_a_checkpoint_of_this_run_that_does_not_fit(tmp_path):
+    cfg = replace(ASYNC, checkpoint_dir=str(tmp_path))
+    trained_server(cfg, 0, "aaaa")
+    (tmp_path / "piece-0-26.npz").rename(tmp_path / "piece-26-53.npz")     # piece 0's state
+    server = Server(cfg, SPEC, 1, model_layout(SPEC).pieces(cfg.shards), "aaaa")
+    with pytest.raises(DataError, match="resume with the same model and number of shards"):
+        server.resume()
+    assert server.pieces[1].params.tobytes() == initial_params(SPEC, cfg.seed)[26:53].tobytes()
 
 
 def test_checkpoint_op_without_a_directory_is_e_state():
@@ -578,6 +655,45 @@ def test_shard_client_sends_the_pieces_of_one_server_in_order_on_one_connection(
             assert [msgpack.unpackb(server.recv_multipart()[1])["shard"] for _ in range(2)] == [0, 1]
             assert msgpack.unpackb(moved.recv_multipart()[1])["shard"] == 2
             moved.close()
+        server.close()
+    finally:
+        ctx.term()
+
+
+def test_shard_client_keeps_each_pieces_version_and_pushes_each_its_own_clock(tmp_path):
+    """Pieces move on independently (a restored server is behind the others): the client
+    notes the version of each piece's parameters as they arrive, and a push can say per
+    piece what its gradient was computed on. Replies without parameters change no version."""
+    ctx = zmq.Context()
+    try:
+        here = f"ipc://{tmp_path}/a"
+        server = make_socket(ctx, zmq.ROUTER, here, bind=True)
+
+        def answer_all(clocks, params=True):
+            """Answer the three requests in flight: piece i at version clocks[i]; their headers."""
+            got = [server.recv_multipart() for _ in range(3)]
+            headers = [msgpack.unpackb(h) for _, h, *_ in got]
+            for (ident, *_), h in zip(got, headers):
+                server.send_multipart([ident, *protocol.encode(
+                    {"op": "ok", "node": "s", "seq": h["seq"], "clock": clocks[h["shard"]]},
+                    np.ones(4, np.float32) if params else None)])
+            return headers
+
+        with ShardClient([here] * 3, [(0, 4), (4, 8), (8, 12)], "worker-0", timeout=WAIT_S,
+                         retries=0, ctx=ctx) as client:
+            out, g = np.zeros(12, np.float32), np.ones(12, np.float32)
+            assert client.versions == [0, 0, 0]
+            client.start("pull")
+            answer_all([5, 2, 9])
+            assert client.finish(out) == 2 and client.versions == [5, 2, 9]
+            client.start("push", g, client.versions)
+            assert [h["clock"] for h in answer_all([6, 3, 10], params=False)] == [5, 2, 9]
+            assert client.finish() == 3 and client.versions == [5, 2, 9]     # weights unchanged
+            client.start("push_pull", g, 4)                                  # one clock for all
+            assert [h["clock"] for h in answer_all([7, 5, 11])] == [4, 4, 4]
+            assert client.finish(out) == 5 and client.versions == [7, 5, 11]
+            with pytest.raises(ValueError, match="2 clocks for 3 pieces"):
+                client.start("push", g, [1, 2])
         server.close()
     finally:
         ctx.term()

@@ -2,19 +2,27 @@
 
 Per step, in async mode (DistBelief's Downpour SGD with n_fetch and n_push):
 
-    the gradient of the next batch          the weights are those last fetched: version v
-    (downpour.common.training.batch_gradient, clipped) added to the sum of gradients (a sum when
+    the gradient of the next batch          the weights are those last fetched: piece i
+    (downpour.common.training.batch_gradient, clipped) at version v_i
+                                            added to the sum of gradients (a sum when
                                             n_push > 1, as DistBelief pushes)
-    every n_push steps:  push the sum       marked as computed on v
-    every n_fetch steps: pull the weights   and learn their version
+    every n_push steps:  push the sum       to piece i marked as computed on v_i
+    every n_fetch steps: pull the weights   and learn each piece's version
                          (one push_pull when both fall on the same step)
 
+Each piece has its own version: servers apply pushes independently, and one
+restored from a checkpoint is behind the others. So a push carries, per piece, the
+version of that piece's weights the gradient was computed on (`versions`), and
+each server counts staleness against its own piece's history.
+
 In sync mode every step is a push_pull whose reply is the next version, which the
-server sends once every live worker has pushed. With `overlap` (async, n_fetch =
-n_push = 1) the next gradient is computed while the push_pull is in flight, as
-DistBelief's replicas do: each gradient is then one version staler, and the
-servers count it. The batches come from downpour.common.training.worker_batches, so one
-async worker without overlap takes exactly the single-process trainer's steps.
+server sends once every live worker has pushed; all pieces move together, and a
+push says for every piece the version whose global batch it is (`version`, the
+lowest piece's). With `overlap` (async, n_fetch = n_push = 1) the next gradient is
+computed while the push_pull is in flight, as DistBelief's replicas do: each
+gradient is then one version staler, and the servers count it. The batches come
+from downpour.common.training.worker_batches, so one async worker without overlap
+takes exactly the single-process trainer's steps.
 """
 
 from __future__ import annotations
@@ -58,7 +66,8 @@ class Replica:
         self.feed = feed                            # async, ssp: chunks dealt by the scheduler
         self.piece_servers = piece_servers          # the server that holds each piece
         self.model = Model(spec, seed=cfg.seed, stream=rank)
-        self.version = 0                            # of the weights last received from the servers
+        # per piece: the version of the weights in model.params, noted as they arrive
+        self.versions: tuple[int, ...] = (0,) * len(piece_servers)
         # what heartbeats report; t_start/t_end (Unix seconds) bracket the training steps
         self.progress = {"role": "worker", "rank": rank, "incarnation": incarnation,
                          "samples": 0, "steps": 0,
@@ -78,7 +87,7 @@ class Replica:
     def run(self, heartbeat: Heartbeat | None = None) -> None:
         """Take every step of this worker's share, or stop early when the scheduler says so."""
         self.progress["t_start"] = time.time()
-        self.version = self.client.pull(self.model.params)
+        self._exchange(self.client.pull, self.model.params)
         for step, idx, last in self._batches():
             if heartbeat is not None and self._told_to_stop(heartbeat):
                 break
@@ -123,26 +132,34 @@ class Replica:
             self._acc += m.grads
         return loss
 
+    @property
+    def version(self) -> int:
+        """The lowest version among the pieces of the weights held: in sync mode, where all
+        pieces move together, the version whose global batch comes next."""
+        return min(self.versions)
+
     def _communicate(self, step: int, last: bool) -> None:
         """Push and pull as the step's place in the n_push / n_fetch cycle says."""
         cfg, m, sync = self.cfg, self.model, self.cfg.mode == "sync"
         grad = self._acc if self._acc is not None else m.grads
         push = sync or last or (step + 1) % cfg.n_push == 0
         fetch = sync or (step + 1) % cfg.n_fetch == 0
-        computed_on = self.version
+        # the weights the gradient was computed on: taken before the in-flight push_pull's
+        # weights replace them (overlap)
+        computed_on = self.version if sync else self.versions
         if self._in_flight:                   # the previous push_pull: its weights arrive now
-            self.version = self._exchange(self.client.finish, m.params)
+            self._exchange(self.client.finish, m.params)
             self._in_flight = False
         if push and fetch and self._overlap:
             np.copyto(self._send, grad)
             self.client.start("push_pull", self._send, computed_on, last)
             self._in_flight = True
         elif push and fetch:
-            self.version = self._exchange(self.client.push_pull, grad, computed_on, m.params, last)
+            self._exchange(self.client.push_pull, grad, computed_on, m.params, last)
         elif push:
             self._exchange(self.client.push, grad, computed_on, last)
         elif fetch:
-            self.version = self.client.pull(m.params)
+            self._exchange(self.client.pull, m.params)
         if push and self._acc is not None:
             self._acc[:] = 0
 
@@ -172,15 +189,18 @@ class Replica:
         for step, (_, idx) in enumerate(worker_batches(n, cfg, self.rank)):
             yield step, idx, step == steps - 1
 
-    def _exchange(self, verb, *args) -> int:
-        """`verb(*args)`; if a server refuses the push because it is behind this worker
-        (it was restored from a checkpoint), drop the gradient and pull its weights."""
+    def _exchange(self, verb, *args) -> None:
+        """`verb(*args)`, then note the version of each piece of the weights now held (a
+        verb that brings none leaves them as they were). If a server refuses the push
+        because it is behind this worker (it was restored from a checkpoint), drop the
+        gradient and pull the weights."""
         try:
-            return verb(*args)
+            verb(*args)
         except RemoteError as e:
             if e.code != protocol.E_STATE:
                 raise
-            return self.client.pull(self.model.params)
+            self.client.pull(self.model.params)
+        self.versions = tuple(self.client.versions)
 
     def _follow(self, servers: list[str] | None) -> None:
         """Reconnect to the pieces of any server that has moved (a replaced server)."""
