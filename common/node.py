@@ -145,16 +145,22 @@ class Heartbeat(threading.Thread):
         finally:
             sock.close()
 
-    def beat_now(self) -> None:
-        """Send one heartbeat immediately (e.g. the last one, saying done) and wait for its reply."""
+    def beat_now(self, timeout: float | None = None) -> bool:
+        """Send one heartbeat now (e.g. the last one, saying done, or a last try before
+        giving the scheduler up) and wait up to `timeout` (default dead_after) seconds
+        for its reply; whether one came. A refusal sets `refused`."""
         sock = make_socket(self.ctx, zmq.DEALER, self.scheduler)
         try:
             sock.send_multipart(protocol.encode({"op": "heartbeat", "node": self.node, "seq": 0,
                                                  "meta": self.progress()}))
-            if sock.poll(1000 * self.dead_after):
-                header, _ = protocol.decode(sock.recv_multipart())
-                if header["op"] == "ok":
-                    self.reply = header.get("meta", {})
+            if not sock.poll(1000 * (self.dead_after if timeout is None else timeout)):
+                return False
+            header, _ = protocol.decode(sock.recv_multipart())
+            if header["op"] == "ok":
+                self.reply = header.get("meta", {})
+            elif header.get("code") == protocol.E_STATE:
+                self.refused = header.get("msg", "refused")
+            return True
         finally:
             sock.close()
 
@@ -178,8 +184,11 @@ class ChunkFeed:
     """
 
     def __init__(self, ctx: zmq.Context, scheduler: str, node: str, identity: dict[str, Any],
-                 timeout: float, retries: int, ahead: int = 1):
+                 timeout: float, retries: int, ahead: int = 1,
+                 lost: threading.Event | None = None):
+        """`lost` (the heartbeat's): set when the scheduler is gone; a wait then ends at once."""
         self.node, self.identity, self.timeout, self.retries = node, identity, timeout, retries
+        self.lost = lost
         self.ahead = ahead                    # chunks held beyond the one in training
         self.sock = make_socket(ctx, zmq.DEALER, scheduler)
         self.current: int | None = None       # the chunk in training
@@ -236,8 +245,10 @@ class ChunkFeed:
                 self.sock.send_multipart(self._pending)  # the same seq: answered once
             deadline = time.monotonic() + self.timeout
             while (left := deadline - time.monotonic()) > 0:
-                if not self.sock.poll(1000 * left):
-                    break
+                if self.lost is not None and self.lost.is_set():
+                    raise ClusterError(f"{self.node}: the scheduler stopped answering")
+                if not self.sock.poll(1000 * min(left, POLL_TICK_S)):
+                    continue
                 header, _ = protocol.decode(self.sock.recv_multipart())
                 if header["seq"] != self._seq:
                     continue                              # an answer to an earlier attempt

@@ -208,7 +208,7 @@ class Membership:
             self.live_changed = True
             self.log(f"worker-{rank} joined mid-run")
         if len(self.servers) == self.cfg.shards:
-            self._reply(ident, header, self._spec(rank, worker=True))
+            self._reply(ident, header, self._spec(rank, self.workers[rank]))
         else:
             self._held.append(HeldWorker(ident, header, rank))
 
@@ -249,23 +249,26 @@ class Membership:
                 return
             spare, rank = self._spares.pop(0), free[0]
             replacing = rank in self.servers
-            self.servers[rank] = NodeState("server", rank, spare.addr)
-            self._reply(spare.ident, spare.header, self._spec(rank))
+            was_at = self.servers[rank].progress.get("version") if replacing else None
+            self._incarnations += 1
+            self.servers[rank] = NodeState("server", rank, spare.addr,
+                                           incarnation=self._incarnations)
+            self._reply(spare.ident, spare.header, self._spec(rank, self.servers[rank]))
             if replacing:
                 if self.on_server_moved is not None:
                     self.on_server_moved(rank, spare.addr)
-                self.log(f"server-{rank} replaced, now at {spare.addr}")
+                self.log(f"server-{rank} replaced, now at {spare.addr} (the dead one was at "
+                         f"version {was_at})")
             if len(self.servers) == self.cfg.shards:
                 for held in self._held:
-                    self._reply(held.ident, held.header, self._spec(held.rank, worker=True))
+                    self._reply(held.ident, held.header,
+                                self._spec(held.rank, self.workers[held.rank]))
                 self._held.clear()
 
-    def _spec(self, rank: int, worker: bool = False) -> dict[str, Any]:
-        """What a node needs to take part: the run's spec, its rank and, once all are in,
-        the servers' addresses."""
-        spec = {"rank": rank, **self.base_spec}
-        if worker:
-            spec["incarnation"] = self.workers[rank].incarnation
+    def _spec(self, rank: int, node: NodeState) -> dict[str, Any]:
+        """What a node needs to take part: the run's spec, its rank and incarnation and,
+        once all are in, the servers' addresses."""
+        spec = {"rank": rank, "incarnation": node.incarnation, **self.base_spec}
         if len(self.servers) == self.cfg.shards:
             spec["servers"] = self.addresses()
         return spec
@@ -276,6 +279,10 @@ class Membership:
             node = self._worker_of(header)
         elif meta.get("rank") in self.servers and meta.get("role") == "server":
             node = self.servers[meta["rank"]]
+            if meta.get("incarnation") != node.incarnation:
+                raise protocol.error(protocol.E_STATE, f"server-{node.rank}'s shard went to "
+                                     f"another server at {node.addr} after this one was declared "
+                                     "dead; this one must stop serving")
         else:
             raise protocol.error(protocol.E_STATE, f"{header['node']} is not registered")
         node.last_seen = time.monotonic()
@@ -283,7 +290,8 @@ class Membership:
             node.dead = False
             self.live_changed = True            # back, or done: servers stop waiting for it
         node.progress = meta
-        return {"stop": self.stopping, "servers": self.addresses()}
+        return {"stop": self.stopping, "servers": self.addresses(),
+                "incarnations": [s.incarnation for _, s in sorted(self.servers.items())]}
 
     def _worker_of(self, header: dict) -> NodeState:
         """The worker a request comes from, by the rank and incarnation its registration got.

@@ -80,6 +80,7 @@ class PieceState:
         `initial` is the whole initial vector if the caller has it (else it is computed
         from the spec and seed)."""
         self.cfg, self.rank, self.lo, self.hi, self.run_id = cfg, rank, lo, hi, run_id
+        self.incarnation = 0          # the registration of the server holding it (a fence)
         self.node = node or f"server-{rank}"
         if initial is None:
             initial = initial_params(spec, cfg.seed)
@@ -342,12 +343,18 @@ class PieceState:
                   **{f"opt.{k}": v for k, v in state.items() if isinstance(v, np.ndarray)}}
         scalars = {k: (list(v) if isinstance(v, tuple) else v) for k, v in state.items()
                    if not isinstance(v, np.ndarray)}
-        meta = {"run_id": self.run_id, "rank": self.rank, "lo": self.lo, "hi": self.hi,
-                "version": self.version, "optimizer": scalars, "schedule": self.schedule.state_dict(),
+        meta = {"run_id": self.run_id, "incarnation": self.incarnation, "rank": self.rank,
+                "lo": self.lo, "hi": self.hi, "version": self.version, "optimizer": scalars,
+                "schedule": self.schedule.state_dict(),
                 "last_seq": self.last_seq, "pushes": self.pushes, "dropped": self.dropped,
                 "staleness": {str(k): v for k, v in self.staleness.items()}}
         path = self.checkpoint_path()
         path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_file():
+            saved = load_meta(path, "shard checkpoint")
+            if saved.get("run_id") == self.run_id and saved.get("incarnation", 0) > self.incarnation:
+                raise DataError(f"{path} was written by a newer server of this run (it replaced "
+                                "this one): this stale server writes nothing")
         self.wait_sent()
         save_arrays(path, arrays, meta)
         return path

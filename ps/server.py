@@ -28,13 +28,14 @@ import zmq
 from downpour.common import config, protocol
 from downpour.common.client import bind_router
 from downpour.common.config import Config
-from downpour.common.errors import ConfigError, ProtocolError
+from downpour.common.errors import ClusterError, ConfigError, DataError, ProtocolError
 from downpour.common.fileio import prepare_output
 from downpour.common.layout import Piece
 from downpour.common.model import ModelSpec, initial_params, model_layout
 from downpour.common.node import Heartbeat, register, say
 from downpour.ps.piece import PieceState, Reply
 
+FINAL_BEAT_S = 2.0             # a last heartbeat before a server gives its scheduler up
 POLL_MS = 100                  # how long `serve` waits for a request before checking for a stop
 DEFAULT_BIND = "tcp://*:0"     # a free port on every interface
 
@@ -115,12 +116,17 @@ class Server:
                     "starting them fresh")
         return f"{self.node}: no checkpoint of run {run} {where}: starting fresh"
 
-    def close(self) -> None:
-        """Wait for every send in flight; checkpoint if there is a directory."""
+    def close(self) -> str:
+        """Wait for every send in flight; checkpoint if there is a directory. Returns why a
+        checkpoint was not written (a newer server of the run replaced this one), or ""."""
         for piece in self.pieces.values():
             piece.wait_sent()
             if self.cfg.checkpoint_dir:
-                piece.checkpoint()
+                try:
+                    piece.checkpoint()
+                except DataError as e:
+                    return str(e)
+        return ""
 
 
 def own_address() -> str:
@@ -139,7 +145,8 @@ def serve(server: Server, sock: zmq.Socket, heartbeat: Heartbeat | None = None,
     stop: list[str] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _: stop.append(signal.Signals(signum).name))
-    while not (stop or server.stopping or (heartbeat and heartbeat.lost.is_set())):
+    while not (stop or server.stopping or (heartbeat and (heartbeat.lost.is_set()
+                                                           or heartbeat.refused))):
         if not sock.poll(poll_ms):
             continue
         ident, *frames = sock.recv_multipart(copy=False)
@@ -148,7 +155,13 @@ def serve(server: Server, sock: zmq.Socket, heartbeat: Heartbeat | None = None,
             tracker = sock.send_multipart([reply.ident, *reply.frames], copy=False, track=True)
             if piece is not None:
                 piece.sent(tracker, sum(len(f) for f in reply.frames))
-    server.close()
+    if heartbeat and heartbeat.lost.is_set() and not heartbeat.refused:
+        heartbeat.beat_now(timeout=FINAL_BEAT_S)   # gone, or was this process asleep (paused)?
+    if heartbeat and heartbeat.refused:   # its state is stale: no checkpoint, nothing sent
+        return f"fenced out by the scheduler: {heartbeat.refused}"
+    fenced = server.close()
+    if fenced:
+        return f"stopped without a checkpoint: {fenced}"
     if stop:
         why = f"stopped by {stop[0]}"
     elif server.stopping:
@@ -211,13 +224,19 @@ def main(cfg: Config) -> int:
         say(f"{server.node}: joined the scheduler at {cfg.scheduler}; serving [{pieces[0].lo}, "
             f"{pieces[-1].hi}) of the vector ({len(pieces)} piece(s)) at {addr}"
             + _resumed(server))
+        incarnation = meta.get("incarnation", 0)
+        for piece in server.pieces.values():
+            piece.incarnation = incarnation
         heartbeat = Heartbeat(ctx, cfg.scheduler, server.node, run.heartbeat_s, run.dead_after_s,
-                              lambda: {"role": "server", "rank": rank, "version": server.version})
+                              lambda: {"role": "server", "rank": rank, "incarnation": incarnation,
+                                       "version": server.version})
         heartbeat.start()
         try:
             why = serve(server, sock, heartbeat)
         finally:
             heartbeat.close()
+        if heartbeat.lost.is_set() or heartbeat.refused:
+            raise ClusterError(f"{server.node}: {why} at version {server.version}")
         say(f"{server.node}: {why} at version {server.version}")
     finally:
         sock.close()

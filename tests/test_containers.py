@@ -10,6 +10,7 @@ its own compose project with a unique name, and removes everything it started
 import calendar
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -241,3 +242,99 @@ def test_a_killed_worker_is_not_replaced_and_the_others_take_its_chunks(cluster)
     victim.reload()
     assert victim.attrs["RestartCount"] == 0
     assert end["samples"] >= 0.9 * end["samples_asked"], end
+
+
+def pushes_lost(c):
+    """Pushes a restored server lost: every push reaches every server, so its final version
+    falls short of a healthy server's by the pushes between its checkpoint and its death."""
+    final = {}
+    for container in c.containers("server"):
+        text = container.logs().decode(errors="replace")
+        for rank, version in re.findall(r"server-(\d+): shut down by the scheduler after a "
+                                        r"checkpoint at version (\d+)", text):
+            final[int(rank)] = int(version)
+    assert len(final) == 2, (final, c.output())
+    return max(final.values()) - min(final.values())
+
+
+def test_a_crashed_server_is_restarted_from_its_checkpoint_and_the_run_finishes(cluster):
+    c = cluster(SHARDS=2, WORKERS=2, EPOCHS=10, DEAD_AFTER_S=3, CHECKPOINT_EVERY_S=1)
+    c.up("--scale", "server=2", "--scale", "worker=2")
+    c.wait_for_eval(epoch=2)
+    victim = c.containers("server")[0]
+    crashed_at = time.time()
+    crash(victim)
+    assert c.wait() == 0, c.output()
+    code, end = ended(c)
+    assert code == 0, c.output()
+    victim.reload()
+    assert victim.attrs["RestartCount"] == 1
+    assert re.search(r"resumed at version \d+", c.output()), c.output()
+    assert end["staleness_max"] <= 50, (end["staleness_hist"], c.output())  # per-piece clocks
+    print(f"\nserver crash: {figures(c, crashed_at)}, pushes lost {pushes_lost(c)}, "
+          f"staleness max {end['staleness_max']}")
+
+
+def test_a_spare_server_takes_over_from_a_killed_one(cluster):
+    """`docker kill` is a manual stop: no restart. A spare server (one more than SHARDS)
+    waits for a rank and takes the dead one's shard from its checkpoint."""
+    c = cluster(SHARDS=1, WORKERS=2, EPOCHS=10, DEAD_AFTER_S=3, CHECKPOINT_EVERY_S=1)
+    c.up("--scale", "server=2", "--scale", "worker=2")       # one server more than SHARDS
+    c.wait_for_eval(epoch=2)
+    text = c.scheduler().logs().decode()
+    seated = re.search(r"server-0 at tcp://([\d.]+):6000", text).group(1)
+    victim = next(x for x in c.containers("server")
+                  if seated in json.dumps(x.attrs["NetworkSettings"]["Networks"]))
+    killed_at = time.time()
+    victim.kill()
+    assert c.wait() == 0, c.output()
+    code, end = ended(c)
+    assert code == 0, c.output()
+    assert re.search(r"resumed at version \d+", c.output()), c.output()
+    print(f"\nserver kill with a spare: {figures(c, killed_at)}")
+
+
+def test_a_paused_server_is_replaced_and_fenced_out_when_it_wakes(cluster):
+    """A hung host: paused past the liveness deadline, the server is handled as dead and a
+    spare takes its shard; when it wakes its heartbeats are refused and it exits without
+    a checkpoint (its state is stale)."""
+    c = cluster(SHARDS=1, WORKERS=2, EPOCHS=30, DEAD_AFTER_S=3, CHECKPOINT_EVERY_S=1)
+    c.up("--scale", "server=2", "--scale", "worker=2")
+    c.wait_for_eval(epoch=2)
+    text = c.scheduler().logs().decode()
+    seated = re.search(r"server-0 at tcp://([\d.]+):6000", text).group(1)
+    victim = next(x for x in c.containers("server")
+                  if seated in json.dumps(x.attrs["NetworkSettings"]["Networks"]))
+    paused_at = time.time()
+    victim.pause()
+    deadline = time.monotonic() + 60
+    while "replaced, now at" not in c.scheduler().logs().decode():
+        assert time.monotonic() < deadline, c.output()
+        time.sleep(POLL_S)
+    time.sleep(max(0.0, 10 - (time.time() - paused_at)))      # the pause lasts 10 s
+    victim.unpause()
+    assert c.wait() == 0, c.output()
+    code, end = ended(c)
+    assert code == 0, c.output()
+    assert b"fenced out by the scheduler" in victim.logs(), victim.logs()[-2000:]
+    print(f"\nserver pause: {figures(c, paused_at)}")
+
+
+def test_killing_the_scheduler_stops_every_node_with_a_clear_error(cluster):
+    c = cluster(SHARDS=2, WORKERS=2, EPOCHS=20, CHECKPOINT_EVERY_S=1)
+    c.up("--scale", "server=2", "--scale", "worker=2")
+    c.wait_for_eval(epoch=1)
+    killed_at = time.monotonic()
+    c.scheduler().kill()
+    while any(x.status != "exited" for x in c.containers()):
+        assert time.monotonic() - killed_at < 60, [(x.name, x.status) for x in c.containers()]
+        time.sleep(POLL_S)
+    took = time.monotonic() - killed_at
+    for container in c.containers("server") + c.containers("worker"):
+        container.reload()
+        assert container.attrs["State"]["ExitCode"] != 0, container.name
+        assert b"downpour: error:" in container.logs(), container.logs()[-1000:]
+    for server in c.containers("server"):
+        assert b"the scheduler stopped answering; stopped after a checkpoint" in server.logs()
+    print(f"\nscheduler kill: every node exited {took:.1f} s after it")
+    c.wait(timeout=60)

@@ -743,3 +743,18 @@ def test_an_ssp_worker_that_joins_starts_at_the_slowest_clock():
     assert push(piece, grad, 7, piece.version) == []           # 7 - 5 > 1: waits for worker-1
     released = push(piece, grad, 1, piece.version, node="worker-1")
     assert len(released) == 2                                  # worker-1's reply and worker-0's
+
+
+def test_a_stale_server_never_overwrites_its_replacements_checkpoint(tmp_path):
+    """A server replaced while it was hung (paused) wakes with stale state: it must not
+    write over the checkpoint of the newer server that took its shard."""
+    cfg = replace(ASYNC, checkpoint_dir=str(tmp_path))
+    old, new = make_piece(cfg), make_piece(cfg)
+    old.incarnation, new.incarnation = 3, 7
+    push(new, np.ones(new.hi - new.lo, np.float32), 1, 0)
+    new.checkpoint()
+    with pytest.raises(DataError, match="written by a newer server of this run"):
+        old.checkpoint()
+    restored = make_piece(cfg)
+    restored.restore()
+    assert restored.version == new.version == 1

@@ -68,6 +68,7 @@ class Replica:
         self.model = Model(spec, seed=cfg.seed, stream=rank)
         # per piece: the version of the weights in model.params, noted as they arrive
         self.versions: tuple[int, ...] = (0,) * len(piece_servers)
+        self._incarnations: list[int] | None = None   # of the servers, as the scheduler last said
         # what heartbeats report; t_start/t_end (Unix seconds) bracket the training steps
         self.progress = {"role": "worker", "rank": rank, "incarnation": incarnation,
                          "samples": 0, "steps": 0,
@@ -113,7 +114,7 @@ class Replica:
             return True
         if heartbeat.lost.is_set():
             raise ClusterError(f"worker-{self.rank}: the scheduler stopped answering")
-        self._follow(heartbeat.reply.get("servers"))
+        self._follow(heartbeat.reply)
         return False
 
     def _gradient(self, step: int, idx: np.ndarray) -> float:
@@ -202,12 +203,18 @@ class Replica:
             self.client.pull(self.model.params)
         self.versions = tuple(self.client.versions)
 
-    def _follow(self, servers: list[str] | None) -> None:
-        """Reconnect to the pieces of any server that has moved (a replaced server)."""
+    def _follow(self, reply: dict) -> None:
+        """Reconnect to the pieces of any server that was replaced (the scheduler's heartbeat
+        reply: `servers`, their addresses, and `incarnations`): moved, or restarted at the
+        same address, whose new process never got what was sent to the old one."""
+        servers, incarnations = reply.get("servers"), reply.get("incarnations")
         if not servers:
             return
+        known, self._incarnations = self._incarnations, incarnations
         for piece, server in enumerate(self.piece_servers):
-            if servers[server] != self.client.addresses[piece]:
+            restarted = known is not None and incarnations is not None and \
+                known[server] != incarnations[server]
+            if restarted or servers[server] != self.client.addresses[piece]:
                 self.client.reconnect(piece, servers[server])
 
 
@@ -235,13 +242,13 @@ def main(cfg: Config) -> int:
         client = ShardClient([meta["servers"][p.server] for p in pieces],
                              [(p.lo, p.hi) for p in pieces], node, run.timeout_s, run.retries, ctx,
                              first_seq=incarnation * SEQ_SPAN)
+        heartbeat = Heartbeat(ctx, cfg.scheduler, node, run.heartbeat_s, run.dead_after_s,
+                              lambda: dict(replica.progress))     # started below, once replica is
         feed = ChunkFeed(ctx, cfg.scheduler, node, {"rank": rank, "incarnation": incarnation},
-                         run.timeout_s, run.retries) if dealt(run) else None
+                         run.timeout_s, run.retries, lost=heartbeat.lost) if dealt(run) else None
         replica = Replica(run, ModelSpec.from_dict(meta["model"]), rank, train, client,
                           [p.server for p in pieces], feed, incarnation)
-        heartbeat = Heartbeat(ctx, cfg.scheduler, node, run.heartbeat_s, run.dead_after_s,
-                              lambda: dict(replica.progress))
-        client.while_waiting = lambda: replica._follow(heartbeat.reply.get("servers"))
+        client.while_waiting = lambda: replica._follow(heartbeat.reply)
         work = (f"chunks of {run.chunk_batches} batches dealt" if feed is not None
                 else f"{worker_steps(len(train), run, rank)} steps")
         say(f"{node}: joined the scheduler at {cfg.scheduler}; {run.mode} mode, {work} on "
