@@ -163,7 +163,8 @@ class Scheduler:
         samples = int(self.nodes.total("samples"))
         return finish(
             cfg, self.model, self.metrics, self.progress, run_id=self.run_id, mode=cfg.mode,
-            workers=cfg.workers, shards=cfg.shards, elapsed_s=round(time.monotonic() - self.start, 3),
+            workers=cfg.workers, shards=cfg.shards, batch_size=cfg.batch_size,
+            elapsed_s=round(time.monotonic() - self.start, 3),
             train_time_s=round(train_time, 3), epoch=round(samples / n, 4), samples=samples,
             updates=last["updates"], samples_per_s=samples / train_time,
             train_loss=last["train_loss"], test_loss=last["test_loss"],
