@@ -364,3 +364,57 @@ def test_a_worker_cut_off_for_5_s_neither_hangs_the_run_nor_applies_a_push_twice
     # server had taken (tests/test_server.py covers that path directly).
     assert applied <= sent + 100, (applied, sent)
     print(f"\nworker cut off 5 s: {figures(c, cut_at)}, pushes sent {sent}, applied {applied}")
+
+
+@pytest.fixture
+def swarm(engine):
+    """A single-node swarm: the engine's own if it is in one, else made here and left after."""
+    made = engine.info()["Swarm"]["LocalNodeState"] == "inactive"
+    if made:
+        engine.swarm.init(advertise_addr="127.0.0.1")
+    yield engine
+    if made:
+        engine.swarm.leave(force=True)
+        for network in engine.networks.list(names=["docker_gwbridge"]):
+            network.remove()                      # `swarm leave` leaves it behind
+
+
+def test_a_swarm_stack_runs_to_the_end_and_leaves_nothing(swarm, fresh_clone, tmp_path):
+    """deploy/stack.yml on a single-node swarm: deploy, run to completion (no task restarted
+    into a finished cluster), read the results, `stack rm`, and nothing is left."""
+    work = tmp_path / "clone"
+    shutil.copytree(fresh_clone, work, symlinks=True)
+    stack = f"dpstack{uuid.uuid4().hex[:6]}"
+    env = {**os.environ, "SHARDS": "2", "WORKERS": "2", "EPOCHS": "2"}
+    label = f"com.docker.stack.namespace={stack}"
+    try:
+        subprocess.run(["docker", "stack", "deploy", "-c", "deploy/stack.yml", stack], cwd=work,
+                       env=env, check=True, capture_output=True, timeout=120)
+        scheduler = swarm.services.get(f"{stack}_scheduler")
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while not any(t["Status"]["State"] == "complete" for t in scheduler.tasks()):
+            states = [t["Status"]["State"] for t in scheduler.tasks()]
+            assert "failed" not in states and time.monotonic() < deadline, states
+            time.sleep(POLL_S)
+        end = json.loads((work / "runs" / "metrics.jsonl").read_text().splitlines()[-1])
+        assert end["event"] == "end" and end["workers"] == 2 and end["shards"] == 2
+        assert end["samples"] == end["samples_asked"] and (work / "runs" / "model.npz").is_file()
+        for service, replicas in (("server", 2), ("worker", 2)):
+            deadline = time.monotonic() + 60
+            while True:
+                tasks = swarm.services.get(f"{stack}_{service}").tasks()
+                if all(t["Status"]["State"] == "complete" for t in tasks):
+                    break
+                assert time.monotonic() < deadline, [t["Status"] for t in tasks]
+                time.sleep(POLL_S)
+            assert len(tasks) == replicas, f"{service}: a finished task was restarted"
+    finally:
+        subprocess.run(["docker", "stack", "rm", stack], capture_output=True, timeout=60)
+        deadline = time.monotonic() + 60
+        while (swarm.containers.list(all=True, filters={"label": label})
+               or swarm.networks.list(filters={"label": label})):
+            assert time.monotonic() < deadline, "the stack did not clear"
+            time.sleep(POLL_S)
+        for volume in swarm.volumes.list(filters={"label": label}):
+            volume.remove(force=True)
+    assert not swarm.containers.list(all=True, filters={"label": label})
