@@ -418,3 +418,14 @@ def test_a_swarm_stack_runs_to_the_end_and_leaves_nothing(swarm, fresh_clone, tm
         for volume in swarm.volumes.list(filters={"label": label}):
             volume.remove(force=True)
     assert not swarm.containers.list(all=True, filters={"label": label})
+
+
+def test_workers_scaled_up_mid_run_join_and_draw_chunks(cluster):
+    c = cluster(SHARDS=1, WORKERS=2, EPOCHS=10)
+    c.up("--scale", "worker=2")
+    c.wait_for_eval(epoch=1)
+    c.compose("up", "-d", "--no-recreate", "--no-deps", "--scale", "worker=3", "worker")
+    assert c.wait() == 0, c.output()
+    code, end = ended(c)
+    assert code == 0 and set(end["worker_samples"]) == {"0", "1", "2"}, end["worker_samples"]
+    assert end["worker_samples"]["2"] > 0 and end["samples"] == end["samples_asked"]
