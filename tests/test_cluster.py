@@ -179,7 +179,7 @@ def test_killing_a_worker_does_not_stop_an_async_run(background, tmp_path):
     metrics = tmp_path / "m.jsonl"
     run = background("train", "--mode", "async", "--workers", 2, "--synthetic", 6000,
                      "--hidden", 64, "--epochs", 12, "--batch-size", 20, "--eval-every", 0.25,
-                     "--dead-after-s", 1.0, "--progress", "lines", "--metrics", metrics)
+                     "--dead-after-s", 3.0, "--progress", "lines", "--metrics", metrics)
     wait_for_eval(metrics, run, epoch=0.3 * 12)
     workers = [pid for pid in descendants(run.pid) if role(pid) == "worker"]
     assert len(workers) == 2
@@ -189,7 +189,8 @@ def test_killing_a_worker_does_not_stop_an_async_run(background, tmp_path):
     end = end_line(metrics)
     assert len(end["dead_workers"]) == 1 and "stopped answering" in err
     assert end["samples_asked"] == 12 * 300 * 20
-    assert end["samples"] >= 0.95 * end["samples_asked"], end
+    assert end["samples"] >= 0.95 * end["samples_asked"], {k: v for k, v in end.items()
+                                                           if "hist" not in k}
     assert end["chunks_lost"] <= 1 and end["samples_lost"] <= 4 * 20
     assert end["test_accuracy"] > 0.5
 
@@ -212,7 +213,7 @@ def hand_cluster(background, tmp_path, *settings, mode="async"):
     address = f"ipc://{tmp_path}/scheduler"
     scheduler = background("scheduler", "--bind", address, "--mode", mode, "--workers", 2,
                            "--shards", 1, "--synthetic", 6000, "--hidden", 64, "--batch-size", 20,
-                           "--eval-every", 0.5, "--dead-after-s", 1.0, "--progress", "lines",
+                           "--eval-every", 0.5, "--dead-after-s", 3.0, "--progress", "lines",
                            "--metrics", tmp_path / "m.jsonl", *settings)
     background("server", "--scheduler", address, "--bind", f"ipc://{tmp_path}/s0")
     workers = [background("worker", "--scheduler", address) for _ in range(2)]

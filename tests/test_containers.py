@@ -91,6 +91,11 @@ class Cluster:
         labels = [f"com.docker.compose.project={self.project}"]
         if service:
             labels.append(f"com.docker.compose.service={service}")
+        for _ in range(5):                        # one may go between the list and its inspect
+            try:
+                return self.engine.containers.list(all=True, filters={"label": labels})
+            except docker.errors.NotFound:
+                time.sleep(POLL_S)
         return self.engine.containers.list(all=True, filters={"label": labels})
 
     def scheduler(self):
@@ -411,13 +416,13 @@ def test_a_swarm_stack_runs_to_the_end_and_leaves_nothing(swarm, fresh_clone, tm
     finally:
         subprocess.run(["docker", "stack", "rm", stack], capture_output=True, timeout=60)
         deadline = time.monotonic() + 60
-        while (swarm.containers.list(all=True, filters={"label": label})
+        while (swarm.containers.list(all=True, sparse=True, filters={"label": label})
                or swarm.networks.list(filters={"label": label})):
             assert time.monotonic() < deadline, "the stack did not clear"
             time.sleep(POLL_S)
         for volume in swarm.volumes.list(filters={"label": label}):
             volume.remove(force=True)
-    assert not swarm.containers.list(all=True, filters={"label": label})
+    assert not swarm.containers.list(all=True, sparse=True, filters={"label": label})
 
 
 def test_workers_scaled_up_mid_run_join_and_draw_chunks(cluster):
