@@ -212,12 +212,12 @@ def crash(container):
     os.kill(container.attrs["State"]["Pid"], signal.SIGKILL)
 
 
-@pytest.mark.parametrize("mode", ["async", "sync"])
-def test_a_crashed_worker_is_restarted_and_the_run_covers_its_epochs(cluster, mode):
-    c = cluster(MODE=mode, SHARDS=1, WORKERS=2, EPOCHS=8, DEAD_AFTER_S=3)
-    c.up("--scale", "worker=2")
+def crash_mid_run(c, service, *scale):
+    """Start the run, crash one `service` container at epoch 2 and wait for the end: the
+    engine restarted it once and the run succeeded. (end line, Unix time of the crash)."""
+    c.up(*scale)
     c.wait_for_eval(epoch=2)
-    victim = c.containers("worker")[0]
+    victim = c.containers(service)[0]
     crashed_at = time.time()
     crash(victim)
     assert c.wait() == 0, c.output()
@@ -225,6 +225,13 @@ def test_a_crashed_worker_is_restarted_and_the_run_covers_its_epochs(cluster, mo
     assert code == 0, c.output()
     victim.reload()
     assert victim.attrs["RestartCount"] == 1
+    return end, crashed_at
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_a_crashed_worker_is_restarted_and_the_run_covers_its_epochs(cluster, mode):
+    c = cluster(MODE=mode, SHARDS=1, WORKERS=2, EPOCHS=8, DEAD_AFTER_S=3)
+    end, crashed_at = crash_mid_run(c, "worker", "--scale", "worker=2")
     assert end["samples"] >= 0.9 * end["samples_asked"], end
     # The engine restarts the container before the scheduler notices the death: in sync
     # the restarted worker waits and takes the dead rank; in async it joins at once with
@@ -264,16 +271,7 @@ def pushes_lost(c):
 
 def test_a_crashed_server_is_restarted_from_its_checkpoint_and_the_run_finishes(cluster):
     c = cluster(SHARDS=2, WORKERS=2, EPOCHS=10, DEAD_AFTER_S=3, CHECKPOINT_EVERY_S=1)
-    c.up("--scale", "server=2", "--scale", "worker=2")
-    c.wait_for_eval(epoch=2)
-    victim = c.containers("server")[0]
-    crashed_at = time.time()
-    crash(victim)
-    assert c.wait() == 0, c.output()
-    code, end = ended(c)
-    assert code == 0, c.output()
-    victim.reload()
-    assert victim.attrs["RestartCount"] == 1
+    end, crashed_at = crash_mid_run(c, "server", "--scale", "server=2", "--scale", "worker=2")
     assert re.search(r"resumed at version \d+", c.output()), c.output()
     assert end["staleness_max"] <= 50, (end["staleness_hist"], c.output())  # per-piece clocks
     print(f"\nserver crash: {figures(c, crashed_at)}, pushes lost {pushes_lost(c)}, "
