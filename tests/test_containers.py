@@ -418,7 +418,7 @@ def test_a_swarm_stack_runs_to_the_end_and_leaves_nothing(swarm, fresh_clone, tm
                or swarm.networks.list(filters={"label": label})):
             assert time.monotonic() < deadline, "the stack did not clear"
             time.sleep(POLL_S)
-        for volume in swarm.volumes.list(filters={"label": label}):
+        for volume in swarm.volumes.list(filters={"name": f"{stack}_"}):
             volume.remove(force=True)
     assert not swarm.containers.list(all=True, sparse=True, filters={"label": label})
 
