@@ -132,14 +132,8 @@ class Heartbeat(threading.Thread):
                 while (left := deadline - time.monotonic()) > 0 and not self._closing.is_set():
                     if not sock.poll(1000 * min(left, POLL_TICK_S)):
                         continue
-                    header, _ = protocol.decode(sock.recv_multipart())
+                    self._heard(protocol.decode(sock.recv_multipart())[0])
                     last_heard = time.monotonic()
-                    if header["op"] == "ok":
-                        self.reply = header.get("meta", {})
-                        if self.reply.get("stop"):
-                            self.stop.set()
-                    elif header.get("code") == protocol.E_STATE:
-                        self.refused = header.get("msg", "refused")
                 if time.monotonic() - last_heard > self.dead_after:
                     self.lost.set()
         finally:
@@ -155,14 +149,19 @@ class Heartbeat(threading.Thread):
                                                  "meta": self.progress()}))
             if not sock.poll(1000 * (self.dead_after if timeout is None else timeout)):
                 return False
-            header, _ = protocol.decode(sock.recv_multipart())
-            if header["op"] == "ok":
-                self.reply = header.get("meta", {})
-            elif header.get("code") == protocol.E_STATE:
-                self.refused = header.get("msg", "refused")
+            self._heard(protocol.decode(sock.recv_multipart())[0])
             return True
         finally:
             sock.close()
+
+    def _heard(self, header: dict[str, Any]) -> None:
+        """Take in the scheduler's answer to a heartbeat: its news, a stop, or a refusal."""
+        if header["op"] == "ok":
+            self.reply = header.get("meta", {})
+            if self.reply.get("stop"):
+                self.stop.set()
+        elif header.get("code") == protocol.E_STATE:
+            self.refused = header.get("msg", "refused")
 
     def close(self) -> None:
         self._closing.set()
@@ -178,9 +177,10 @@ class ChunkFeed:
     same request, sent while the new chunk trains, so the answer is there before it
     is needed (near the end of the run the scheduler deals nothing ahead, and the
     next `take()` asks again). `more()` says whether another chunk may follow the
-    one in training (it waits for the answer in flight if there is one). Requests are retried with the
-    same seq after `timeout` seconds, `retries` times; ClusterError after that, or
-    when the scheduler refuses (e.g. this worker was declared dead).
+    one in training (it waits for the answer in flight if there is one). Requests
+    are retried with the same seq after `timeout` seconds, `retries` times;
+    ClusterError after that, or when the scheduler refuses (e.g. this worker was
+    declared dead).
     """
 
     def __init__(self, ctx: zmq.Context, scheduler: str, node: str, identity: dict[str, Any],

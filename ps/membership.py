@@ -167,7 +167,7 @@ class Membership:
                 elif header["op"] == "heartbeat":
                     self._reply(ident, header, self._heartbeat(header))
                 elif header["op"] == "next_chunk" and self.on_next_chunk is not None:
-                    rank = self._worker_of(header).rank
+                    rank = self._sender(header, "worker").rank
                     self._reply(ident, header, self.on_next_chunk(rank, header))
                 else:
                     raise protocol.error(protocol.E_UNKNOWN_OP, f"the scheduler offers "
@@ -275,16 +275,7 @@ class Membership:
 
     def _heartbeat(self, header: dict) -> dict[str, Any]:
         meta = header.get("meta", {})
-        if meta.get("role") == "worker":
-            node = self._worker_of(header)
-        elif meta.get("rank") in self.servers and meta.get("role") == "server":
-            node = self.servers[meta["rank"]]
-            if meta.get("incarnation") != node.incarnation:
-                raise protocol.error(protocol.E_STATE, f"server-{node.rank}'s shard went to "
-                                     f"another server at {node.addr} after this one was declared "
-                                     "dead; this one must stop serving")
-        else:
-            raise protocol.error(protocol.E_STATE, f"{header['node']} is not registered")
+        node = self._sender(header, meta.get("role"))
         node.last_seen = time.monotonic()
         if node.dead or (meta.get("done") and not node.progress.get("done")):
             node.dead = False
@@ -293,22 +284,25 @@ class Membership:
         return {"stop": self.stopping, "servers": self.addresses(),
                 "incarnations": [s.incarnation for _, s in sorted(self.servers.items())]}
 
-    def _worker_of(self, header: dict) -> NodeState:
-        """The worker a request comes from, by the rank and incarnation its registration got.
+    def _sender(self, header: dict, role: Any) -> NodeState:
+        """The server or worker a request comes from, by the rank and incarnation its
+        registration got.
 
-        E_STATE for a rank no worker holds, for an earlier holder of a rank that went to
-        another, and (async, ssp) for a worker declared dead: its chunks were dealt again.
+        E_STATE for a rank nobody of `role` holds, for an earlier holder of a rank that
+        went to another (a server woken after it was replaced is fenced out this way),
+        and (async, ssp) for a worker declared dead: its chunks were dealt again.
         """
         meta = header.get("meta", {})
         rank, incarnation = meta.get("rank"), meta.get("incarnation")
-        node = self.workers.get(rank) if type(rank) is int else None
+        nodes = {"server": self.servers, "worker": self.workers}.get(role, {})
+        node = nodes.get(rank) if type(rank) is int else None
         if node is None:
             raise protocol.error(protocol.E_STATE, f"{header['node']} is not registered")
         if incarnation != node.incarnation:
-            raise protocol.error(protocol.E_STATE, f"worker-{rank}'s rank went to another worker "
-                                 "after this one was declared dead; stop it, or restart it to "
-                                 "register again")
-        if node.dead and dealt(self.cfg):
+            raise protocol.error(protocol.E_STATE, f"{role}-{rank}'s rank went to another "
+                                 f"{role} after this one was declared dead; stop it (restarted, "
+                                 "it registers afresh)")
+        if role == "worker" and node.dead and dealt(self.cfg):
             raise protocol.error(protocol.E_STATE, f"worker-{rank} was declared dead after "
                                  f"{self.cfg.dead_after_s:g} s of silence and its chunks were dealt "
                                  "again; restart it to register again")

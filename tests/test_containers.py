@@ -103,6 +103,14 @@ class Cluster:
         found.reload()
         return found
 
+    def seated_server(self, rank):
+        """The server container holding `rank` (the other is the spare), by the address the
+        scheduler's `cluster assembled` line gives it."""
+        text = self.scheduler().logs().decode()
+        address = re.search(rf"server-{rank} at tcp://([\d.]+):6000", text).group(1)
+        return next(x for x in self.containers("server")
+                    if address in json.dumps(x.attrs["NetworkSettings"]["Networks"]))
+
     def metrics(self):
         path = self.dir / "runs" / "metrics.jsonl"
         if not path.exists():
@@ -284,10 +292,7 @@ def test_a_spare_server_takes_over_from_a_killed_one(cluster):
     c = cluster(SHARDS=1, WORKERS=2, EPOCHS=10, DEAD_AFTER_S=3, CHECKPOINT_EVERY_S=1)
     c.up("--scale", "server=2", "--scale", "worker=2")       # one server more than SHARDS
     c.wait_for_eval(epoch=2)
-    text = c.scheduler().logs().decode()
-    seated = re.search(r"server-0 at tcp://([\d.]+):6000", text).group(1)
-    victim = next(x for x in c.containers("server")
-                  if seated in json.dumps(x.attrs["NetworkSettings"]["Networks"]))
+    victim = c.seated_server(0)
     killed_at = time.time()
     victim.kill()
     assert c.wait() == 0, c.output()
@@ -304,10 +309,7 @@ def test_a_paused_server_is_replaced_and_fenced_out_when_it_wakes(cluster):
     c = cluster(SHARDS=1, WORKERS=2, EPOCHS=30, DEAD_AFTER_S=3, CHECKPOINT_EVERY_S=1)
     c.up("--scale", "server=2", "--scale", "worker=2")
     c.wait_for_eval(epoch=2)
-    text = c.scheduler().logs().decode()
-    seated = re.search(r"server-0 at tcp://([\d.]+):6000", text).group(1)
-    victim = next(x for x in c.containers("server")
-                  if seated in json.dumps(x.attrs["NetworkSettings"]["Networks"]))
+    victim = c.seated_server(0)
     paused_at = time.time()
     victim.pause()
     deadline = time.monotonic() + 60
