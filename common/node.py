@@ -5,7 +5,7 @@
      |<------ ok {rank, incarnation, spec} ---|
      |-- heartbeat {rank, progress} -------->|   every heartbeat_s, from a thread
      |<------------- ok {stop, servers} ------|
-     |-- next_chunk {done, want} ----------->|   async, ssp workers: `ChunkFeed`, one
+     |-- next_chunk {done, want, progress} ->|   async, ssp workers: `ChunkFeed`, one
      |<------------- ok {chunks, end} --------|   chunk ahead of the one in training
 
 Nodes may start in any order: a DEALER queues the registration until the
@@ -185,9 +185,13 @@ class ChunkFeed:
 
     def __init__(self, ctx: zmq.Context, scheduler: str, node: str, identity: dict[str, Any],
                  timeout: float, retries: int, ahead: int = 1,
-                 lost: threading.Event | None = None):
-        """`lost` (the heartbeat's): set when the scheduler is gone; a wait then ends at once."""
+                 lost: threading.Event | None = None,
+                 progress: Callable[[], dict[str, Any]] | None = None):
+        """`lost` (the heartbeat's): set when the scheduler is gone; a wait then ends at once.
+        `progress()`: the worker's counters, sent with each request so that the chunks
+        reported done are counted even if the worker dies before its next heartbeat."""
         self.node, self.identity, self.timeout, self.retries = node, identity, timeout, retries
+        self.progress = progress
         self.lost = lost
         self.ahead = ahead                    # chunks held beyond the one in training
         self.sock = make_socket(ctx, zmq.DEALER, scheduler)
@@ -231,6 +235,8 @@ class ChunkFeed:
         self._wait()
         self._seq += 1
         meta = {**self.identity, "done": self._done, "want": want}
+        if self.progress is not None:
+            meta["progress"] = self.progress()
         self._pending = protocol.encode({"op": "next_chunk", "node": self.node, "seq": self._seq,
                                          "meta": meta})
         self._done = []

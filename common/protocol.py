@@ -52,7 +52,8 @@ Operations to the scheduler:
     heartbeat   meta: rank, role, incarnation, progress (samples, steps, loss_sum,
                 loss_count, done) -> ok, meta: stop (bool), servers (current endpoints)
     next_chunk  async and ssp workers: meta: rank, incarnation, done (the chunks
-                finished since the last request, in order), want (chunks to deal, 0-2)
+                finished since the last request, in order), want (chunks to deal, 0-2),
+                progress (the worker's COUNTERS as of the request)
                 -> ok, meta: chunks (chunk numbers dealt, to train in order), end
                 (true: the table is empty, nothing more will be dealt). A retry with
                 the same seq gets the same answer
@@ -94,6 +95,7 @@ MAX_WORKERS = 1 << 16                # worker ranks are 0 .. MAX_WORKERS - 1
 
 SERVER_OPS = ("pull", "push", "push_pull", "stats", "control", "checkpoint", "shutdown")
 SCHEDULER_OPS = ("register", "heartbeat", "next_chunk")
+COUNTERS = ("samples", "steps", "loss_sum", "loss_count")   # a worker's progress that adds up
 REPLY_OPS = ("ok", "error")
 
 E_MALFORMED, E_VERSION, E_UNKNOWN_OP, E_PAYLOAD, E_SHARD, E_STATE, E_INTERNAL = range(1, 8)

@@ -38,8 +38,6 @@ from downpour.common.config import Config
 from downpour.common.errors import ClusterError, ProtocolError
 from downpour.common.training import dealt
 
-COUNTERS = ("samples", "steps", "loss_sum", "loss_count")   # worker progress that adds up
-
 
 @dataclass
 class NodeState:
@@ -113,7 +111,7 @@ class Membership:
         return all(w.progress.get("done") for w in self.workers.values() if not w.dead)
 
     def total(self, key: str) -> float:
-        """The sum of a progress counter (COUNTERS) over every worker that ever held a rank."""
+        """The sum of a progress counter (protocol.COUNTERS) over every worker that ever held a rank."""
         return (sum(w.progress.get(key, 0) for w in self.workers.values())
                 + sum(c[key] for c in self.retired.values()))
 
@@ -167,8 +165,9 @@ class Membership:
                 elif header["op"] == "heartbeat":
                     self._reply(ident, header, self._heartbeat(header))
                 elif header["op"] == "next_chunk" and self.on_next_chunk is not None:
-                    rank = self._sender(header, "worker").rank
-                    self._reply(ident, header, self.on_next_chunk(rank, header))
+                    node = self._sender(header, "worker")
+                    self._note(node, header.get("meta", {}).get("progress", {}))
+                    self._reply(ident, header, self.on_next_chunk(node.rank, header))
                 else:
                     raise protocol.error(protocol.E_UNKNOWN_OP, f"the scheduler offers "
                                          f"{', '.join(protocol.SCHEDULER_OPS)}, not {header['op']!r}")
@@ -226,7 +225,7 @@ class Membership:
         if dead:
             old = self.workers[dead[0]]
             kept = self.retired.setdefault(dead[0], Counter())
-            kept.update({k: old.progress.get(k, 0) for k in COUNTERS})
+            kept.update({k: old.progress.get(k, 0) for k in protocol.COUNTERS})
             return dead[0]
         if len(self.workers) < self.cfg.workers:
             return len(self.workers)
@@ -276,13 +275,30 @@ class Membership:
     def _heartbeat(self, header: dict) -> dict[str, Any]:
         meta = header.get("meta", {})
         node = self._sender(header, meta.get("role"))
+        was_done = node.progress.get("done")
+        self._note(node, meta)
         node.last_seen = time.monotonic()
-        if node.dead or (meta.get("done") and not node.progress.get("done")):
+        if node.dead or (meta.get("done") and not was_done):
             node.dead = False
             self.live_changed = True            # back, or done: servers stop waiting for it
-        node.progress = meta
         return {"stop": self.stopping, "servers": self.addresses(),
                 "incarnations": [s.incarnation for _, s in sorted(self.servers.items())]}
+
+    @staticmethod
+    def _note(node: NodeState, progress: Any) -> None:
+        """Take in a node's progress (a heartbeat's meta, or a chunk request's). Its
+        counters (protocol.COUNTERS) only grow: heartbeats and chunk requests come by different
+        sockets, so an older report may arrive after a newer one. E_MALFORMED, changing
+        nothing, for a counter that is not a number >= 0."""
+        if not isinstance(progress, dict):
+            raise protocol.error(protocol.E_MALFORMED, f"progress must be a map, got {progress!r}")
+        counters = [k for k in protocol.COUNTERS if k in progress]
+        for key in counters:
+            if type(progress[key]) not in (int, float) or not progress[key] >= 0:
+                raise protocol.error(protocol.E_MALFORMED, f"progress {key} must be a number >= 0, "
+                                     f"got {progress[key]!r}")
+        node.progress = {**node.progress, **progress,
+                         **{k: max(node.progress.get(k, 0), progress[k]) for k in counters}}
 
     def _sender(self, header: dict, role: Any) -> NodeState:
         """The server or worker a request comes from, by the rank and incarnation its

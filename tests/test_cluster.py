@@ -247,8 +247,9 @@ def test_a_restarted_worker_takes_the_dead_ranks_place(background, tmp_path, mod
     assert scheduler.returncode == 0, said.text()
     end = end_line(tmp_path / "m.jsonl")
     assert set(end["worker_samples"]) == {"0", "1"} and end["dead_workers"] == [], said.text()
-    if mode == "async":                        # sync versions went on without the dead slice
-        assert end["samples"] >= 0.95 * end["samples_asked"], end
+    if mode == "async":    # every chunk trained and counted but the one the dead worker was in
+        assert end["chunks_lost"] <= 1 and end["chunks_left"] == 0, end
+        assert end["samples_asked"] - end["samples_lost"] <= end["samples"] <= end["samples_asked"], end
     _, err = restarted.communicate(timeout=30)
     assert err.startswith(f"worker-{dead}: joined") and f"worker-{dead}: done after" in err
 

@@ -207,3 +207,24 @@ def test_a_restarted_worker_takes_the_dead_rank_and_the_old_one_is_refused(clust
     send(old, "heartbeat", role="worker", rank=1, incarnation=old_incarnation)
     assert "went to another worker" in reply(nodes, old)["msg"]
     assert nodes.total("samples") == 640 and nodes.worker_samples() == {"0": 0, "1": 640}
+
+
+def test_counters_come_with_chunk_requests_and_only_grow(cluster):
+    """A worker's chunk request carries its counters, so what it finished counts even if it
+    dies before its next heartbeat; an older heartbeat arriving late takes nothing back."""
+    nodes, connect = cluster
+    nodes.cfg = replace(CFG, mode="async", dead_after_s=60.0)
+    nodes.on_next_chunk = lambda rank, header: {"chunks": [], "end": True}
+    sock, incarnation = assembled(nodes, connect)[0]
+    me = {"role": "worker", "rank": 0, "incarnation": incarnation}
+    send(sock, "next_chunk", seq=1, **me, done=[], want=1, progress={"samples": 160, "steps": 2})
+    assert reply(nodes, sock)["op"] == "ok"
+    send(sock, "heartbeat", seq=2, **me, samples=80, steps=1, loss_sum=2.0, loss_count=1)
+    assert reply(nodes, sock)["op"] == "ok"
+    assert nodes.worker_samples()["0"] == 160 and nodes.total("steps") == 2
+    assert nodes.total("loss_sum") == 2.0
+    for bad in [{"samples": "many"}, {"steps": -1}, {"samples": float("nan")}, [1]]:
+        send(sock, "next_chunk", seq=3, **me, done=[], want=1, progress=bad)
+        answer = reply(nodes, sock)
+        assert answer["op"] == "error" and "progress" in answer["msg"], answer
+    assert nodes.worker_samples()["0"] == 160 and nodes.total("steps") == 2

@@ -245,7 +245,9 @@ def main(cfg: Config) -> int:
         heartbeat = Heartbeat(ctx, cfg.scheduler, node, run.heartbeat_s, run.dead_after_s,
                               lambda: dict(replica.progress))     # started below, once replica is
         feed = ChunkFeed(ctx, cfg.scheduler, node, {"rank": rank, "incarnation": incarnation},
-                         run.timeout_s, run.retries, lost=heartbeat.lost) if dealt(run) else None
+                         run.timeout_s, run.retries, lost=heartbeat.lost,
+                         progress=lambda: {k: replica.progress[k] for k in protocol.COUNTERS}
+                         ) if dealt(run) else None
         replica = Replica(run, ModelSpec.from_dict(meta["model"]), rank, train, client,
                           [p.server for p in pieces], feed, incarnation)
         client.while_waiting = lambda: replica._follow(heartbeat.reply)
