@@ -10,6 +10,7 @@
     downpour experiment --out DIR [...]   a sweep of runs over modes and workers: CSV and plots
     downpour plot METRICS.jsonl...        accuracy curves of any runs
     downpour download mnist [--dir DIR]   fetch the four MNIST files, verifying their checksums
+    downpour keys DIR                     the cluster's CURVE keys, one pair per role (--keys DIR)
 
 Settings come from downpour.common.config (flags, DOWNPOUR_* variables, --config FILE).
 Each command imports the role it runs only when it runs, after the BLAS thread
@@ -29,10 +30,10 @@ from downpour.common.errors import DownpourError
 
 TRAIN_GROUPS = ("run", "data", "model", "optim", "train", "output", "cluster")
 ROLE_SETTINGS = {  # command -> the settings it takes
-    "scheduler": TRAIN_GROUPS + ("bind", "endpoint_file"),
+    "scheduler": TRAIN_GROUPS + ("bind", "endpoint_file", "keys"),
     "server": ("scheduler", "bind", "advertise", "checkpoint_dir", "resume", "threads",
-               "start_timeout_s"),
-    "worker": ("scheduler", "data_dir", "threads", "start_timeout_s"),
+               "start_timeout_s", "keys"),
+    "worker": ("scheduler", "data_dir", "threads", "start_timeout_s", "keys"),
 }
 
 
@@ -130,6 +131,18 @@ def _download(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys(args: argparse.Namespace) -> int:
+    from downpour.common.security import write_keys
+    written = write_keys(args.dir)
+    if written:
+        print("\n".join(map(str, written)))
+        print(f"give every node --keys {args.dir} (DOWNPOUR_KEYS), and each only its own "
+              "role's .key_secret", file=sys.stderr)
+    else:
+        print(f"downpour: {args.dir} already holds the cluster's keys; kept them", file=sys.stderr)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="downpour", description="Distributed parameter-server "
                                   "training: sharded servers, NumPy workers, Downpour SGD.")
@@ -137,7 +150,7 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = sub.add_parser("train", help="train a model (settings: flags, DOWNPOUR_* or --config)")
-    config.add_arguments(train, TRAIN_GROUPS)
+    config.add_arguments(train, TRAIN_GROUPS + ("keys",))
     train.set_defaults(run=_train)
 
     for role, settings in ROLE_SETTINGS.items():
@@ -190,6 +203,10 @@ def parser() -> argparse.ArgumentParser:
     download.add_argument("--base-url", default="", help="a mirror holding the four .gz files")
     download.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
     download.set_defaults(run=_download)
+
+    keys = sub.add_parser("keys", help="write the cluster's CURVE key pairs (kept if all there)")
+    keys.add_argument("dir", help="folder for scheduler/server/worker .key and .key_secret")
+    keys.set_defaults(run=_keys)
     return top
 
 

@@ -39,7 +39,7 @@ TAIL_LINES = 15                # lines of each failed process's log shown
 EXIT_INTERRUPTED = 130         # exit status after Ctrl-C: 128 + SIGINT, as a shell reports it
 TCP_BIND = "tcp://127.0.0.1:0"  # --transport tcp: loopback, a free port
 PR_SET_PDEATHSIG = 1           # prctl option: the signal this process gets when its parent dies
-NODE_SETTINGS = ("scheduler", "bind", "advertise", "checkpoint_dir", "resume", "endpoint_file")
+NODE_SETTINGS = ("scheduler", "bind", "advertise", "checkpoint_dir", "resume", "endpoint_file", "keys")
 
 
 def _die_with_parent() -> None:
@@ -117,12 +117,13 @@ def launch(cfg: Config) -> int:
     """Run `cfg` as a local cluster; the scheduler's exit status."""
     run_dir = Path(tempfile.mkdtemp(prefix="downpour-"))
     cluster = Cluster(run_dir)
-    common = ["--threads", str(cfg.threads), "--start-timeout-s", str(cfg.start_timeout_s)]
+    keys = ["--keys", cfg.keys] if cfg.keys else []           # every role, itself included
+    common = ["--threads", str(cfg.threads), "--start-timeout-s", str(cfg.start_timeout_s), *keys]
     try:
         endpoint_file = run_dir / "scheduler.endpoint"
         bind = f"ipc://{run_dir}/scheduler" if cfg.transport == "ipc" else TCP_BIND
         run_settings = replace(cfg, **{k: config.FIELDS[k].default for k in NODE_SETTINGS})
-        scheduler = cluster.start("scheduler", ["scheduler", *config.to_args(run_settings),
+        scheduler = cluster.start("scheduler", ["scheduler", *config.to_args(run_settings), *keys,
                                                 "--bind", bind, "--endpoint-file", str(endpoint_file)],
                                   log=False)
         endpoint = _wait_for_file(endpoint_file, scheduler, cfg.start_timeout_s)

@@ -29,7 +29,10 @@ without a restore show 2-4).
 
 Used by workers (all three verbs), by the scheduler (pull for evaluation, and the
 control operations through `call`) and by the benchmarks. The two socket helpers
-here, `make_socket` and `bind_router`, are shared by every role.
+here, `make_socket` and `bind_router`, are shared by every role: every socket is
+bounded (frames of at most `max_frame` bytes, a peer that sends a larger one is
+disconnected; at most RCV_HWM messages queued per peer) and, with keys, runs
+CurveZMQ (downpour.common.security).
 """
 
 from __future__ import annotations
@@ -42,16 +45,30 @@ import zmq
 
 from downpour.common import protocol
 from downpour.common.errors import ClusterError
+from downpour.common.security import Keys
 
 WAIT_TICK = 0.1    # seconds without a reply before ShardClient.while_waiting runs
+RCV_HWM = 100      # messages queued per peer before ZeroMQ stops reading from it
+WIRE_SLACK = 128   # bytes a frame grows by on the wire (CurveZMQ's box: nonce, MAC, flags)
 
 Clock = int | Sequence[int]    # a push's version: one per piece, or one for every piece
 
 
-def make_socket(ctx: zmq.Context, kind: int, address: str, *, bind: bool = False) -> zmq.Socket:
-    """A socket with linger 0 (closing never blocks), connected or bound to `address`."""
+def make_socket(ctx: zmq.Context, kind: int, address: str, *, bind: bool = False,
+                max_frame: int = protocol.MAX_HEADER, keys: Keys | None = None,
+                peer: str = "") -> zmq.Socket:
+    """A socket with linger 0 (closing never blocks), connected or bound to `address`.
+
+    It takes frames of at most `max_frame` bytes and queues at most RCV_HWM messages
+    per peer. With `keys`, a bound socket is a CURVE server (start a security.Zap on
+    `ctx` first) and a connected one a CURVE client of the role `peer`.
+    """
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, max_frame + WIRE_SLACK)    # checked on the wire's bytes
+    sock.setsockopt(zmq.RCVHWM, RCV_HWM)
+    if keys is not None:
+        keys.secure(sock, None if bind else peer)
     if bind:
         sock.bind(address)
     else:
@@ -59,10 +76,16 @@ def make_socket(ctx: zmq.Context, kind: int, address: str, *, bind: bool = False
     return sock
 
 
-def bind_router(ctx: zmq.Context, address: str) -> tuple[zmq.Socket, str]:
+def bind_router(ctx: zmq.Context, address: str, max_frame: int = protocol.MAX_HEADER,
+                keys: Keys | None = None) -> tuple[zmq.Socket, str]:
     """A ROUTER bound to `address` (tcp port 0 = a free port) and the endpoint it got."""
-    sock = make_socket(ctx, zmq.ROUTER, address, bind=True)
+    sock = make_socket(ctx, zmq.ROUTER, address, bind=True, max_frame=max_frame, keys=keys)
     return sock, sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+def frame_limit(ranges: Sequence[tuple[int, int]]) -> int:
+    """The largest frame a message about pieces `ranges` has: a header, or a piece's float32s."""
+    return max(protocol.MAX_HEADER, *(4 * min(hi - lo, protocol.MAX_FRAME // 4) for lo, hi in ranges))
 
 
 class Pending(NamedTuple):
@@ -79,17 +102,20 @@ class ShardClient:
 
     def __init__(self, addresses: list[str], ranges: list[tuple[int, int]], node: str,
                  timeout: float = 30.0, retries: int = 3, ctx: zmq.Context | None = None,
-                 while_waiting: Callable[[], None] | None = None, first_seq: int = 0):
+                 while_waiting: Callable[[], None] | None = None, first_seq: int = 0,
+                 keys: Keys | None = None, token: bytes | None = None):
         """`while_waiting` runs whenever WAIT_TICK seconds pass without a reply: the
         caller's chance to answer its own peers (the scheduler's heartbeats) and to
         `reconnect` to a server that has been replaced. A piece whose socket it
         replaces is sent again at once. Sequence numbers start after `first_seq`: a
         worker that takes over a rank starts past its predecessor's, which servers
-        remember per node name."""
+        remember per rank. `keys`: the cluster's, as this node's role; `token`: the
+        one a worker's registration gave, sent with every request."""
         if len(addresses) != len(ranges):
             raise ValueError(f"{len(addresses)} addresses for {len(ranges)} shard ranges")
         self.ctx = ctx or zmq.Context.instance()
         self.node, self.timeout, self.retries = node, timeout, retries
+        self.keys, self.token = keys, token
         self.ranges = [tuple(r) for r in ranges]
         self.addresses = list(addresses)
         self._socks: dict[str, zmq.Socket] = {}   # server address -> its DEALER
@@ -163,6 +189,8 @@ class ShardClient:
         lo, hi = self.ranges[shard]
         header: dict[str, Any] = {"op": op, "node": self.node, "seq": self.seq, "shard": shard,
                                   "clock": clock}
+        if self.token is not None:
+            header["token"] = self.token
         if meta:
             header["meta"] = meta
         frames = protocol.encode(header, None if grad is None else grad[lo:hi])
@@ -226,7 +254,8 @@ class ShardClient:
             self._socks.pop(address).close()
         for address in self.addresses:
             if address not in self._socks:
-                self._socks[address] = make_socket(self.ctx, zmq.DEALER, address)
+                self._socks[address] = make_socket(self.ctx, zmq.DEALER, address, keys=self.keys,
+                                                   peer="server", max_frame=frame_limit(self.ranges))
         self._poller = zmq.Poller()
         for sock in self._socks.values():
             self._poller.register(sock, zmq.POLLIN)

@@ -146,6 +146,9 @@ class Config:
                            "node")
     endpoint_file: str = setting("", "the scheduler writes its bound address to this file",
                                  "node")
+    keys: str = setting("", "folder of the cluster's CURVE keys (made by `downpour keys DIR`): "
+                        "every socket runs CurveZMQ and only the cluster's keys get in",
+                        "node", modes=CLUSTER)
     # -- output ---------------------------------------------------------------------------
     metrics: str = setting("", "write JSON-lines metrics to this file", "output")
     save: str = setting("", "write the final parameters and layout to this .npz file", "output")

@@ -29,6 +29,7 @@ import zmq
 from downpour.common import protocol
 from downpour.common.client import make_socket
 from downpour.common.errors import ClusterError
+from downpour.common.security import Keys
 
 POLL_TICK_S = 0.1       # longest wait for a heartbeat reply before checking for close()
 JOIN_TIMEOUT_S = 5.0    # how long close() waits for the heartbeat thread to end
@@ -62,8 +63,9 @@ def say(line: str) -> None:
 
 
 def register(ctx: zmq.Context, scheduler: str, node: str, meta: dict[str, Any],
-             timeout: float) -> dict[str, Any]:
-    """Register with the scheduler at `scheduler`; return the meta of its reply (rank, spec).
+             timeout: float, keys: Keys | None = None) -> dict[str, Any]:
+    """Register with the scheduler at `scheduler`; return the meta of its reply (rank,
+    token, spec). With `keys` (the cluster's) over CurveZMQ.
 
     ClusterError after `timeout` seconds without an answer, and sooner when the
     scheduler's host name stops resolving for NAME_GONE_S: on a container network a
@@ -71,7 +73,7 @@ def register(ctx: zmq.Context, scheduler: str, node: str, meta: dict[str, Any],
     came) does not wait out the whole timeout. A line says it is waiting every WAIT_SAY_S.
     """
     host = _host_name(scheduler)
-    sock = make_socket(ctx, zmq.DEALER, scheduler)
+    sock = make_socket(ctx, zmq.DEALER, scheduler, keys=keys, peer="scheduler")
     try:
         sock.send_multipart(protocol.encode({"op": "register", "node": node, "seq": 1,
                                              "meta": {"host": socket.gethostname(), **meta}}))
@@ -81,7 +83,8 @@ def register(ctx: zmq.Context, scheduler: str, node: str, meta: dict[str, Any],
             now = time.monotonic()
             if now - start > timeout:
                 raise ClusterError(f"{node}: no answer from the scheduler at {scheduler} within "
-                                   f"{timeout:g} s; is it running, and is the address right?")
+                                   f"{timeout:g} s; is it running, and is the address right?"
+                                   + (" Are these keys the scheduler's (--keys)?" if keys else ""))
             if host is not None and not _resolves(host):
                 unresolved_since = unresolved_since or now
                 if now - unresolved_since > NAME_GONE_S:
@@ -108,20 +111,22 @@ class Heartbeat(threading.Thread):
 
     `reply` holds the meta of the latest reply; `stop` is set when the scheduler
     says stop; `lost` when it has not answered for `dead_after` seconds; `refused`
-    holds the scheduler's message when it refuses this node (its rank went to another).
+    holds the scheduler's message when it refuses this node (its rank went to
+    another, or its token is not its own).
     """
 
     def __init__(self, ctx: zmq.Context, scheduler: str, node: str, interval: float,
-                 dead_after: float, progress: Callable[[], dict[str, Any]]):
+                 dead_after: float, progress: Callable[[], dict[str, Any]],
+                 keys: Keys | None = None):
         super().__init__(name=f"{node}-heartbeat", daemon=True)
-        self.ctx, self.scheduler, self.node = ctx, scheduler, node
+        self.ctx, self.scheduler, self.node, self.keys = ctx, scheduler, node, keys
         self.interval, self.dead_after, self.progress = interval, dead_after, progress
         self.reply: dict[str, Any] = {}
         self.refused = ""
         self.stop, self.lost, self._closing = threading.Event(), threading.Event(), threading.Event()
 
     def run(self) -> None:
-        sock = make_socket(self.ctx, zmq.DEALER, self.scheduler)
+        sock = self._socket()
         seq, last_heard = 0, time.monotonic()
         try:
             while not self._closing.is_set():
@@ -143,7 +148,7 @@ class Heartbeat(threading.Thread):
         """Send one heartbeat now (e.g. the last one, saying done, or a last try before
         giving the scheduler up) and wait up to `timeout` (default dead_after) seconds
         for its reply; whether one came. A refusal sets `refused`."""
-        sock = make_socket(self.ctx, zmq.DEALER, self.scheduler)
+        sock = self._socket()
         try:
             sock.send_multipart(protocol.encode({"op": "heartbeat", "node": self.node, "seq": 0,
                                                  "meta": self.progress()}))
@@ -154,13 +159,16 @@ class Heartbeat(threading.Thread):
         finally:
             sock.close()
 
+    def _socket(self) -> zmq.Socket:
+        return make_socket(self.ctx, zmq.DEALER, self.scheduler, keys=self.keys, peer="scheduler")
+
     def _heard(self, header: dict[str, Any]) -> None:
         """Take in the scheduler's answer to a heartbeat: its news, a stop, or a refusal."""
         if header["op"] == "ok":
             self.reply = header.get("meta", {})
             if self.reply.get("stop"):
                 self.stop.set()
-        elif header.get("code") == protocol.E_STATE:
+        elif header.get("code") in (protocol.E_STATE, protocol.E_DENIED):
             self.refused = header.get("msg", "refused")
 
     def close(self) -> None:
@@ -186,7 +194,7 @@ class ChunkFeed:
     def __init__(self, ctx: zmq.Context, scheduler: str, node: str, identity: dict[str, Any],
                  timeout: float, retries: int, ahead: int = 1,
                  lost: threading.Event | None = None,
-                 progress: Callable[[], dict[str, Any]] | None = None):
+                 progress: Callable[[], dict[str, Any]] | None = None, keys: Keys | None = None):
         """`lost` (the heartbeat's): set when the scheduler is gone; a wait then ends at once.
         `progress()`: the worker's counters, sent with each request so that the chunks
         reported done are counted even if the worker dies before its next heartbeat."""
@@ -194,7 +202,7 @@ class ChunkFeed:
         self.progress = progress
         self.lost = lost
         self.ahead = ahead                    # chunks held beyond the one in training
-        self.sock = make_socket(ctx, zmq.DEALER, scheduler)
+        self.sock = make_socket(ctx, zmq.DEALER, scheduler, keys=keys, peer="scheduler")
         self.current: int | None = None       # the chunk in training
         self._hand: deque[int] = deque()      # chunks dealt, not started
         self._ended = False                   # the scheduler has nothing more to deal

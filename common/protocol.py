@@ -22,6 +22,9 @@ Header fields (every message has v, op, node, seq):
                    apply time - clock; in sync mode the version whose global batch it
                    is, the same for every piece. Reply: the piece's version after the
                    operation
+    token   bytes  a worker's pull, push and push_pull: the token its registration gave
+                   (downpour.common.security); a push counts under the rank the token
+                   names, whatever `node` says
     dtype   str    payload dtype; the allow-list is DTYPES ("<f4")
     n       int    payload elements in all payload frames together
     meta    map    operation-specific fields (below)
@@ -44,22 +47,34 @@ Operations to a shard server (replies carry clock):
 Operations to the scheduler:
 
     register    meta: role ("server" | "worker"), addr (a server's endpoint),
-                host -> ok, meta: rank, incarnation and the cluster spec (see
-                ps/scheduler.py), which holds run_id: the run's random id, written
-                into every checkpoint, so --resume continues this run's only. A
+                host -> ok, meta: rank, incarnation, token and the cluster spec
+                (see ps/scheduler.py), which holds run_id: the run's random id, written
+                into every checkpoint, so --resume continues this run's only; a
+                server's also holds secret, the key to the run's tokens. A
                 worker that registers mid-run takes the lowest dead worker's rank,
                 or (async, ssp) a new one
-    heartbeat   meta: rank, role, incarnation, progress (samples, steps, loss_sum,
-                loss_count, done) -> ok, meta: stop (bool), servers (current endpoints)
-    next_chunk  async and ssp workers: meta: rank, incarnation, done (the chunks
+    heartbeat   meta: rank, role, incarnation, token, progress (samples, steps,
+                loss_sum, loss_count, done) -> ok, meta: stop (bool), servers
+                (current endpoints)
+    next_chunk  async and ssp workers: meta: rank, incarnation, token, done (the chunks
                 finished since the last request, in order), want (chunks to deal, 0-2),
                 progress (the worker's COUNTERS as of the request)
                 -> ok, meta: chunks (chunk numbers dealt, to train in order), end
                 (true: the table is empty, nothing more will be dealt). A retry with
                 the same seq gets the same answer
 
-The rank and incarnation a node sends must be those its registration got; a node
-whose rank was given to another (it was declared dead) gets E_STATE.
+The rank and incarnation a node sends must be those its registration got, and its
+token theirs (E_DENIED otherwise); a node whose rank was given to another (it was
+declared dead) gets E_STATE.
+
+Who may send what (PERMITTED): with keys, the role is the one ZAP authenticated for
+the connection (downpour.common.security), never the `node` field. Anything not
+listed is refused with E_DENIED. Without keys every peer may send everything, but
+pushes, heartbeats and chunk requests still need their token.
+
+    scheduler   pull, stats, control, checkpoint, shutdown
+    server      register, heartbeat
+    worker      pull, push, push_pull, register, heartbeat, next_chunk
 
 Error codes (an error reply changes nothing on the server that sends it):
 
@@ -72,6 +87,8 @@ Error codes (an error reply changes nothing on the server that sends it):
     6  E_STATE       not possible now (a clock ahead of the server, a registration
                      after the cluster is full, a checkpoint without a directory)
     7  E_INTERNAL    the receiver failed; msg says how
+    8  E_DENIED      this peer may not do this: its key's role may not send the
+                     operation, or its token is missing, forged or not its own
 
 A synchronous push for a version already applied (a straggler's) is not an
 error: it is dropped, counted, and answered "ok" with meta {"dropped": true}
@@ -98,15 +115,21 @@ SCHEDULER_OPS = ("register", "heartbeat", "next_chunk")
 COUNTERS = ("samples", "steps", "loss_sum", "loss_count")   # a worker's progress that adds up
 REPLY_OPS = ("ok", "error")
 
-E_MALFORMED, E_VERSION, E_UNKNOWN_OP, E_PAYLOAD, E_SHARD, E_STATE, E_INTERNAL = range(1, 8)
+E_MALFORMED, E_VERSION, E_UNKNOWN_OP, E_PAYLOAD, E_SHARD, E_STATE, E_INTERNAL, E_DENIED = range(1, 9)
 
 ERRORS = {E_MALFORMED: "malformed", E_VERSION: "version", E_UNKNOWN_OP: "unknown operation",
           E_PAYLOAD: "bad payload", E_SHARD: "wrong shard", E_STATE: "bad state",
-          E_INTERNAL: "internal"}
+          E_INTERNAL: "internal", E_DENIED: "denied"}
+
+# operation -> the roles (of the key a peer authenticated with) that may send it
+PERMITTED = {"pull": ("scheduler", "worker"), "push": ("worker",), "push_pull": ("worker",),
+             "stats": ("scheduler",), "control": ("scheduler",), "checkpoint": ("scheduler",),
+             "shutdown": ("scheduler",), "register": ("server", "worker"),
+             "heartbeat": ("server", "worker"), "next_chunk": ("worker",)}
 
 # field -> the Python types it may have
 _FIELDS = {"v": int, "op": str, "node": str, "seq": int, "shard": int, "clock": int,
-           "dtype": str, "n": int, "meta": dict, "code": int, "msg": str}
+           "token": bytes, "dtype": str, "n": int, "meta": dict, "code": int, "msg": str}
 _REQUIRED = ("v", "op", "node", "seq")
 
 
@@ -227,6 +250,13 @@ def raise_for_error(header: dict[str, Any]) -> dict[str, Any]:
 
 def _buffer(frame) -> memoryview:
     return frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+
+
+def permit(op: str, role: str | None) -> None:
+    """E_DENIED unless a peer of `role` (None: no keys, anyone) may send `op`."""
+    if role is not None and role not in PERMITTED.get(op, ()):
+        raise error(E_DENIED, f"a {role} may not send {op!r} (the {role} key's role "
+                    f"is checked, not the node field)")
 
 
 def error(code: int, msg: str) -> ProtocolError:

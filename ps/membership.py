@@ -19,13 +19,19 @@ reported to `on_worker_dead`; a dead server's rank goes to the next server that
 registers. A worker that registers mid-run takes the lowest dead worker's rank
 (a restart, or a new node in its place); without one it gets a new rank in async
 and ssp runs, and is refused in sync runs, whose global batch has W slices. Each
-registration gets a new incarnation, which the node sends with every request: a
-worker declared dead in a dealt run, or whose rank went to another, is refused.
+registration gets a new incarnation and a token naming its role, rank and
+incarnation (downpour.common.security.mint, under the run's secret, which servers
+get in their spec to check workers' pushes). A node sends its token with every
+request and is taken for the node the token names: a worker declared dead in a
+dealt run, or whose rank went to another, is refused. With keys, the role a peer
+registers or heartbeats as must be its key's (protocol.PERMITTED). Waiting
+registrations are capped (MAX_WAITING), and so are worker ranks (MAX_WORKERS).
 Nothing here pulls, pushes or evaluates.
 """
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -33,10 +39,13 @@ from typing import Any, Callable, NamedTuple
 
 import zmq
 
-from downpour.common import protocol
+from downpour.common import protocol, security
 from downpour.common.config import Config
 from downpour.common.errors import ClusterError, ProtocolError
 from downpour.common.training import dealt
+
+SECRET_BYTES = 32        # the run's token secret
+MAX_WAITING = 64         # registrations held at once: spare servers, sync spare workers
 
 
 @dataclass
@@ -85,6 +94,7 @@ class Membership:
         self.on_worker_dead: Callable[[int], None] | None = None
         self.on_next_chunk: Callable[[int, dict], dict[str, Any]] | None = None
         self.retired: dict[int, Counter] = {}    # rank -> progress of its earlier incarnations
+        self.secret = secrets.token_bytes(SECRET_BYTES)   # tokens are minted under it
         self._incarnations = 0
         self._held: list[HeldWorker] = []              # workers waiting for the servers
         self._spares: list[SpareServer] = []           # servers waiting for a rank
@@ -156,16 +166,19 @@ class Membership:
         if not self.sock.poll(timeout_ms):
             return
         while self.sock.poll(0):
-            ident, *frames = self.sock.recv_multipart()
+            ident, *frames = self.sock.recv_multipart(copy=False)
+            ident = ident.bytes
             header = None
             try:
                 header, _ = protocol.decode(frames)
+                role = security.peer_role(frames[0])
+                protocol.permit(header["op"], role)
                 if header["op"] == "register":
-                    self._register(ident, header)
+                    self._register(ident, header, role)
                 elif header["op"] == "heartbeat":
-                    self._reply(ident, header, self._heartbeat(header))
+                    self._reply(ident, header, self._heartbeat(header, role))
                 elif header["op"] == "next_chunk" and self.on_next_chunk is not None:
-                    node = self._sender(header, "worker")
+                    node = self._sender(header, "worker", role)
                     self._note(node, header.get("meta", {}).get("progress", {}))
                     self._reply(ident, header, self.on_next_chunk(node.rank, header))
                 else:
@@ -179,9 +192,15 @@ class Membership:
         self.sock.send_multipart([ident, *protocol.encode(
             {"op": "ok", "node": "scheduler", "seq": request["seq"], "meta": meta})])
 
-    def _register(self, ident: bytes, header: dict) -> None:
+    def _register(self, ident: bytes, header: dict, key_role: str | None) -> None:
         meta = header.get("meta", {})
         role = meta.get("role")
+        if key_role is not None and role != key_role:
+            raise protocol.error(protocol.E_DENIED, f"a peer with the {key_role} key registers "
+                                 f"as a {key_role}, not as {role!r}")
+        if len(self._spares) + len(self._spare_workers) >= MAX_WAITING:
+            raise protocol.error(protocol.E_STATE, f"{MAX_WAITING} registrations are already "
+                                 "waiting for a place; try again later")
         if role == "server":
             addr = meta.get("addr")
             if not isinstance(addr, str) or not addr:
@@ -229,6 +248,9 @@ class Membership:
             return dead[0]
         if len(self.workers) < self.cfg.workers:
             return len(self.workers)
+        if self.started and max(self.workers) + 1 >= protocol.MAX_WORKERS:
+            raise protocol.error(protocol.E_STATE, f"the run has {protocol.MAX_WORKERS} worker "
+                                 "ranks, the most it can hold")
         if self.started:
             return max(self.workers) + 1 if dealt(self.cfg) else None
         raise protocol.error(protocol.E_STATE, f"the run already has its {len(self.workers)} "
@@ -267,14 +289,18 @@ class Membership:
     def _spec(self, rank: int, node: NodeState) -> dict[str, Any]:
         """What a node needs to take part: the run's spec, its rank and incarnation and,
         once all are in, the servers' addresses."""
-        spec = {"rank": rank, "incarnation": node.incarnation, **self.base_spec}
+        spec = {"rank": rank, "incarnation": node.incarnation,
+                "token": security.mint(self.secret, node.role, rank, node.incarnation),
+                **self.base_spec}
+        if node.role == "server":
+            spec["secret"] = self.secret                  # to check the workers' tokens
         if len(self.servers) == self.cfg.shards:
             spec["servers"] = self.addresses()
         return spec
 
-    def _heartbeat(self, header: dict) -> dict[str, Any]:
+    def _heartbeat(self, header: dict, key_role: str | None) -> dict[str, Any]:
         meta = header.get("meta", {})
-        node = self._sender(header, meta.get("role"))
+        node = self._sender(header, meta.get("role"), key_role)
         was_done = node.progress.get("done")
         self._note(node, meta)
         node.last_seen = time.monotonic()
@@ -297,21 +323,28 @@ class Membership:
             if type(progress[key]) not in (int, float) or not progress[key] >= 0:
                 raise protocol.error(protocol.E_MALFORMED, f"progress {key} must be a number >= 0, "
                                      f"got {progress[key]!r}")
+        progress = {k: v for k, v in progress.items() if k != "token"}
         node.progress = {**node.progress, **progress,
                          **{k: max(node.progress.get(k, 0), progress[k]) for k in counters}}
 
-    def _sender(self, header: dict, role: Any) -> NodeState:
-        """The server or worker a request comes from, by the rank and incarnation its
-        registration got.
+    def _sender(self, header: dict, role: Any, key_role: str | None) -> NodeState:
+        """The server or worker a request comes from: the one its token names (the
+        rank and incarnation its registration got).
 
-        E_STATE for a rank nobody of `role` holds, for an earlier holder of a rank that
-        went to another (a server woken after it was replaced is fenced out this way),
-        and (async, ssp) for a worker declared dead: its chunks were dealt again.
+        E_DENIED for a peer whose key is not of `role`, and for a token missing or not
+        minted for `role` in this run; E_STATE for a rank nobody of `role` holds, for an
+        earlier holder of a rank that went to another (a server woken after it was
+        replaced is fenced out this way), and (async, ssp) for a worker declared dead:
+        its chunks were dealt again.
         """
-        meta = header.get("meta", {})
-        rank, incarnation = meta.get("rank"), meta.get("incarnation")
-        nodes = {"server": self.servers, "worker": self.workers}.get(role, {})
-        node = nodes.get(rank) if type(rank) is int else None
+        if role not in ("server", "worker"):
+            raise protocol.error(protocol.E_MALFORMED, f"role must be server or worker, not {role!r}")
+        if key_role is not None and role != key_role:
+            raise protocol.error(protocol.E_DENIED, f"a peer with the {key_role} key may not "
+                                 f"speak for a {role}")
+        rank, incarnation = security.read_token(self.secret, header.get("meta", {}).get("token"),
+                                                role)
+        node = {"server": self.servers, "worker": self.workers}[role].get(rank)
         if node is None:
             raise protocol.error(protocol.E_STATE, f"{header['node']} is not registered")
         if incarnation != node.incarnation:

@@ -17,8 +17,14 @@ A worker's clock is the number of its pushes applied. A worker's last push says 
 Guarantees:
 - A message is fully validated (header, "shard" field, dtype, length, finite values)
   before anything changes; a bad one gets an error reply and changes nothing.
-- A push is applied at most once per (node, seq): a retried push is answered
+- A push is applied at most once per (sender, seq): a retried push is answered
   with the current state, not applied again.
+- With the run's `secret` (a server the scheduler registered), a push counts under
+  the worker its token names, whatever its `node` says; a push with no valid token,
+  or from an incarnation of its rank older than one already heard, is refused
+  (E_DENIED). Without it (a standalone server) the sender is its `node` name, and
+  at most MAX_SENDERS of them are remembered. Either way what a sender can make
+  the piece remember is bounded.
 - Staleness (this piece's version when a push is applied minus the push's clock,
   the version of this piece's weights its gradient was computed on) is counted for
   every push; in ssp mode so is the clock gap
@@ -41,13 +47,15 @@ from typing import Any, NamedTuple
 import numpy as np
 import zmq
 
-from downpour.common import protocol
+from downpour.common import protocol, security
 from downpour.common.checkpoint import load_arrays, load_meta, save_arrays
 from downpour.common.config import Config
 from downpour.common.errors import ConfigError, DataError, ProtocolError
 from downpour.common.model import ModelSpec, initial_params
 from downpour.common.optim import make_optimizer
 from downpour.common.schedules import parse_schedule
+
+MAX_SENDERS = 4096      # distinct senders a piece without tokens keeps sequence numbers for
 
 
 class Reply(NamedTuple):
@@ -66,20 +74,32 @@ class HeldRequest(NamedTuple):
 
 
 def worker_rank(node: str) -> int | None:
-    """3 for "worker-3"; None for any other sender."""
+    """3 for "worker-3" (ranks below MAX_WORKERS); None for any other sender."""
     prefix, _, rank = node.partition("-")
-    return int(rank) if prefix == "worker" and rank.isascii() and rank.isdigit() else None
+    if prefix != "worker" or not (rank.isascii() and rank.isdigit()) or len(rank) > 6:
+        return None
+    return int(rank) if int(rank) < protocol.MAX_WORKERS else None
+
+
+class Sender(NamedTuple):
+    """Who a request is from: `key` names it in last_seq; `rank` if it is a worker."""
+
+    key: str
+    rank: int | None
 
 
 class PieceState:
     """The state of one piece and its answer to every request."""
 
     def __init__(self, cfg: Config, spec: ModelSpec, rank: int, lo: int, hi: int,
-                 initial: np.ndarray | None = None, node: str = "", run_id: str = ""):
+                 initial: np.ndarray | None = None, node: str = "", run_id: str = "",
+                 secret: bytes | None = None):
         """Piece `rank` of the run `run_id` (the scheduler's), [lo, hi) of the vector;
         `initial` is the whole initial vector if the caller has it (else it is computed
-        from the spec and seed)."""
+        from the spec and seed); `secret` checks workers' tokens (None: no tokens)."""
         self.cfg, self.rank, self.lo, self.hi, self.run_id = cfg, rank, lo, hi, run_id
+        self.secret = secret
+        self._incarnations: dict[int, int] = {}   # worker rank -> the latest incarnation heard
         self.incarnation = 0          # the registration of the server holding it (a fence)
         self.node = node or f"server-{rank}"
         if initial is None:
@@ -94,7 +114,7 @@ class PieceState:
         self._ranks = cfg.workers if cfg.mode == "sync" else protocol.MAX_WORKERS
         self.finished: set[int] = set()           # workers whose last push has been taken
         self.clock: Counter = Counter()           # worker rank -> its pushes applied
-        self.last_seq: dict[str, int] = {}        # node -> seq of its last push taken
+        self.last_seq: dict[str, int] = {}        # sender key -> seq of its last push taken
         self.staleness: Counter = Counter()
         self.gaps: Counter = Counter()            # ssp: clock gap of every push
         self._sent_at: dict[int, int] = {}        # ssp: rank -> slowest clock when its weights went
@@ -128,7 +148,7 @@ class PieceState:
                 raise protocol.error(protocol.E_SHARD, f"this is shard {self.rank} ([{self.lo}, {self.hi})), "
                                                f"the request is for shard {header.get('shard')}")
             if op == "pull":
-                rank = worker_rank(header["node"])
+                rank = self._sender(header, needs_token=False).rank
                 if rank is not None:
                     self._sent_at[rank] = min(self._slowest(), self.clock[rank])
                 return [Reply(ident, self._reply(header))]
@@ -136,7 +156,11 @@ class PieceState:
                 return self._push(ident, header, payload)
             if op == "control":
                 return [Reply(ident, self._control(header)), *self._released()]
-            return [Reply(ident, getattr(self, "_" + op)(header))]
+            if op == "stats":
+                return [Reply(ident, self._stats(header))]
+            if op == "checkpoint":
+                return [Reply(ident, self._checkpoint(header))]
+            return [Reply(ident, self._shutdown(header))]
         except ProtocolError as e:
             return [Reply(ident, protocol.error_reply(e.code, str(e), header, self.node))]
         except (ConfigError, DataError, OSError) as e:
@@ -154,19 +178,23 @@ class PieceState:
         if not math.isfinite(norm2):
             raise protocol.error(protocol.E_PAYLOAD, "the gradient holds NaN or infinite values (or values "
                                              "too large to square in float32); it was not applied")
-        clock, node = header.get("clock", 0), header["node"]
+        clock = header.get("clock", 0)
         if clock > self.version:
             raise protocol.error(protocol.E_STATE, f"clock {clock} is ahead of this shard's version "
                                            f"{self.version}; pull before pushing")
-        if header["seq"] <= self.last_seq.get(node, -1):          # a retry of a push already taken
-            return self._retry(ident, header)
-        rank = worker_rank(node)
+        sender = self._sender(header, needs_token=True)
+        rank = sender.rank
+        if header["seq"] <= self.last_seq.get(sender.key, -1):    # a retry of a push already taken
+            return self._retry(ident, header, rank)
         if self.cfg.mode in ("sync", "ssp") and (rank is None or rank >= self._ranks):
             raise protocol.error(protocol.E_MALFORMED, f"{self.cfg.mode} pushes come from worker-<rank> "
-                                 f"nodes with rank < {self._ranks}, not {node!r}")
+                                 f"nodes with rank < {self._ranks}, not {header['node']!r}")
+        if sender.key not in self.last_seq and len(self.last_seq) >= MAX_SENDERS:
+            raise protocol.error(protocol.E_STATE, f"this piece already keeps {MAX_SENDERS} senders' "
+                                 "sequence numbers; it takes pushes from no new one")
         if self.cfg.mode == "sync":
-            return self._push_sync(ident, header, grad, rank)
-        self.last_seq[node] = header["seq"]
+            return self._push_sync(ident, header, grad, sender)
+        self.last_seq[sender.key] = header["seq"]
         staleness = self.version - clock
         self._apply(grad, [staleness], lr_scale=1.0 / (1 + staleness) if self.cfg.staleness_lr else 1.0)
         if self.cfg.mode != "ssp":
@@ -177,8 +205,7 @@ class PieceState:
         self._blocked[rank] = HeldRequest(ident, header)
         return self._released()
 
-    def _retry(self, ident: bytes, header: dict) -> list[Reply]:
-        rank = worker_rank(header["node"])
+    def _retry(self, ident: bytes, header: dict, rank: int | None) -> list[Reply]:
         for held in (self._waiting, self._blocked):
             if rank in held and held[rank].header["seq"] == header["seq"]:
                 held[rank] = HeldRequest(ident, header)      # still held: answer later
@@ -190,8 +217,9 @@ class PieceState:
         if header.get("meta", {}).get("last") is True:
             self.finished.add(rank)
 
-    def _push_sync(self, ident: bytes, header: dict, grad: np.ndarray, rank: int) -> list[Reply]:
-        self.last_seq[header["node"]] = header["seq"]
+    def _push_sync(self, ident: bytes, header: dict, grad: np.ndarray, sender: Sender) -> list[Reply]:
+        rank = sender.rank
+        self.last_seq[sender.key] = header["seq"]
         self._taken(rank, header)
         if header.get("clock", 0) < self.version:             # a straggler's late gradient
             self.dropped += 1
@@ -228,6 +256,22 @@ class PieceState:
         self._apply(self._sum, staleness=[0] * len(ranks))
         waiting, self._waiting = self._waiting, {}
         return [Reply(ident, self._reply(header)) for ident, header in (waiting[r] for r in ranks)]
+
+    def _sender(self, header: dict, needs_token: bool) -> Sender:
+        """Who sent `header`: with the run's secret, the worker its token names (E_DENIED
+        for a bad token, or none where `needs_token`; a request without one where it is
+        not needed is nobody's); without, its `node` name."""
+        if self.secret is None:
+            return Sender(header["node"], worker_rank(header["node"]))
+        if "token" not in header and not needs_token:
+            return Sender(header["node"], None)
+        rank, incarnation = security.read_token(self.secret, header.get("token"), "worker")
+        latest = self._incarnations.get(rank, incarnation)
+        if incarnation < latest:
+            raise protocol.error(protocol.E_DENIED, f"worker-{rank} registered again since this "
+                                 "token was given; the old incarnation's requests are refused")
+        self._incarnations[rank] = incarnation
+        return Sender(f"worker-{rank}", rank)
 
     def _slowest(self) -> float:
         """ssp: the lowest clock among live workers that have not finished."""

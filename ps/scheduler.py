@@ -46,6 +46,7 @@ from downpour.common.fileio import atomic_write
 from downpour.common.metrics import MetricsLog, Progress
 from downpour.common.model import Model
 from downpour.common.schedules import parse_schedule
+from downpour.common.security import Keys, Zap
 from downpour.common.training import (
     asked_samples,
     check_cluster,
@@ -78,9 +79,9 @@ def percentile(hist: dict[int, int], q: float) -> float:
 
 
 class Scheduler:
-    def __init__(self, cfg: Config, sock: zmq.Socket, ctx: zmq.Context):
+    def __init__(self, cfg: Config, sock: zmq.Socket, ctx: zmq.Context, keys: Keys | None = None):
         check_cluster(cfg)
-        self.cfg, self.ctx = cfg, ctx
+        self.cfg, self.ctx, self.keys = cfg, ctx, keys
         self.run_id = secrets.token_hex(RUN_ID_BYTES)
         self.train, self.test, self.about = open_datasets(cfg)
         self.spec = model_spec(cfg, self.train)
@@ -122,7 +123,7 @@ class Scheduler:
         self.client = ShardClient([servers[p.server] for p in self.pieces],
                                   [(p.lo, p.hi) for p in self.pieces], "scheduler",
                                   self.cfg.timeout_s, self.cfg.retries, self.ctx,
-                                  while_waiting=self.nodes.tend)
+                                  while_waiting=self.nodes.tend, keys=self.keys)
         self.nodes.on_server_moved = self._follow_server
         try:
             end = self._train()
@@ -273,13 +274,19 @@ class Scheduler:
 
 def main(cfg: Config) -> int:
     """`downpour scheduler`: bind, conduct the run, shut the cluster down."""
+    keys = Keys.load(cfg.keys, "scheduler") if cfg.keys else None
     ctx = zmq.Context()
-    sock, endpoint = bind_router(ctx, cfg.bind or DEFAULT_BIND)
+    zap = Zap(ctx, keys) if keys else None          # before the bind: no handshake goes unchecked
+    sock = None
     try:
+        sock, endpoint = bind_router(ctx, cfg.bind or DEFAULT_BIND, keys=keys)
         if cfg.endpoint_file:
             atomic_write(cfg.endpoint_file, lambda f: f.write(endpoint.encode()))
-        Scheduler(cfg, sock, ctx).run()
+        Scheduler(cfg, sock, ctx, keys).run()
     finally:
-        sock.close()
+        if sock is not None:
+            sock.close()
+        if zap is not None:
+            zap.close()
         ctx.term()
     return 0

@@ -15,6 +15,13 @@ With --resume a server continues each piece from the checkpoint THIS run wrote
 restarted, or started in a dead one's place, picks up where that rank stopped.
 Where this run wrote none, the piece starts fresh; a checkpoint of another run
 (an earlier run's, left in the same directory) is never continued, only named.
+
+A server registers before it binds: its ROUTER takes frames no larger than its
+largest piece (ZMQ_MAXMSGSIZE must be set before the bind), and the pieces come
+with the registration's reply. So a tcp port 0 is chosen first (`concrete`), and
+the endpoint said at registration is bound right after it. With keys, a ZAP handler
+admits only the cluster's keys, and each request is checked against the role of
+the key it came with (protocol.PERMITTED) before any piece sees it.
 """
 
 from __future__ import annotations
@@ -25,14 +32,15 @@ from dataclasses import replace
 
 import zmq
 
-from downpour.common import config, protocol
-from downpour.common.client import bind_router
+from downpour.common import config, protocol, security
+from downpour.common.client import bind_router, frame_limit
 from downpour.common.config import Config
 from downpour.common.errors import ClusterError, ConfigError, DataError, ProtocolError
 from downpour.common.fileio import prepare_output
 from downpour.common.layout import Piece
 from downpour.common.model import ModelSpec, initial_params, model_layout
 from downpour.common.node import Heartbeat, register, say
+from downpour.common.security import Keys, Zap
 from downpour.ps.piece import PieceState, Reply
 
 FINAL_BEAT_S = 2.0             # a last heartbeat before a server gives its scheduler up
@@ -57,23 +65,26 @@ class Server:
     """
 
     def __init__(self, cfg: Config, spec: ModelSpec, rank: int, pieces: list[Piece],
-                 run_id: str = ""):
-        """Server `rank` of the run `run_id`, whose pieces are `pieces` (all servers')."""
+                 run_id: str = "", secret: bytes | None = None):
+        """Server `rank` of the run `run_id`, whose pieces are `pieces` (all servers');
+        `secret` checks the workers' tokens (None: a server with no scheduler)."""
         self.rank, self.cfg, self.run_id = rank, cfg, run_id
         self.node = f"server-{rank}"
         initial = initial_params(spec, cfg.seed)
         # this server's pieces: piece number (the header's "shard" field) -> its state
-        self.pieces = {i: PieceState(cfg, spec, i, p.lo, p.hi, initial, self.node, run_id)
+        self.pieces = {i: PieceState(cfg, spec, i, p.lo, p.hi, initial, self.node, run_id, secret)
                        for i, p in enumerate(pieces) if p.server == rank}
         self.resumed: list[int] = []          # the pieces `resume` restored
         if not self.pieces:
             raise ConfigError(f"server {rank} holds no piece of the {len(pieces)} given")
 
     def handle(self, ident: bytes, frames: list) -> tuple[PieceState | None, list[Reply]]:
-        """(the piece that answered, its replies); a request no piece can take gets an error."""
+        """(the piece that answered, its replies); a request no piece can take, or that
+        the sender's key may not send, gets an error."""
         header = None                    # the error answers the request's seq if it was readable
         try:
             header, payload = protocol.decode(frames)
+            protocol.permit(header["op"], security.peer_role(frames[0]))
             piece = self.pieces.get(header.get("shard"))
             if piece is None:
                 raise protocol.error(protocol.E_SHARD, f"{self.node} holds pieces "
@@ -89,6 +100,11 @@ class Server:
     @property
     def version(self) -> int:
         return min(p.version for p in self.pieces.values())
+
+    @property
+    def max_frame(self) -> int:
+        """The largest frame a request to this server has: a header, or its largest piece."""
+        return frame_limit([(p.lo, p.hi) for p in self.pieces.values()])
 
     def resume(self) -> str:
         """Continue every piece from this run's checkpoint where there is one; the others
@@ -127,6 +143,20 @@ class Server:
                 except DataError as e:
                     return str(e)
         return ""
+
+
+def concrete(endpoint: str) -> str:
+    """`endpoint` with a tcp port 0 (or *) replaced by a port free now, to bind soon."""
+    if not endpoint.startswith("tcp://"):
+        return endpoint
+    host, _, port = endpoint[len("tcp://"):].rpartition(":")
+    if port not in ("0", "*"):
+        return endpoint
+    plain = host.strip("[]")
+    family = socket.AF_INET6 if ":" in plain else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind(("" if plain in ("*", "0.0.0.0") else plain, 0))
+        return f"tcp://{host}:{probe.getsockname()[1]}"
 
 
 def own_address() -> str:
@@ -175,15 +205,22 @@ def standalone(cfg: Config, spec: ModelSpec, rank: int, address: str) -> None:
     """Serve server `rank` of `cfg.shards` at `address` with no scheduler, until a shutdown.
 
     For benchmarks and tests: the pieces come from the model's layout, as the
-    scheduler would assign them.
+    scheduler would assign them. With cfg.keys (as a server), over CurveZMQ.
     """
     pieces = model_layout(spec).pieces(cfg.shards, cfg.piece_elements)
+    server = Server(cfg, spec, rank, pieces)
+    keys = Keys.load(cfg.keys, "server") if cfg.keys else None
     ctx = zmq.Context()
-    sock, _ = bind_router(ctx, address)
+    zap = Zap(ctx, keys) if keys else None
     try:
-        serve(Server(cfg, spec, rank, pieces), sock)
+        sock, _ = bind_router(ctx, address, server.max_frame, keys)
+        try:
+            serve(server, sock)
+        finally:
+            sock.close()
     finally:
-        sock.close()
+        if zap is not None:
+            zap.close()
         ctx.term()
 
 
@@ -206,30 +243,39 @@ def main(cfg: Config) -> int:
                           "one (or DOWNPOUR_CHECKPOINT_DIR)")
     if cfg.checkpoint_dir:
         prepare_output(cfg.checkpoint_dir, "--checkpoint-dir", directory=True)
+    keys = Keys.load(cfg.keys, "server") if cfg.keys else None
+    endpoint = concrete(cfg.bind or DEFAULT_BIND)
     ctx = zmq.Context()
-    sock, endpoint = bind_router(ctx, cfg.bind or DEFAULT_BIND)
+    zap = Zap(ctx, keys) if keys else None          # before the bind: no handshake goes unchecked
+    sock = None
     try:
         addr = advertised(endpoint, cfg.advertise or own_address())
         meta = register(ctx, cfg.scheduler, "server", {"role": "server", "addr": addr},
-                        cfg.start_timeout_s)
+                        cfg.start_timeout_s, keys)
         rank = meta["rank"]
         run = replace(config.from_dict(meta["config"]), checkpoint_dir=cfg.checkpoint_dir,
                       resume=cfg.resume)
         server = Server(run, ModelSpec.from_dict(meta["model"]), rank,
                         [Piece(*p) for p in meta["pieces"]],     # [[server, lo, hi], ...] on the wire
-                        meta.get("run_id", ""))
+                        meta.get("run_id", ""), meta["secret"])
+        try:
+            sock, _ = bind_router(ctx, endpoint, server.max_frame, keys)
+        except zmq.ZMQError as e:
+            raise ClusterError(f"{server.node}: cannot listen at {endpoint} ({e}); another "
+                               "process took the address since this server registered it; "
+                               "start the server again") from None
         if cfg.resume and (note := server.resume()):
             say(note)
         pieces = [server.pieces[i] for i in sorted(server.pieces)]
         say(f"{server.node}: joined the scheduler at {cfg.scheduler}; serving [{pieces[0].lo}, "
             f"{pieces[-1].hi}) of the vector ({len(pieces)} piece(s)) at {addr}"
             + _resumed(server))
-        incarnation = meta.get("incarnation", 0)
+        incarnation, token = meta["incarnation"], meta["token"]
         for piece in server.pieces.values():
             piece.incarnation = incarnation
         heartbeat = Heartbeat(ctx, cfg.scheduler, server.node, run.heartbeat_s, run.dead_after_s,
                               lambda: {"role": "server", "rank": rank, "incarnation": incarnation,
-                                       "version": server.version})
+                                       "token": token, "version": server.version}, keys)
         heartbeat.start()
         try:
             why = serve(server, sock, heartbeat)
@@ -239,6 +285,9 @@ def main(cfg: Config) -> int:
             raise ClusterError(f"{server.node}: {why} at version {server.version}")
         say(f"{server.node}: {why} at version {server.version}")
     finally:
-        sock.close()
+        if sock is not None:
+            sock.close()
+        if zap is not None:
+            zap.close()
         ctx.term()
     return 0

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import zmq
 
-from downpour.common import protocol
+from downpour.common import protocol, security
 from downpour.common.config import Config
 from downpour.common.errors import ClusterError
 from downpour.ps.membership import Membership
@@ -79,8 +79,13 @@ def test_registration_errors_change_nothing(cluster):
     assert reply(nodes, peer)["code"] == protocol.E_MALFORMED
     send(peer, "register", role="server")                        # no addr
     assert reply(nodes, peer)["code"] == protocol.E_MALFORMED
-    send(peer, "heartbeat", role="worker", rank=0)               # never registered
-    assert reply(nodes, peer)["code"] == protocol.E_STATE
+    send(peer, "heartbeat", role="worker", rank=0)               # no token
+    assert reply(nodes, peer)["code"] == protocol.E_DENIED
+    forged = security.mint(b"not the run's secret", "worker", 0, 1)
+    send(peer, "heartbeat", role="worker", token=forged)
+    assert reply(nodes, peer)["code"] == protocol.E_DENIED
+    send(peer, "heartbeat", role="worker", token=security.mint(nodes.secret, "worker", 0, 1))
+    assert reply(nodes, peer)["code"] == protocol.E_STATE      # a true token, of nobody yet
     send(peer, "pull")
     assert reply(nodes, peer)["code"] == protocol.E_UNKNOWN_OP
     assert nodes.servers == {} and nodes.workers == {}
@@ -102,18 +107,18 @@ def test_a_silent_worker_dies_and_the_live_set_changes(cluster):
     for i in range(2):
         send(connect(), "register", role="server", addr=f"tcp://host:{6000 + i}")
     workers = [connect(), connect()]
-    incarnation = {}
+    token = {}
     for w in workers:
         send(w, "register", role="worker")
         meta = reply(nodes, w)["meta"]
-        incarnation[meta["rank"]] = meta["incarnation"]
-    assert sorted(incarnation) == [0, 1]
+        token[meta["rank"]] = meta["token"]
+    assert sorted(token) == [0, 1]
     assert nodes.assembled and nodes.live_workers() == [0, 1]
     deadline = time.monotonic() + WAIT_S
     while not nodes.workers[1].dead and time.monotonic() < deadline:
         for s, rank in ((workers[0], 0),):                       # worker 1 stays silent
-            send(s, "heartbeat", role="worker", rank=rank, incarnation=incarnation[rank],
-                 samples=64, done=False)
+            send(s, "heartbeat", role="worker", rank=rank, token=token[rank], samples=64,
+                 done=False)
             assert reply(nodes, s)["meta"]["stop"] is False
         for rank in (0, 1):                                      # the servers keep beating
             nodes.servers[rank].last_seen = time.monotonic()
@@ -155,7 +160,7 @@ def test_a_dead_server_with_no_replacement_ends_the_run(cluster):
 
 
 def assembled(nodes, connect):
-    """Two servers and two workers registered; {rank: (socket, incarnation)} of the workers."""
+    """Two servers and two workers registered; {rank: (socket, token)} of the workers."""
     for i in range(2):
         send(connect(), "register", role="server", addr=f"tcp://host:{6000 + i}")
     workers = {}
@@ -163,7 +168,7 @@ def assembled(nodes, connect):
         w = connect()
         send(w, "register", role="worker")
         meta = reply(nodes, w)["meta"]
-        workers[meta["rank"]] = (w, meta["incarnation"])
+        workers[meta["rank"]] = (w, meta["token"])
     nodes.started = True                               # what assemble() sets
     return workers
 
@@ -197,14 +202,14 @@ def test_a_restarted_worker_takes_the_dead_rank_and_the_old_one_is_refused(clust
     nodes.workers[1].last_seen -= 100                  # worker-1 falls silent: dead
     nodes.tend(0)
     assert dropped == [1] and nodes.workers[1].dead
-    old, old_incarnation = workers[1]
-    send(old, "heartbeat", role="worker", rank=1, incarnation=old_incarnation)
+    old, old_token = workers[1]
+    send(old, "heartbeat", role="worker", token=old_token)
     assert "declared dead" in reply(nodes, old)["msg"]             # its chunks went to others
     restarted = connect()
     send(restarted, "register", role="worker")
     meta = reply(nodes, restarted)["meta"]
-    assert meta["rank"] == 1 and meta["incarnation"] != old_incarnation
-    send(old, "heartbeat", role="worker", rank=1, incarnation=old_incarnation)
+    assert meta["rank"] == 1 and meta["token"] != old_token
+    send(old, "heartbeat", role="worker", token=old_token)
     assert "went to another worker" in reply(nodes, old)["msg"]
     assert nodes.total("samples") == 640 and nodes.worker_samples() == {"0": 0, "1": 640}
 
@@ -215,8 +220,8 @@ def test_counters_come_with_chunk_requests_and_only_grow(cluster):
     nodes, connect = cluster
     nodes.cfg = replace(CFG, mode="async", dead_after_s=60.0)
     nodes.on_next_chunk = lambda rank, header: {"chunks": [], "end": True}
-    sock, incarnation = assembled(nodes, connect)[0]
-    me = {"role": "worker", "rank": 0, "incarnation": incarnation}
+    sock, token = assembled(nodes, connect)[0]
+    me = {"role": "worker", "token": token}
     send(sock, "next_chunk", seq=1, **me, done=[], want=1, progress={"samples": 160, "steps": 2})
     assert reply(nodes, sock)["op"] == "ok"
     send(sock, "heartbeat", seq=2, **me, samples=80, steps=1, loss_sum=2.0, loss_count=1)

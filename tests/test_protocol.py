@@ -261,11 +261,33 @@ def test_protocol_error_code_defaults_and_error_sets_it():
 def test_every_code_op_and_field_is_documented():
     doc = protocol.__doc__
     codes = {name: value for name, value in vars(protocol).items() if re.fullmatch(r"E_[A-Z_]+", name)}
-    assert set(codes.values()) == set(protocol.ERRORS) == set(range(1, 8))
+    assert set(codes.values()) == set(protocol.ERRORS) == set(range(1, 9))
     for name, value in codes.items():
         assert re.search(rf"^\s+{value}\s+{name}\s", doc, re.M), f"{name} = {value} is not documented"
     for op in (*protocol.SERVER_OPS, *protocol.SCHEDULER_OPS):
         assert re.search(rf"^    {op}\s", doc, re.M), f"operation {op!r} is not documented"
-    wire_type = {int: "int", str: "str", dict: "map"}
+    wire_type = {int: "int", str: "str", dict: "map", bytes: "bytes"}
     for field, kind in protocol._FIELDS.items():
         assert re.search(rf"^    {field}\s+{wire_type[kind]}\s", doc, re.M), f"field {field!r} undocumented"
+
+
+def test_every_operation_has_its_permitted_roles_documented():
+    assert set(protocol.PERMITTED) == {*protocol.SERVER_OPS, *protocol.SCHEDULER_OPS}
+    for role in ("scheduler", "server", "worker"):
+        ops = sorted(op for op, roles in protocol.PERMITTED.items() if role in roles)
+        line = re.search(rf"^    {role}\s+(.*)$", protocol.__doc__, re.M).group(1)
+        assert sorted(line.split(", ")) == ops, (role, line)
+
+
+@pytest.mark.parametrize("op, role, allowed", [
+    ("shutdown", "worker", False), ("control", "server", False), ("push", "scheduler", False),
+    ("register", "scheduler", False), ("next_chunk", "server", False), ("no_such_op", "worker", False),
+    ("pull", "worker", True), ("pull", "scheduler", True), ("shutdown", "scheduler", True),
+    ("shutdown", None, True)])
+def test_permit_checks_the_authenticated_role(op, role, allowed):
+    if allowed:
+        protocol.permit(op, role)
+    else:
+        with pytest.raises(ProtocolError) as e:
+            protocol.permit(op, role)
+        assert e.value.code == protocol.E_DENIED and role in str(e.value)

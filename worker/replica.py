@@ -43,6 +43,7 @@ from downpour.common.layout import Piece
 from downpour.common.model import Model, ModelSpec
 from downpour.common.node import ChunkFeed, Heartbeat, register, say
 from downpour.common.protocol import RemoteError
+from downpour.common.security import Keys
 from downpour.common.training import (
     batch_gradient,
     chunk_batches,
@@ -223,9 +224,10 @@ def main(cfg: Config) -> int:
     if not cfg.scheduler:
         raise ConfigError("a worker needs the scheduler's address: --scheduler tcp://HOST:PORT "
                           "(or DOWNPOUR_SCHEDULER)")
+    keys = Keys.load(cfg.keys, "worker") if cfg.keys else None
     ctx = zmq.Context()
     try:
-        meta = register(ctx, cfg.scheduler, "worker", {"role": "worker"}, cfg.start_timeout_s)
+        meta = register(ctx, cfg.scheduler, "worker", {"role": "worker"}, cfg.start_timeout_s, keys)
         rank = meta["rank"]
         node = f"worker-{rank}"
         run = config.from_dict(meta["config"])
@@ -237,15 +239,17 @@ def main(cfg: Config) -> int:
             raise ConfigError(f"{node}: its training data has {len(train)} samples of "
                               f"{train.n_features} features, the scheduler's {meta['n_train']} of "
                               f"{meta['model']['n_inputs']}; give every node the same data")
-        incarnation = meta["incarnation"]
+        incarnation, token = meta["incarnation"], meta["token"]
         pieces = [Piece(*p) for p in meta["pieces"]]         # [[server, lo, hi], ...] on the wire
         client = ShardClient([meta["servers"][p.server] for p in pieces],
                              [(p.lo, p.hi) for p in pieces], node, run.timeout_s, run.retries, ctx,
-                             first_seq=incarnation * SEQ_SPAN)
+                             first_seq=incarnation * SEQ_SPAN, keys=keys, token=token)
         heartbeat = Heartbeat(ctx, cfg.scheduler, node, run.heartbeat_s, run.dead_after_s,
-                              lambda: dict(replica.progress))     # started below, once replica is
-        feed = ChunkFeed(ctx, cfg.scheduler, node, {"rank": rank, "incarnation": incarnation},
-                         run.timeout_s, run.retries, lost=heartbeat.lost,
+                              lambda: {**replica.progress, "token": token},  # replica: made below
+                              keys)
+        identity = {"rank": rank, "incarnation": incarnation, "token": token}
+        feed = ChunkFeed(ctx, cfg.scheduler, node, identity, run.timeout_s, run.retries,
+                         lost=heartbeat.lost, keys=keys,
                          progress=lambda: {k: replica.progress[k] for k in protocol.COUNTERS}
                          ) if dealt(run) else None
         replica = Replica(run, ModelSpec.from_dict(meta["model"]), rank, train, client,
