@@ -42,6 +42,7 @@ from downpour.common.errors import ConfigError
 ROLES = ("scheduler", "server", "worker")
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"     # where libzmq asks for a verdict on each handshake
 ZAP_POLL_MS = 100                           # how often the handler checks for close()
+ZAP_DOMAIN = b"downpour"                     # with ZAP_ENFORCE_DOMAIN: no handler, no handshake
 TOKEN_MAC = 16                              # bytes of HMAC-SHA256 kept in a token
 TOKEN = struct.Struct("<II")                # rank, incarnation; then the MAC
 
@@ -77,6 +78,8 @@ class Keys(NamedTuple):
         sock.curve_publickey = self.public
         if peer is None:
             sock.curve_server = True
+            sock.zap_domain = ZAP_DOMAIN                 # fail closed: with no Zap running,
+            sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)   # every handshake fails
         else:
             sock.curve_serverkey = self.publics[peer]
 
@@ -132,7 +135,8 @@ class Zap(threading.Thread):
     """The ZAP handler of one context: admits CURVE clients holding one of the cluster's
     public keys, with the key's role as User-Id; refuses everything else.
 
-    Start it before binding a CURVE server socket; `close()` before `ctx.term()`.
+    Start it before binding a CURVE server socket; `close()` before `ctx.term()`. A
+    CURVE server socket made by `Keys.secure` admits nobody while no handler runs.
     """
 
     def __init__(self, ctx: zmq.Context, keys: Keys):
