@@ -6,7 +6,8 @@
     downpour server --scheduler ADDR
     downpour worker --scheduler ADDR
     downpour bench core [--json]          one training step against PyTorch; the optimizer update
-    downpour bench comm [--json]          push_pull through shard servers against bare pyzmq
+    downpour bench comm [--json]          push_pull through shard servers against raw pyzmq
+                                          doing the same work, with and without CurveZMQ
     downpour experiment --out DIR [...]   a sweep of runs over modes and workers: CSV and plots
     downpour plot METRICS.jsonl...        accuracy curves of any runs
     downpour download mnist [--dir DIR]   fetch the four MNIST files, verifying their checksums
@@ -166,10 +167,13 @@ def parser() -> argparse.ArgumentParser:
     core.add_argument("--adam-size", type=int, default=16 * 2**20,
                       help="elements in the optimizer-update benchmark (default 16M)")
     core.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
-    comm = kinds.add_parser("comm", help="push_pull through shard servers against bare pyzmq")
+    comm = kinds.add_parser("comm", help="push_pull through shard servers against raw pyzmq "
+                                                   "(the same work; a bare echo), with and without CURVE")
     comm.add_argument("--shards", default="1,2,4", help="server counts (default 1,2,4)")
-    comm.add_argument("--transport", choices=["ipc", "tcp"], default="ipc")
-    comm.add_argument("--repeats", type=int, default=20, help="round trips per case (default 20)")
+    comm.add_argument("--transports", default="ipc,tcp",
+                      help="transports, each with rows of its own (default ipc,tcp)")
+    comm.add_argument("--repeats", type=int, default=10,
+                      help="timed round trips per contender and case (default 10)")
     comm.add_argument("--vectors", nargs="*", choices=["mlp", "16M"],
                       help="which vectors (default both)")
     comm.add_argument("--piece-kib", type=int, default=config.Config.piece_kib,

@@ -1,29 +1,58 @@
-"""`downpour bench comm`: push_pull through the shard servers against bare pyzmq, in one run.
+"""`downpour bench comm`: push_pull through the shard servers against raw pyzmq, in one run.
 
 For each vector (the MLP 784-1024-1024-10, 1,863,690 float32; and a 16M-parameter
-vector) and each number of servers S (1, 2, 4), on the same transport:
+vector), each number of servers S (1, 2, 4) and each transport (ipc, tcp), five
+contenders carry the whole vector out and back through S server processes each:
 
-  downpour  ShardClient.push_pull of the whole vector through S real shard
-            servers (separate processes): encode, zero-copy send of each piece,
-            validation, the optimizer update (SGD), the reply, and the copy of
-            the new weights into place
-  bare      the same byte counts through S pyzmq echo processes: the client sends
-            each server its slice zero-copy, each answers with a slice of its
-            own, and the client copies the answers into place, the least any
-            parameter server must do
+  downpour    ShardClient.push_pull through S real shard servers (ps.server.standalone):
+              encode, zero-copy send of each piece, validation, the SGD update, the
+              reply, and the copy of the new weights into place
+  curve       the same with CurveZMQ: the cluster's keys (security.write_keys, in a
+              temporary folder removed afterwards), a ZAP handler in every server,
+              every frame encrypted and authenticated both ways
+  work        raw pyzmq doing a server's work, with nothing of downpour's protocol:
+              the same pieces on one DEALER per server; each server checks each
+              gradient piece is finite (np.dot(g, g), one pass, as ps/piece.py does),
+              applies SGD to its piece in place (float32, p -= lr * g), and replies
+              with the updated piece zero-copy
+  work+curve  `work` over CurveZMQ, with the same keys and ZAP handler as `curve`
+  bare        S raw echo servers: the client sends each server its slice zero-copy,
+              each answers with a slice of its own without reading the gradient, and
+              the client copies the answers into place: the least any parameter
+              server must do. One message per server, not per piece: with large
+              slices nothing overlaps, and bare can be slower than downpour (ratio > 1)
 
-Both are timed in alternating rounds; a figure is the median round trip. GB/s
-per direction is the vector's bytes over the round-trip time (each direction
-carries that many bytes once per round trip); ratio = downpour / bare throughput.
+The contenders are timed in alternating rounds (bench.timing.interleaved), so load
+on a shared machine hits all of them; a figure is the median round trip, in ms.
+GB/s per direction is the vector's bytes over the round-trip time (each direction
+carries that many bytes once per round trip). Every ratio is a throughput kept,
+time of the reference / time of the contender (1 = as fast, 0.5 = half as fast):
+
+  field (table header)     throughput of / of   what it measures
+  ratio (ratio)            downpour / bare      what the protocol and the work cost
+  work_ratio (work)        downpour / work      downpour over raw pyzmq doing the same work
+  curve_ratio (curve)      curve / downpour     what encryption costs downpour
+  raw_curve_ratio (raw c)  work+curve / work    what encryption costs raw pyzmq
+  curve_work_ratio (c/w)   curve / work+curve   downpour over raw pyzmq, both encrypted
+
+The table gives, per row (vector, S, transport `tr`, pieces of the vector), each
+contender's milliseconds, downpour's GB/s and the five ratios. JSON rows carry every
+field: vector, shards, transport, pieces, `<contender>_ms` and `<contender>_gb_s` for
+downpour, curve, work, work_curve and bare, and the five ratios.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import socket
 import tempfile
+import time
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import zmq
@@ -32,101 +61,147 @@ from downpour.bench.timing import interleaved
 from downpour.common.client import ShardClient, make_socket
 from downpour.common.config import Config, parse_list
 from downpour.common.errors import ConfigError
+from downpour.common.layout import Piece
 from downpour.common.model import ModelSpec, model_layout
+from downpour.common.security import Keys, Zap, write_keys
 from downpour.ps.server import standalone
 
 VECTORS = {  # name -> a model whose parameter vector has that size
     "mlp 784-1024-1024-10": ModelSpec(n_inputs=784, n_outputs=10, hidden=(1024, 1024)),
     "16M vector": ModelSpec(n_inputs=4095, n_outputs=1, hidden=(4096,)),
 }
+TRANSPORTS = ("ipc", "tcp")
+CONTENDERS = ("downpour", "curve", "work", "work_curve", "bare")    # in the order they are timed
+LR = 1e-9                 # SGD step: weights stay finite over any number of round trips
+TIMEOUT_S = 60.0          # a round trip slower than this means a server is gone
+JOIN_S = 10.0             # seconds the server processes of a row get to exit before they are killed
+STOP = b""                # the index frame that stops a raw server, and its confirmation
+POLL_MS = 1000            # a raw server checks this often that its parent still runs
 
 
-def _echo(address: str, size: int) -> None:
-    """A bare pyzmq server: answer every message with `size` float32, until an empty frame."""
+def _raw_server(address: str, sizes: dict[int, int], work: bool, keys_dir: str) -> None:
+    """A raw pyzmq server of messages [index, float32 payload], until a STOP index (which it
+    confirms) or until its parent process is gone.
+
+    `sizes` maps the index of each piece (or whole slice) it holds to its float32 count.
+    With `work`, it does a shard server's work on each (`_sgd`); without, it echoes a
+    buffer of its own, never reading the payload. A message it cannot take (an unknown
+    index; with `work`, a gradient `_sgd` refuses) gets a reply with no payload. With
+    `keys_dir`, a CURVE server: a ZAP handler admits the cluster's keys.
+    """
+    keys = Keys.load(keys_dir, "server") if keys_dir else None
     ctx = zmq.Context()
-    sock = make_socket(ctx, zmq.ROUTER, address, bind=True)
-    reply = np.ones(size, np.float32)        # written pages: np.zeros would be the zero page
+    zap = Zap(ctx, keys) if keys else None              # before the bind
+    sock = make_socket(ctx, zmq.ROUTER, address, bind=True, max_frame=4 * max(sizes.values()),
+                       keys=keys)
+    params = {i: np.ones(n, np.float32) for i, n in sizes.items()}   # np.zeros: the zero page
+    scratch = np.empty(max(sizes.values()), np.float32)
+    sent: dict[int, zmq.MessageTracker] = {}             # index -> its last reply, while zero-copy
+    parent = multiprocessing.parent_process()
     try:
         while True:
-            ident, head, *payload = sock.recv_multipart(copy=False)
-            if not head.bytes:
+            if not sock.poll(POLL_MS):
+                if parent is not None and not parent.is_alive():
+                    break                                        # orphaned: nobody will stop it
+                continue
+            frames = sock.recv_multipart(copy=False)
+            ident, index, payload = frames[0].bytes, frames[1].bytes, frames[2:]
+            if index == STOP:
+                sock.send_multipart([ident, STOP])                # stopped: the client may go
                 break
-            sock.send_multipart([ident.bytes, b"ok", memoryview(reply)], copy=False)
+            p = params.get(i := int.from_bytes(index, "little"))
+            if p is None or (work and not _sgd(p, payload, scratch, sent.get(i))):
+                sock.send_multipart([ident, index])             # no payload: refused
+                continue
+            sent[i] = sock.send_multipart([ident, index, memoryview(p)], copy=False, track=work)
     finally:
         sock.close()
+        if zap is not None:
+            zap.close()
         ctx.term()
 
 
-class _Bare:
-    """The client side of the bare round trip."""
+def _sgd(p: np.ndarray, payload: list[zmq.Frame], scratch: np.ndarray,
+         in_flight: zmq.MessageTracker | None) -> bool:
+    """A shard server's work on piece `p` (n,): check the gradient in `payload` is one frame
+    of n float32, all finite, then p <- p - LR * g in place. False, and `p` unchanged, if
+    the check fails. `in_flight`: the reply that may still be sending `p` zero-copy."""
+    if len(payload) != 1 or len(payload[0]) != p.nbytes:
+        return False
+    g = np.frombuffer(payload[0].buffer, np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if not math.isfinite(float(np.dot(g, g))):       # one pass; inf or nan if any element is
+            return False
+    if in_flight is not None:
+        in_flight.wait(TIMEOUT_S)
+    s = scratch[:len(p)]
+    np.multiply(g, np.float32(LR), out=s)                # two passes, as optim.SGD
+    np.subtract(p, s, out=p)
+    return True
 
-    def __init__(self, addresses: list[str], ranges: list[tuple[int, int]], ctx: zmq.Context):
-        self.socks = [make_socket(ctx, zmq.DEALER, a) for a in addresses]
-        self.ranges = ranges
+
+class _RawClient:
+    """The client of raw servers: message i carries [lo, hi) of the vector to `addresses[i]`
+    (one DEALER per address, messages to one server in order on it)."""
+
+    def __init__(self, ctx: zmq.Context, addresses: Sequence[str], ranges: Sequence[tuple[int, int]],
+                 keys: Keys | None = None):
+        max_frame = 4 * max(hi - lo for lo, hi in ranges)
+        self.socks = {a: make_socket(ctx, zmq.DEALER, a, max_frame=max_frame, keys=keys, peer="server")
+                      for a in dict.fromkeys(addresses)}
+        self.messages = [(self.socks[a], i.to_bytes(4, "little"), lo, hi)
+                         for i, (a, (lo, hi)) in enumerate(zip(addresses, ranges))]
+        self.poller = zmq.Poller()
+        for sock in self.socks.values():
+            self.poller.register(sock, zmq.POLLIN)
 
     def round_trip(self, grad: np.ndarray, out: np.ndarray) -> None:
-        for sock, (lo, hi) in zip(self.socks, self.ranges):
-            sock.send_multipart([b"x", memoryview(grad[lo:hi])], copy=False)
-        for sock, (lo, hi) in zip(self.socks, self.ranges):
-            if not sock.poll(30_000):
-                raise TimeoutError("a bare echo server did not answer in 30 s")
-            _, payload = sock.recv_multipart(copy=False)
-            out[lo:hi] = np.frombuffer(payload.buffer, np.float32)
+        for sock, index, lo, hi in self.messages:
+            sock.send_multipart([index, memoryview(grad[lo:hi])], copy=False)
+        left = len(self.messages)
+        while left:
+            events = self.poller.poll(1000 * TIMEOUT_S)
+            if not events:
+                raise TimeoutError(f"a raw server did not answer in {TIMEOUT_S:g} s")
+            for sock, _ in events:
+                index, *payload = sock.recv_multipart(copy=False)
+                if not payload:
+                    raise ValueError("a raw server refused a message (unknown index, wrong length "
+                                     "or values not finite)")
+                _, _, lo, hi = self.messages[int.from_bytes(index.bytes, "little")]
+                out[lo:hi] = np.frombuffer(payload[0].buffer, np.float32)
+                left -= 1
+
+    def stop(self) -> None:
+        """Stop the servers; each confirms. TimeoutError if one does not within TIMEOUT_S."""
+        for sock in self.socks.values():
+            sock.send_multipart([STOP])
+        deadline = time.monotonic() + TIMEOUT_S
+        for address, sock in self.socks.items():
+            while True:                         # replies of an unfinished round trip come first
+                if not sock.poll(1000 * max(0.0, deadline - time.monotonic())):
+                    raise TimeoutError(f"the raw server at {address} did not confirm its stop "
+                                       f"in {TIMEOUT_S:g} s")
+                if sock.recv_multipart()[0] == STOP:
+                    break
 
     def close(self) -> None:
-        for sock in self.socks:
-            sock.send_multipart([b""])
+        """Close the sockets; safe to call twice."""
+        for sock in self.socks.values():
             sock.close()
 
 
-def _address(transport: str, run_dir: Path, name: str, port: int) -> str:
-    return f"ipc://{run_dir}/{name}" if transport == "ipc" else f"tcp://127.0.0.1:{port}"
+class _Addresses:
+    """Distinct addresses for one row's servers: ipc files in `run_dir`, or free tcp ports."""
 
+    def __init__(self, transport: str, run_dir: Path, count: int):
+        self.transport, self.run_dir = transport, run_dir
+        self.ports = iter(_free_ports(count) if transport == "tcp" else [])
 
-def measure(spec: ModelSpec, shards: int, transport: str, repeats: int, piece_kib: int) -> dict:
-    """One row: downpour and bare round trips of `spec`'s vector through `shards` servers."""
-    layout = model_layout(spec)
-    ranges = layout.shard_ranges(shards)
-    cfg = Config(mode="async", workers=1, shards=shards, optimizer="sgd", lr=1e-9, seed=0,
-                 piece_kib=piece_kib)
-    pieces = layout.pieces(shards, cfg.piece_elements)
-    mp = multiprocessing.get_context("spawn")
-    ctx = zmq.Context()
-    with tempfile.TemporaryDirectory(prefix="downpour-bench-") as tmp:
-        run_dir = Path(tmp)
-        ports = _free_ports(2 * shards) if transport == "tcp" else [0] * (2 * shards)
-        ours = [_address(transport, run_dir, f"server-{i}", ports[i]) for i in range(shards)]
-        bare = [_address(transport, run_dir, f"echo-{i}", ports[shards + i]) for i in range(shards)]
-        procs = [mp.Process(target=standalone, args=(cfg, spec, i, ours[i]), daemon=True)
-                 for i in range(shards)]
-        procs += [mp.Process(target=_echo, args=(bare[i], hi - lo), daemon=True)
-                  for i, (lo, hi) in enumerate(ranges)]
-        for p in procs:
-            p.start()
-        client = ShardClient([ours[piece.server] for piece in pieces],
-                             [(piece.lo, piece.hi) for piece in pieces],
-                             "bench", timeout=60.0, retries=0, ctx=ctx)
-        echo = _Bare(bare, ranges, ctx)
-        try:
-            rng = np.random.default_rng(0)
-            grad = rng.standard_normal(layout.size, dtype=np.float32)
-            out = np.empty(layout.size, np.float32)
-            t = interleaved({"downpour": lambda: client.push_pull(grad, 0, out),
-                              "bare": lambda: echo.round_trip(grad, out)}, repeats)
-            client.call_all("shutdown")
-        finally:
-            client.close()
-            echo.close()
-            for p in procs:
-                p.join(timeout=10)
-                if p.is_alive():
-                    p.kill()
-            ctx.term()
-    nbytes = 4 * layout.size
-    return {"vector": layout.size, "shards": shards, "transport": transport, "pieces": len(pieces),
-            "downpour_ms": 1e3 * t["downpour"], "bare_ms": 1e3 * t["bare"],
-            "downpour_gb_s": nbytes / t["downpour"] / 1e9, "bare_gb_s": nbytes / t["bare"] / 1e9,
-            "ratio": t["bare"] / t["downpour"]}
+    def __call__(self, name: str) -> str:
+        if self.transport == "ipc":
+            return f"ipc://{self.run_dir}/{name}"
+        return f"tcp://127.0.0.1:{next(self.ports)}"
 
 
 def _free_ports(n: int) -> list[int]:
@@ -140,25 +215,147 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
+def measure(spec: ModelSpec, shards: int, transport: str, repeats: int, piece_kib: int) -> dict:
+    """One row: the five contenders' round trips of `spec`'s vector through `shards` servers each."""
+    layout = model_layout(spec)
+    cfg = Config(mode="async", workers=1, shards=shards, optimizer="sgd", lr=LR, seed=0,
+                 piece_kib=piece_kib)
+    pieces = layout.pieces(shards, cfg.piece_elements)
+    with tempfile.TemporaryDirectory(prefix="downpour-bench-") as tmp:
+        keys_dir = str(Path(tmp) / "keys")
+        write_keys(keys_dir)
+        address = _Addresses(transport, Path(tmp), len(CONTENDERS) * shards)
+        names = {c: [address(f"{c}-{i}") for i in range(shards)] for c in CONTENDERS}
+        procs = _start_servers(cfg, spec, names, pieces, layout.shard_ranges(shards), keys_dir)
+        ctx = zmq.Context()
+        clients = _Clients(ctx, names, pieces, layout.shard_ranges(shards), keys_dir)
+        try:
+            grad = np.random.default_rng(0).standard_normal(layout.size, dtype=np.float32)
+            out = np.empty(layout.size, np.float32)
+            t = interleaved({c: clients.round_trip(c, grad, out) for c in CONTENDERS}, repeats)
+            clients.shutdown()
+        finally:
+            clients.close()
+            _end(procs)
+            ctx.term()
+    return _row(layout.size, shards, transport, len(pieces), t)
+
+
+def _start_servers(cfg: Config, spec: ModelSpec, names: dict[str, list[str]], pieces: list[Piece],
+                   slices: list[tuple[int, int]], keys_dir: str) -> list[multiprocessing.Process]:
+    """Start S server processes per contender, server i of contender c at names[c][i]."""
+    mp = multiprocessing.get_context("spawn")
+    secure = replace(cfg, keys=keys_dir)
+    sizes = [{k: p.hi - p.lo for k, p in enumerate(pieces) if p.server == i} for i in range(len(slices))]
+    targets = []
+    for i, (lo, hi) in enumerate(slices):
+        targets += [(standalone, (cfg, spec, i, names["downpour"][i])),
+                    (standalone, (secure, spec, i, names["curve"][i])),
+                    (_raw_server, (names["work"][i], sizes[i], True, "")),
+                    (_raw_server, (names["work_curve"][i], sizes[i], True, keys_dir)),
+                    (_raw_server, (names["bare"][i], {i: hi - lo}, False, ""))]
+    procs = [mp.Process(target=f, args=a, daemon=True) for f, a in targets]
+    for p in procs:
+        p.start()
+    return procs
+
+
+def _end(procs: list[multiprocessing.Process]) -> None:
+    """Wait for the server processes to exit, JOIN_S seconds in all; kill those still running."""
+    deadline = time.monotonic() + JOIN_S
+    for p in procs:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+class _Clients:
+    """One client per contender, all on `ctx`; CURVE clients hold the worker's keys."""
+
+    def __init__(self, ctx: zmq.Context, names: dict[str, list[str]], pieces: list[Piece],
+                 slices: list[tuple[int, int]], keys_dir: str):
+        ranges = [(p.lo, p.hi) for p in pieces]
+        self.keys_dir = keys_dir
+        worker = Keys.load(keys_dir, "worker")
+        self.shard = {c: ShardClient([names[c][p.server] for p in pieces], ranges, "bench",
+                                     timeout=TIMEOUT_S, retries=0, ctx=ctx, keys=keys)
+                      for c, keys in (("downpour", None), ("curve", worker))}
+        self.raw = {c: _RawClient(ctx, [names[c][p.server] for p in pieces], ranges, keys)
+                    for c, keys in (("work", None), ("work_curve", worker))}
+        self.raw["bare"] = _RawClient(ctx, names["bare"], slices)
+
+    def round_trip(self, contender: str, grad: np.ndarray, out: np.ndarray) -> Callable[[], object]:
+        """A function that sends `grad` out through `contender` and its answer into `out`."""
+        if contender in self.shard:
+            return partial(self.shard[contender].push_pull, grad, 0, out)
+        return partial(self.raw[contender].round_trip, grad, out)
+
+    def shutdown(self) -> None:
+        """Stop every server; with CURVE, a shard server's shutdown is the scheduler's to send."""
+        for raw in self.raw.values():
+            raw.stop()
+        self.shard["downpour"].call_all("shutdown")
+        curve = self.shard["curve"]
+        with ShardClient(curve.addresses, curve.ranges, "bench", timeout=TIMEOUT_S, retries=0,
+                         ctx=curve.ctx, keys=Keys.load(self.keys_dir, "scheduler")) as scheduler:
+            scheduler.call_all("shutdown")
+
+    def close(self) -> None:
+        """Close every client's sockets; safe to call twice."""
+        for client in [*self.shard.values(), *self.raw.values()]:
+            client.close()
+
+
+def _row(size: int, shards: int, transport: str, pieces: int, t: dict[str, float]) -> dict:
+    """The JSON row of one measurement; `t` is seconds per round trip by contender."""
+    nbytes = 4 * size
+    return {"vector": size, "shards": shards, "transport": transport, "pieces": pieces,
+            **{f"{c}_ms": 1e3 * t[c] for c in CONTENDERS},
+            **{f"{c}_gb_s": nbytes / t[c] / 1e9 for c in CONTENDERS},
+            "ratio": t["bare"] / t["downpour"], "work_ratio": t["work"] / t["downpour"],
+            "curve_ratio": t["downpour"] / t["curve"], "raw_curve_ratio": t["work"] / t["work_curve"],
+            "curve_work_ratio": t["work_curve"] / t["curve"]}
+
+
+GROUPS = [  # (a heading over columns, [(column header, width, the row's field, format)])
+    ("", [("vector", 11, "vector", ","), ("S", 3, "shards", ""), ("tr", 4, "transport", ""),
+          ("pieces", 7, "pieces", "")]),
+    ("median round trip, ms", [("downpour", 9, "downpour_ms", ".2f"), ("curve", 8, "curve_ms", ".2f"),
+                               ("work", 8, "work_ms", ".2f"), ("work+c", 8, "work_curve_ms", ".2f"),
+                               ("bare", 8, "bare_ms", ".2f")]),
+    ("", [("GB/s", 7, "downpour_gb_s", ".2f")]),
+    ("throughput kept", [("ratio", 7, "ratio", ".2f"), ("work", 6, "work_ratio", ".2f"),
+                         ("curve", 7, "curve_ratio", ".2f"), ("raw c", 7, "raw_curve_ratio", ".2f"),
+                         ("c/w", 6, "curve_work_ratio", ".2f")]),
+]
+LEGEND = """\
+downpour: push_pull; curve: push_pull over CurveZMQ; work: raw pyzmq, the same pieces, each checked
+finite, SGD-updated and sent back; work+c: work over CurveZMQ; bare: a raw echo of each server's slice.
+GB/s: downpour's, per direction (vector bytes / round trip). Ratios are time of the reference / time
+of the contender (1 = as fast): ratio = bare / downpour, work = work / downpour (work_ratio),
+curve = downpour / curve (curve_ratio), raw c = work / work+c (raw_curve_ratio),
+c/w = work+c / curve (curve_work_ratio)."""
+
+
 def table(rows: list[dict]) -> str:
-    lines = ["downpour bench comm: push_pull through S shard servers (SGD update included) "
-             "against a bare pyzmq round trip of the same bytes",
-             "", f"{'vector':>12}{'S':>3}{'transport':>10}{'downpour ms':>13}{'bare ms':>9}"
-             f"{'downpour GB/s':>15}{'bare GB/s':>11}{'ratio':>7}"]
-    for r in rows:
-        lines.append(f"{r['vector']:>12,}{r['shards']:>3}{r['transport']:>10}{r['downpour_ms']:13.2f}"
-                     f"{r['bare_ms']:9.2f}{r['downpour_gb_s']:15.2f}{r['bare_gb_s']:11.2f}"
-                     f"{r['ratio']:7.2f}")
-    lines.append("GB/s per direction = vector bytes / round-trip time; ratio = downpour / bare")
-    return "\n".join(lines)
+    columns = [c for _, cols in GROUPS for c in cols]
+    lines = ["downpour bench comm: push_pull through S shard servers against raw pyzmq (the same work; "
+             "a bare echo), with and without CurveZMQ", "",
+             "".join(f"{head:^{sum(w for _, w, _, _ in cols)}}" for head, cols in GROUPS).rstrip(),
+             "".join(f"{h:>{w}}" for h, w, _, _ in columns)]
+    lines += ["".join(f"{r[f]:>{w}{fmt}}" for _, w, f, fmt in columns) for r in rows]
+    return "\n".join([*lines, "", LEGEND])
 
 
 def main(args) -> int:
     shard_counts = parse_list(args.shards, "shards")
+    transports = parse_list(args.transports, "transports", str, TRANSPORTS)
     if args.repeats < 1:
-        raise ConfigError("--repeats must be positive")
+        raise ConfigError(f"--repeats must be positive, got {args.repeats}")
     vectors = [VECTORS[v] for v in VECTORS if not args.vectors or v.split()[0] in args.vectors]
-    rows = [measure(spec, s, args.transport, args.repeats, args.piece_kib)
-            for spec in vectors for s in shard_counts]
+    rows = [measure(spec, s, transport, args.repeats, args.piece_kib)
+            for spec in vectors for s in shard_counts for transport in transports]
     print(json.dumps(rows) if args.json else table(rows))
     return 0
