@@ -167,8 +167,8 @@ def parser() -> argparse.ArgumentParser:
     core.add_argument("--adam-size", type=int, default=16 * 2**20,
                       help="elements in the optimizer-update benchmark (default 16M)")
     core.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
-    comm = kinds.add_parser("comm", help="push_pull through shard servers against raw pyzmq "
-                                                   "(the same work; a bare echo), with and without CURVE")
+    comm = kinds.add_parser("comm", help="push_pull through shard servers against raw pyzmq (the "
+                            "same work; a bare echo), with and without CURVE")
     comm.add_argument("--shards", default="1,2,4", help="server counts (default 1,2,4)")
     comm.add_argument("--transports", default="ipc,tcp",
                       help="transports, each with rows of its own (default ipc,tcp)")
