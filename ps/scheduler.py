@@ -117,7 +117,8 @@ class Scheduler:
             signal.signal(sig, self._interrupt)
         self.progress.line(f"run {self.run_id}: {self.about}; {self.cfg.mode} mode, "
                            f"{self.cfg.workers} worker(s), {self.cfg.shards} shard(s), "
-                           f"model {self.model.layout.size:,} parameters")
+                           f"model {self.model.layout.size:,} parameters; "
+                           + ("CurveZMQ, the cluster's keys only" if self.keys else "no keys: plain sockets"))
         self.nodes.assemble(lambda: self.interrupted, self.cfg.start_timeout_s, TICK_MS)
         servers = self.nodes.addresses()
         self.client = ShardClient([servers[p.server] for p in self.pieces],

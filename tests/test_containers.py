@@ -5,6 +5,9 @@ Driven with the Docker SDK for Python; only `docker-compose` itself is a command
 has no compose). Each test copies the repository's files as a fresh clone has them, runs
 its own compose project with a unique name, and removes everything it started
 (`down -v`). Skips, saying how to get one, where no engine answers.
+
+Every cluster runs with keys (CurveZMQ): compose's one-shot `keys` service writes them
+into the copy's deploy/keys, and each container gets only its own role's secret.
 """
 
 import calendar
@@ -17,6 +20,7 @@ import stat
 import subprocess
 import time
 import uuid
+from pathlib import PurePosixPath
 
 import pytest
 from conftest import ROOT
@@ -26,8 +30,31 @@ docker = pytest.importorskip("docker", reason="the Docker SDK: pip install -e '.
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(600)]  # a first build
 
 COMPOSE = shutil.which("docker-compose")
+IMAGE = "downpour:latest"
 RUN_TIMEOUT_S = 300                 # the longest a compose run in these tests may take
 POLL_S = 0.2
+ROLES = ("scheduler", "server", "worker")
+KEY_FILES = {f"{role}.{kind}" for role in ROLES for kind in ("key", "key_secret")}
+SECRETS = "/run/secrets"            # where compose and swarm put the key files (DOWNPOUR_KEYS)
+PRIVATE_KEYS = "/dev/shm/downpour-keys"   # the entrypoint's copy, owned by the dropped user
+IMAGE_USER = 10001                  # the image's user: who a node runs as when root owns ./runs
+# Run inside a worker's container: a bare b"x" to the scheduler, first without keys, then
+# with the worker's own (the entrypoint's copy, argv[1]); prints whether each got a reply
+# within 2 s. A CURVE scheduler lets no keyless peer finish the handshake; to a worker's
+# key it answers, with an error reply that changes nothing.
+PROBE = """
+import sys, zmq, zmq.auth
+def replied(keys):
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.linger = 0
+    if keys:
+        s.curve_publickey, s.curve_secretkey = zmq.auth.load_certificate(f"{keys}/worker.key_secret")
+        s.curve_serverkey = zmq.auth.load_certificate(f"{keys}/scheduler.key")[0]
+    s.connect("tcp://scheduler:5555")
+    s.send(b"x")
+    return bool(s.poll(2000))
+print(replied(None), replied(sys.argv[1]))
+"""
 
 
 @pytest.fixture(scope="session")
@@ -158,10 +185,78 @@ def ended(c):
     return scheduler.attrs["State"]["ExitCode"], metrics[-1]
 
 
-def test_compose_from_a_fresh_clone_runs_to_the_end_and_leaves_readable_results(cluster):
+def unix_time(stamp):
+    """An engine timestamp (RFC 3339 in UTC, up to nanoseconds, as logs and inspect give it)."""
+    whole, _, fraction = stamp.rstrip("Z").partition(".")
+    return calendar.timegm(time.strptime(whole, "%Y-%m-%dT%H:%M:%S")) + float("0." + (fraction or "0"))
+
+
+def own_keys(role):
+    """What a `role` node is given: its own role's secret and the three public keys."""
+    return {f"{role}.key_secret"} | {f"{r}.key" for r in ROLES}
+
+
+def mounted_keys(container):
+    """The names of the files the engine mounted in the container's secrets folder."""
+    return {PurePosixPath(m["Destination"]).name for m in container.attrs["Mounts"]
+            if PurePosixPath(m["Destination"]).parent == PurePosixPath(SECRETS)}
+
+
+def assert_keys_made(folder, owner):
+    """`folder` holds the six key files and nothing else (but .gitkeep), all owned by
+    `owner`; the secrets are mode 0600."""
+    found = {p.name: p.stat() for p in folder.iterdir() if p.name != ".gitkeep"}
+    assert set(found) == KEY_FILES, sorted(found)
+    for name, st in found.items():
+        assert st.st_uid == owner, (name, st.st_uid, owner)
+        if name.endswith(".key_secret"):
+            assert stat.S_IMODE(st.st_mode) == 0o600, (name, oct(st.st_mode))
+
+
+def assert_only_own_keys(c):
+    """Every node's container was given DOWNPOUR_KEYS and, of the secrets, only its own
+    role's; and was created only after the one-shot `keys` service had exited 0 (before,
+    the key files may not exist, and the engine refuses to mount a missing file)."""
+    (keys,) = c.containers("keys")
+    assert keys.attrs["State"]["ExitCode"] == 0, keys.logs()
+    keys_done = unix_time(keys.attrs["State"]["FinishedAt"])
+    for role in ROLES:
+        containers = c.containers(role)
+        assert containers, role
+        for container in containers:
+            assert f"DOWNPOUR_KEYS={SECRETS}" in container.attrs["Config"]["Env"], container.name
+            assert mounted_keys(container) == own_keys(role), (container.name, mounted_keys(container))
+            assert unix_time(container.attrs["Created"]) > keys_done, container.name
+
+
+def assert_keys_in_use(worker):
+    """In a running worker's container: the node reads its keys from the entrypoint's copy
+    (its own role's secret only, owned by the user it runs as), and the scheduler talks only
+    to a peer that holds the cluster's keys."""
+    listed = worker.exec_run(["sh", "-c", f"cd {PRIVATE_KEYS} && stat -c '%n %a %u' . *"])
+    assert listed.exit_code == 0, listed.output
+    modes = {name: (mode, int(uid)) for name, mode, uid in
+             (line.split() for line in listed.output.decode().splitlines())}
+    assert modes == {".": ("700", IMAGE_USER), "worker.key_secret": ("600", IMAGE_USER),
+                     **{f"{role}.key": ("644", IMAGE_USER) for role in ROLES}}, modes
+    probe = worker.exec_run(["python", "-c", PROBE, PRIVATE_KEYS])
+    assert probe.output.decode().split() == ["False", "True"], probe.output
+
+
+def as_root(engine, folder, *command):
+    """`command` as root in a throwaway container of the image with `folder` at /keys, so
+    the tests need not run as root to make a folder or a file someone else's."""
+    engine.containers.run(IMAGE, list(command[1:]), entrypoint=[command[0]], user="0",
+                          remove=True, volumes={str(folder): {"bind": "/keys", "mode": "rw"}})
+
+
+def test_compose_from_a_fresh_clone_runs_to_the_end_and_leaves_readable_results(cluster, engine):
     """The README's command, as written, with small counts: `up` returns when the run is
-    over, the scheduler's exit code is 0, and ./runs holds the metrics and the model."""
+    over, the scheduler's exit code is 0, and ./runs holds the metrics and the model. The
+    keys were made on the way, in the clone's deploy/keys and as its owner, and each node
+    was given only its own role's secret; the image holds none."""
     c = cluster(SHARDS=2, WORKERS=2, EPOCHS=2)
+    assert not set(os.listdir(c.dir / "deploy" / "keys")) - {".gitkeep"}
     c.up("--build", "--scale", "server=2", "--scale", "worker=2")
     assert c.wait() == 0, c.output()
     code, end = ended(c)
@@ -178,22 +273,62 @@ def test_compose_from_a_fresh_clone_runs_to_the_end_and_leaves_readable_results(
     for service in ("server", "worker"):                     # unprivileged, whoever owns ./runs
         top = c.containers(service)[0]
         assert top.attrs["Config"]["User"] in ("", "root")   # the entrypoint drops it
+    keys = c.dir / "deploy" / "keys"
+    assert_keys_made(keys, owner=keys.stat().st_uid)
+    assert_only_own_keys(c)
+    found = engine.containers.run(IMAGE, ["/", "-xdev", "-name", "*.key_secret"], entrypoint=["find"],
+                                  remove=True)
+    assert not found.strip(), found                          # never baked into the image
+
+
+def test_keys_are_the_folder_owners_and_a_root_owned_secret_is_still_read(cluster, engine):
+    """The `keys` service writes as the owner of deploy/keys (here uid 12345: a user's
+    clone) and keeps keys it finds. Compose mounts a secret with its host file's owner and
+    mode, which the node's user cannot read when it is root's and 0600; the entrypoint
+    hands the node a copy of its own, so the run goes through all the same."""
+    c = cluster(SHARDS=1, WORKERS=1, EPOCHS=1)
+    keys = c.dir / "deploy" / "keys"
+    try:
+        as_root(engine, keys, "chown", "12345:12345", "/keys")
+        c.compose("up", "keys")
+        assert_keys_made(keys, owner=12345)
+        public = {name: (keys / name).read_bytes() for name in own_keys("worker") - {"worker.key_secret"}}
+        as_root(engine, keys, "chown", "0:0", "/keys/server.key_secret", "/keys/worker.key_secret")
+        c.up("--scale", "server=1", "--scale", "worker=1")
+        assert c.wait() == 0, c.output()
+        code, end = ended(c)
+        assert code == 0 and end["samples"] == end["samples_asked"], c.output()
+        for container in c.containers():
+            container.reload()
+            assert container.attrs["State"]["ExitCode"] == 0, container.logs()[-2000:]
+        assert_only_own_keys(c)
+        assert {name: (keys / name).read_bytes() for name in public} == public   # kept
+        assert (keys / "worker.key_secret").stat().st_uid == 0
+    finally:                                  # the test's user may remove its tmp_path again
+        as_root(engine, keys, "chown", "-R", f"{os.getuid()}:{os.getgid()}", "/keys")
 
 
 def test_a_bad_setting_stops_every_container_within_30_s(cluster):
     """The scheduler exits at once; servers and workers see its name go and exit, and their
-    bounded restarts end too (compose's `up` may return while one is still restarting)."""
+    bounded restarts end too (compose's `up` may return while one is still restarting).
+    Timed by the engine, from the end of the one-shot `keys` service that comes first."""
     c = cluster(EPOCHS="abc")
     start = time.monotonic()
     c.up("--scale", "server=2", "--scale", "worker=2")
     c.wait(timeout=120)
     while any(x.status != "exited" for x in c.containers()) and time.monotonic() - start < 60:
         time.sleep(POLL_S)
-    took = time.monotonic() - start
+    running = [f"{x.name} {x.status}" for x in c.containers() if x.status != "exited"]
+    assert not running, running
+    (keys,) = c.containers("keys")
+    took = (max(unix_time(x.attrs["State"]["FinishedAt"]) for x in c.containers())
+            - unix_time(keys.attrs["State"]["FinishedAt"]))
+    print(f"\nbad setting: every container stopped {took:.1f} s after the keys, "
+          f"{time.monotonic() - start:.1f} s after `up`")
     scheduler = c.scheduler()
     assert scheduler.attrs["State"]["ExitCode"] == 2
     assert b"epochs='abc': expected an integer" in scheduler.logs()
-    assert took < 30, f"{took:.1f} s: " + ", ".join(f"{x.name} {x.status}" for x in c.containers())
+    assert took < 30, f"{took:.1f} s"
     for container in c.containers("worker") + c.containers("server"):
         assert container.attrs["RestartCount"] <= 2
         assert b"the scheduler's host 'scheduler' has not resolved" in container.logs()
@@ -208,8 +343,7 @@ def figures(c, since):
         stamp, _, text = line.partition(" ")
         for name, mark in marks.items():
             if mark in text and name not in out:
-                when = calendar.timegm(time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S"))
-                out[name] = round(when + float("0." + stamp[20:29]) - since, 2)
+                out[name] = round(unix_time(stamp) - since, 2)
     return out
 
 
@@ -254,7 +388,8 @@ def test_a_killed_worker_is_not_replaced_and_the_others_take_its_chunks(cluster)
     c = cluster(SHARDS=1, WORKERS=2, EPOCHS=8, DEAD_AFTER_S=3)
     c.up("--scale", "worker=2")
     c.wait_for_eval(epoch=2)
-    victim = c.containers("worker")[0]
+    victim, other = c.containers("worker")
+    assert_keys_in_use(other)
     victim.kill()
     assert c.wait() == 0, c.output()
     code, end = ended(c)
@@ -385,16 +520,29 @@ def swarm(engine):
 
 
 def test_a_swarm_stack_runs_to_the_end_and_leaves_nothing(swarm, fresh_clone, tmp_path):
-    """deploy/stack.yml on a single-node swarm: deploy, run to completion (no task restarted
-    into a finished cluster), read the results, `stack rm`, and nothing is left."""
+    """deploy/stack.yml on a single-node swarm: keys, deploy, run to completion (no task
+    restarted into a finished cluster), read the results, `stack rm`, and nothing is left,
+    the stack's secrets included. Each service is given only its own role's secret."""
     work = tmp_path / "clone"
     shutil.copytree(fresh_clone, work, symlinks=True)
     stack = f"dpstack{uuid.uuid4().hex[:6]}"
     env = {**os.environ, "SHARDS": "2", "WORKERS": "2", "EPOCHS": "2"}
     label = f"com.docker.stack.namespace={stack}"
+    keys = work / "deploy" / "keys"
     try:
+        # Swarm reads the secret files at deploy time: the README's step before it.
+        swarm.containers.run(IMAGE, ["keys", "/keys"], remove=True,
+                             volumes={str(keys): {"bind": "/keys", "mode": "rw"}})
+        assert_keys_made(keys, owner=keys.stat().st_uid)
         subprocess.run(["docker", "stack", "deploy", "-c", "deploy/stack.yml", stack], cwd=work,
                        env=env, check=True, capture_output=True, timeout=120)
+        secrets = {x.name for x in swarm.secrets.list(filters={"label": label})}
+        assert secrets == {f"{stack}_{name}" for name in KEY_FILES}, secrets
+        for role in ROLES:
+            spec = swarm.services.get(f"{stack}_{role}").attrs["Spec"]["TaskTemplate"]["ContainerSpec"]
+            given = {x["File"]["Name"]: x["File"]["Mode"] for x in spec["Secrets"]}
+            assert set(given) == own_keys(role) and given[f"{role}.key_secret"] == 0o400, given
+            assert f"DOWNPOUR_KEYS={SECRETS}" in spec["Env"], spec["Env"]
         scheduler = swarm.services.get(f"{stack}_scheduler")
         deadline = time.monotonic() + RUN_TIMEOUT_S
         while not any(t["Status"]["State"] == "complete" for t in scheduler.tasks()):
@@ -417,7 +565,8 @@ def test_a_swarm_stack_runs_to_the_end_and_leaves_nothing(swarm, fresh_clone, tm
         subprocess.run(["docker", "stack", "rm", stack], capture_output=True, timeout=60)
         deadline = time.monotonic() + 60
         while (swarm.containers.list(all=True, sparse=True, filters={"label": label})
-               or swarm.networks.list(filters={"label": label})):
+               or swarm.networks.list(filters={"label": label})
+               or swarm.secrets.list(filters={"label": label})):
             assert time.monotonic() < deadline, "the stack did not clear"
             time.sleep(POLL_S)
         for volume in swarm.volumes.list(filters={"name": f"{stack}_"}):

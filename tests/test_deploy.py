@@ -5,8 +5,9 @@ is checked to be a valid `downpour` invocation with a valid environment, and a
 cluster is run from exactly those commands and environments as local processes.
 The only substitutions are what Docker itself provides: the service name
 `scheduler` resolves to 127.0.0.1, each server replica gets a port of its own
-(containers each have their own address; local processes share one), and the
-volumes are directories under tmp_path.
+(containers each have their own address; local processes share one), the
+volumes are directories under tmp_path, and each service's secrets are the files
+it names, copied from the keys the `keys` service's command wrote.
 """
 
 import json
@@ -18,7 +19,7 @@ import pytest
 from conftest import ROOT
 
 from downpour import cli
-from downpour.common import config
+from downpour.common import config, security
 from downpour.launch import CLI, child_env
 
 yaml = pytest.importorskip("yaml")
@@ -86,7 +87,7 @@ def test_compose_restarts_crashed_nodes_a_bounded_number_of_times(compose):
 
 def test_compose_services_scale_and_share_one_image(compose):
     services = compose["services"]
-    assert set(services) == {"scheduler", "server", "worker"}
+    assert set(services) == {"keys", "scheduler", "server", "worker"}
     for name, service in services.items():
         assert service["build"]["dockerfile"] == "deploy/Dockerfile", name
         assert (ROOT / service["build"]["context"] / service["build"]["dockerfile"]).is_file()
@@ -98,6 +99,18 @@ def test_compose_services_scale_and_share_one_image(compose):
     assert any("/checkpoints" in v for v in services["server"]["volumes"])
     assert any(v.endswith(":/runs") for v in services["scheduler"]["volumes"])
     assert any(":/data" in v for v in services["worker"]["volumes"])
+
+
+def test_each_service_gets_only_its_own_roles_secret_after_the_keys_exist(compose):
+    services, secrets = compose["services"], compose["secrets"]
+    assert cli.parser().parse_args(services["keys"]["command"]).command == "keys"
+    assert any(v.endswith(":/keys") for v in services["keys"]["volumes"])
+    for role in security.ROLES:
+        service = services[role]
+        assert service["environment"]["DOWNPOUR_KEYS"] == "/run/secrets"
+        held = {secrets[name]["file"].rsplit("/", 1)[1] for name in service["secrets"]}
+        assert held == {f"{role}.key_secret", "scheduler.key", "server.key", "worker.key"}, role
+        assert service["depends_on"]["keys"]["condition"] == "service_completed_successfully"
 
 
 @pytest.mark.parametrize("name", ["scheduler", "server", "worker"])
@@ -122,10 +135,12 @@ def free_port():
 def test_a_cluster_from_the_compose_commands_finishes_a_training_run(compose, tmp_path):
     variables = {"WORKERS": 2, "SHARDS": 2, "EPOCHS": 1, "SYNTHETIC": 2000}
     volumes = {"/runs": tmp_path / "runs", "/checkpoints": tmp_path / "checkpoints",
-               "/data": tmp_path / "data"}
+               "/data": tmp_path / "data", "/keys": tmp_path / "keys"}
     for d in volumes.values():
         d.mkdir()
     port = free_port()
+    assert compose["services"]["keys"]["command"] == ["keys", "/keys"]
+    security.write_keys(volumes["/keys"])                    # what the keys service does
 
     def localise(value):
         value = value.replace("scheduler:5555", f"127.0.0.1:{port}").replace("*:5555", f"*:{port}")
@@ -142,6 +157,12 @@ def test_a_cluster_from_the_compose_commands_finishes_a_training_run(compose, tm
         env = {k: localise(v) for k, v in service_env(service, variables).items()}
         if name == "server":
             env["DOWNPOUR_BIND"] = env["DOWNPOUR_BIND"].replace(":6000", f":{free_port()}")
+        secrets = tmp_path / f"secrets-{name}-{len(procs)}"        # /run/secrets: its files only
+        secrets.mkdir()
+        for secret in service["secrets"]:
+            source = volumes["/keys"] / compose["secrets"][secret]["file"].rsplit("/", 1)[1]
+            (secrets / source.name).write_bytes(source.read_bytes())
+        env["DOWNPOUR_KEYS"] = str(secrets)
         p = subprocess.Popen([*CLI, *service["command"]],
                              env={**base, **env}, cwd=tmp_path, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
