@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Iterable, Mapping
 
 from downpour.common.errors import ConfigError
+from downpour.common.layerspec import parse as parse_layers
 
 try:
     import tomllib
@@ -60,7 +61,17 @@ class Config:
     synthetic: int = setting(0, "train on N synthetic samples (N/5 held out) instead of MNIST; "
                              "0 = MNIST (see --data-dir)", "data", low=0)
     # -- model ----------------------------------------------------------------------------
-    hidden: tuple = setting((256, 128), "hidden layer widths, comma-separated", "model")
+    layers: str = setting("", "hidden layers as comma-separated tokens, e.g. conv:32:3,relu,"
+                          "maxpool:2,flatten,dense:128,relu or lstm:128: conv:C:K[:S[:P]] "
+                          "(P a number or same), maxpool:K, avgpool:K, flatten, dense:N, dropout:P, "
+                          "batchnorm, rnn:H, lstm:H, gru:H (add :seq for every step), relu, "
+                          "leaky_relu, sigmoid, tanh, softmax; the output layer is added (default: "
+                          "the MLP of --hidden)", "model")
+    input_shape: tuple = setting((), "shape of each sample for --layers: C,H,W images (MNIST "
+                                 "1,28,28) or T,F sequences (28,28: rows as time steps) (default: "
+                                 "flat vectors)", "model")
+    hidden: tuple = setting((256, 128), "hidden layer widths, comma-separated; shorthand for "
+                            "dense:N,ACTIVATION tokens", "model")
     activation: str = setting("relu", "hidden activation", "model",
                               choices=("relu", "leaky_relu", "sigmoid", "tanh"))
     init: str = setting("", "initialiser of hidden layers (default: He for ReLU, Xavier for "
@@ -167,6 +178,14 @@ class Config:
                 raise ConfigError(f"{f.name} must be >= {low}, got {value}")
             if choices and value not in choices:
                 raise ConfigError(f"{f.name} must be one of {', '.join(choices)}, got {value!r}")
+        if self.layers:
+            parse_layers(self.layers)
+            mlp = {"hidden": (256, 128), "activation": "relu", "batchnorm": False, "dropout": 0.0}
+            for name, default in mlp.items():
+                if getattr(self, name) != default:
+                    raise ConfigError(f"{name} describes the layers of --hidden, but layers is set: "
+                                      f"write it as tokens in layers (e.g. dense:64,tanh,batchnorm,"
+                                      f"dropout:0.2) and drop {name}")
         if self.batch_size % self.micro_batches:
             raise ConfigError(f"micro_batches={self.micro_batches} must divide batch_size="
                               f"{self.batch_size}")
@@ -209,6 +228,7 @@ class Config:
 
 
 FIELDS = {f.name: f for f in fields(Config)}
+TUPLE_EXAMPLES = {"hidden": ("width", "256,128"), "input_shape": ("dimension", "1,28,28")}
 
 
 def _convert(name: str, value: Any) -> Any:
@@ -216,20 +236,23 @@ def _convert(name: str, value: Any) -> Any:
     default = FIELDS[name].default
     where = f"{name}={value!r}"
     if isinstance(default, tuple):
+        noun, example = TUPLE_EXAMPLES[name]
         if isinstance(value, str):
             items = [s.strip() for s in value.split(",") if s.strip()]
         elif isinstance(value, (list, tuple)):
             items = list(value)
         else:
-            raise ConfigError(f"{where}: expected comma-separated positive integers like 256,128")
+            raise ConfigError(f"{where}: expected comma-separated positive integers like {example}")
         try:
             out = tuple(int(v) for v in items)
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: expected comma-separated positive integers "
-                              "like 256,128") from None
+                              f"like {example}") from None
         if any(v < 1 or isinstance(v, bool) for v in out):
-            raise ConfigError(f"{where}: every width must be a positive integer, like 256,128")
+            raise ConfigError(f"{where}: every {noun} must be a positive integer, like {example}")
         return out
+    if name == "layers" and isinstance(value, (list, tuple)):      # TOML may list the tokens
+        value = ",".join(map(str, value))
     if isinstance(default, bool):
         if isinstance(value, bool):
             return value

@@ -56,7 +56,7 @@ class Evaluator:
                  on_lr_scale: Callable[[float], None] | None = None):
         self.cfg, self.model, self.train, self.test = cfg, model, train, test
         self.metrics, self.progress, self.schedule = metrics, progress, schedule
-        self.recalibrate = recalibrate and model.spec.batchnorm
+        self.recalibrate = recalibrate and model.has_batchnorm
         self.on_lr_scale = on_lr_scale
         self.stopper = EarlyStopping(cfg.patience)
         self.stopping = False                     # early stopping has fired

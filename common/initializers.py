@@ -18,6 +18,11 @@ For a weight matrix of shape (fan_in, fan_out):
     normal          N(0, 0.01^2)
     uniform         U(-0.05, 0.05)
     zeros, ones     constants (biases, batch-norm shift and scale)
+    orthogonal      (r, c): orthonormal rows (r <= c) or columns, from the QR of a
+                    normal matrix (Saxe et al. 2014); a recurrent layer's U
+    forget_one      an LSTM bias (4H,): zeros, ones in its second quarter (the forget gate)
+
+A convolution's weight is the matrix (K*K*C_in, C_out), so fan_in is K*K*C_in.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ import numpy as np
 from downpour.common.errors import ConfigError
 
 INITIALIZERS = ("lecun_normal", "lecun_uniform", "xavier_normal", "xavier_uniform",
-                "he_normal", "he_uniform", "normal", "uniform", "zeros", "ones")
+                "he_normal", "he_uniform", "normal", "uniform", "zeros", "ones", "orthogonal",
+                "forget_one")
 
 # The usual choice for each activation: He for the rectifiers, Xavier for the
 # saturating ones, LeCun for a linear (or softmax) output.
@@ -66,6 +72,15 @@ def draw(name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndar
         return rng.normal(0.0, 0.01, size=shape)
     if name == "uniform":
         return rng.uniform(-0.05, 0.05, size=shape)
+    if name == "orthogonal":
+        r, c = shape[0], int(np.prod(shape[1:]))
+        q, upper = np.linalg.qr(rng.normal(size=(max(r, c), min(r, c))))
+        q *= np.sign(np.diag(upper))                 # a uniform draw over orthogonal matrices
+        return (q.T if r < c else q).reshape(shape)
+    if name == "forget_one":
+        b = np.zeros(shape)
+        b[shape[0] // 4:shape[0] // 2] = 1.0
+        return b
     if name not in INITIALIZERS:
         raise ConfigError(f"unknown initialiser {name!r}; choose one of {', '.join(INITIALIZERS)}")
     std = _std(name, shape)

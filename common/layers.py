@@ -1,10 +1,12 @@
-"""Layers over mini-batches held as matrices, samples in rows: x is (B, D).
+"""Layers over mini-batches, samples first: x is (B, D), or (B, H, W, C) images
+(conv.py), or (B, T, F) sequences (recurrent.py). Activations, dropout and batch
+norm take any of them (batch norm per last axis: per channel, per feature).
 
 A layer declares the tensors it owns (`param_specs`, trainable; `buffer_specs`,
 not trainable), is then bound to views into the model's flat vectors, and
 offers two verbs:
 
-    forward(x, train) -> y      y is (B, D_out)
+    forward(x, train) -> y      y is (B, ...), the layer's out_shape per sample
     backward(dy)      -> dx     writes the layer's parameter gradients, returns dL/dx
 
 `backward` uses what the last `forward` saw, so call them in pairs. Outputs are
@@ -22,14 +24,27 @@ from downpour.common.errors import ConfigError
 Spec = tuple[str, tuple[int, ...], str]   # (name, shape, initialiser)
 
 
+def show_shape(shape: tuple[int, ...]) -> str:
+    """A per-sample shape (as held inside the model) the way the user writes it."""
+    if len(shape) == 3:
+        h, w, c = shape                        # images are held channels-last
+        return f"images {c},{h},{w} (C,H,W)"
+    if len(shape) == 2:
+        return f"sequences {shape[0]},{shape[1]} (T,F)"
+    return f"vectors of {shape[0]}"
+
+
 class Layer:
     """The base of every layer. Tensors are views of the model's flat vectors, handed
     over by `bind`; what `forward` keeps for `backward` is declared in `__init__`."""
 
     kind = "layer"
+    keeps_output = False      # backward rereads forward's output: a ReLU after it must not overwrite it
+    scratch_per_sample = 0    # numbers of scratch a sample needs beyond the output (im2col, states)
 
     def __init__(self):
         self._bufs: dict[str, np.ndarray] = {}        # scratch arrays by name, see _buf
+        self.need_dx = True       # the model's first layer is told nobody needs dL/dx
 
     def param_specs(self) -> list[Spec]:
         return []
@@ -40,17 +55,22 @@ class Layer:
     def bind(self, params: dict, grads: dict, buffers: dict) -> None:
         """Receive views of this layer's tensors, keyed by the names of its specs."""
 
+    def weights(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(weight, its gradient) of every weight matrix: what L1 and L2 penalise (not biases)."""
+        return []
+
     def forward(self, x: np.ndarray, train: bool = False) -> np.ndarray:
         raise NotImplementedError
 
     def backward(self, dy: np.ndarray) -> np.ndarray | None:
         raise NotImplementedError
 
-    def _buf(self, key: str, shape: tuple[int, ...], dtype) -> np.ndarray:
-        """A scratch array reused across calls while shape and dtype stay the same."""
+    def _buf(self, key: str, shape: tuple[int, ...], dtype, zero: bool = False) -> np.ndarray:
+        """A scratch array reused across calls while shape and dtype stay the same;
+        `zero`: zeroed when it is made (for parts the caller never writes)."""
         a = self._bufs.get(key)
         if a is None or a.shape != shape or a.dtype != dtype:
-            a = self._bufs[key] = np.empty(shape, dtype)
+            a = self._bufs[key] = (np.zeros if zero else np.empty)(shape, dtype)
         return a
 
 
@@ -66,7 +86,6 @@ class Dense(Layer):
     def __init__(self, n_in: int, n_out: int, init: str):
         super().__init__()
         self.n_in, self.n_out, self.init = n_in, n_out, init
-        self.need_dx = True
         self.W = self.b = self.dW = self.db = None     # views, set by bind
         self._x = None                                 # (B, n_in): forward's input
 
@@ -76,6 +95,9 @@ class Dense(Layer):
     def bind(self, params, grads, buffers):
         self.W, self.b = params["W"], params["b"]
         self.dW, self.db = grads["W"], grads["b"]
+
+    def weights(self):
+        return [(self.W, self.dW)]
 
     def forward(self, x, train=False):
         self._x = x
@@ -146,6 +168,7 @@ class Sigmoid(Layer):
     """y = 1 / (1 + e^-x), computed as (1 + tanh(x/2)) / 2, which never overflows; dx = dy y (1 - y)."""
 
     kind = "sigmoid"
+    keeps_output = True
 
     def __init__(self):
         super().__init__()
@@ -170,6 +193,7 @@ class Tanh(Layer):
     """y = tanh(x); dx = dy (1 - y^2)."""
 
     kind = "tanh"
+    keeps_output = True
 
     def __init__(self):
         super().__init__()
@@ -195,6 +219,7 @@ class Softmax(Layer):
     """
 
     kind = "softmax"
+    keeps_output = True
 
     def __init__(self):
         super().__init__()
@@ -202,15 +227,15 @@ class Softmax(Layer):
 
     def forward(self, x, train=False):
         y = self._buf("y", x.shape, x.dtype)
-        np.subtract(x, x.max(axis=1, keepdims=True), out=y)
+        np.subtract(x, x.max(axis=-1, keepdims=True), out=y)
         np.exp(y, out=y)
-        y /= y.sum(axis=1, keepdims=True)
+        y /= y.sum(axis=-1, keepdims=True)
         self._y = y
         return y
 
     def backward(self, dy):
         dx = np.multiply(dy, self._y, out=self._buf("dx", dy.shape, dy.dtype))
-        s = dx.sum(axis=1, keepdims=True)             # (B, 1)
+        s = dx.sum(axis=-1, keepdims=True)            # (B, 1)
         np.subtract(dy, s, out=dx)
         dx *= self._y
         return dx
@@ -249,7 +274,9 @@ class Dropout(Layer):
 
 
 class BatchNorm(Layer):
-    """Batch normalisation over the rows of a batch, per feature (Ioffe & Szegedy 2015).
+    """Batch normalisation per feature (Ioffe & Szegedy 2015): per last axis, so per
+    channel after a convolution (statistics over B*H*W) and per unit of a sequence
+    (over B*T).
 
     Training:   xh = (x - mean_B) / sqrt(var_B + eps);  y = gamma xh + beta
                 running_mean += momentum (mean_B - running_mean), likewise
@@ -286,6 +313,7 @@ class BatchNorm(Layer):
         self.running_mean, self.running_var = buffers["running_mean"], buffers["running_var"]
 
     def forward(self, x, train=False):
+        shape, x = x.shape, x.reshape(-1, self.n)                  # (N, n): N = B, or B*H*W, or B*T
         B = x.shape[0]
         if train:
             if B < 2:
@@ -305,21 +333,22 @@ class BatchNorm(Layer):
         self._xh = xh
         y = np.multiply(xh, self.gamma, out=self._buf("y", x.shape, x.dtype))
         y += self.beta
-        return y
+        return y.reshape(shape)
 
     def backward(self, dy):
-        xh = self._xh
+        xh, shape = self._xh, dy.shape
+        dy = dy.reshape(-1, self.n)
         np.add.reduce(dy, axis=0, out=self.dbeta)
         np.einsum("ij,ij->j", dy, xh, out=self.dgamma)
         dx = self._buf("dx", dy.shape, dy.dtype)
         if not self._train:                        # statistics are constants in evaluation
-            return np.multiply(dy, self.gamma * self._inv_std, out=dx)
+            return np.multiply(dy, self.gamma * self._inv_std, out=dx).reshape(shape)
         B = dy.shape[0]
         np.multiply(xh, self.dgamma, out=dx)
         np.subtract(dy * B, dx, out=dx)
         dx -= self.dbeta
         dx *= self.gamma * self._inv_std / B
-        return dx
+        return dx.reshape(shape)
 
 
 ACTIVATIONS = {"relu": ReLU, "leaky_relu": LeakyReLU, "sigmoid": Sigmoid, "tanh": Tanh,

@@ -1,4 +1,4 @@
-"""A multi-layer perceptron whose parameters and gradients are two flat vectors.
+"""A model whose parameters and gradients are two flat vectors.
 
 `ModelSpec` is the whole description of a model (it travels in the cluster spec);
 `Model` builds the layers from it, packs every parameter into `params` and every
@@ -9,8 +9,12 @@ gradient into `grads` (both 1-D, laid out by `layout`), and offers
     loss_and_grad(x, y) -> loss, with grads holding its gradient (regularisers included)
     evaluate(x, y)      -> (loss, accuracy)
 
-Layer order for each hidden width h:  Dense(h) [-> BatchNorm] -> activation [-> Dropout];
-then a Dense output layer whose logits go to the loss.
+The layers are a layer spec (`layers`, tokens as layerspec.py describes: conv,
+pooling, recurrent, dense, ...) over samples shaped `input_shape` (C,H,W images,
+T,F sequences, or flat); without one, the multi-layer perceptron `hidden` describes:
+for each width h, dense:h [-> batchnorm] -> activation [-> dropout]. Then a Dense
+output layer whose logits go to the loss. `forward` takes rows of n_inputs
+features and reshapes them to `input_shape` (images held channels-last).
 
 Batch-norm running statistics are non-trainable state: they live in a separate
 flat vector `buffers` (laid out by `buffer_layout`) that no optimizer touches.
@@ -27,7 +31,9 @@ import numpy as np
 
 from downpour.common.errors import ConfigError
 from downpour.common.initializers import DEFAULT_FOR_ACTIVATION, INITIALIZERS, initial_vector
-from downpour.common.layers import ACTIVATIONS, BatchNorm, Dense, Dropout, Layer, LeakyReLU, ReLU
+from downpour.common.layers import ACTIVATIONS, BatchNorm, Layer
+from downpour.common.layerspec import build_layers as build_from_tokens
+from downpour.common.layerspec import parse
 from downpour.common.layout import Layout
 from downpour.common.losses import LOSSES, make_loss
 
@@ -48,9 +54,13 @@ class ModelSpec:
     l1: float = 0.0                   # adds l1 * sum|W| over weight matrices
     l2: float = 0.0                   # adds l2/2 * sum W^2 over weight matrices
     leaky_slope: float = 0.01
+    layers: tuple[str, ...] = ()      # layer-spec tokens; () = the MLP of hidden, activation, ...
+    input_shape: tuple[int, ...] = () # per sample: (C, H, W) or (T, F); () = (n_inputs,)
 
     def __post_init__(self):
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        object.__setattr__(self, "layers", parse(self.layers) if self.layers else ())
+        object.__setattr__(self, "input_shape", tuple(int(d) for d in self.input_shape))
         if self.n_inputs < 1 or self.n_outputs < 1 or any(h < 1 for h in self.hidden):
             raise ConfigError(f"layer widths must be >= 1, got inputs={self.n_inputs}, "
                               f"hidden={self.hidden}, outputs={self.n_outputs}")
@@ -69,6 +79,31 @@ class ModelSpec:
         for key in ("l1", "l2"):
             if not getattr(self, key) >= 0.0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.input_shape and (len(self.input_shape) > 3 or min(self.input_shape) < 1
+                                 or int(np.prod(self.input_shape)) != self.n_inputs):
+            raise ConfigError(f"input_shape {','.join(map(str, self.input_shape))} does not fit "
+                              f"samples of {self.n_inputs} features: expected C,H,W (images) or "
+                              f"T,F (sequences) whose product is {self.n_inputs}, e.g. 1,28,28 "
+                              "or 28,28 for MNIST")
+        build_layers(self)                    # ConfigError for tokens that do not fit their input
+
+    @property
+    def tokens(self) -> tuple[str, ...]:
+        """The hidden layers as layer-spec tokens: `layers`, or those `hidden` stands for."""
+        if self.layers:
+            return self.layers
+        out = ["flatten"] if len(self.input_shape) > 1 else []
+        for h in self.hidden:
+            out += [f"dense:{h}"] + (["batchnorm"] if self.batchnorm else []) + [self.activation]
+            out += [f"dropout:{self.dropout}"] if self.dropout > 0 else []
+        return tuple(out)
+
+    def describe(self) -> str:
+        """The model in one line, e.g. `784-256-128-10` or `1,28,28 conv:32:3,...,flatten -> 10`."""
+        if not self.layers and len(self.input_shape) <= 1:
+            return "-".join(map(str, (self.n_inputs, *self.hidden, self.n_outputs)))
+        shape = ",".join(map(str, self.input_shape or (self.n_inputs,)))
+        return f"{shape} {','.join(self.tokens)} -> {self.n_outputs}"
 
     @property
     def hidden_init(self) -> str:
@@ -76,7 +111,8 @@ class ModelSpec:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["hidden"] = list(self.hidden)
+        for key in ("hidden", "layers", "input_shape"):
+            d[key] = list(d[key])
         return d
 
     @classmethod
@@ -90,26 +126,9 @@ class ModelSpec:
 
 def build_layers(spec: ModelSpec, seed: int = 0, stream: int = 0) -> list[Layer]:
     """The layers of `spec`. Dropout masks come from generators seeded by (seed, stream, layer)."""
-    layers: list[Layer] = []
-    width = spec.n_inputs
-    for h in spec.hidden:
-        layers.append(Dense(width, h, spec.hidden_init))
-        if spec.batchnorm:
-            layers.append(BatchNorm(h))
-        act = ACTIVATIONS[spec.activation]
-        if act is LeakyReLU:
-            layers.append(act(spec.leaky_slope))
-        elif act is ReLU:                     # its input and its dy are scratch nobody rereads
-            layers.append(act(inplace=True))
-        else:
-            layers.append(act())
-        if spec.dropout > 0:
-            rng = np.random.default_rng([seed, stream, len(layers)])
-            layers.append(Dropout(spec.dropout, rng))
-        width = h
-    layers.append(Dense(width, spec.n_outputs, spec.output_init))
-    layers[0].need_dx = False                 # nobody needs the gradient of the data
-    return layers
+    return build_from_tokens(spec.tokens, spec.input_shape or (spec.n_inputs,), spec.n_outputs,
+                             init=spec.init, output_init=spec.output_init,
+                             leaky_slope=spec.leaky_slope, seed=seed, stream=stream)
 
 
 def _specs(layers: list[Layer], kind: str) -> list[tuple[str, tuple[int, ...], str]]:
@@ -130,6 +149,9 @@ def initial_params(spec: ModelSpec, seed: int, dtype=np.float32) -> np.ndarray:
     """The initial flat parameter vector of `spec` for `seed`; a shard takes its slice of it."""
     return initial_vector([(shape, init) for _, shape, init in _specs(build_layers(spec), "params")],
                           seed, dtype)
+
+
+EVAL_FLOATS = 1 << 24          # 64 MB of float32 activations at most per evaluation batch
 
 
 def _own(views: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
@@ -163,13 +185,34 @@ class Model:
             prefix = f"{i}.{layer.kind}."
             layer.bind(_own(pv, prefix), _own(gv, prefix), _own(bv, prefix))
         self.loss = make_loss(spec.loss)
-        self._dense = [layer for layer in self.layers if isinstance(layer, Dense)]
-        self._scratch = np.empty(max(d.W.size for d in self._dense), self.dtype)
+        self._weights = [w for layer in self.layers for w in layer.weights()]
+        self._scratch = np.empty(max(W.size for W, _ in self._weights), self.dtype)
+        self._input = None                     # (B, H, W, C) images made channels-last
+
+    @property
+    def has_batchnorm(self) -> bool:
+        return any(isinstance(layer, BatchNorm) for layer in self.layers)
+
+    def _shaped(self, x: np.ndarray) -> np.ndarray:
+        """Rows of n_inputs features as the first layer takes them: (B, D), (B, T, F), or
+        (B, H, W, C) from (C, H, W) samples (a view when C is 1)."""
+        shape, B = self.spec.input_shape, x.shape[0]
+        if len(shape) == 3:
+            c, h, w = shape
+            x = x.reshape(B, c, h, w).transpose(0, 2, 3, 1)
+            if c > 1:                          # a transposing copy, into a buffer kept for the shape
+                if self._input is None or self._input.shape != x.shape:
+                    self._input = np.empty(x.shape, self.dtype)
+                np.copyto(self._input, x)
+                x = self._input
+            return x
+        return x.reshape(B, *shape) if len(shape) == 2 else x
 
     def forward(self, x: np.ndarray, train: bool = False) -> np.ndarray:
-        """The output (B, n_outputs), logits for the classification losses."""
+        """The output (B, n_outputs), logits for the classification losses; x is (B, n_inputs)."""
         if x.dtype != self.dtype:
             x = x.astype(self.dtype)
+        x = self._shaped(x)
         for layer in self.layers:
             x = layer.forward(x, train)
         return x
@@ -192,8 +235,7 @@ class Model:
         penalty = 0.0
         if not (l1 or l2):
             return penalty
-        for layer in self._dense:
-            W, dW = layer.W, layer.dW
+        for W, dW in self._weights:
             tmp = self._scratch[:W.size].reshape(W.shape)
             if l1:
                 penalty += l1 * float(np.abs(W, out=tmp).sum())
@@ -228,8 +270,18 @@ class Model:
             for norm, m in zip(norms, saved):
                 norm.momentum = m
 
-    def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int = 1000) -> tuple[float, float]:
-        """Mean loss (without regularisers) and accuracy on (x, y), in evaluation mode."""
+    @property
+    def eval_batch(self) -> int:
+        """Rows per evaluation batch: 1000, or fewer where a sample's activations are
+        large (a CNN's), so the layers' buffers stay within EVAL_FLOATS numbers."""
+        per_sample = sum(int(np.prod(getattr(layer, "out_shape", (1,)))) + layer.scratch_per_sample
+                         for layer in self.layers)
+        return int(max(1, min(1000, EVAL_FLOATS // per_sample)))
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int = 0) -> tuple[float, float]:
+        """Mean loss (without regularisers) and accuracy on (x, y), in evaluation mode,
+        `batch_size` rows at a time (0: `eval_batch`)."""
+        batch_size = batch_size or self.eval_batch
         total_loss, correct = 0.0, 0
         for lo in range(0, len(x), batch_size):
             xb, yb = x[lo:lo + batch_size], y[lo:lo + batch_size]

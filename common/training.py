@@ -26,6 +26,7 @@ from downpour.common.data import (
 )
 from downpour.common.errors import ConfigError
 from downpour.common.fileio import prepare_output
+from downpour.common.layerspec import parse as parse_layers
 from downpour.common.metrics import MetricsLog, Progress
 from downpour.common.model import Model, ModelSpec
 from downpour.common.optim import clip_by_global_norm, clip_by_value
@@ -54,7 +55,9 @@ def model_spec(cfg: Config, data: Dataset) -> ModelSpec:
     """The model the settings describe, sized for `data`."""
     return ModelSpec(n_inputs=data.n_features, n_outputs=data.n_classes, hidden=cfg.hidden,
                      activation=cfg.activation, init=cfg.init, dropout=cfg.dropout,
-                     batchnorm=cfg.batchnorm, loss=cfg.loss, l1=cfg.l1, l2=cfg.l2)
+                     batchnorm=cfg.batchnorm, loss=cfg.loss, l1=cfg.l1, l2=cfg.l2,
+                     layers=parse_layers(cfg.layers) if cfg.layers else (),
+                     input_shape=cfg.input_shape)
 
 
 def check_cluster(cfg: Config) -> None:

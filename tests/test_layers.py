@@ -2,44 +2,10 @@
 
 import numpy as np
 import pytest
-from gradcheck import numeric_grad, rel_error
+from gradcheck import bind, check_layer
 
 from downpour.common.errors import ConfigError
 from downpour.common.layers import BatchNorm, Dense, Dropout, LeakyReLU, ReLU, Sigmoid, Softmax, Tanh
-
-TOL = 1e-6
-
-
-def bind(layer, rng):
-    """Give a layer float64 parameters (random) and gradient/buffer arrays of its own."""
-    params = {n: rng.standard_normal(s) for n, s, _ in layer.param_specs()}
-    grads = {n: np.zeros(s) for n, s, _ in layer.param_specs()}
-    buffers = {n: rng.uniform(0.5, 1.5, s) for n, s, _ in layer.buffer_specs()}
-    layer.bind(params, grads, buffers)
-    return params, grads
-
-
-def check_layer(layer, x, train, rng, before_forward=lambda: None):
-    """f(x, params) = sum(forward(x) * R); compare backward(R) with finite differences."""
-    params, grads = bind(layer, rng)
-    y = layer.forward(x, train)
-    R = rng.standard_normal(y.shape)
-
-    def f():
-        before_forward()
-        return float(np.sum(layer.forward(x, train) * R))
-
-    before_forward()
-    layer.forward(x, train)
-    dx = layer.backward(R)
-    dx = None if dx is None else dx.copy()
-    analytic = {n: g.copy() for n, g in grads.items()}
-    if dx is not None:
-        assert rel_error(dx, numeric_grad(f, x)) < TOL
-    for name, p in params.items():
-        err = rel_error(analytic[name], numeric_grad(f, p))
-        assert err < TOL, f"{type(layer).__name__}.{name}: relative error {err:.2e}"
-    return dx
 
 
 def shapes(seed):

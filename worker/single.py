@@ -48,8 +48,7 @@ def train(cfg: Config, progress: Progress | None = None, metrics: MetricsLog | N
     # the replica trains its own batch-norm statistics: nothing to recalibrate
     evaluator = Evaluator(cfg, model, train_set, test_set, metrics, progress, schedule,
                           recalibrate=False)
-    progress.line(f"{about}; model {spec.n_inputs}-{'-'.join(map(str, spec.hidden))}-"
-                  f"{spec.n_outputs} ({model.layout.size:,} parameters), "
+    progress.line(f"{about}; model {spec.describe()} ({model.layout.size:,} parameters), "
                   f"{cfg.optimizer} lr {cfg.lr}, batch {cfg.batch_size}, {cfg.epochs} epochs")
 
     xb = np.empty((cfg.batch_size, train_set.n_features), np.float32)   # (B, D)

@@ -2,10 +2,13 @@
 
 Times, with the same BLAS thread count on both sides (default 1):
 
-  step   one training step (forward, backward, update) of the MLP
-         784-1024-1024-10 (ReLU, softmax cross-entropy, float32) at each batch size,
-         with SGD and with Adam; PyTorch runs the same model with the same optimizer,
-         its fastest CPU form (fused=True)
+  step   one training step (forward, backward, update) with PyTorch running the
+         same model with the same optimizer, its fastest CPU form (fused=True):
+         "mlp"   784-1024-1024-10 (ReLU, softmax cross-entropy, float32) at each
+                 batch size, with SGD and with Adam
+         "cnn"   conv:32:3,relu,maxpool:2,conv:64:3,relu,maxpool:2,flatten,dense:128,
+                 relu on 1x28x28 images, Adam, batch 64
+         "lstm"  lstm:128 over 28 steps of 28 features, Adam, batch 64
   adam   one Adam update of N float32 elements (default 16M) against fused Adam
   copy   one np.copyto of N float32 elements: the memory bandwidth the update is
          bound by, to express the update as a fraction of the machine's limit
@@ -28,11 +31,18 @@ from downpour.common.optim import make_optimizer
 
 SPEC = ModelSpec(n_inputs=784, n_outputs=10, hidden=(1024, 1024), activation="relu",
                  loss="softmax_ce")
+SPECS = {  # model name -> (its spec, batch size of its row)
+    "cnn": ModelSpec(n_inputs=784, n_outputs=10, input_shape=(1, 28, 28),
+                     layers="conv:32:3,relu,maxpool:2,conv:64:3,relu,maxpool:2,flatten,dense:128,relu"),
+    "lstm": ModelSpec(n_inputs=784, n_outputs=10, input_shape=(28, 28), layers="lstm:128"),
+}
+LAYER_BATCH = 64
 OPTIMIZERS = ("sgd", "adam")
 
 
-def _numpy_step(batch: int, optimizer: str, rng: np.random.Generator) -> Callable[[], None]:
-    model = Model(SPEC, seed=0)
+def _numpy_step(batch: int, optimizer: str, rng: np.random.Generator,
+                spec: ModelSpec = SPEC) -> Callable[[], None]:
+    model = Model(spec, seed=0)
     opt = make_optimizer(optimizer)
     x = rng.standard_normal((batch, 784), dtype=np.float32)
     y = rng.integers(0, 10, batch)
@@ -43,14 +53,34 @@ def _numpy_step(batch: int, optimizer: str, rng: np.random.Generator) -> Callabl
     return step
 
 
-def _torch_step(torch, batch: int, optimizer: str, rng: np.random.Generator) -> Callable[[], None]:
+def _torch_model(torch, name: str):
+    """The PyTorch twin of model `name`; (module, the input shape of one sample)."""
     nn = torch.nn
-    model = nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
-                          nn.Linear(1024, 10))
+    if name == "cnn":
+        return nn.Sequential(nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 64, 3),
+                             nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(1600, 128),
+                             nn.ReLU(), nn.Linear(128, 10)), (1, 28, 28)
+    if name == "lstm":
+        class LastStep(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.lstm, self.out = nn.LSTM(28, 128, batch_first=True), nn.Linear(128, 10)
+
+            def forward(self, x):                             # (B, T, F) -> (B, 10)
+                return self.out(self.lstm(x)[0][:, -1])
+        return LastStep(), (28, 28)
+    return nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(),
+                         nn.Linear(1024, 10)), (784,)
+
+
+def _torch_step(torch, batch: int, optimizer: str, rng: np.random.Generator,
+                name: str = "mlp") -> Callable[[], None]:
+    nn = torch.nn
+    model, shape = _torch_model(torch, name)
     cls = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[optimizer]
     opt = cls(model.parameters(), lr=1e-3, fused=True)
     loss_fn = nn.CrossEntropyLoss()
-    x = torch.from_numpy(rng.standard_normal((batch, 784), dtype=np.float32))
+    x = torch.from_numpy(rng.standard_normal((batch, *shape), dtype=np.float32))
     y = torch.from_numpy(rng.integers(0, 10, batch))
 
     def step():
@@ -79,7 +109,13 @@ def run(batch_sizes: list[int], repeats: int, adam_size: int, threads: int,
             if torch is not None:
                 fns["torch"] = _torch_step(torch, batch, optimizer, rng)
             t = interleaved(fns, repeats)
-            result["step"].append(_row(t, batch=batch, optimizer=optimizer))
+            result["step"].append(_row(t, model="mlp", batch=batch, optimizer=optimizer))
+    for name, spec in SPECS.items():
+        fns = {"numpy": _numpy_step(LAYER_BATCH, "adam", rng, spec)}
+        if torch is not None:
+            fns["torch"] = _torch_step(torch, LAYER_BATCH, "adam", rng, name)
+        t = interleaved(fns, repeats)
+        result["step"].append(_row(t, model=name, batch=LAYER_BATCH, optimizer="adam"))
 
     p = rng.standard_normal(adam_size, dtype=np.float32)
     g = rng.standard_normal(adam_size, dtype=np.float32) * np.float32(1e-2)
@@ -113,8 +149,10 @@ NO_TORCH = 'not installed (for the reference: pip install -e ".[bench]")'
 def table(r: dict) -> str:
     lines = [f"downpour bench core: {r['threads']} BLAS thread(s), numpy {r['numpy']}, "
              f"torch {r['torch'] or NO_TORCH}",
-             "step: forward, backward and update of the MLP 784-1024-1024-10 (ReLU, softmax "
-             "cross-entropy, float32)",
+             "step: forward, backward and update (softmax cross-entropy, float32) of the MLP "
+             "784-1024-1024-10 (ReLU),",
+             f"the CNN {','.join(SPECS['cnn'].layers)} on 1x28x28, "
+             f"and lstm:128 over 28 steps of 28",
              "", f"{'case':<34}{'numpy ms':>10}{'torch ms':>10}{'ratio':>8}"]
 
     def fmt(name, row):
@@ -122,7 +160,7 @@ def table(r: dict) -> str:
         ratio = f"{row['ratio']:8.2f}" if "ratio" in row else f"{'-':>8}"
         return f"{name:<34}{row['numpy_ms']:10.2f}{torch_ms}{ratio}"
     for row in r["step"]:
-        lines.append(fmt(f"step {row['optimizer']}, batch {row['batch']}", row))
+        lines.append(fmt(f"step {row['model']} {row['optimizer']}, batch {row['batch']}", row))
     a = r["adam"]
     lines.append(fmt(f"adam update, {a['elements'] / 2**20:g}M float32", a))
     lines += ["", f"adam moves {a['numpy_gb_s']:.1f} GB/s; np.copyto moves {r['copy']['gb_s']:.1f} GB/s "
