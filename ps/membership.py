@@ -31,6 +31,7 @@ Nothing here pulls, pushes or evaluates.
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
 from collections import Counter
@@ -45,7 +46,8 @@ from downpour.common.errors import ClusterError, ProtocolError
 from downpour.common.training import dealt
 
 SECRET_BYTES = 32        # the run's token secret
-MAX_WAITING = 64         # registrations held at once: spare servers, sync spare workers
+MAX_WAITING = 64         # registrations held at once, per role: spare servers, sync spare workers
+TIMES = ("t_start", "t_end")   # a worker's progress: Unix seconds bracketing its steps
 
 
 @dataclass
@@ -198,18 +200,17 @@ class Membership:
         if key_role is not None and role != key_role:
             raise protocol.error(protocol.E_DENIED, f"a peer with the {key_role} key registers "
                                  f"as a {key_role}, not as {role!r}")
-        if len(self._spares) + len(self._spare_workers) >= MAX_WAITING:
-            raise protocol.error(protocol.E_STATE, f"{MAX_WAITING} registrations are already "
-                                 "waiting for a place; try again later")
         if role == "server":
             addr = meta.get("addr")
             if not isinstance(addr, str) or not addr:
                 raise protocol.error(protocol.E_MALFORMED, "a server registers with its addr")
+            self._check_room(self._spares, "server")
             self._spares.append(SpareServer(ident, header, addr))
             self._seat_servers()
         elif role == "worker":
             rank = self._worker_rank()
             if rank is None:                  # sync: it waits for a dead worker's place
+                self._check_room(self._spare_workers, "worker")
                 self._spare_workers.append(HeldWorker(ident, header, -1))
                 self.log("a worker waits for a dead worker's place (a sync run has one slice "
                          "of each global batch per worker)")
@@ -217,6 +218,14 @@ class Membership:
             self._admit_worker(ident, header, rank)
         else:
             raise protocol.error(protocol.E_MALFORMED, f"role must be server or worker, not {role!r}")
+
+    @staticmethod
+    def _check_room(waiting: list, role: str) -> None:
+        """E_STATE if MAX_WAITING registrations of `role` already wait (each role has its own
+        queue: waiting servers never keep a worker from a free seat)."""
+        if len(waiting) >= MAX_WAITING:
+            raise protocol.error(protocol.E_STATE, f"{MAX_WAITING} {role} registrations are already "
+                                 "waiting for a place; try again later")
 
     def _admit_worker(self, ident: bytes, header: dict, rank: int) -> None:
         """Worker `rank` is the registration `header`'s, with a new incarnation."""
@@ -319,10 +328,14 @@ class Membership:
         if not isinstance(progress, dict):
             raise protocol.error(protocol.E_MALFORMED, f"progress must be a map, got {progress!r}")
         counters = [k for k in protocol.COUNTERS if k in progress]
-        for key in counters:
-            if type(progress[key]) not in (int, float) or not progress[key] >= 0:
-                raise protocol.error(protocol.E_MALFORMED, f"progress {key} must be a number >= 0, "
-                                     f"got {progress[key]!r}")
+        for key in [*counters, *(k for k in TIMES if k in progress)]:
+            value = progress[key]
+            if type(value) not in (int, float) or not 0 <= value < math.inf:
+                raise protocol.error(protocol.E_MALFORMED, f"progress {key} must be a finite number "
+                                     f">= 0, got {value!r}")
+        if type(progress.get("done", False)) is not bool:
+            raise protocol.error(protocol.E_MALFORMED, f"progress done must be true or false, got "
+                                 f"{progress['done']!r}")
         progress = {k: v for k, v in progress.items() if k != "token"}
         node.progress = {**node.progress, **progress,
                          **{k: max(node.progress.get(k, 0), progress[k]) for k in counters}}

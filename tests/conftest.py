@@ -11,6 +11,13 @@ from downpour.launch import CLI, child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST_SPLITS = ("t10k", "train-5k")  # the splits the tests train and evaluate on
+FUZZ_EXAMPLES = 500                  # tests/test_fuzz.py: examples per fuzz target in a default run
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-examples", type=int, default=FUZZ_EXAMPLES, metavar="N",
+                     help=f"examples (messages) per fuzz target in tests/test_fuzz.py "
+                          f"(default {FUZZ_EXAMPLES}; e.g. 20000 for a long run)")
 
 
 @pytest.fixture
