@@ -50,6 +50,7 @@ from downpour.common.security import Keys
 WAIT_TICK = 0.1    # seconds without a reply before ShardClient.while_waiting runs
 RCV_HWM = 100      # messages queued per peer before ZeroMQ stops reading from it
 WIRE_SLACK = 128   # bytes a frame grows by on the wire (CurveZMQ's box: nonce, MAC, flags)
+SEND_TIMEOUT_MS = 1000   # the longest a send may block (a DEALER with no live connection blocks)
 
 Clock = int | Sequence[int]    # a push's version: one per piece, or one for every piece
 
@@ -67,6 +68,7 @@ def make_socket(ctx: zmq.Context, kind: int, address: str, *, bind: bool = False
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, max_frame + WIRE_SLACK)    # checked on the wire's bytes
     sock.setsockopt(zmq.RCVHWM, RCV_HWM)
+    sock.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
     if keys is not None:
         keys.secure(sock, None if bind else peer)
     if bind:
@@ -74,6 +76,19 @@ def make_socket(ctx: zmq.Context, kind: int, address: str, *, bind: bool = False
     else:
         sock.connect(address)
     return sock
+
+
+def send(sock: zmq.Socket, frames: list, track: bool = False) -> zmq.MessageTracker | bool:
+    """Queue `frames` on `sock` (zero-copy with a tracker, if `track`); False if they could
+    not be queued within SEND_TIMEOUT_MS: a DEALER whose connection ZeroMQ dropped for
+    good (a reply over its frame limit, a failed CURVE handshake) has nowhere to queue
+    them. The request is then lost, as a dropped one would be, and the caller's timeout
+    and retries end the wait."""
+    try:
+        return sock.send_multipart(frames, copy=not track, track=track) if track else \
+            (sock.send_multipart(frames) or True)
+    except zmq.Again:
+        return False
 
 
 def bind_router(ctx: zmq.Context, address: str, max_frame: int = protocol.MAX_HEADER,
@@ -198,8 +213,9 @@ class ShardClient:
         return Pending(self.seq, frames, op)
 
     def _post(self, shard: int, frames: list) -> None:
-        tracker = self._socks[self.addresses[shard]].send_multipart(frames, copy=False, track=True)
-        self._trackers.append(tracker)
+        tracker = send(self._socks[self.addresses[shard]], frames, track=True)
+        if tracker:
+            self._trackers.append(tracker)
 
     def _collect(self, out: np.ndarray | None) -> dict[int, dict[str, Any]]:
         """Replies of the pending requests by piece, retrying pieces whose server stays silent."""
@@ -223,7 +239,8 @@ class ShardClient:
                 if attempts[s] >= self.retries:
                     raise ClusterError(
                         f"shard {s} at {self.addresses[s]} did not answer {pending[s].op!r} in "
-                        f"{self.retries + 1} attempts of {self.timeout:g} s; is the server running?")
+                        f"{self.retries + 1} attempts of {self.timeout:g} s; is the server running"
+                        + (", and are these the cluster's keys?" if self.keys else "?"))
                 attempts[s] += 1
                 deadline[s] = now + self.timeout
                 self._post(s, pending[s].frames)                  # the same seq: idempotent

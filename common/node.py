@@ -27,7 +27,7 @@ from typing import Any, Callable
 import zmq
 
 from downpour.common import protocol
-from downpour.common.client import make_socket
+from downpour.common.client import make_socket, send
 from downpour.common.errors import ClusterError
 from downpour.common.security import Keys
 
@@ -75,8 +75,8 @@ def register(ctx: zmq.Context, scheduler: str, node: str, meta: dict[str, Any],
     host = _host_name(scheduler)
     sock = make_socket(ctx, zmq.DEALER, scheduler, keys=keys, peer="scheduler")
     try:
-        sock.send_multipart(protocol.encode({"op": "register", "node": node, "seq": 1,
-                                             "meta": {"host": socket.gethostname(), **meta}}))
+        send(sock, protocol.encode({"op": "register", "node": node, "seq": 1,
+                                    "meta": {"host": socket.gethostname(), **meta}}))
         start = time.monotonic()
         unresolved_since, said = None, start
         while not sock.poll(1000 * POLL_TICK_S):
@@ -131,8 +131,8 @@ class Heartbeat(threading.Thread):
         try:
             while not self._closing.is_set():
                 seq += 1
-                sock.send_multipart(protocol.encode({"op": "heartbeat", "node": self.node,
-                                                     "seq": seq, "meta": self.progress()}))
+                send(sock, protocol.encode({"op": "heartbeat", "node": self.node,
+                                            "seq": seq, "meta": self.progress()}))
                 deadline = time.monotonic() + self.interval
                 while (left := deadline - time.monotonic()) > 0 and not self._closing.is_set():
                     if not sock.poll(1000 * min(left, POLL_TICK_S)):
@@ -150,8 +150,8 @@ class Heartbeat(threading.Thread):
         for its reply; whether one came. A refusal sets `refused`."""
         sock = self._socket()
         try:
-            sock.send_multipart(protocol.encode({"op": "heartbeat", "node": self.node, "seq": 0,
-                                                 "meta": self.progress()}))
+            send(sock, protocol.encode({"op": "heartbeat", "node": self.node, "seq": 0,
+                                        "meta": self.progress()}))
             if not sock.poll(1000 * (self.dead_after if timeout is None else timeout)):
                 return False
             self._heard(protocol.decode(sock.recv_multipart())[0])
@@ -248,7 +248,7 @@ class ChunkFeed:
         self._pending = protocol.encode({"op": "next_chunk", "node": self.node, "seq": self._seq,
                                          "meta": meta})
         self._done = []
-        self.sock.send_multipart(self._pending)
+        send(self.sock, self._pending)
 
     def _wait(self) -> None:
         """Receive the answer to the request in flight (if any): Lazy Pirate, same seq."""
@@ -256,7 +256,7 @@ class ChunkFeed:
             return
         for attempt in range(self.retries + 1):
             if attempt:
-                self.sock.send_multipart(self._pending)  # the same seq: answered once
+                send(self.sock, self._pending)            # the same seq: answered once
             deadline = time.monotonic() + self.timeout
             while (left := deadline - time.monotonic()) > 0:
                 if self.lost is not None and self.lost.is_set():

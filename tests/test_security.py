@@ -12,8 +12,8 @@ import pytest
 import zmq
 
 from downpour.common import protocol, security
-from downpour.common.client import bind_router, make_socket
-from downpour.common.errors import ConfigError, ProtocolError
+from downpour.common.client import SEND_TIMEOUT_MS, ShardClient, bind_router, make_socket, send
+from downpour.common.errors import ClusterError, ConfigError, ProtocolError
 from downpour.common.node import register
 from downpour.launch import CLI, child_env
 
@@ -199,6 +199,36 @@ def test_the_worker_key_cannot_register_as_a_server_or_speak_for_one(start, tmp_
     assert (header["op"], header["code"]) == ("error", protocol.E_DENIED)
     header, _ = ask(sock, "heartbeat", 2, meta={"role": "worker", "token": meta["token"]})
     assert header["op"] == "ok"                                    # its own role and token: fine
+
+
+def test_a_client_with_another_clusters_keys_gives_up_with_a_clear_error(start, tmp_path, ctx):
+    """Its handshake fails, ZeroMQ drops the connection for good, and a send would block
+    forever: the client's sends time out instead, and its retries end in a ClusterError."""
+    address, meta, _, server, _ = cluster(start, tmp_path, ctx)
+    security.write_keys(tmp_path / "other")
+    client = ShardClient([address], [tuple(meta["pieces"][0][1:])], "worker-0", timeout=0.5,
+                         retries=2, ctx=ctx, keys=security.Keys.load(tmp_path / "other", "worker"),
+                         token=meta["token"])
+    began = time.monotonic()
+    with pytest.raises(ClusterError, match="are these the cluster's keys"):
+        client.pull(np.empty(meta["pieces"][0][2], np.float32))
+    assert time.monotonic() - began < 10 and server.poll() is None
+    client.close()
+
+
+def test_a_send_on_a_connection_zeromq_dropped_for_good_times_out(start, tmp_path, ctx):
+    """A reply over the client's frame limit is a protocol error: ZeroMQ drops the
+    connection and does not reconnect, and a DEALER with no connection blocks on send.
+    `send` gives up after SEND_TIMEOUT_MS instead (this hung a scheduler for an hour)."""
+    address, meta, keys, _, _ = cluster(start, tmp_path, ctx)
+    sock = make_socket(ctx, zmq.DEALER, address, keys=keys, peer="server", max_frame=1024)
+    pull = protocol.encode({"op": "pull", "node": "worker-0", "seq": 1, "shard": 0,
+                            "token": meta["token"]})
+    assert send(sock, pull) is True
+    assert not sock.poll(1000 * SILENCE_S)              # the reply was too large: dropped
+    began = time.monotonic()
+    assert False in [send(sock, pull) for _ in range(3)]
+    assert time.monotonic() - began < 3 * (SEND_TIMEOUT_MS / 1000) + 2
 
 
 def test_a_push_counts_under_its_tokens_rank_whatever_node_says(start, tmp_path, ctx):
