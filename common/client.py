@@ -61,7 +61,7 @@ def make_socket(ctx: zmq.Context, kind: int, address: str, *, bind: bool = False
     """A socket with linger 0 (closing never blocks), connected or bound to `address`.
 
     It takes frames of at most `max_frame` bytes and queues at most RCV_HWM messages
-    per peer. With `keys`, a bound socket is a CURVE server (start a security.Zap on
+    per peer. With `keys`, a bound socket is a CURVE server (enter security.guard on
     `ctx` first) and a connected one a CURVE client of the role `peer`.
     """
     sock = ctx.socket(kind)

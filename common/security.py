@@ -24,6 +24,7 @@ the ranks (so a peer cannot push under a made-up name), but travel in clear.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import os
@@ -171,6 +172,18 @@ class Zap(threading.Thread):
         self._stop_event.set()
         if self.is_alive():
             self.join()
+
+    def __enter__(self) -> "Zap":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def guard(ctx: zmq.Context, keys: Keys | None) -> contextlib.AbstractContextManager:
+    """A running `Zap` for `keys` on `ctx` (closed on exit), or nothing without keys. Enter
+    it before binding, leave it after closing the sockets it guards."""
+    return Zap(ctx, keys) if keys is not None else contextlib.nullcontext()
 
 
 def mint(secret: bytes, role: str, rank: int, incarnation: int) -> bytes:

@@ -46,7 +46,7 @@ from downpour.common.fileio import atomic_write
 from downpour.common.metrics import MetricsLog, Progress
 from downpour.common.model import Model
 from downpour.common.schedules import parse_schedule
-from downpour.common.security import Keys, Zap
+from downpour.common.security import Keys, guard
 from downpour.common.training import (
     asked_samples,
     check_cluster,
@@ -277,17 +277,15 @@ def main(cfg: Config) -> int:
     """`downpour scheduler`: bind, conduct the run, shut the cluster down."""
     keys = Keys.load(cfg.keys, "scheduler") if cfg.keys else None
     ctx = zmq.Context()
-    zap = Zap(ctx, keys) if keys else None          # before the bind: no handshake goes unchecked
-    sock = None
     try:
-        sock, endpoint = bind_router(ctx, cfg.bind or DEFAULT_BIND, keys=keys)
-        if cfg.endpoint_file:
-            atomic_write(cfg.endpoint_file, lambda f: f.write(endpoint.encode()))
-        Scheduler(cfg, sock, ctx, keys).run()
+        with guard(ctx, keys):                      # before the bind: no handshake goes unchecked
+            sock, endpoint = bind_router(ctx, cfg.bind or DEFAULT_BIND, keys=keys)
+            try:
+                if cfg.endpoint_file:
+                    atomic_write(cfg.endpoint_file, lambda f: f.write(endpoint.encode()))
+                Scheduler(cfg, sock, ctx, keys).run()
+            finally:
+                sock.close()
     finally:
-        if sock is not None:
-            sock.close()
-        if zap is not None:
-            zap.close()
         ctx.term()
     return 0

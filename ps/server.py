@@ -40,7 +40,7 @@ from downpour.common.fileio import prepare_output
 from downpour.common.layout import Piece
 from downpour.common.model import ModelSpec, initial_params, model_layout
 from downpour.common.node import Heartbeat, register, say
-from downpour.common.security import Keys, Zap
+from downpour.common.security import Keys, guard
 from downpour.ps.piece import PieceState, Reply
 
 FINAL_BEAT_S = 2.0             # a last heartbeat before a server gives its scheduler up
@@ -211,16 +211,14 @@ def standalone(cfg: Config, spec: ModelSpec, rank: int, address: str) -> None:
     server = Server(cfg, spec, rank, pieces)
     keys = Keys.load(cfg.keys, "server") if cfg.keys else None
     ctx = zmq.Context()
-    zap = Zap(ctx, keys) if keys else None
     try:
-        sock, _ = bind_router(ctx, address, server.max_frame, keys)
-        try:
-            serve(server, sock)
-        finally:
-            sock.close()
+        with guard(ctx, keys):
+            sock, _ = bind_router(ctx, address, server.max_frame, keys)
+            try:
+                serve(server, sock)
+            finally:
+                sock.close()
     finally:
-        if zap is not None:
-            zap.close()
         ctx.term()
 
 
@@ -244,26 +242,35 @@ def main(cfg: Config) -> int:
     if cfg.checkpoint_dir:
         prepare_output(cfg.checkpoint_dir, "--checkpoint-dir", directory=True)
     keys = Keys.load(cfg.keys, "server") if cfg.keys else None
-    endpoint = concrete(cfg.bind or DEFAULT_BIND)
     ctx = zmq.Context()
-    zap = Zap(ctx, keys) if keys else None          # before the bind: no handshake goes unchecked
-    sock = None
     try:
-        addr = advertised(endpoint, cfg.advertise or own_address())
-        meta = register(ctx, cfg.scheduler, "server", {"role": "server", "addr": addr},
-                        cfg.start_timeout_s, keys)
-        rank = meta["rank"]
-        run = replace(config.from_dict(meta["config"]), checkpoint_dir=cfg.checkpoint_dir,
-                      resume=cfg.resume)
-        server = Server(run, ModelSpec.from_dict(meta["model"]), rank,
-                        [Piece(*p) for p in meta["pieces"]],     # [[server, lo, hi], ...] on the wire
-                        meta.get("run_id", ""), meta["secret"])
-        try:
-            sock, _ = bind_router(ctx, endpoint, server.max_frame, keys)
-        except zmq.ZMQError as e:
-            raise ClusterError(f"{server.node}: cannot listen at {endpoint} ({e}); another "
-                               "process took the address since this server registered it; "
-                               "start the server again") from None
+        with guard(ctx, keys):                      # before the bind: no handshake goes unchecked
+            _register_and_serve(cfg, ctx, keys)
+    finally:
+        ctx.term()
+    return 0
+
+
+def _register_and_serve(cfg: Config, ctx: zmq.Context, keys: Keys | None) -> None:
+    """`main`'s work: register at an endpoint chosen first, bind it with the frame limit of
+    the pieces the registration gave, serve them until the run ends."""
+    endpoint = concrete(cfg.bind or DEFAULT_BIND)
+    addr = advertised(endpoint, cfg.advertise or own_address())
+    meta = register(ctx, cfg.scheduler, "server", {"role": "server", "addr": addr},
+                    cfg.start_timeout_s, keys)
+    rank = meta["rank"]
+    run = replace(config.from_dict(meta["config"]), checkpoint_dir=cfg.checkpoint_dir,
+                  resume=cfg.resume)
+    server = Server(run, ModelSpec.from_dict(meta["model"]), rank,
+                    [Piece(*p) for p in meta["pieces"]],     # [[server, lo, hi], ...] on the wire
+                    meta.get("run_id", ""), meta["secret"])
+    try:
+        sock, _ = bind_router(ctx, endpoint, server.max_frame, keys)
+    except zmq.ZMQError as e:
+        raise ClusterError(f"{server.node}: cannot listen at {endpoint} ({e}); another "
+                           "process took the address since this server registered it; "
+                           "start the server again") from None
+    try:
         if cfg.resume and (note := server.resume()):
             say(note)
         pieces = [server.pieces[i] for i in sorted(server.pieces)]
@@ -285,9 +292,4 @@ def main(cfg: Config) -> int:
             raise ClusterError(f"{server.node}: {why} at version {server.version}")
         say(f"{server.node}: {why} at version {server.version}")
     finally:
-        if sock is not None:
-            sock.close()
-        if zap is not None:
-            zap.close()
-        ctx.term()
-    return 0
+        sock.close()

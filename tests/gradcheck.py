@@ -2,6 +2,8 @@
 
 import numpy as np
 
+from downpour.common.layers import Dropout
+
 
 def numeric_grad(f, a: np.ndarray, h: float = 1e-6) -> np.ndarray:
     """d f / d a by central differences, perturbing `a` in place one element at a time."""
@@ -56,3 +58,19 @@ def check_layer(layer, x, train, rng, before_forward=lambda: None, tol=1e-6):
         err = rel_error(analytic[name], numeric_grad(f, p))
         assert err < tol, f"{type(layer).__name__}.{name}: relative error {err:.2e}"
     return dx
+
+
+def check_model(model, x, y, tol=1e-6):
+    """A float64 Model's loss_and_grad against finite differences over its whole flat vector
+    (dropout draws the same masks at every evaluation)."""
+    dropouts = [layer for layer in model.layers if isinstance(layer, Dropout)]
+
+    def f():
+        for i, layer in enumerate(dropouts):          # the same masks at every evaluation
+            layer.rng = np.random.default_rng(i)
+        return model.loss_and_grad(x, y)
+
+    f()
+    analytic = model.grads.copy()
+    err = rel_error(analytic, numeric_grad(f, model.params))
+    assert err < tol, f"model gradient: relative error {err:.2e}"

@@ -2,11 +2,10 @@
 
 import numpy as np
 import pytest
-from gradcheck import numeric_grad, rel_error
+from gradcheck import check_model
 
 from downpour.common.errors import ConfigError
 from downpour.common.initializers import INITIALIZERS, draw
-from downpour.common.layers import Dropout
 from downpour.common.model import Model, ModelSpec, initial_params, model_layout
 
 CASES = [  # (activation, batchnorm, dropout, loss, l1, l2)
@@ -22,20 +21,9 @@ CASES = [  # (activation, batchnorm, dropout, loss, l1, l2)
 def test_loss_gradient_matches_finite_differences(activation, batchnorm, dropout, loss, l1, l2):
     spec = ModelSpec(n_inputs=4, n_outputs=3, hidden=(5, 3), activation=activation,
                      batchnorm=batchnorm, dropout=dropout, loss=loss, l1=l1, l2=l2)
-    model = Model(spec, seed=1, dtype=np.float64)
     rng = np.random.default_rng(2)
-    x, y = rng.standard_normal((6, 4)), rng.integers(0, 3, 6)
-    dropouts = [layer for layer in model.layers if isinstance(layer, Dropout)]
-
-    def f():
-        for i, layer in enumerate(dropouts):          # the same masks at every evaluation
-            layer.rng = np.random.default_rng(i)
-        return model.loss_and_grad(x, y)
-
-    f()
-    analytic = model.grads.copy()
-    numeric = numeric_grad(f, model.params)
-    assert rel_error(analytic, numeric) < 1e-6
+    check_model(Model(spec, seed=1, dtype=np.float64), rng.standard_normal((6, 4)),
+                rng.integers(0, 3, 6))
 
 
 def test_initial_weights_do_not_depend_on_sharding():

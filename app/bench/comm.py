@@ -63,7 +63,7 @@ from downpour.common.config import Config, parse_list
 from downpour.common.errors import ConfigError
 from downpour.common.layout import Piece
 from downpour.common.model import ModelSpec, model_layout
-from downpour.common.security import Keys, Zap, write_keys
+from downpour.common.security import Keys, guard, write_keys
 from downpour.ps.server import standalone
 
 VECTORS = {  # name -> a model whose parameter vector has that size
@@ -91,34 +91,39 @@ def _raw_server(address: str, sizes: dict[int, int], work: bool, keys_dir: str) 
     """
     keys = Keys.load(keys_dir, "server") if keys_dir else None
     ctx = zmq.Context()
-    zap = Zap(ctx, keys) if keys else None              # before the bind
-    sock = make_socket(ctx, zmq.ROUTER, address, bind=True, max_frame=4 * max(sizes.values()),
-                       keys=keys)
+    try:
+        with guard(ctx, keys):                          # before the bind
+            sock = make_socket(ctx, zmq.ROUTER, address, bind=True, max_frame=4 * max(sizes.values()),
+                               keys=keys)
+            try:
+                _answer(sock, sizes, work)
+            finally:
+                sock.close()
+    finally:
+        ctx.term()
+
+
+def _answer(sock: zmq.Socket, sizes: dict[int, int], work: bool) -> None:
+    """`_raw_server`'s loop: answer each message on `sock` until STOP or an orphaning."""
     params = {i: np.ones(n, np.float32) for i, n in sizes.items()}   # np.zeros: the zero page
     scratch = np.empty(max(sizes.values()), np.float32)
     sent: dict[int, zmq.MessageTracker] = {}             # index -> its last reply, while zero-copy
     parent = multiprocessing.parent_process()
-    try:
-        while True:
-            if not sock.poll(POLL_MS):
-                if parent is not None and not parent.is_alive():
-                    break                                        # orphaned: nobody will stop it
-                continue
-            frames = sock.recv_multipart(copy=False)
-            ident, index, payload = frames[0].bytes, frames[1].bytes, frames[2:]
-            if index == STOP:
-                sock.send_multipart([ident, STOP])                # stopped: the client may go
-                break
-            p = params.get(i := int.from_bytes(index, "little"))
-            if p is None or (work and not _sgd(p, payload, scratch, sent.get(i))):
-                sock.send_multipart([ident, index])             # no payload: refused
-                continue
-            sent[i] = sock.send_multipart([ident, index, memoryview(p)], copy=False, track=work)
-    finally:
-        sock.close()
-        if zap is not None:
-            zap.close()
-        ctx.term()
+    while True:
+        if not sock.poll(POLL_MS):
+            if parent is not None and not parent.is_alive():
+                break                                        # orphaned: nobody will stop it
+            continue
+        frames = sock.recv_multipart(copy=False)
+        ident, index, payload = frames[0].bytes, frames[1].bytes, frames[2:]
+        if index == STOP:
+            sock.send_multipart([ident, STOP])                # stopped: the client may go
+            break
+        p = params.get(i := int.from_bytes(index, "little"))
+        if p is None or (work and not _sgd(p, payload, scratch, sent.get(i))):
+            sock.send_multipart([ident, index])             # no payload: refused
+            continue
+        sent[i] = sock.send_multipart([ident, index, memoryview(p)], copy=False, track=work)
 
 
 def _sgd(p: np.ndarray, payload: list[zmq.Frame], scratch: np.ndarray,
