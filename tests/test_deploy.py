@@ -22,7 +22,7 @@ from downpour import cli
 from downpour.common import config, security
 from downpour.launch import CLI, child_env
 
-yaml = pytest.importorskip("yaml")
+yaml = pytest.importorskip("yaml", reason="PyYAML reads the compose files: pip install -e '.[test]'")
 
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"

@@ -9,7 +9,7 @@ from downpour.common.config import Config
 from downpour.common.errors import ConfigError
 from downpour.experiment import COLUMNS, case_config, impossible, plan, sweep_plan
 
-pytest.importorskip("matplotlib")
+pytest.importorskip("matplotlib", reason="plots need matplotlib: pip install -e '.[plot]'")
 PNG = b"\x89PNG\r\n\x1a\n"
 TINY = ("--synthetic", 600, "--hidden", 8, "--epochs", 1, "--batch-size", 50, "--target", 0.5)
 

@@ -329,7 +329,7 @@ def torch_optimizer(torch, name, h, param):
 
 @pytest.mark.parametrize("name, h", CASES, ids=IDS)
 def test_matches_torch(name, h):
-    torch = pytest.importorskip("torch")
+    torch = pytest.importorskip("torch", reason="the PyTorch reference: pip install -e '.[bench]'")
     p0, grads = data(301, np.float64, seed=6)
     p = run(make_optimizer(name, **h), p0, grads)
     default = torch.get_default_dtype()

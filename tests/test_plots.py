@@ -9,7 +9,8 @@ from downpour.common.metrics import MetricsLog
 
 PNG = b"\x89PNG\r\n\x1a\n"
 EXPECTED = 'expected JSON lines written by --metrics (each an object with an "event")'
-needs_matplotlib = pytest.mark.skipif(not plots.available(), reason="plots need matplotlib")
+needs_matplotlib = pytest.mark.skipif(not plots.available(),
+                                      reason="plots need matplotlib: pip install -e '.[plot]'")
 
 
 def write_run(path, mode="async", evals=3):

@@ -16,7 +16,7 @@ from downpour.common.layers import BatchNorm
 from downpour.common.model import Model, ModelSpec
 from downpour.common.recurrent import GRU, LSTM, SimpleRNN
 
-torch = pytest.importorskip("torch")
+torch = pytest.importorskip("torch", reason="the PyTorch reference: pip install -e '.[bench]'")
 nn = torch.nn
 F64 = dict(rtol=1e-9, atol=1e-10)
 
