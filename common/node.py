@@ -76,7 +76,8 @@ def register(ctx: zmq.Context, scheduler: str, node: str, meta: dict[str, Any],
     sock = make_socket(ctx, zmq.DEALER, scheduler, keys=keys, peer="scheduler")
     try:
         send(sock, protocol.encode({"op": "register", "node": node, "seq": 1,
-                                    "meta": {"host": socket.gethostname(), **meta}}))
+                                    "meta": {"host": socket.gethostname(), "wait_s": timeout,
+                                             **meta}}))
         start = time.monotonic()
         unresolved_since, said = None, start
         while not sock.poll(1000 * POLL_TICK_S):

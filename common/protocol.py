@@ -47,7 +47,9 @@ Operations to a shard server (replies carry clock):
 Operations to the scheduler:
 
     register    meta: role ("server" | "worker"), addr (a server's endpoint),
-                host -> ok, meta: rank, incarnation, token and the cluster spec
+                host, wait_s (how long the node waits for the answer: a registration
+                held for a place is answered E_STATE after it) -> ok, meta: rank,
+                incarnation, token and the cluster spec
                 (see ps/scheduler.py), which holds run_id: the run's random id, written
                 into every checkpoint, so --resume continues this run's only; a
                 server's also holds secret, the key to the run's tokens. A

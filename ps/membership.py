@@ -25,7 +25,10 @@ get in their spec to check workers' pushes). A node sends its token with every
 request and is taken for the node the token names: a worker declared dead in a
 dealt run, or whose rank went to another, is refused. With keys, the role a peer
 registers or heartbeats as must be its key's (protocol.PERMITTED). Waiting
-registrations are capped (MAX_WAITING), and so are worker ranks (MAX_WORKERS).
+registrations are capped (MAX_WAITING), and so are worker ranks (MAX_WORKERS). A
+registration waits for a place only as long as its node waits for the answer (`wait_s`
+in the request, else start_timeout_s); then it is answered E_STATE and forgotten, so a
+spare that gave up holds no place.
 Nothing here pulls, pushes or evaluates.
 """
 
@@ -47,6 +50,7 @@ from downpour.common.training import dealt
 
 SECRET_BYTES = 32        # the run's token secret
 MAX_WAITING = 64         # registrations held at once, per role: spare servers, sync spare workers
+MAX_WAIT_S = 86400.0     # the longest a registration waits for a place, whatever it asks (s)
 TIMES = ("t_start", "t_end")   # a worker's progress: Unix seconds bracketing its steps
 
 
@@ -62,17 +66,21 @@ class NodeState:
 
 
 class HeldWorker(NamedTuple):
-    """A worker that registered before all the servers: its reply waits for them."""
+    """A worker that registered before all the servers (its reply waits for them), or in a
+    sync run with every rank taken (rank -1: it waits for a dead one's until `until`)."""
     ident: bytes
     header: dict
     rank: int
+    until: float = math.inf          # time.monotonic() when its node stops waiting
 
 
 class SpareServer(NamedTuple):
-    """A server that registered while every rank was taken: it waits for a dead one's."""
+    """A server that registered while every rank was taken: it waits for a dead one's
+    until `until`."""
     ident: bytes
     header: dict
     addr: str
+    until: float = math.inf          # time.monotonic() when its node stops waiting
 
 
 class Membership:
@@ -161,6 +169,7 @@ class Membership:
         """Answer registrations and heartbeats for up to `timeout_ms`, then notice deaths."""
         self._serve(timeout_ms)
         self._check_liveness()
+        self._expire_waiting()
 
     # -- messages --------------------------------------------------------------------------
     def _serve(self, timeout_ms: int) -> None:
@@ -205,19 +214,38 @@ class Membership:
             if not isinstance(addr, str) or not addr:
                 raise protocol.error(protocol.E_MALFORMED, "a server registers with its addr")
             self._check_room(self._spares, "server")
-            self._spares.append(SpareServer(ident, header, addr))
+            self._spares.append(SpareServer(ident, header, addr, self._until(meta)))
             self._seat_servers()
         elif role == "worker":
             rank = self._worker_rank()
             if rank is None:                  # sync: it waits for a dead worker's place
                 self._check_room(self._spare_workers, "worker")
-                self._spare_workers.append(HeldWorker(ident, header, -1))
+                self._spare_workers.append(HeldWorker(ident, header, -1, self._until(meta)))
                 self.log("a worker waits for a dead worker's place (a sync run has one slice "
                          "of each global batch per worker)")
                 return
             self._admit_worker(ident, header, rank)
         else:
             raise protocol.error(protocol.E_MALFORMED, f"role must be server or worker, not {role!r}")
+
+    def _until(self, meta: dict) -> float:
+        """When a registration stops waiting for a place: after its node's `wait_s` (at most
+        MAX_WAIT_S), or this scheduler's start_timeout_s when it sends none."""
+        wait_s = meta.get("wait_s", self.cfg.start_timeout_s)
+        if isinstance(wait_s, bool) or not isinstance(wait_s, (int, float)) or not wait_s > 0:
+            raise protocol.error(protocol.E_MALFORMED, f"wait_s must be a positive number of "
+                                 f"seconds, not {wait_s!r}")
+        return time.monotonic() + min(wait_s, MAX_WAIT_S)
+
+    def _expire_waiting(self) -> None:
+        """Answer and forget the waiting registrations whose nodes have stopped waiting."""
+        now = time.monotonic()
+        for role, waiting in (("server", self._spares), ("worker", self._spare_workers)):
+            for gone in [w for w in waiting if w.until <= now]:
+                waiting.remove(gone)
+                self.sock.send_multipart([gone.ident, *protocol.error_reply(
+                    protocol.E_STATE, f"no {role} place came free while it waited; start it "
+                    "again to wait again", gone.header, "scheduler")])
 
     @staticmethod
     def _check_room(waiting: list, role: str) -> None:

@@ -110,7 +110,9 @@ META = {
         "live": usually(st.lists(st.integers(0, 3), max_size=3), st.lists(INT64, max_size=3) | ODD, 3)}),
     "register": st.fixed_dictionaries({"role": ROLE, "addr": usually(
         st.sampled_from(("ipc:///tmp/fuzz-elsewhere", "tcp://10.0.0.1:5000")), st.just("") | ODD, 1)},
-        optional={"host": TEXTS}),
+        optional={"host": TEXTS, "wait_s": usually(    # a wait short enough to end mid-test is not fuzzed
+            st.floats(60, 1e9), st.sampled_from((0, -1.0, math.nan, -math.inf, True, "60")) | ODD.filter(
+                lambda v: not (waits(v) and v < 60)), 3)}),
     "heartbeat": st.fixed_dictionaries(
         {"role": ROLE, "rank": RANKS, "incarnation": RANKS, "token": usually(TOKENS)},
         optional={"samples": COUNTS, "steps": COUNTS, "done": usually(st.booleans()), "progress": PROGRESS}),
@@ -634,7 +636,13 @@ def registration(frames: list) -> str:
     if meta.get("role") == "worker":
         return "seat"
     addr = meta.get("addr")
-    return "wait" if meta.get("role") == "server" and isinstance(addr, str) and addr else "answer"
+    valid = isinstance(addr, str) and addr and ("wait_s" not in meta or waits(meta["wait_s"]))
+    return "wait" if meta.get("role") == "server" and valid else "answer"
+
+
+def waits(wait_s) -> bool:
+    """Whether `wait_s` is a registration's valid wait: a positive number of seconds."""
+    return isinstance(wait_s, (int, float)) and not isinstance(wait_s, bool) and wait_s > 0
 
 
 @pytest.mark.timeout(FUZZ_TIMEOUT_S)

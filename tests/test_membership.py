@@ -146,6 +146,39 @@ def test_a_dead_server_is_replaced_by_a_spare(cluster):
     assert moved == [(1, "tcp://spare:7000")] and not nodes.servers[1].dead
 
 
+
+@pytest.mark.parametrize("role", ["server", "worker"])
+def test_a_waiting_registration_ends_when_its_node_stops_waiting(cluster, role):
+    """A spare (a server, or a worker joining a full sync run) waits as long as it said
+    (wait_s), is then told so and holds no place: a later free rank is not sent to it."""
+    nodes, connect = cluster
+    nodes.cfg = replace(CFG, dead_after_s=60.0)
+    assembled(nodes, connect)
+    meta = {"role": role, "addr": "tcp://spare:7000"} if role == "server" else {"role": role}
+    spare = connect()
+    send(spare, "register", wait_s=0.3, **meta)
+    t0 = time.monotonic()
+    header = reply(nodes, spare)
+    assert header["op"] == "error" and header["code"] == protocol.E_STATE, header
+    assert "while it waited" in header["msg"] and 0.3 <= time.monotonic() - t0 < 2.0
+    assert not nodes._spares and not nodes._spare_workers
+    getattr(nodes, f"{role}s")[1].last_seen -= 61            # a place comes free: not its
+    assert reply(nodes, spare, within_s=0.3) is None
+
+
+def test_a_registration_without_wait_s_waits_start_timeout_s_and_a_bad_one_is_refused(cluster):
+    nodes, connect = cluster
+    nodes.cfg = replace(CFG, dead_after_s=60.0, start_timeout_s=0.3)
+    assembled(nodes, connect)
+    spare = connect()
+    send(spare, "register", role="server", addr="tcp://spare:7000")
+    assert reply(nodes, spare)["code"] == protocol.E_STATE
+    for bad in ("5", 0, -1.0, float("nan"), True):
+        send(spare, "register", role="server", addr="tcp://spare:7000", wait_s=bad)
+        header = reply(nodes, spare)
+        assert header["code"] == protocol.E_MALFORMED and "wait_s" in header["msg"], (bad, header)
+    assert not nodes._spares
+
 def test_a_dead_server_with_no_replacement_ends_the_run(cluster):
     nodes, connect = cluster
     for i in range(2):
