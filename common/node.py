@@ -17,6 +17,7 @@ run that started it.
 
 from __future__ import annotations
 
+import itertools
 import socket
 import sys
 import threading
@@ -63,48 +64,67 @@ def say(line: str) -> None:
 
 
 def register(ctx: zmq.Context, scheduler: str, node: str, meta: dict[str, Any],
-             timeout: float, keys: Keys | None = None) -> dict[str, Any]:
+             timeout: float, keys: Keys | None = None) -> dict[str, Any] | None:
     """Register with the scheduler at `scheduler`; return the meta of its reply (rank,
-    token, spec). With `keys` (the cluster's) over CurveZMQ.
+    token, spec), or None when the run ended while this node waited for a place (it says
+    so). With `keys` (the cluster's) over CurveZMQ.
 
-    ClusterError after `timeout` seconds without an answer, and sooner when the
-    scheduler's host name stops resolving for NAME_GONE_S: on a container network a
-    name goes when its container exits, so a node whose scheduler is gone (or never
-    came) does not wait out the whole timeout. A line says it is waiting every WAIT_SAY_S.
+    A node with no place yet (a spare server, a worker joining a full sync run) waits:
+    it asks to wait half its `timeout`, is answered `again` after that, and registers
+    again, so it stands by for as long as the scheduler answers. ClusterError after
+    `timeout` seconds without an answer, and sooner when the scheduler's host name stops
+    resolving for NAME_GONE_S: on a container network a name goes when its container
+    exits, so a node whose scheduler is gone (or never came) does not wait out the whole
+    timeout.
     """
     host = _host_name(scheduler)
     sock = make_socket(ctx, zmq.DEALER, scheduler, keys=keys, peer="scheduler")
     try:
-        send(sock, protocol.encode({"op": "register", "node": node, "seq": 1,
-                                    "meta": {"host": socket.gethostname(), "wait_s": timeout,
-                                             **meta}}))
-        start = time.monotonic()
-        unresolved_since, said = None, start
-        while not sock.poll(1000 * POLL_TICK_S):
-            now = time.monotonic()
-            if now - start > timeout:
-                raise ClusterError(f"{node}: no answer from the scheduler at {scheduler} within "
-                                   f"{timeout:g} s; is it running, and is the address right?"
-                                   + (" Are these keys the scheduler's (--keys)?" if keys else ""))
-            if host is not None and not _resolves(host):
-                unresolved_since = unresolved_since or now
-                if now - unresolved_since > NAME_GONE_S:
-                    raise ClusterError(f"{node}: the scheduler's host {host!r} has not resolved "
-                                       f"for {NAME_GONE_S:g} s: the scheduler is not running (or "
-                                       "the address is wrong)")
-            else:
-                unresolved_since = None
-            if now - said > WAIT_SAY_S:
-                said = now
-                say(f"{node}: waiting for the scheduler at {scheduler} "
-                    f"({timeout - (now - start):.0f} s left)")
-        header, _ = protocol.decode(sock.recv_multipart())
-        try:
-            return protocol.raise_for_error(header).get("meta", {})
-        except protocol.RemoteError as e:
-            raise ClusterError(f"{node}: the scheduler refused to register it: {e}") from None
+        for seq in itertools.count(1):
+            send(sock, protocol.encode({"op": "register", "node": node, "seq": seq, "meta": {
+                "host": socket.gethostname(), "wait_s": timeout / 2, **meta}}))
+            header = _answer(sock, scheduler, node, host, timeout, keys, say_waiting=seq == 1)
+            try:
+                reply = protocol.raise_for_error(header).get("meta", {})
+            except protocol.RemoteError as e:
+                raise ClusterError(f"{node}: the scheduler refused to register it: {e}") from None
+            if reply.get("over"):
+                say(f"{node}: the run ended while it waited for a place; nothing to do")
+                return None
+            if not reply.get("again"):
+                return reply
+            if seq == 1:
+                say(f"{node}: every place is taken; it stands by as a spare while the "
+                    f"scheduler at {scheduler} answers")
     finally:
         sock.close()
+
+
+def _answer(sock: zmq.Socket, scheduler: str, node: str, host: str | None, timeout: float,
+            keys: Keys | None, say_waiting: bool) -> dict[str, Any]:
+    """The header of the scheduler's answer on `sock` (see `register`); with `say_waiting`,
+    a line every WAIT_SAY_S while there is none."""
+    start = time.monotonic()
+    unresolved_since, said = None, start
+    while not sock.poll(1000 * POLL_TICK_S):
+        now = time.monotonic()
+        if now - start > timeout:
+            raise ClusterError(f"{node}: no answer from the scheduler at {scheduler} within "
+                               f"{timeout:g} s; is it running, and is the address right?"
+                               + (" Are these keys the scheduler's (--keys)?" if keys else ""))
+        if host is not None and not _resolves(host):
+            unresolved_since = unresolved_since or now
+            if now - unresolved_since > NAME_GONE_S:
+                raise ClusterError(f"{node}: the scheduler's host {host!r} has not resolved "
+                                   f"for {NAME_GONE_S:g} s: the scheduler is not running (or "
+                                   "the address is wrong)")
+        else:
+            unresolved_since = None
+        if say_waiting and now - said > WAIT_SAY_S:
+            said = now
+            say(f"{node}: waiting for the scheduler at {scheduler} "
+                f"({timeout - (now - start):.0f} s left)")
+    return protocol.decode(sock.recv_multipart())[0]
 
 
 class Heartbeat(threading.Thread):

@@ -47,14 +47,16 @@ Operations to a shard server (replies carry clock):
 Operations to the scheduler:
 
     register    meta: role ("server" | "worker"), addr (a server's endpoint),
-                host, wait_s (how long the node waits for the answer: a registration
-                held for a place is answered E_STATE after it) -> ok, meta: rank,
-                incarnation, token and the cluster spec
+                host, wait_s (how long a registration may wait for a place)
+                -> ok, meta: rank, incarnation, token and the cluster spec
                 (see ps/scheduler.py), which holds run_id: the run's random id, written
                 into every checkpoint, so --resume continues this run's only; a
                 server's also holds secret, the key to the run's tokens. A
                 worker that registers mid-run takes the lowest dead worker's rank,
-                or (async, ssp) a new one
+                or (async, ssp) a new one. A registration with no place yet (a spare
+                server, a worker joining a full sync run) waits; after wait_s it is
+                answered ok, meta: again (register again to keep waiting), and at the
+                run's end ok, meta: over (nothing to do)
     heartbeat   meta: rank, role, incarnation, token, progress (samples, steps,
                 loss_sum, loss_count, done) -> ok, meta: stop (bool), servers
                 (current endpoints)

@@ -26,9 +26,10 @@ request and is taken for the node the token names: a worker declared dead in a
 dealt run, or whose rank went to another, is refused. With keys, the role a peer
 registers or heartbeats as must be its key's (protocol.PERMITTED). Waiting
 registrations are capped (MAX_WAITING), and so are worker ranks (MAX_WORKERS). A
-registration waits for a place only as long as its node waits for the answer (`wait_s`
-in the request, else start_timeout_s); then it is answered E_STATE and forgotten, so a
-spare that gave up holds no place.
+registration waits for a place for the `wait_s` it asks (else start_timeout_s), then is
+answered `again` and forgotten: a spare that is still there registers again, so it stands
+by for the whole run, and one that is gone holds no place. At the run's end every waiting
+registration is answered `over`.
 Nothing here pulls, pushes or evaluates.
 """
 
@@ -238,14 +239,19 @@ class Membership:
         return time.monotonic() + min(wait_s, MAX_WAIT_S)
 
     def _expire_waiting(self) -> None:
-        """Answer and forget the waiting registrations whose nodes have stopped waiting."""
+        """Answer `again` to the waiting registrations whose wait is up, and forget them."""
         now = time.monotonic()
-        for role, waiting in (("server", self._spares), ("worker", self._spare_workers)):
-            for gone in [w for w in waiting if w.until <= now]:
-                waiting.remove(gone)
-                self.sock.send_multipart([gone.ident, *protocol.error_reply(
-                    protocol.E_STATE, f"no {role} place came free while it waited; start it "
-                    "again to wait again", gone.header, "scheduler")])
+        for waiting in (self._spares, self._spare_workers):
+            for done in [w for w in waiting if w.until <= now]:
+                waiting.remove(done)
+                self._reply(done.ident, done.header, {"again": True})
+
+    def dismiss_waiting(self) -> None:
+        """The run is over: answer `over` to every registration still waiting for a place."""
+        for waiting in (self._spares, self._spare_workers):
+            for w in waiting:
+                self._reply(w.ident, w.header, {"over": True})
+            waiting.clear()
 
     @staticmethod
     def _check_room(waiting: list, role: str) -> None:

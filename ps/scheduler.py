@@ -129,6 +129,7 @@ class Scheduler:
         try:
             end = self._train()
             self.client.call_all("shutdown")
+            self.nodes.dismiss_waiting()
         finally:
             self.client.close()
             self.metrics.close()

@@ -258,6 +258,8 @@ def _register_and_serve(cfg: Config, ctx: zmq.Context, keys: Keys | None) -> Non
     addr = advertised(endpoint, cfg.advertise or own_address())
     meta = register(ctx, cfg.scheduler, "server", {"role": "server", "addr": addr},
                     cfg.start_timeout_s, keys)
+    if meta is None:                                 # the run ended while it stood by
+        return
     rank = meta["rank"]
     run = replace(config.from_dict(meta["config"]), checkpoint_dir=cfg.checkpoint_dir,
                   resume=cfg.resume)

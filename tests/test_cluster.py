@@ -234,6 +234,26 @@ def test_a_worker_started_mid_run_joins_and_trains_chunks(background, tmp_path):
     assert err.startswith("worker-2: joined") and "worker-2: done after" in err
 
 
+
+def test_spares_stand_by_past_their_timeout_and_leave_when_the_run_ends(background, tmp_path):
+    """A server, and a worker joining a full sync run, started with a 1 s start timeout:
+    they stand by for the rest of the run and exit 0 when it ends."""
+    scheduler, said, workers, address = hand_cluster(background, tmp_path, "--epochs", 20,
+                                                     mode="sync")
+    wait_for_eval(tmp_path / "m.jsonl", scheduler)
+    t0 = time.monotonic()
+    spares = {"server": background("server", "--scheduler", address, "--start-timeout-s", 1,
+                                   "--bind", f"ipc://{tmp_path}/spare"),
+              "worker": background("worker", "--scheduler", address, "--start-timeout-s", 1)}
+    scheduler.wait(timeout=120)
+    assert scheduler.returncode == 0, said.text()
+    for role, spare in spares.items():
+        _, err = spare.communicate(timeout=30)
+        assert spare.returncode == 0, err
+        assert err.startswith(f"{role}: every place is taken; it stands by as a spare"), err
+        assert err.endswith(f"{role}: the run ended while it waited for a place; nothing to do\n")
+    assert time.monotonic() - t0 > 2, "the run ended before the spares outlived their timeout"
+
 @pytest.mark.parametrize("mode", ["async", "sync"])
 def test_a_restarted_worker_takes_the_dead_ranks_place(background, tmp_path, mode):
     scheduler, said, workers, address = hand_cluster(background, tmp_path, "--epochs", 20,
@@ -368,16 +388,19 @@ def test_a_killed_server_is_replaced_from_its_checkpoint_and_the_run_goes_on(bac
     while not list(checkpoints.glob("piece-*.npz")) and time.monotonic() < deadline:
         time.sleep(0.05)
     saved = np.load(next(checkpoints.glob("piece-*.npz")))["params"]
+    # a spare, standing by past its own start timeout (it registers again every 0.5 s)
+    replacement = background("server", "--scheduler", address, "--bind", f"ipc://{tmp_path}/s0b",
+                             "--checkpoint-dir", checkpoints, "--resume", "--start-timeout-s", 1)
+    time.sleep(2.5)
     server.kill()
     server.wait(timeout=10)
-    replacement = background("server", "--scheduler", address, "--bind", f"ipc://{tmp_path}/s0b",
-                             "--checkpoint-dir", checkpoints, "--resume")
     out, err = scheduler.communicate(timeout=180)
     assert scheduler.returncode == 0, err
     assert "server-0 stopped answering" in err and "server-0 replaced, now at" in err
     said = {node: node.communicate(timeout=30)[1] for node in (worker, replacement)}
     assert worker.returncode == replacement.returncode == 0, said
     assert re.search(r"server-0: joined .*, resumed at version \d+\n", said[replacement])
+    assert said[replacement].startswith("server: every place is taken; it stands by as a spare")
     end = json.loads(metrics.read_text().splitlines()[-1])
     assert end["event"] == "end" and end["test_accuracy"] > 0.5
     assert not np.array_equal(saved, np.load(next(checkpoints.glob("piece-*.npz")))["params"])

@@ -148,22 +148,30 @@ def test_a_dead_server_is_replaced_by_a_spare(cluster):
 
 
 @pytest.mark.parametrize("role", ["server", "worker"])
-def test_a_waiting_registration_ends_when_its_node_stops_waiting(cluster, role):
-    """A spare (a server, or a worker joining a full sync run) waits as long as it said
-    (wait_s), is then told so and holds no place: a later free rank is not sent to it."""
+def test_a_waiting_registration_is_answered_again_after_its_wait_and_over_at_the_end(cluster, role):
+    """A spare (a server, or a worker joining a full sync run) waits the wait_s it asked,
+    is answered `again` and forgotten: a place that comes free later is not sent to it. Its
+    next registration waits again; the end of the run answers it `over`."""
     nodes, connect = cluster
     nodes.cfg = replace(CFG, dead_after_s=60.0)
     assembled(nodes, connect)
     meta = {"role": role, "addr": "tcp://spare:7000"} if role == "server" else {"role": role}
     spare = connect()
-    send(spare, "register", wait_s=0.3, **meta)
+    send(spare, "register", seq=1, wait_s=0.3, **meta)
     t0 = time.monotonic()
     header = reply(nodes, spare)
-    assert header["op"] == "error" and header["code"] == protocol.E_STATE, header
-    assert "while it waited" in header["msg"] and 0.3 <= time.monotonic() - t0 < 2.0
+    assert header["op"] == "ok" and header["meta"] == {"again": True} and header["seq"] == 1
+    assert 0.3 <= time.monotonic() - t0 < 2.0
     assert not nodes._spares and not nodes._spare_workers
     getattr(nodes, f"{role}s")[1].last_seen -= 61            # a place comes free: not its
     assert reply(nodes, spare, within_s=0.3) is None
+    getattr(nodes, f"{role}s")[1].last_seen = time.monotonic()   # back (a test's shortcut)
+    getattr(nodes, f"{role}s")[1].dead = False
+    send(spare, "register", seq=2, wait_s=60, **meta)
+    assert reply(nodes, spare, within_s=0.3) is None                 # waits again
+    nodes.dismiss_waiting()
+    header = reply(nodes, spare)
+    assert header["meta"] == {"over": True} and header["seq"] == 2
 
 
 def test_a_registration_without_wait_s_waits_start_timeout_s_and_a_bad_one_is_refused(cluster):
@@ -172,7 +180,7 @@ def test_a_registration_without_wait_s_waits_start_timeout_s_and_a_bad_one_is_re
     assembled(nodes, connect)
     spare = connect()
     send(spare, "register", role="server", addr="tcp://spare:7000")
-    assert reply(nodes, spare)["code"] == protocol.E_STATE
+    assert reply(nodes, spare)["meta"] == {"again": True}
     for bad in ("5", 0, -1.0, float("nan"), True):
         send(spare, "register", role="server", addr="tcp://spare:7000", wait_s=bad)
         header = reply(nodes, spare)

@@ -228,6 +228,8 @@ def main(cfg: Config) -> int:
     ctx = zmq.Context()
     try:
         meta = register(ctx, cfg.scheduler, "worker", {"role": "worker"}, cfg.start_timeout_s, keys)
+        if meta is None:                             # the run ended while it stood by
+            return 0
         rank = meta["rank"]
         node = f"worker-{rank}"
         run = config.from_dict(meta["config"])
