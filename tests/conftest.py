@@ -1,7 +1,9 @@
 """Shared fixtures: where the real MNIST files live, and how to run the command line."""
 
 import os
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ from downpour.launch import CLI, child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 MNIST_SPLITS = ("t10k", "train-5k")  # the splits the tests train and evaluate on
+SOCKET_PATH_MAX = 80                # a unix socket's path is short (108 bytes with its name)
 FUZZ_EXAMPLES = 500                  # tests/test_fuzz.py: examples per fuzz target in a default run
 
 
@@ -31,6 +34,20 @@ def mnist_dir() -> Path:
         pytest.skip(f"DOWNPOUR_DATA_DIR={chosen} lacks the t10k or train-5k split; point it at a "
                     "directory holding both, or unset it to test on the digits shipped with downpour")
     return Path(chosen)
+
+
+@pytest.fixture
+def socket_dir(tmp_path):
+    """A folder for ipc:// socket files: tmp_path, or a short temporary one (removed after
+    the test) when tmp_path's path is too long for a unix socket."""
+    if len(str(tmp_path)) < SOCKET_PATH_MAX:
+        yield tmp_path
+        return
+    folder = Path(tempfile.mkdtemp(prefix="dp-"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture

@@ -29,7 +29,6 @@ registrations locking workers out) are pinned by the last two tests.
 
 import math
 import subprocess
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -364,10 +363,9 @@ def ctx():
 
 
 @pytest.fixture
-def cluster(tmp_path):
+def cluster(tmp_path, socket_dir):
     """start(keys=False) -> Cluster: `downpour scheduler` and one `downpour server` as real
-    processes, at ipc:// paths in tmp_path; every process is ended at teardown."""
-    folder = tmp_path if len(str(tmp_path)) < 80 else Path(tempfile.mkdtemp(prefix="dp-fuzz-"))
+    processes, at ipc:// paths in socket_dir; every process is ended at teardown."""
     procs: list[subprocess.Popen] = []
 
     def spawn(name: str, *args) -> subprocess.Popen:
@@ -384,7 +382,7 @@ def cluster(tmp_path):
             key_dir = tmp_path / "keys"
             write_keys(key_dir)
         with_keys = ("--keys", key_dir) if keys else ()
-        scheduler, server = f"ipc://{folder}/scheduler", f"ipc://{folder}/server"
+        scheduler, server = f"ipc://{socket_dir}/scheduler", f"ipc://{socket_dir}/server"
         return Cluster(scheduler, server, {
             "scheduler": spawn("scheduler", "scheduler", "--bind", scheduler, *SCHEDULER, *with_keys),
             "server": spawn("server", "server", "--scheduler", scheduler, "--bind", server, *with_keys)},
@@ -400,10 +398,6 @@ def cluster(tmp_path):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
-        if folder != tmp_path:
-            for path in folder.iterdir():
-                path.unlink()
-            folder.rmdir()
 
 
 def died(cluster: Cluster) -> list[str]:

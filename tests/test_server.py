@@ -1,7 +1,6 @@
 """The server: a piece's state (`PieceState`) driven directly, and a live server fed malformed messages."""
 
 import multiprocessing
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -462,18 +461,15 @@ WAIT_S = 20.0                # an upper bound for one reply (the first includes 
 
 
 @pytest.fixture
-def spawn_server(tmp_path):
+def spawn_server(socket_dir):
     """start(cfg, rank) -> (address, process): `standalone` in a spawned process at an ipc:// path.
 
     Every process started is ended when the test ends, whatever happened.
     """
-    directory = tmp_path
-    if len(str(tmp_path)) > 80:                              # unix socket paths are short
-        directory = Path(tempfile.mkdtemp(prefix="dp-"))
     procs = []
 
     def start(cfg: Config, rank: int):
-        address = f"ipc://{directory / f's{len(procs)}.ipc'}"
+        address = f"ipc://{socket_dir / f's{len(procs)}.ipc'}"
         proc = multiprocessing.get_context("spawn").Process(
             target=standalone, args=(cfg, SPEC, rank, address), daemon=True)
         proc.start()
@@ -490,10 +486,6 @@ def spawn_server(tmp_path):
             if proc.is_alive():
                 proc.kill()
                 proc.join(10)
-        if directory != tmp_path:
-            for path in directory.iterdir():
-                path.unlink()
-            directory.rmdir()
 
 
 @pytest.fixture
