@@ -26,13 +26,13 @@ import difflib
 import sys
 
 from downpour import __version__
-from downpour.common import config
+from downpour.common import address, config
 from downpour.common.errors import DownpourError
 
 TRAIN_GROUPS = ("run", "data", "model", "optim", "train", "output", "cluster")
 ROLE_SETTINGS = {  # command -> the settings it takes
-    "scheduler": TRAIN_GROUPS + ("bind", "endpoint_file", "keys"),
-    "server": ("scheduler", "bind", "advertise", "checkpoint_dir", "resume", "threads",
+    "scheduler": TRAIN_GROUPS + ("bind", "insecure", "endpoint_file", "keys"),
+    "server": ("scheduler", "bind", "advertise", "insecure", "checkpoint_dir", "resume", "threads",
                "start_timeout_s", "keys"),
     "worker": ("scheduler", "data_dir", "threads", "start_timeout_s", "keys"),
 }
@@ -42,10 +42,13 @@ def _pinned(args: argparse.Namespace) -> config.Config:
     """The settings of `args`, with this process's BLAS threads pinned before NumPy loads.
 
     A command that knows the run's mode (train, scheduler) refuses a setting given
-    explicitly that the mode does not use, and makes its output paths ready first.
+    explicitly that the mode does not use, and makes its output paths ready first. A role
+    command checks its addresses before any socket exists (`_check_addresses`).
     """
     given = config.given(args)
     cfg = config.Config(**given)
+    if args.command in ROLE_SETTINGS:
+        _check_addresses(cfg)
     if args.command == "scheduler" and cfg.mode not in config.CLUSTER:
         raise config.ConfigError(f"the scheduler conducts --mode {', '.join(config.CLUSTER)}, not "
                                  f"{cfg.mode!r}: give --mode (or DOWNPOUR_MODE)")
@@ -58,6 +61,24 @@ def _pinned(args: argparse.Namespace) -> config.Config:
     return cfg
 
 
+def _check_addresses(cfg: config.Config) -> None:
+    """Every address a role was given (--bind, --scheduler, --advertise; flags, DOWNPOUR_*
+    or the file), read before any socket exists: a ConfigError shows the corrected form.
+    Protected mode: without keys, a bind beyond this host needs --insecure.
+
+    The default binds need no check: without keys they are loopback (ps/scheduler.py,
+    ps/server.py). A run's own private network namespace would allow any bind
+    (`address.check_exposure`'s private_network); no launcher builds one yet.
+    """
+    if cfg.bind:
+        where = address.parse(cfg.bind, "--bind", bind=True)
+        address.check_exposure(where, "--bind", keys=bool(cfg.keys), insecure=cfg.insecure)
+    if cfg.scheduler:
+        address.parse(cfg.scheduler, "--scheduler", bind=False)
+    if cfg.advertise:
+        address.parse_host(cfg.advertise, "--advertise")
+
+
 def _train(args: argparse.Namespace) -> int:
     cfg = _pinned(args)
     if cfg.mode == "single":
@@ -68,9 +89,9 @@ def _train(args: argparse.Namespace) -> int:
         from downpour.worker.hogwild import train
         train(cfg)
         return 0
-    from downpour.common.training import check_cluster
+    from downpour.common.training import check_cluster, training_samples
     from downpour.launch import launch
-    check_cluster(cfg)
+    check_cluster(cfg, training_samples(cfg))     # refused before any process starts
     return launch(cfg)
 
 
@@ -224,7 +245,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
             command = command._subparsers._group_actions[0].choices[args.what]
         flags = [o for a in command._actions for o in a.option_strings]
         unknown = next((e for e in extra if e.startswith("-")), extra[0]).split("=")[0]
-        close = difflib.get_close_matches(unknown, flags, n=1)
+        alias = config.ALIASES.get(unknown.lstrip("-").lower().replace("-", "_"), "")
+        close = [f for f in flags if f == "--" + alias.replace("_", "-")] or \
+            difflib.get_close_matches(unknown, flags, n=1)
         hint = f"did you mean {close[0]}?" if close else "see --help"
         print(f"{command.prog}: error: unrecognized argument {unknown}; {hint} "
               f"({command.prog} --help lists every flag)", file=sys.stderr)

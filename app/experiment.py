@@ -121,8 +121,9 @@ def sweep_plan(cfg: Config, modes: list[str], workers: list[int], shards: list[i
     `given` names the settings given explicitly; those `cfg` holds at a value other than
     the default count as given too. ConfigError if no case is left to run.
     """
-    from downpour.common.training import check_cluster
+    from downpour.common.training import check_cluster, training_samples
     cfg.slowdown                        # a malformed --slow-worker is an error, not a skip of every case
+    n = training_samples(cfg)           # a batch the data cannot give is a case skipped
     given = set(given)
     names = [k for k in FIELDS if k not in SWEPT and (k in given or getattr(cfg, k) != FIELDS[k].default)]
     notes = []
@@ -134,7 +135,7 @@ def sweep_plan(cfg: Config, modes: list[str], workers: list[int], shards: list[i
     for run in plan(modes, workers, shards, repeats):
         case = Case(run, case_config(cfg, run, names))
         try:
-            check_cluster(case.cfg)
+            check_cluster(case.cfg, n)
         except ConfigError as e:
             ruled_out = contradicted.setdefault(str(e), [])
             if run["repeat"] == 0:

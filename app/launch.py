@@ -4,12 +4,19 @@ Starts the scheduler, S servers and W workers, each a `downpour <role>` process
 (the very commands the docker-compose services run), talking over ipc sockets in
 a temporary directory, or loopback tcp. The scheduler's output (progress bar,
 evaluation lines, summary) comes to this terminal; servers and workers write to
-log files, whose last lines are shown if the run fails.
+log files, whose last lines are shown if the run fails. After a failure or Ctrl-C
+the logs are kept (next to --metrics, else in a folder under the current one) and
+the folder is named; after a success they go with the temporary directory.
 
 Every process started here is ended before `launch` returns, on success, failure
 or Ctrl-C: SIGTERM first (servers checkpoint on it), SIGKILL after a grace
 period. Each child also asks the kernel (PR_SET_PDEATHSIG) to be sent SIGTERM if
 the launcher dies without cleaning up.
+
+Ctrl-C at a terminal sends SIGINT to the whole process group: the scheduler (which
+says `downpour: interrupted` and exits 130) and the launcher each get it, in either
+order. Both are one interrupt, said once: the launcher says it only when the
+scheduler did not, and a second SIGINT does not cut its cleanup short.
 """
 
 from __future__ import annotations
@@ -37,9 +44,13 @@ SIGNAL_WAIT_S = 3.0            # how long children get to exit after each SIGTER
 FILE_POLL_S = 0.02             # how often to look for the scheduler's endpoint file
 TAIL_LINES = 15                # lines of each failed process's log shown
 EXIT_INTERRUPTED = 130         # exit status after Ctrl-C: 128 + SIGINT, as a shell reports it
+INTERRUPTED = (EXIT_INTERRUPTED, -signal.SIGINT)   # the scheduler's exit status after Ctrl-C
 TCP_BIND = "tcp://127.0.0.1:0"  # --transport tcp: loopback, a free port
 PR_SET_PDEATHSIG = 1           # prctl option: the signal this process gets when its parent dies
-NODE_SETTINGS = ("scheduler", "bind", "advertise", "checkpoint_dir", "resume", "endpoint_file", "keys")
+NODE_SETTINGS = ("scheduler", "bind", "advertise", "insecure", "checkpoint_dir", "resume",
+                 "endpoint_file", "keys")
+LOGS_SUFFIX = "-logs"          # the nodes' logs kept next to --metrics: runs/m.jsonl -> runs/m-logs
+LOGS_NAME = "downpour-logs-%Y%m%d-%H%M%S"   # ... else this folder, under the current one
 
 
 def _die_with_parent() -> None:
@@ -114,44 +125,123 @@ class Cluster:
 
 
 def launch(cfg: Config) -> int:
-    """Run `cfg` as a local cluster; the scheduler's exit status."""
+    """Run `cfg` as a local cluster; the scheduler's exit status, or EXIT_INTERRUPTED after
+    Ctrl-C. Every process is ended, and after a failure or an interrupt the nodes' logs
+    are kept and named (`_keep_logs`), before it returns or raises."""
     run_dir = Path(tempfile.mkdtemp(prefix="downpour-"))
     cluster = Cluster(run_dir)
+    interrupt = _FirstInterrupt()
+    status: int | None = None                        # None: the run raised
+    try:
+        status = _run(cfg, cluster)
+    except KeyboardInterrupt:
+        status = EXIT_INTERRUPTED
+    finally:
+        interrupt.disarm()                           # from here a SIGINT does nothing
+        try:
+            _finish(cfg, cluster, status)
+        finally:
+            interrupt.restore()
+    return EXIT_INTERRUPTED if status in INTERRUPTED else status
+
+
+def _run(cfg: Config, cluster: Cluster) -> int:
+    """Start the scheduler, then the servers and workers; the scheduler's exit status."""
+    run_dir = cluster.run_dir
     keys = ["--keys", cfg.keys] if cfg.keys else []           # every role, itself included
     common = ["--threads", str(cfg.threads), "--start-timeout-s", str(cfg.start_timeout_s), *keys]
+    endpoint_file = run_dir / "scheduler.endpoint"
+    bind = f"ipc://{run_dir}/scheduler" if cfg.transport == "ipc" else TCP_BIND
+    run_settings = replace(cfg, **{k: config.FIELDS[k].default for k in NODE_SETTINGS})
+    scheduler = cluster.start("scheduler", ["scheduler", *config.to_args(run_settings), *keys,
+                                            "--bind", bind, "--endpoint-file", str(endpoint_file)],
+                              log=False)
+    endpoint = _wait_for_file(endpoint_file, scheduler, cfg.start_timeout_s)
+    # Ranks go by registration order, not launch order: process i need not be server-i,
+    # so neither its socket nor its log is named by a number that could pass for a rank.
+    for i in range(cfg.shards):
+        server_bind = (f"ipc://{run_dir}/server-{secrets.token_hex(3)}"
+                       if cfg.transport == "ipc" else TCP_BIND)
+        extra = ["--checkpoint-dir", cfg.checkpoint_dir] if cfg.checkpoint_dir else []
+        extra += ["--resume"] if cfg.resume else []
+        cluster.start(f"server process {i}", ["server", "--scheduler", endpoint,
+                                              "--bind", server_bind, *common, *extra])
+    for i in range(cfg.workers):
+        cluster.start(f"worker process {i}", ["worker", "--scheduler", endpoint, *common])
+    return scheduler.wait()
+
+
+def _finish(cfg: Config, cluster: Cluster, status: int | None) -> None:
+    """End every process; say what went wrong (once), keep the logs after a failure or an
+    interrupt and say where; remove the temporary directory."""
+    interrupted = status in INTERRUPTED
+    cluster.stop(grace=GRACE_S if status == 0 else INTERRUPT_GRACE_S if interrupted
+                 else FAILED_GRACE_S)
+    scheduler = cluster.procs.get("scheduler")
+    if interrupted:
+        if scheduler is None or scheduler.returncode != EXIT_INTERRUPTED:
+            print("downpour: interrupted", file=sys.stderr)  # the scheduler did not say it
+    elif status not in (0, None):
+        tails = cluster.tails()
+        print(f"downpour: the scheduler failed (exit {status})" +
+              (f"; the other processes said:\n{tails}" if tails else ""), file=sys.stderr)
+    kept = _keep_logs(cfg, cluster.run_dir) if status != 0 else None
+    if kept is not None:
+        print(f"downpour: the nodes' logs are kept in {kept}", file=sys.stderr)
+    if kept != cluster.run_dir:
+        shutil.rmtree(cluster.run_dir, ignore_errors=True)
+
+
+def _keep_logs(cfg: Config, run_dir: Path) -> Path | None:
+    """Move the nodes' logs out of `run_dir` into a new folder: next to --metrics
+    (runs/m.jsonl -> runs/m-logs), else LOGS_NAME under the current folder (a number
+    added if it exists). The folder; `run_dir` itself if they could not be moved (it is
+    then kept); None if there are no logs."""
+    logs = sorted(run_dir.glob("*.log"))
+    if not logs:
+        return None
+    if cfg.metrics:
+        metrics = Path(cfg.metrics)
+        base = metrics.parent / (metrics.stem + LOGS_SUFFIX)
+    else:
+        base = Path(time.strftime(LOGS_NAME))
+    folder, n = base, 1
+    while folder.exists():
+        n += 1
+        folder = base.with_name(f"{base.name}-{n}")
     try:
-        endpoint_file = run_dir / "scheduler.endpoint"
-        bind = f"ipc://{run_dir}/scheduler" if cfg.transport == "ipc" else TCP_BIND
-        run_settings = replace(cfg, **{k: config.FIELDS[k].default for k in NODE_SETTINGS})
-        scheduler = cluster.start("scheduler", ["scheduler", *config.to_args(run_settings), *keys,
-                                                "--bind", bind, "--endpoint-file", str(endpoint_file)],
-                                  log=False)
-        endpoint = _wait_for_file(endpoint_file, scheduler, cfg.start_timeout_s)
-        # Ranks go by registration order, not launch order: process i need not be server-i,
-        # so neither its socket nor its log is named by a number that could pass for a rank.
-        for i in range(cfg.shards):
-            server_bind = (f"ipc://{run_dir}/server-{secrets.token_hex(3)}"
-                           if cfg.transport == "ipc" else TCP_BIND)
-            extra = ["--checkpoint-dir", cfg.checkpoint_dir] if cfg.checkpoint_dir else []
-            extra += ["--resume"] if cfg.resume else []
-            cluster.start(f"server process {i}", ["server", "--scheduler", endpoint,
-                                                  "--bind", server_bind, *common, *extra])
-        for i in range(cfg.workers):
-            cluster.start(f"worker process {i}", ["worker", "--scheduler", endpoint, *common])
-        status = scheduler.wait()
-        if status != 0:
-            cluster.stop(grace=FAILED_GRACE_S)
-            tails = cluster.tails()
-            print(f"downpour: the scheduler failed (exit {status})" +
-                  (f"; the other processes said:\n{tails}" if tails else ""), file=sys.stderr)
-        return status
-    except KeyboardInterrupt:
-        print("downpour: interrupted; stopping the cluster", file=sys.stderr)
-        cluster.stop(grace=INTERRUPT_GRACE_S)
-        return EXIT_INTERRUPTED
-    finally:
-        cluster.stop()
-        shutil.rmtree(run_dir, ignore_errors=True)
+        folder.mkdir(parents=True)
+        for log in logs:
+            shutil.move(str(log), str(folder / log.name))
+    except OSError:
+        return run_dir
+    return folder
+
+
+class _FirstInterrupt:
+    """The launcher's SIGINT handler while a run is on: the first SIGINT raises
+    KeyboardInterrupt; once disarmed (the run is over, or being stopped), a SIGINT does
+    nothing, so the same Ctrl-C reaching it late, or a second one, never cuts the cleanup
+    short or makes a second line. A SIGINT ignored when it starts stays ignored."""
+
+    def __init__(self):
+        self.armed = True
+        self._previous = signal.getsignal(signal.SIGINT) or signal.default_int_handler
+        if self._previous is not signal.SIG_IGN:
+            signal.signal(signal.SIGINT, self)
+
+    def __call__(self, signum, frame) -> None:
+        if self.armed:
+            self.armed = False
+            raise KeyboardInterrupt
+
+    def disarm(self) -> None:
+        self.armed = False
+
+    def restore(self) -> None:
+        """Put back the handler there was before."""
+        if self._previous is not signal.SIG_IGN:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 def _wait_for_file(path: Path, proc: subprocess.Popen, timeout: float) -> str:

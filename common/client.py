@@ -44,7 +44,8 @@ import numpy as np
 import zmq
 
 from downpour.common import protocol
-from downpour.common.errors import ClusterError
+from downpour.common.address import bind_failure
+from downpour.common.errors import ClusterError, DownpourError
 from downpour.common.security import Keys
 
 WAIT_TICK = 0.1    # seconds without a reply before ShardClient.while_waiting runs
@@ -63,18 +64,31 @@ def make_socket(ctx: zmq.Context, kind: int, address: str, *, bind: bool = False
     It takes frames of at most `max_frame` bytes and queues at most RCV_HWM messages
     per peer. With `keys`, a bound socket is a CURVE server (enter security.guard on
     `ctx` first) and a connected one a CURVE client of the role `peer`.
+
+    If the bind or connect fails, the socket is closed (so the context can still be
+    terminated) and a ConfigError names the address and the cause in words: the port is
+    taken, the address is not this host's, no permission (downpour.common.address.CAUSES).
     """
     sock = ctx.socket(kind)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.MAXMSGSIZE, max_frame + WIRE_SLACK)    # checked on the wire's bytes
-    sock.setsockopt(zmq.RCVHWM, RCV_HWM)
-    sock.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
-    if keys is not None:
-        keys.secure(sock, None if bind else peer)
-    if bind:
-        sock.bind(address)
-    else:
-        sock.connect(address)
+    try:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, max_frame + WIRE_SLACK)    # checked on the wire's bytes
+        sock.setsockopt(zmq.RCVHWM, RCV_HWM)
+        sock.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
+        if address.startswith("tcp://["):
+            sock.setsockopt(zmq.IPV6, 1)                           # an IPv6 address: allow it
+        if keys is not None:
+            keys.secure(sock, None if bind else peer)
+        if bind:
+            sock.bind(address)
+        else:
+            sock.connect(address)
+    except zmq.ZMQError as e:
+        sock.close()
+        raise bind_failure(address, e.errno, e.strerror, bind=bind) from None
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 
@@ -93,7 +107,8 @@ def send(sock: zmq.Socket, frames: list, track: bool = False) -> zmq.MessageTrac
 
 def bind_router(ctx: zmq.Context, address: str, max_frame: int = protocol.MAX_HEADER,
                 keys: Keys | None = None) -> tuple[zmq.Socket, str]:
-    """A ROUTER bound to `address` (tcp port 0 = a free port) and the endpoint it got."""
+    """A ROUTER bound to `address` (tcp port 0 = a free port) and the endpoint it got;
+    ConfigError (the socket closed) if the bind fails (`make_socket`)."""
     sock = make_socket(ctx, zmq.ROUTER, address, bind=True, max_frame=max_frame, keys=keys)
     return sock, sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
@@ -271,8 +286,12 @@ class ShardClient:
             self._socks.pop(address).close()
         for address in self.addresses:
             if address not in self._socks:
-                self._socks[address] = make_socket(self.ctx, zmq.DEALER, address, keys=self.keys,
-                                                   peer="server", max_frame=frame_limit(self.ranges))
+                try:
+                    self._socks[address] = make_socket(self.ctx, zmq.DEALER, address, keys=self.keys,
+                                                       peer="server", max_frame=frame_limit(self.ranges))
+                except DownpourError:
+                    self.close()                  # no socket outlives a client that failed
+                    raise
         self._poller = zmq.Poller()
         for sock in self._socks.values():
             self._poller.register(sock, zmq.POLLIN)

@@ -34,6 +34,30 @@ MODES = ("single", "async", "sync", "ssp", "hogwild")
 CLUSTER = ("async", "sync", "ssp")                  # the modes with servers and a scheduler
 REPLICAS = CLUSTER + ("hogwild",)                   # the modes with several workers
 
+# dead_after_s >= LIVENESS_BEATS x heartbeat_s. A node beats every heartbeat_s; the scheduler
+# declares it dead after dead_after_s without a message (ps/membership.py _check_liveness), and
+# the node gives the scheduler up after dead_after_s without a reply (common/node.py Heartbeat).
+# Three beats' worth of silence means the beats due after one and after two intervals both
+# failed to come: one late beat (a process starved on a shared core, a scheduler busy
+# evaluating) is never a death. Below one interval every node dies at its first beat.
+LIVENESS_BEATS = 3
+
+# Names people type from other tools and the setting each means. They are suggested in the
+# error for an unknown TOML key, DOWNPOUR_* variable or flag, never accepted in its place.
+ALIASES = {
+    "learning_rate": "lr", "learningrate": "lr",
+    "batch": "batch_size", "mini_batch": "batch_size", "minibatch": "batch_size",
+    "num_workers": "workers", "n_workers": "workers",
+    "num_epochs": "epochs", "n_epochs": "epochs", "max_epochs": "epochs",
+    "num_servers": "shards", "n_servers": "shards", "servers": "shards", "num_shards": "shards",
+    "n_shards": "shards", "num_ps": "shards",
+    "momentum": "optimizer_args", "betas": "optimizer_args", "beta1": "optimizer_args",
+    "beta2": "optimizer_args", "eps": "optimizer_args", "epsilon": "optimizer_args",
+    "rho": "optimizer_args",
+    "random_seed": "seed", "wd": "weight_decay", "max_grad_norm": "clip_norm",
+    "data_path": "data_dir",
+}
+
 
 def setting(default, help: str, group: str, *, low=None, choices: Iterable[str] | None = None,
             modes: tuple[str, ...] = MODES):
@@ -147,10 +171,17 @@ class Config:
                                         "only when they stop", "cluster", low=0.0, modes=CLUSTER)
     # -- this node (role commands; not part of the cluster spec) ---------------------------
     scheduler: str = setting("", "the scheduler's address, e.g. tcp://scheduler:5555", "node")
-    bind: str = setting("", "address to listen on (scheduler default tcp://*:5555; server "
-                        "default tcp://*:0, a free port)", "node")
-    advertise: str = setting("", "host name or IP others reach this server by (default: "
-                             "the address this host's name resolves to)", "node")
+    bind: str = setting("", "address to listen on, tcp://HOST:PORT or ipc://PATH (default: the "
+                        "scheduler tcp://127.0.0.1:5555, a server a free port of 127.0.0.1; with "
+                        "keys on every interface, tcp://*:5555 and tcp://*:0); without keys only "
+                        "ipc and loopback are allowed (see insecure)", "node")
+    advertise: str = setting("", "host name or IP others reach this server by, when it binds "
+                             "a wildcard (default: the address this host's name resolves to)",
+                             "node")
+    insecure: bool = setting(False, "without keys, listen beyond this host anyway (bind "
+                             "tcp://*, 0.0.0.0 or a host address): anyone who reaches the port "
+                             "can control the run; prefer `downpour keys DIR` and --keys",
+                             "node")
     checkpoint_dir: str = setting("", "servers write shard checkpoints here", "node")
     resume: bool = setting(False, "servers continue from this run's checkpoints in checkpoint_dir "
                            "where there are any, else start fresh; another run's are ignored",
@@ -186,6 +217,13 @@ class Config:
                     raise ConfigError(f"{name} describes the layers of --hidden, but layers is set: "
                                       f"write it as tokens in layers (e.g. dense:64,tanh,batchnorm,"
                                       f"dropout:0.2) and drop {name}")
+        shortest = round(LIVENESS_BEATS * self.heartbeat_s, 6)     # s; rounded: 3 x 0.1 is 0.3
+        if self.dead_after_s < shortest:
+            raise ConfigError(f"dead_after_s={self.dead_after_s:g} is too short for heartbeat_s="
+                              f"{self.heartbeat_s:g}: a node beats every heartbeat_s and must "
+                              f"survive two late beats, so dead_after_s must be at least "
+                              f"{LIVENESS_BEATS} x heartbeat_s; give --dead-after-s {shortest:g} or "
+                              "more, or a shorter --heartbeat-s")
         if self.batch_size % self.micro_batches:
             raise ConfigError(f"micro_batches={self.micro_batches} must divide batch_size="
                               f"{self.batch_size}")
@@ -279,13 +317,25 @@ def _convert(name: str, value: Any) -> Any:
     return value
 
 
+def nearest(name: str) -> str | None:
+    """The setting an unknown `name` (any case, dashes or underscores) most likely means:
+    the one ALIASES names, else the closest spelling, else None."""
+    name = name.lower().replace("-", "_")
+    close = difflib.get_close_matches(name, FIELDS, n=1)
+    return ALIASES.get(name) or (close[0] if close else None)
+
+
 def _unknown(key: str, where: str, prefix: str = "") -> ConfigError:
     """The error for an unknown setting `key`, spelled as it was (`prefix` + NAME for a
     variable), with the nearest known setting suggested in the same spelling."""
-    name = key[len(prefix):].lower().replace("-", "_")
-    close = difflib.get_close_matches(name, FIELDS, n=1)
-    spelled = (prefix + close[0].upper()) if prefix else close[0] if close else ""
-    hint = f"; did you mean {spelled!r}?" if close else f"; known settings: {', '.join(FIELDS)}"
+    near = nearest(key[len(prefix):])
+    if near is None:
+        hint = "; `downpour train --help` lists every setting"
+    else:
+        spelled = prefix + near.upper() if prefix else near
+        hint = f"; did you mean {spelled!r}?"
+        if near == "optimizer_args":
+            hint += " It takes the optimizer's hyperparameters, e.g. 'momentum=0.95'"
     return ConfigError(f"unknown setting {key!r} in {where}{hint}")
 
 

@@ -8,7 +8,8 @@ built-in type a caller would naturally catch (ValueError, OSError, ...).
     ├── ConfigError       a setting, flag, file or hyperparameter is invalid
     ├── DataError         a data file is missing, truncated or of the wrong format
     ├── ProtocolError     a message on the wire is malformed (see common/protocol.py)
-    └── ClusterError      a node did not answer in time, or the cluster cannot go on
+    ├── ClusterError      a node did not answer in time, or the cluster cannot go on
+    └── TrainingError     a run ended without training (the last guard behind the checks)
 """
 
 
@@ -32,3 +33,10 @@ class ProtocolError(DownpourError, ValueError):
 
 class ClusterError(DownpourError, RuntimeError):
     """A node did not answer within its timeout, or the cluster cannot continue."""
+
+
+class TrainingError(DownpourError, RuntimeError):
+    """A run ended having trained nothing: no model is saved and no `end` line claims success.
+
+    The checks before a run (common/training.py `check_batches`, common/config.py) refuse
+    every setting known to lead here, so reaching it means a case they do not cover."""

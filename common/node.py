@@ -17,6 +17,7 @@ run that started it.
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import socket
 import sys
@@ -28,8 +29,9 @@ from typing import Any, Callable
 import zmq
 
 from downpour.common import protocol
+from downpour.common.address import parse
 from downpour.common.client import make_socket, send
-from downpour.common.errors import ClusterError
+from downpour.common.errors import ClusterError, ConfigError
 from downpour.common.security import Keys
 
 POLL_TICK_S = 0.1       # longest wait for a heartbeat reply before checking for close()
@@ -38,16 +40,17 @@ NAME_GONE_S = 3.0       # a scheduler host name that stays unresolvable this lon
 WAIT_SAY_S = 10.0       # how often a node waiting to register says so
 
 
-def _host_name(address: str) -> str | None:
-    """The host name in a tcp:// address, or None (ipc, an IP address, a wildcard)."""
-    if not address.startswith("tcp://"):
-        return None
-    host = address[len("tcp://"):].rpartition(":")[0].strip("[]")
+def _host_name(scheduler: str) -> str | None:
+    """The host name in the tcp:// address `scheduler`, or None (ipc, an IP address)."""
     try:
-        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+        where = parse(scheduler, "--scheduler", bind=False)
+    except ConfigError:
         return None
-    except OSError:
-        return host or None
+    try:
+        ipaddress.ip_address(where.host)
+        return None
+    except ValueError:
+        return where.host or None
 
 
 def _resolves(host: str) -> bool:

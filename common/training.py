@@ -24,7 +24,7 @@ from downpour.common.data import (
     steps_per_epoch,
     synthetic_dataset,
 )
-from downpour.common.errors import ConfigError
+from downpour.common.errors import ConfigError, TrainingError
 from downpour.common.fileio import prepare_output
 from downpour.common.layerspec import parse as parse_layers
 from downpour.common.metrics import MetricsLog, Progress
@@ -51,6 +51,12 @@ def open_datasets(cfg: Config) -> tuple[Dataset, Dataset, str]:
                          f"hold out {cfg.test_split!r} ({len(test)})")
 
 
+def training_samples(cfg: Config) -> int:
+    """n, the samples of the training split (for the checks before a run): --synthetic N
+    is N, without making them; MNIST is opened (~0.1 s) and dropped."""
+    return cfg.synthetic or len(open_datasets(cfg)[0])
+
+
 def model_spec(cfg: Config, data: Dataset) -> ModelSpec:
     """The model the settings describe, sized for `data`."""
     return ModelSpec(n_inputs=data.n_features, n_outputs=data.n_classes, hidden=cfg.hidden,
@@ -60,8 +66,9 @@ def model_spec(cfg: Config, data: Dataset) -> ModelSpec:
                      input_shape=cfg.input_shape)
 
 
-def check_cluster(cfg: Config) -> None:
-    """ConfigError for settings that contradict each other in a multi-worker run."""
+def check_cluster(cfg: Config, n: int | None = None) -> None:
+    """ConfigError for settings that contradict each other in a multi-worker run; with
+    `n`, the training set's size, also for a batch that cannot be drawn (`check_batches`)."""
     if cfg.mode in ("sync", "ssp", "hogwild") and (cfg.n_fetch > 1 or cfg.n_push > 1 or cfg.overlap):
         raise ConfigError(f"{cfg.mode} mode exchanges every step: n_fetch, n_push and overlap "
                           "are for async mode; drop them or use --mode async")
@@ -77,6 +84,44 @@ def check_cluster(cfg: Config) -> None:
     rank, _ = cfg.slowdown
     if rank >= replicas(cfg):
         raise ConfigError(f"slow_worker names worker {rank}, but the run has {replicas(cfg)}")
+    if n is not None:
+        check_batches(cfg, n)
+
+
+def check_batches(cfg: Config, n: int) -> None:
+    """ConfigError unless every step of the run can draw a full batch from `n` training samples.
+
+    Batches are never padded (an epoch's incomplete rest is dropped), so with batch b and
+    W workers a run trains anything only if
+
+        single, async, ssp   b <= n       batches are cut from the whole epoch (async and ssp
+                                          deal them to the workers in chunks)
+        hogwild              b <= n // W  each process walks its own partition, the smallest
+                                          of which holds n // W samples
+        sync                 W b <= n     each version is one global batch of W b samples
+
+    Called wherever the data is first opened, in every mode, before any work starts.
+    """
+    b, W = cfg.batch_size, replicas(cfg)
+    if cfg.mode in ("hogwild", "sync"):
+        largest = n // W
+        if largest < 1:
+            raise ConfigError(f"--workers {W} is more than the {n:,} training samples: "
+                              f"{cfg.mode} mode gives every worker samples of its own; "
+                              f"choose --workers {n} or fewer")
+        if b <= largest:
+            return
+        why = (f"each of the {W} hogwild workers walks its own share of the {n:,} training "
+               f"samples, the smallest {largest:,}" if cfg.mode == "hogwild" else
+               f"a sync version is one global batch of {W} x {b:,} = {W * b:,} samples, "
+               f"more than the {n:,} training samples")
+        raise ConfigError(f"--batch-size {b} cannot be drawn: {why}; the largest batch that "
+                          f"works with {W} workers is {largest}: choose --batch-size {largest} "
+                          "or less, or fewer --workers")
+    if b > n:
+        raise ConfigError(f"--batch-size {b} is larger than the training set: {cfg.mode} mode "
+                          f"cuts every batch from one epoch of {n:,} samples; the largest batch "
+                          f"that works is {n}: choose --batch-size {n} or less")
 
 
 def replicas(cfg: Config) -> int:
@@ -234,7 +279,15 @@ def check_outputs(cfg: Config) -> None:
 
 def finish(cfg: Config, model: Model, metrics: MetricsLog, progress: Progress,
            **end_fields: Any) -> dict[str, Any]:
-    """The end of every run: the `end` metrics line, the saved model, the summary line."""
+    """The end of every run: the `end` metrics line, the saved model, the summary line.
+
+    A run that trained no sample raises TrainingError instead, having written no `end`
+    line and saved nothing (the metrics file is closed): it did not succeed. The checks
+    before a run refuse every setting known to lead there; this is the last guard.
+    """
+    if end_fields.get("samples", 0) <= 0:
+        metrics.close()
+        raise TrainingError(_nothing_trained(end_fields))
     end = metrics.write("end", **end_fields)
     metrics.close()
     if cfg.save:
@@ -247,3 +300,15 @@ def finish(cfg: Config, model: Model, metrics: MetricsLog, progress: Progress,
                   f"test accuracy {100 * end['test_accuracy']:.2f}%{staleness}"
                   + (f"; saved {cfg.save}" if cfg.save else ""))
     return end
+
+
+def _nothing_trained(end_fields: dict[str, Any]) -> str:
+    """Why a run that trained 0 samples is refused, with what is known of the reason."""
+    mode, asked = end_fields.get("mode"), end_fields.get("samples_asked")
+    dead = end_fields.get("dead_workers") or []
+    known = (f" (asked for {asked:,})" if asked else "") + (
+        f"; worker(s) {', '.join(map(str, dead))} were declared dead" if dead else "")
+    run = f"the {mode} run" if mode else "the run"
+    return (f"{run} ended having trained 0 samples{known}; no model saved and no end "
+            "line written. Check --batch-size against the training set and --dead-after-s "
+            "against --heartbeat-s; if both are sound, please report this with the command")

@@ -44,9 +44,9 @@ from typing import Any, Callable, NamedTuple
 
 import zmq
 
-from downpour.common import protocol, security
+from downpour.common import address, protocol, security
 from downpour.common.config import Config
-from downpour.common.errors import ClusterError, ProtocolError
+from downpour.common.errors import ClusterError, ConfigError, ProtocolError
 from downpour.common.training import dealt
 
 SECRET_BYTES = 32        # the run's token secret
@@ -214,6 +214,10 @@ class Membership:
             addr = meta.get("addr")
             if not isinstance(addr, str) or not addr:
                 raise protocol.error(protocol.E_MALFORMED, "a server registers with its addr")
+            try:                              # every node connects to it: a real address only
+                addr = str(address.parse(addr, "addr", bind=False))
+            except ConfigError as e:
+                raise protocol.error(protocol.E_MALFORMED, str(e)) from None
             self._check_room(self._spares, "server")
             self._spares.append(SpareServer(ident, header, addr, self._until(meta)))
             self._seat_servers()

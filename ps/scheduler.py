@@ -38,9 +38,10 @@ from typing import Any
 
 import zmq
 
-from downpour.common import config, protocol
+from downpour.common import address, config, protocol
 from downpour.common.client import ShardClient, bind_router
 from downpour.common.config import Config
+from downpour.common.errors import TrainingError
 from downpour.common.evaluation import Evaluator
 from downpour.common.fileio import atomic_write
 from downpour.common.metrics import MetricsLog, Progress
@@ -60,7 +61,8 @@ from downpour.common.training import (
 from downpour.ps.ledger import Ledger
 from downpour.ps.membership import Membership
 
-DEFAULT_BIND = "tcp://*:5555"
+DEFAULT_BIND = "tcp://*:5555"           # with keys: every interface (CurveZMQ admits the cluster)
+LOOPBACK_BIND = "tcp://127.0.0.1:5555"  # without keys: this host only (protected mode)
 TICK_MS = 100                 # the longest the conductor waits for a message between its checks
 RUN_ID_BYTES = 8              # a run id is this many random bytes, in hex
 
@@ -80,10 +82,10 @@ def percentile(hist: dict[int, int], q: float) -> float:
 
 class Scheduler:
     def __init__(self, cfg: Config, sock: zmq.Socket, ctx: zmq.Context, keys: Keys | None = None):
-        check_cluster(cfg)
         self.cfg, self.ctx, self.keys = cfg, ctx, keys
         self.run_id = secrets.token_hex(RUN_ID_BYTES)
         self.train, self.test, self.about = open_datasets(cfg)
+        check_cluster(cfg, len(self.train))
         self.spec = model_spec(cfg, self.train)
         self.model = Model(self.spec, seed=cfg.seed)
         self.pieces = self.model.layout.pieces(cfg.shards, cfg.piece_elements)
@@ -112,10 +114,13 @@ class Scheduler:
         self._stats: list[dict] = []                # the servers' last `stats` replies
 
     # -- the three phases ------------------------------------------------------------------
-    def run(self) -> dict[str, Any]:
+    def run(self, listening: str = "") -> dict[str, Any]:
+        """Assemble, train, finish; the `end` record. `listening`: where the scheduler
+        listens, in words, said first (`main`)."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._interrupt)
-        self.progress.line(f"run {self.run_id}: {self.about}; {self.cfg.mode} mode, "
+        self.progress.line(f"run {self.run_id}: " + (f"{listening}; " if listening else "")
+                           + f"{self.about}; {self.cfg.mode} mode, "
                            f"{self.cfg.workers} worker(s), {self.cfg.shards} shard(s), "
                            f"model {self.model.layout.size:,} parameters; "
                            + ("CurveZMQ, the cluster's keys only" if self.keys else "no keys: plain sockets"))
@@ -127,9 +132,12 @@ class Scheduler:
                                   while_waiting=self.nodes.tend, keys=self.keys)
         self.nodes.on_server_moved = self._follow_server
         try:
-            end = self._train()
-            self.client.call_all("shutdown")
-            self.nodes.dismiss_waiting()
+            try:
+                end = self._train()
+            except TrainingError:                   # the servers answer: end them too
+                self._shut_down()
+                raise
+            self._shut_down()
         finally:
             self.client.close()
             self.metrics.close()
@@ -175,6 +183,11 @@ class Scheduler:
             dead_workers=self.nodes.dead_workers(), parameters=self.model.layout.size,
             data=self.about, samples_asked=self.asked, worker_samples=self.nodes.worker_samples(),
             **self._dealing(), **self._figures(self._stats, train_time))
+
+    def _shut_down(self) -> None:
+        """Tell every server the run is over, and every node still waiting for a place."""
+        self.client.call_all("shutdown")
+        self.nodes.dismiss_waiting()
 
     # -- dealing (async, ssp) ---------------------------------------------------------------
     def _deal(self, rank: int, header: dict) -> dict[str, Any]:
@@ -275,16 +288,26 @@ class Scheduler:
 
 
 def main(cfg: Config) -> int:
-    """`downpour scheduler`: bind, conduct the run, shut the cluster down."""
+    """`downpour scheduler`: bind, conduct the run, shut the cluster down.
+
+    The command line has checked --bind (downpour.common.address); a bind that fails
+    anyway (the port taken, not this host's address) is a ConfigError, its socket closed.
+    """
     keys = Keys.load(cfg.keys, "scheduler") if cfg.keys else None
     ctx = zmq.Context()
     try:
         with guard(ctx, keys):                      # before the bind: no handshake goes unchecked
-            sock, endpoint = bind_router(ctx, cfg.bind or DEFAULT_BIND, keys=keys)
+            sock, endpoint = bind_router(ctx, cfg.bind or (DEFAULT_BIND if keys else LOOPBACK_BIND),
+                                         keys=keys)
             try:
                 if cfg.endpoint_file:
                     atomic_write(cfg.endpoint_file, lambda f: f.write(endpoint.encode()))
-                Scheduler(cfg, sock, ctx, keys).run()
+                # the first line: every address it listens on (a wildcard resolved); without
+                # keys beyond this host (--insecure), that anyone there can control the run
+                exposed = keys is None and address.parse(endpoint, "--bind", bind=True).exposed
+                listening = address.insecure_warning(endpoint) if exposed else \
+                    f"listening on {', '.join(address.endpoints(endpoint))}"
+                Scheduler(cfg, sock, ctx, keys).run(listening)
             finally:
                 sock.close()
     finally:

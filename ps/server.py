@@ -32,7 +32,7 @@ from dataclasses import replace
 
 import zmq
 
-from downpour.common import config, protocol, security
+from downpour.common import address, config, protocol, security
 from downpour.common.client import bind_router, frame_limit
 from downpour.common.config import Config
 from downpour.common.errors import ClusterError, ConfigError, DataError, ProtocolError
@@ -45,15 +45,15 @@ from downpour.ps.piece import PieceState, Reply
 
 FINAL_BEAT_S = 2.0             # a last heartbeat before a server gives its scheduler up
 POLL_MS = 100                  # how long `serve` waits for a request before checking for a stop
-DEFAULT_BIND = "tcp://*:0"     # a free port on every interface
+DEFAULT_BIND = "tcp://*:0"            # with keys: a free port on every interface
+LOOPBACK_BIND = "tcp://127.0.0.1:0"   # without keys: a free port on this host only (protected mode)
 
 
 def advertised(endpoint: str, host: str) -> str:
-    """The address others use: a wildcard tcp bind is replaced by `host`."""
-    for wildcard in ("0.0.0.0", "*"):
-        if endpoint.startswith(f"tcp://{wildcard}:"):
-            return endpoint.replace(wildcard, host, 1)
-    return endpoint
+    """The address others use: a wildcard tcp bind's host replaced by `host` (a name or an
+    IP address, IPv6 without brackets)."""
+    where = address.parse(endpoint, "--bind", bind=True)
+    return str(where._replace(host=host)) if where.wildcard else endpoint
 
 
 class Server:
@@ -146,17 +146,26 @@ class Server:
 
 
 def concrete(endpoint: str) -> str:
-    """`endpoint` with a tcp port 0 (or *) replaced by a port free now, to bind soon."""
-    if not endpoint.startswith("tcp://"):
+    """`endpoint` with a tcp port 0 (or *) replaced by a port free now, to bind soon.
+
+    A given port is tried the same way (a plain socket, bound and closed at once), so a
+    bind that would fail (the port taken, not an address of this host, no permission) is
+    a ConfigError naming the address and the cause before the server registers it.
+    """
+    where = address.parse(endpoint, "--bind", bind=True)
+    if where.scheme != "tcp":
         return endpoint
-    host, _, port = endpoint[len("tcp://"):].rpartition(":")
-    if port not in ("0", "*"):
-        return endpoint
-    plain = host.strip("[]")
-    family = socket.AF_INET6 if ":" in plain else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.bind(("" if plain in ("*", "0.0.0.0") else plain, 0))
-        return f"tcp://{host}:{probe.getsockname()[1]}"
+    family = socket.AF_INET6 if ":" in where.host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as ZeroMQ binds
+            probe.bind(("" if where.wildcard else where.host, where.port))
+            return str(where._replace(port=probe.getsockname()[1]))
+    except socket.gaierror:
+        raise ConfigError(f"cannot listen on {where}: {where.host!r} is not a name of this host; "
+                          "give one of its IP addresses, 127.0.0.1 or *") from None
+    except OSError as e:
+        raise address.bind_failure(str(where), e.errno, e.strerror) from None
 
 
 def own_address() -> str:
@@ -254,8 +263,16 @@ def main(cfg: Config) -> int:
 def _register_and_serve(cfg: Config, ctx: zmq.Context, keys: Keys | None) -> None:
     """`main`'s work: register at an endpoint chosen first, bind it with the frame limit of
     the pieces the registration gave, serve them until the run ends."""
-    endpoint = concrete(cfg.bind or DEFAULT_BIND)
-    addr = advertised(endpoint, cfg.advertise or own_address())
+    endpoint = concrete(cfg.bind or (DEFAULT_BIND if keys else LOOPBACK_BIND))
+    host = address.parse_host(cfg.advertise, "--advertise") if cfg.advertise else own_address()
+    addr = advertised(endpoint, host)
+    if keys is None and address.parse(endpoint, "--bind", bind=True).exposed:   # --insecure
+        say(f"server: {address.insecure_warning(endpoint)}")
+    elif keys is None and not cfg.bind and \
+            address.parse(cfg.scheduler, "--scheduler", bind=False).exposed:
+        say(f"server: listens on this host only ({endpoint}: no keys), so workers on other "
+            "hosts cannot reach it; give every node --keys DIR (`downpour keys DIR`), or "
+            "--bind tcp://*:PORT --insecure on a network you trust")
     meta = register(ctx, cfg.scheduler, "server", {"role": "server", "addr": addr},
                     cfg.start_timeout_s, keys)
     if meta is None:                                 # the run ended while it stood by
@@ -268,10 +285,9 @@ def _register_and_serve(cfg: Config, ctx: zmq.Context, keys: Keys | None) -> Non
                     meta.get("run_id", ""), meta["secret"])
     try:
         sock, _ = bind_router(ctx, endpoint, server.max_frame, keys)
-    except zmq.ZMQError as e:
-        raise ClusterError(f"{server.node}: cannot listen at {endpoint} ({e}); another "
-                           "process took the address since this server registered it; "
-                           "start the server again") from None
+    except ConfigError as e:              # free when `concrete` tried it, before registering
+        raise ClusterError(f"{server.node}: {e}; it was free when this server registered it, "
+                           "so another process took it since: start the server again") from None
     try:
         if cfg.resume and (note := server.resume()):
             say(note)

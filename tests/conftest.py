@@ -21,6 +21,22 @@ def pytest_addoption(parser):
     parser.addoption("--fuzz-examples", type=int, default=FUZZ_EXAMPLES, metavar="N",
                      help=f"examples (messages) per fuzz target in tests/test_fuzz.py "
                           f"(default {FUZZ_EXAMPLES}; e.g. 20000 for a long run)")
+    parser.addoption("--docker", action="store_true",
+                     help="also run the tests marked docker (tests/test_containers.py): they build "
+                          "images, run compose clusters and may `docker swarm init` on the engine "
+                          "that answers (../shared/tools/docker-engine.sh starts one); off by default")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Container tests are opt-in: without --docker, every test marked docker is skipped, so a
+    plain `python -m pytest` never touches the machine's Docker engine."""
+    if config.getoption("--docker"):
+        return
+    skip = pytest.mark.skip(reason="drives a real Docker engine (builds images, runs compose "
+                                   "clusters, may `docker swarm init`): opt in with --docker")
+    for item in items:
+        if item.get_closest_marker("docker"):
+            item.add_marker(skip)
 
 
 @pytest.fixture

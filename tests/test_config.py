@@ -4,6 +4,7 @@ import argparse
 
 import pytest
 
+from downpour import cli
 from downpour.common import config
 from downpour.common.config import Config, resolve
 from downpour.common.errors import ConfigError
@@ -57,7 +58,7 @@ def test_bad_flags_name_the_setting(argv, message):
 
 @pytest.mark.parametrize("toml, message", [
     ("batchsize = 32\n", "unknown setting 'batchsize'.*did you mean 'batch_size'"),
-    ("learning_rate = 0.1\n", "unknown setting 'learning_rate'.*known settings: mode"),
+    ("learning_rate = 0.1\n", r"unknown setting 'learning_rate'.*; did you mean 'lr'\?$"),
     (None, "does not exist"),
     ("lr = [", "not valid TOML"),
     ("batchnorm = 3\n", "batchnorm=3: expected true or false"),
@@ -83,3 +84,70 @@ def test_optimizer_args():
         parse(["--optimizer-args", "momentum"]).optimizer_kwargs()
     with pytest.raises(ConfigError, match="is not a number"):
         parse(["--optimizer-args", "momentum=high"]).optimizer_kwargs()
+
+
+@pytest.mark.parametrize("heartbeat_s,dead_after_s,ok", [
+    (0.5, 5.0, True),               # the defaults
+    (0.5, 1.5, True),               # exactly three beats
+    (0.1, 0.3, True),               # 3 x 0.1 is 0.30000000000000004 in floating point
+    (0.5, 1.49, False),
+    (0.5, 0.1, False),              # below one beat: every node would die at its first
+    (2.0, 5.0, False),              # a longer beat needs a longer wait
+])
+def test_dead_after_s_must_outlast_three_heartbeats(heartbeat_s, dead_after_s, ok):
+    if ok:
+        assert Config(heartbeat_s=heartbeat_s, dead_after_s=dead_after_s).dead_after_s == dead_after_s
+        return
+    shortest = f"{config.LIVENESS_BEATS * heartbeat_s:g}"
+    with pytest.raises(ConfigError, match=rf"dead_after_s={dead_after_s:g} is too short for "
+                       rf"heartbeat_s={heartbeat_s:g}.*give --dead-after-s {shortest} or more"):
+        Config(heartbeat_s=heartbeat_s, dead_after_s=dead_after_s)
+
+
+def test_every_alias_names_a_setting_and_is_none_itself():
+    for alias, name in config.ALIASES.items():
+        assert name in config.FIELDS and alias not in config.FIELDS, alias
+
+
+@pytest.mark.parametrize("key,suggested", [
+    ("learning_rate", "lr"), ("batch", "batch_size"), ("num_workers", "workers"),
+    ("num_epochs", "epochs"), ("num_servers", "shards"), ("eps", "optimizer_args"),
+    ("mini_batch", "batch_size"),   # difflib alone says micro_batches, another thing
+    ("batchsize", "batch_size"),    # no alias: the nearest spelling
+])
+def test_aliases_and_near_spellings_are_suggested_from_every_source(tmp_path, key, suggested):
+    toml = tmp_path / "run.toml"
+    toml.write_text(f"{key} = 1\n")
+    with pytest.raises(ConfigError, match=rf"unknown setting '{key}' in config file .*; "
+                                          rf"did you mean '{suggested}'\?"):
+        parse(["--config", str(toml)])
+    variable = "DOWNPOUR_" + key.upper()
+    with pytest.raises(ConfigError, match=rf"unknown setting '{variable}' in the environment; "
+                                          rf"did you mean 'DOWNPOUR_{suggested.upper()}'\?"):
+        parse([], {variable: "1"})
+    with pytest.raises(ConfigError, match=rf"'{key}' in the cluster spec; did you mean '{suggested}'\?"):
+        config.from_dict({key: 1})
+
+
+def test_an_unknown_setting_with_no_near_name_gets_a_short_pointer_to_help(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text("zqxv = 1\n")
+    for source in (lambda: parse(["--config", str(toml)]), lambda: parse([], {"DOWNPOUR_ZQXV": "1"})):
+        with pytest.raises(ConfigError) as e:
+            source()
+        assert str(e.value).endswith("; `downpour train --help` lists every setting")
+        assert "epochs" not in str(e.value)       # no list of every setting
+
+
+@pytest.mark.parametrize("argv,hint", [
+    (["train", "--learning-rate", "0.1"], "did you mean --lr?"),
+    (["train", "--num-servers=2"], "did you mean --shards?"),
+    (["train", "--wokers", "2"], "did you mean --workers?"),      # no alias: the nearest flag
+    (["worker", "--learning-rate", "0.1"], "see --help"),         # a worker takes no --lr
+])
+def test_an_unknown_flag_suggests_its_alias_where_the_command_has_it(capsys, argv, hint):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"unrecognized argument {argv[1].split('=')[0]}; {hint}" in err

@@ -12,7 +12,7 @@ from downpour.common.config import Config
 from downpour.common.errors import ClusterError
 from downpour.ps.membership import Membership
 
-CFG = Config(mode="sync", workers=2, shards=2, dead_after_s=0.3, start_timeout_s=5.0)
+CFG = Config(mode="sync", workers=2, shards=2, heartbeat_s=0.1, dead_after_s=0.3, start_timeout_s=5.0)
 BASE = {"config": {}, "model": {}, "pieces": [[0, 0, 5], [1, 5, 9]], "n_train": 10}
 WAIT_S = 5.0                          # the longest a test waits for a reply
 
@@ -79,6 +79,10 @@ def test_registration_errors_change_nothing(cluster):
     assert reply(nodes, peer)["code"] == protocol.E_MALFORMED
     send(peer, "register", role="server")                        # no addr
     assert reply(nodes, peer)["code"] == protocol.E_MALFORMED
+    for bad in ("host:6000", "tcp://host", "tcp://*:6000", "tcp://host:0", "udp://host:1"):
+        send(peer, "register", role="server", addr=bad)          # no node could connect to it
+        assert reply(nodes, peer)["code"] == protocol.E_MALFORMED, bad
+    assert not nodes.servers and not nodes._spares
     send(peer, "heartbeat", role="worker", rank=0)               # no token
     assert reply(nodes, peer)["code"] == protocol.E_DENIED
     forged = security.mint(b"not the run's secret", "worker", 0, 1)

@@ -9,7 +9,8 @@ from test_server import LR, answer, grads, make_piece, request, stats
 
 from downpour.common.config import Config
 from downpour.common.errors import ConfigError
-from downpour.common.training import check_cluster
+from downpour.common.training import check_batches, check_cluster
+from downpour.worker import hogwild
 
 SSP = Config(mode="ssp", workers=3, shards=1, optimizer="sgd", lr=0.1)
 
@@ -112,3 +113,33 @@ def test_staleness_aware_lr_divides_the_step_by_staleness_plus_one():
 def test_contradicting_mode_settings_are_refused(settings, message):
     with pytest.raises(ConfigError, match=message):
         check_cluster(Config(**settings))
+
+
+@pytest.mark.parametrize("mode,workers,largest", [
+    ("single", 1, 10), ("async", 3, 10), ("ssp", 3, 10),   # every batch from the whole epoch
+    ("hogwild", 3, 3),                                     # partitions of 4, 3 and 3 samples
+    ("sync", 3, 3),                                        # one global batch of 3 x b <= 10
+])
+def test_the_largest_batch_that_can_be_drawn_from_10_samples(mode, workers, largest):
+    ok = Config(mode=mode, workers=workers, batch_size=largest)
+    check_batches(ok, 10)
+    check_cluster(ok, 10)                                  # check_cluster(cfg, n) asks the same
+    too_big = replace(ok, batch_size=largest + 1)
+    for check in (check_batches, check_cluster):
+        with pytest.raises(ConfigError, match=f"choose --batch-size {largest} or less"):
+            check(too_big, 10)
+
+
+def test_more_workers_than_samples_is_refused_in_the_modes_that_split_them():
+    for mode in ("hogwild", "sync"):
+        with pytest.raises(ConfigError, match="--workers 3 is more than the 2 training samples"):
+            check_batches(Config(mode=mode, workers=3, batch_size=1), 2)
+    check_batches(Config(mode="async", workers=3, batch_size=1), 2)  # chunks go to who asks
+
+
+def test_hogwild_refuses_an_impossible_batch_before_it_starts_a_process(monkeypatch):
+    started = []
+    monkeypatch.setattr(hogwild, "_run", lambda *a, **k: started.append(a))
+    with pytest.raises(ConfigError, match="the largest batch that works with 2 workers is 50"):
+        hogwild.train(Config(mode="hogwild", workers=2, synthetic=100, batch_size=51, progress="none"))
+    assert started == []

@@ -119,3 +119,12 @@ def test_mnist_baseline_reaches_the_accepted_accuracy(tmp_path, mnist_dir):
                  seed=0, progress="none")
     end = train(cfg)
     assert end["test_accuracy"] >= 0.955
+
+
+def test_a_batch_larger_than_the_training_set_is_refused_before_training(tmp_path):
+    cfg = small(tmp_path, synthetic=100, batch_size=101)
+    with pytest.raises(ConfigError, match="--batch-size 101 is larger than the training set: single "
+                                          "mode cuts every batch from one epoch of 100 samples; the "
+                                          "largest batch that works is 100"):
+        train(cfg)
+    assert not (tmp_path / "m.jsonl").exists() and not (tmp_path / "model.npz").exists()

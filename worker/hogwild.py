@@ -115,8 +115,8 @@ def _work(cfg: Config, spec: ModelSpec, rank: int, blocks: dict[str, tuple]) -> 
 
 def train(cfg: Config, progress: Progress | None = None, metrics: MetricsLog | None = None) -> dict:
     """Run Hogwild! with cfg.workers processes; return the `end` record."""
-    check_cluster(cfg)
     train_set, test_set, about = open_datasets(cfg)
+    check_cluster(cfg, len(train_set))
     spec = model_spec(cfg, train_set)
     W = cfg.workers
     probe = make_optimizer(cfg.optimizer, **cfg.optimizer_kwargs())    # validates early

@@ -27,6 +27,7 @@ takes exactly the single-process trainer's steps.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import replace
@@ -220,56 +221,60 @@ class Replica:
 
 
 def main(cfg: Config) -> int:
-    """`downpour worker`: register with the scheduler, train, report done."""
+    """`downpour worker`: register with the scheduler, train, report done.
+
+    Every socket made here is closed on every path before the context ends (the
+    ExitStack), whatever fails after it was made."""
     if not cfg.scheduler:
         raise ConfigError("a worker needs the scheduler's address: --scheduler tcp://HOST:PORT "
                           "(or DOWNPOUR_SCHEDULER)")
     keys = Keys.load(cfg.keys, "worker") if cfg.keys else None
     ctx = zmq.Context()
     try:
-        meta = register(ctx, cfg.scheduler, "worker", {"role": "worker"}, cfg.start_timeout_s, keys)
-        if meta is None:                             # the run ended while it stood by
-            return 0
-        rank = meta["rank"]
-        node = f"worker-{rank}"
-        run = config.from_dict(meta["config"])
-        local = {k: getattr(cfg, k) for k in ("data_dir", "threads") if getattr(cfg, k)
-                 != getattr(Config(), k)}          # this host's data and cores win
-        run = replace(run, **local)
-        train, _, about = open_datasets(run)
-        if len(train) != meta["n_train"] or train.n_features != meta["model"]["n_inputs"]:
-            raise ConfigError(f"{node}: its training data has {len(train)} samples of "
-                              f"{train.n_features} features, the scheduler's {meta['n_train']} of "
-                              f"{meta['model']['n_inputs']}; give every node the same data")
-        incarnation, token = meta["incarnation"], meta["token"]
-        pieces = [Piece(*p) for p in meta["pieces"]]         # [[server, lo, hi], ...] on the wire
-        client = ShardClient([meta["servers"][p.server] for p in pieces],
-                             [(p.lo, p.hi) for p in pieces], node, run.timeout_s, run.retries, ctx,
-                             first_seq=incarnation * SEQ_SPAN, keys=keys, token=token)
-        heartbeat = Heartbeat(ctx, cfg.scheduler, node, run.heartbeat_s, run.dead_after_s,
-                              lambda: {**replica.progress, "token": token},  # replica: made below
-                              keys)
-        identity = {"rank": rank, "incarnation": incarnation, "token": token}
-        feed = ChunkFeed(ctx, cfg.scheduler, node, identity, run.timeout_s, run.retries,
-                         lost=heartbeat.lost, keys=keys,
-                         progress=lambda: {k: replica.progress[k] for k in protocol.COUNTERS}
-                         ) if dealt(run) else None
-        replica = Replica(run, ModelSpec.from_dict(meta["model"]), rank, train, client,
-                          [p.server for p in pieces], feed, incarnation)
-        client.while_waiting = lambda: replica._follow(heartbeat.reply)
-        work = (f"chunks of {run.chunk_batches} batches dealt" if feed is not None
-                else f"{worker_steps(len(train), run, rank)} steps")
-        say(f"{node}: joined the scheduler at {cfg.scheduler}; {run.mode} mode, {work} on "
-            f"{about}; servers {', '.join(meta['servers'])}")
-        heartbeat.start()
-        try:
-            replica.run(heartbeat)
-            heartbeat.beat_now()                   # say done at once
-        finally:
-            heartbeat.close()
-            client.close()
+        with contextlib.ExitStack() as sockets:
+            meta = register(ctx, cfg.scheduler, "worker", {"role": "worker"}, cfg.start_timeout_s,
+                            keys)
+            if meta is None:                         # the run ended while it stood by
+                return 0
+            rank = meta["rank"]
+            node = f"worker-{rank}"
+            run = config.from_dict(meta["config"])
+            local = {k: getattr(cfg, k) for k in ("data_dir", "threads") if getattr(cfg, k)
+                     != getattr(Config(), k)}      # this host's data and cores win
+            run = replace(run, **local)
+            train, _, about = open_datasets(run)
+            if len(train) != meta["n_train"] or train.n_features != meta["model"]["n_inputs"]:
+                raise ConfigError(f"{node}: its training data has {len(train)} samples of "
+                                  f"{train.n_features} features, the scheduler's "
+                                  f"{meta['n_train']} of {meta['model']['n_inputs']}; give every "
+                                  "node the same data")
+            incarnation, token = meta["incarnation"], meta["token"]
+            pieces = [Piece(*p) for p in meta["pieces"]]     # [[server, lo, hi], ...] on the wire
+            client = sockets.enter_context(ShardClient(
+                [meta["servers"][p.server] for p in pieces], [(p.lo, p.hi) for p in pieces], node,
+                run.timeout_s, run.retries, ctx, first_seq=incarnation * SEQ_SPAN, keys=keys,
+                token=token))
+            heartbeat = Heartbeat(ctx, cfg.scheduler, node, run.heartbeat_s, run.dead_after_s,
+                                  lambda: {**replica.progress, "token": token},  # replica: below
+                                  keys)
+            sockets.callback(heartbeat.close)        # its thread closes its own socket
+            identity = {"rank": rank, "incarnation": incarnation, "token": token}
+            feed = ChunkFeed(ctx, cfg.scheduler, node, identity, run.timeout_s, run.retries,
+                             lost=heartbeat.lost, keys=keys,
+                             progress=lambda: {k: replica.progress[k] for k in protocol.COUNTERS}
+                             ) if dealt(run) else None
             if feed is not None:
-                feed.close()
+                sockets.callback(feed.close)
+            replica = Replica(run, ModelSpec.from_dict(meta["model"]), rank, train, client,
+                              [p.server for p in pieces], feed, incarnation)
+            client.while_waiting = lambda: replica._follow(heartbeat.reply)
+            work = (f"chunks of {run.chunk_batches} batches dealt" if feed is not None
+                    else f"{worker_steps(len(train), run, rank)} steps")
+            say(f"{node}: joined the scheduler at {cfg.scheduler}; {run.mode} mode, {work} on "
+                f"{about}; servers {', '.join(meta['servers'])}")
+            heartbeat.start()
+            replica.run(heartbeat)
+            heartbeat.beat_now()                     # say done at once
         p = replica.progress
         why = "stopped early: the scheduler said stop" if heartbeat.stop.is_set() else "done"
         say(f"{node}: {why} after {p['steps']} steps ({p['samples']:,} samples)")

@@ -21,13 +21,20 @@ import numpy as np
 
 from downpour.common.config import Config
 from downpour.common.data import gather, steps_per_epoch
-from downpour.common.errors import ConfigError, DownpourError
+from downpour.common.errors import DownpourError
 from downpour.common.evaluation import Evaluator
 from downpour.common.metrics import MetricsLog, Progress
 from downpour.common.model import Model
 from downpour.common.optim import make_optimizer
 from downpour.common.schedules import parse_schedule
-from downpour.common.training import batch_gradient, finish, model_spec, open_datasets, worker_batches
+from downpour.common.training import (
+    batch_gradient,
+    check_batches,
+    finish,
+    model_spec,
+    open_datasets,
+    worker_batches,
+)
 
 
 def train(cfg: Config, progress: Progress | None = None, metrics: MetricsLog | None = None) -> dict:
@@ -35,12 +42,10 @@ def train(cfg: Config, progress: Progress | None = None, metrics: MetricsLog | N
     optimizer = make_optimizer(cfg.optimizer, **cfg.optimizer_kwargs())
     schedule = parse_schedule(cfg.lr_schedule, cfg.lr)
     train_set, test_set, about = open_datasets(cfg)
+    check_batches(cfg, len(train_set))
     spec = model_spec(cfg, train_set)
     model = Model(spec, seed=cfg.seed)
     steps = steps_per_epoch(len(train_set), cfg.batch_size)
-    if steps == 0:
-        raise ConfigError(f"batch_size {cfg.batch_size} is larger than the training set "
-                          f"({len(train_set)} samples); choose a smaller --batch-size")
     total = steps * cfg.epochs
     eval_steps = max(1, round(cfg.eval_every * steps)) if cfg.eval_every > 0 else total
     progress = progress or Progress(total, cfg.progress)

@@ -152,8 +152,14 @@ class _RawClient:
     def __init__(self, ctx: zmq.Context, addresses: Sequence[str], ranges: Sequence[tuple[int, int]],
                  keys: Keys | None = None):
         max_frame = 4 * max(hi - lo for lo, hi in ranges)
-        self.socks = {a: make_socket(ctx, zmq.DEALER, a, max_frame=max_frame, keys=keys, peer="server")
-                      for a in dict.fromkeys(addresses)}
+        self.socks: dict[str, zmq.Socket] = {}
+        try:
+            for a in dict.fromkeys(addresses):
+                self.socks[a] = make_socket(ctx, zmq.DEALER, a, max_frame=max_frame, keys=keys,
+                                            peer="server")
+        except BaseException:
+            self.close()                        # the sockets made before the one that failed
+            raise
         self.messages = [(self.socks[a], i.to_bytes(4, "little"), lo, hi)
                          for i, (a, (lo, hi)) in enumerate(zip(addresses, ranges))]
         self.poller = zmq.Poller()
@@ -233,14 +239,16 @@ def measure(spec: ModelSpec, shards: int, transport: str, repeats: int, piece_ki
         names = {c: [address(f"{c}-{i}") for i in range(shards)] for c in CONTENDERS}
         procs = _start_servers(cfg, spec, names, pieces, layout.shard_ranges(shards), keys_dir)
         ctx = zmq.Context()
-        clients = _Clients(ctx, names, pieces, layout.shard_ranges(shards), keys_dir)
+        clients = None
         try:
+            clients = _Clients(ctx, names, pieces, layout.shard_ranges(shards), keys_dir)
             grad = np.random.default_rng(0).standard_normal(layout.size, dtype=np.float32)
             out = np.empty(layout.size, np.float32)
             t = interleaved({c: clients.round_trip(c, grad, out) for c in CONTENDERS}, repeats)
             clients.shutdown()
         finally:
-            clients.close()
+            if clients is not None:
+                clients.close()
             _end(procs)
             ctx.term()
     return _row(layout.size, shards, transport, len(pieces), t)
@@ -284,12 +292,18 @@ class _Clients:
         ranges = [(p.lo, p.hi) for p in pieces]
         self.keys_dir = keys_dir
         worker = Keys.load(keys_dir, "worker")
-        self.shard = {c: ShardClient([names[c][p.server] for p in pieces], ranges, "bench",
-                                     timeout=TIMEOUT_S, retries=0, ctx=ctx, keys=keys)
-                      for c, keys in (("downpour", None), ("curve", worker))}
-        self.raw = {c: _RawClient(ctx, [names[c][p.server] for p in pieces], ranges, keys)
-                    for c, keys in (("work", None), ("work_curve", worker))}
-        self.raw["bare"] = _RawClient(ctx, names["bare"], slices)
+        self.shard: dict[str, ShardClient] = {}
+        self.raw: dict[str, _RawClient] = {}
+        try:                                    # built one by one: a failure closes those made
+            for c, keys in (("downpour", None), ("curve", worker)):
+                self.shard[c] = ShardClient([names[c][p.server] for p in pieces], ranges, "bench",
+                                            timeout=TIMEOUT_S, retries=0, ctx=ctx, keys=keys)
+            for c, keys in (("work", None), ("work_curve", worker)):
+                self.raw[c] = _RawClient(ctx, [names[c][p.server] for p in pieces], ranges, keys)
+            self.raw["bare"] = _RawClient(ctx, names["bare"], slices)
+        except BaseException:
+            self.close()
+            raise
 
     def round_trip(self, contender: str, grad: np.ndarray, out: np.ndarray) -> Callable[[], object]:
         """A function that sends `grad` out through `contender` and its answer into `out`."""
