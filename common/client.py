@@ -164,18 +164,33 @@ class ShardClient:
         self.start("pull")
         return self.finish(out)
 
-    def push(self, grad: np.ndarray, clock: Clock, last: bool = False) -> int:
+    def push(self, grad: np.ndarray, clock: Clock, last: bool = False,
+             covered: tuple[int, float] = (0, 0.0)) -> int:
         """Send `grad` (the whole vector), computed on version `clock` (one per piece, or one
         for all); return the lowest new clock.
 
-        `last` tells the servers it is this worker's final push."""
-        self.start("push", grad, clock, last)
+        `last` tells the servers it is this worker's final push; `covered` what the
+        gradient covers: (samples, the sum of their losses), which servers count for
+        evaluation points."""
+        self.start("push", grad, clock, last, covered)
         return self.finish()
 
-    def push_pull(self, grad: np.ndarray, clock: Clock, out: np.ndarray, last: bool = False) -> int:
+    def push_pull(self, grad: np.ndarray, clock: Clock, out: np.ndarray, last: bool = False,
+                  covered: tuple[int, float] = (0, 0.0)) -> int:
         """push, and fill `out` with the parameters after it, in one round trip per shard."""
-        self.start("push_pull", grad, clock, last)
+        self.start("push_pull", grad, clock, last, covered)
         return self.finish(out)
+
+    def pull_replies(self, out: np.ndarray, snapshot: int | None = None) -> list[dict[str, Any]]:
+        """`pull`, returning the reply headers in piece order (clock: the version; meta
+        samples and loss_sum: the samples applied to those weights and the sum of their
+        training losses). With `snapshot` = k, the weights
+        every piece kept of evaluation point k (meta time: when), and RemoteError E_STATE
+        if a piece holds no such snapshot."""
+        meta = {"snapshot": snapshot} if snapshot is not None else None
+        self._pending = {s: self._send(s, "pull", meta=meta) for s in range(len(self.ranges))}
+        replies = self._collect(out)
+        return [replies[s] for s in range(len(self.ranges))]
 
     def call(self, shard: int, op: str, meta: dict[str, Any] | None = None) -> dict[str, Any]:
         """A control operation (stats, control, checkpoint, shutdown) to one shard; its reply header."""
@@ -190,7 +205,7 @@ class ShardClient:
 
     # -- split in two, so that work can overlap a request in flight ------------------------------
     def start(self, op: str, grad: np.ndarray | None = None, clock: Clock = 0,
-              last: bool = False) -> None:
+              last: bool = False, covered: tuple[int, float] = (0, 0.0)) -> None:
         """Send `op` to every shard (with its slice of `grad`, and its `clock`), without waiting
         for replies."""
         if self._pending is not None:
@@ -198,7 +213,9 @@ class ShardClient:
         clocks = [clock] * len(self.ranges) if isinstance(clock, int) else list(clock)
         if len(clocks) != len(self.ranges):
             raise ValueError(f"{len(clocks)} clocks for {len(self.ranges)} pieces")
-        meta = {"last": True} if last else None
+        samples, loss_sum = covered
+        meta = {**({"last": True} if last else {}),
+                **({"samples": samples, "loss_sum": loss_sum} if samples else {})}
         self._pending = {s: self._send(s, op, grad, clocks[s], meta) for s in range(len(self.ranges))}
 
     def finish(self, out: np.ndarray | None = None) -> int:

@@ -6,6 +6,32 @@ interrupted run leaves every complete line readable. Every line has `event` and
 
     eval   elapsed_s, epoch, samples, updates, train_loss, test_loss, test_accuracy, lr
     end    the final figures: the eval fields plus samples_per_s, train_time_s, ...
+
+What an `eval` record promises, in every mode:
+
+- It describes the weights it evaluated: `samples` is the number of samples whose
+  gradients those weights contain, `updates` the updates applied to them, `epoch`
+  = samples / (the samples of one epoch: every whole batch of the training split,
+  W x b per update in sync mode), `elapsed_s` the moment the weights had that state
+  (seconds since training started), and `train_loss` the mean training loss of the
+  samples added since the previous record. In a cluster the servers keep a copy of
+  their weights at each evaluation point (ps/piece.py, snapshots) and the scheduler
+  evaluates those copies, so training going on meanwhile changes nothing. The
+  figures come from one piece: the one furthest behind (pieces apply asynchronous
+  pushes in their own order; in sync mode they agree).
+- Evaluations fall at the cadence asked: the k-th at k x eval_every epochs rounded
+  to whole updates (training.eval_interval), or at the first update past it; so
+  never more than one update late (W x b samples in sync mode, n_push x b in async).
+  A point whose copy a server no longer holds (it was replaced, or evaluation fell
+  SNAPSHOTS_KEPT points behind) is skipped with a line saying so, never evaluated
+  on other weights. The last record is the final state of the run.
+- In sync mode without backup workers, samples = updates x W x b in every record
+  (a version is one global batch). Hogwild! is the exception by design: it
+  evaluates shared weights that the other processes keep writing, lock-free, so its
+  records count the samples as the evaluating process saw them, and its epoch is
+  samples / n.
+- The `end` record's `samples` are those the workers trained (with backup workers,
+  late gradients are trained but dropped, so they may exceed the last eval's).
 """
 
 from __future__ import annotations

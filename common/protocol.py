@@ -33,13 +33,20 @@ Header fields (every message has v, op, node, seq):
 
 Operations to a shard server (replies carry clock):
 
-    pull        -> ok + payload: the shard's parameters
+    pull        -> ok + payload: the shard's parameters, meta: samples (applied to
+                them so far). With meta snapshot=k (the scheduler's evaluation
+                pulls): the parameters the piece kept when its applied samples
+                first reached k * eval_samples (the cluster spec), clock: the
+                version then, meta: samples and time (Unix seconds) then; every
+                snapshot up to k is released. E_STATE if it keeps no snapshot k
     push        payload: a gradient for the shard; meta: last (true on a worker's
-                final push) -> ok (applied; in sync mode held until the version
+                final push), samples (the samples the gradient covers, an int;
+                0 when absent) -> ok (applied; in sync mode held until the version
                 completes, in ssp mode held while the worker is too far ahead)
     push_pull   push, then the parameters after it in the same reply
     stats       -> ok, meta: version, pushes, dropped, staleness and clock_gap
-                histograms, bytes_in and bytes_out (payload bytes), lr, live
+                histograms, bytes_in and bytes_out (payload bytes), lr, live,
+                samples (applied), snapshots (the evaluation points kept)
     control     meta: lr_scale (float) and/or live (list of worker ranks) -> ok
     checkpoint  -> ok, meta: path of the checkpoint written
     shutdown    -> ok; the server checkpoints if it has a directory, then exits
@@ -57,9 +64,10 @@ Operations to the scheduler:
                 server, a worker joining a full sync run) waits; after wait_s it is
                 answered ok, meta: again (register again to keep waiting), and at the
                 run's end ok, meta: over (nothing to do)
-    heartbeat   meta: rank, role, incarnation, token, progress (samples, steps,
-                loss_sum, loss_count, done) -> ok, meta: stop (bool), servers
-                (current endpoints)
+    heartbeat   meta: rank, role, incarnation, token, and a worker's progress
+                (samples, steps, loss_sum, loss_count, done) or a server's
+                (version, snapshots: the evaluation points all its pieces keep)
+                -> ok, meta: stop (bool), servers (current endpoints)
     next_chunk  async and ssp workers: meta: rank, incarnation, token, done (the chunks
                 finished since the last request, in order), want (chunks to deal, 0-2),
                 progress (the worker's COUNTERS as of the request)
@@ -108,7 +116,7 @@ import numpy as np
 
 from downpour.common.errors import ProtocolError
 
-VERSION = 1
+VERSION = 2       # 2: pushes say their samples; pulls of evaluation snapshots
 MAX_HEADER = 64 * 1024               # bytes; checked before unpacking
 MAX_FRAME = 16 * 1024 * 1024         # bytes per payload frame
 DTYPES = {"<f4": np.dtype("<f4")}    # the payload dtypes a receiver accepts

@@ -191,6 +191,29 @@ def asked_samples(n: int, cfg: Config) -> int:
     return cfg.epochs * steps_per_epoch(n, cfg.batch_size) * cfg.batch_size
 
 
+def epoch_steps(n: int, cfg: Config) -> tuple[int, int]:
+    """(updates per epoch, samples per update) of the run as the single-process trainer
+    counts them: sync makes one update of W*b samples per global batch, Hogwild! one step
+    of b per batch of each worker's partition, the other modes (and single, with W = 1)
+    one step of b samples per batch of the epoch. The `epoch` of every record is samples
+    / (their product), so 1.0 is one whole pass of the batches asked."""
+    if cfg.mode == "sync":
+        return steps_per_epoch(n, cfg.workers * cfg.batch_size), cfg.workers * cfg.batch_size
+    if cfg.mode == "hogwild":
+        return sum(steps_per_epoch(len(partition(n, cfg.workers, r)), cfg.batch_size)
+                   for r in range(cfg.workers)), cfg.batch_size
+    return steps_per_epoch(n, cfg.batch_size), cfg.batch_size
+
+
+def eval_interval(n: int, cfg: Config) -> int:
+    """Samples between evaluations (0: none but the final one): eval_every epochs,
+    rounded to whole updates as the single-process trainer rounds them, at least one."""
+    if cfg.eval_every <= 0:
+        return 0
+    steps, per_step = epoch_steps(n, cfg)
+    return max(1, round(cfg.eval_every * steps)) * per_step
+
+
 def sync_versions(n: int, cfg: Config) -> int:
     """The versions a sync run makes: one per global batch of W*b, every epoch."""
     return cfg.epochs * steps_per_epoch(n, cfg.workers * cfg.batch_size)

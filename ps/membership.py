@@ -131,6 +131,16 @@ class Membership:
         """Every live worker has finished its steps."""
         return all(w.progress.get("done") for w in self.workers.values() if not w.dead)
 
+    def snapshots(self) -> set[int]:
+        """The evaluation points every server holds a snapshot of, as their last heartbeats
+        said (a server that says nothing usable holds none)."""
+        held = []
+        for server in self.servers.values():
+            points = server.progress.get("snapshots")
+            ok = isinstance(points, list) and all(type(k) is int for k in points)
+            held.append(set(points) if ok else set())
+        return set.intersection(*held) if held else set()
+
     def total(self, key: str) -> float:
         """The sum of a progress counter (protocol.COUNTERS) over every worker that ever held a rank."""
         return (sum(w.progress.get(key, 0) for w in self.workers.values())

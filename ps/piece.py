@@ -32,14 +32,25 @@ Guarantees:
   the rule keeps <= staleness.
 - Parameters go out zero-copy; the piece waits until ZeroMQ has sent them before
   it changes them again.
-- Checkpoints (slice, optimizer state, version, seen sequence numbers, the run id)
-  are written atomically; `restore` continues from them bit-exactly, and only from
-  a checkpoint of the same run.
+- Checkpoints (slice, optimizer state, version, samples, seen sequence numbers, the
+  run id) are written atomically; `restore` continues from them bit-exactly, and only
+  from a checkpoint of the same run.
+- Evaluation snapshots: `samples` counts the samples whose gradients this piece has
+  applied and `loss_sum` their training losses (each push says what its gradient
+  covers). With `eval_samples` = E > 0,
+  the apply that takes `samples` to k*E or past it copies the weights, with the
+  version, samples, loss sum and time of that moment, as snapshot k (one copy for several
+  points passed at once). The scheduler pulls snapshot k (`pull`, meta snapshot=k)
+  whenever it gets to it, and every piece answers with its weights of that moment,
+  so an evaluation judges exactly the weights its record describes. At most
+  SNAPSHOTS_KEPT are kept; a pull of k releases k and every earlier one; past the
+  cap the oldest goes (that evaluation is skipped, never shifted).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -56,6 +67,8 @@ from downpour.common.optim import make_optimizer
 from downpour.common.schedules import parse_schedule
 
 MAX_SENDERS = 4096      # distinct senders a piece without tokens keeps sequence numbers for
+SNAPSHOTS_KEPT = 4      # evaluation snapshots (copies of the piece) kept until the scheduler pulls them
+MAX_PUSH_SAMPLES = 1 << 40   # the most samples one push may say it covers
 
 
 class Reply(NamedTuple):
@@ -73,12 +86,42 @@ class HeldRequest(NamedTuple):
     header: dict
 
 
+class Covered(NamedTuple):
+    """What a push's gradient covers: its samples, and the sum of their training losses."""
+
+    samples: int = 0
+    loss_sum: float = 0.0
+
+
+def covered(header: dict) -> Covered:
+    """A push's meta samples and loss_sum (0 when it does not say); E_MALFORMED if bad."""
+    meta = header.get("meta", {})
+    samples, loss_sum = meta.get("samples", 0), meta.get("loss_sum", 0.0)
+    if type(samples) is not int or not 0 <= samples <= MAX_PUSH_SAMPLES:
+        raise protocol.error(protocol.E_MALFORMED, f"meta samples must be an integer in "
+                             f"[0, {MAX_PUSH_SAMPLES}], got {samples!r}")
+    if type(loss_sum) not in (int, float) or not math.isfinite(loss_sum):
+        raise protocol.error(protocol.E_MALFORMED, f"meta loss_sum must be a finite number, "
+                             f"got {loss_sum!r}")
+    return Covered(samples, float(loss_sum))
+
+
 def worker_rank(node: str) -> int | None:
     """3 for "worker-3" (ranks below MAX_WORKERS); None for any other sender."""
     prefix, _, rank = node.partition("-")
     if prefix != "worker" or not (rank.isascii() and rank.isdigit()) or len(rank) > 6:
         return None
     return int(rank) if int(rank) < protocol.MAX_WORKERS else None
+
+
+class Snapshot(NamedTuple):
+    """The piece as it was when its applied samples reached an evaluation point."""
+
+    version: int
+    samples: int            # samples applied by then (>= the point)
+    loss_sum: float         # the sum of their training losses
+    time: float             # Unix seconds
+    params: np.ndarray      # (hi - lo,) float32, a copy
 
 
 class Sender(NamedTuple):
@@ -93,10 +136,11 @@ class PieceState:
 
     def __init__(self, cfg: Config, spec: ModelSpec, rank: int, lo: int, hi: int,
                  initial: np.ndarray | None = None, node: str = "", run_id: str = "",
-                 secret: bytes | None = None):
+                 secret: bytes | None = None, eval_samples: int = 0):
         """Piece `rank` of the run `run_id` (the scheduler's), [lo, hi) of the vector;
         `initial` is the whole initial vector if the caller has it (else it is computed
-        from the spec and seed); `secret` checks workers' tokens (None: no tokens)."""
+        from the spec and seed); `secret` checks workers' tokens (None: no tokens);
+        `eval_samples`: snapshot the weights every this many applied samples (0: never)."""
         self.cfg, self.rank, self.lo, self.hi, self.run_id = cfg, rank, lo, hi, run_id
         self.secret = secret
         self._incarnations: dict[int, int] = {}   # worker rank -> the latest incarnation heard
@@ -108,6 +152,10 @@ class PieceState:
         self.opt = make_optimizer(cfg.optimizer, **cfg.optimizer_kwargs())
         self.schedule = parse_schedule(cfg.lr_schedule, cfg.lr)
         self.version = 0
+        self.samples = 0                          # samples whose gradients have been applied
+        self.loss_sum = 0.0                       # ... and the sum of their training losses
+        self.eval_samples = eval_samples
+        self.snapshots: dict[int, Snapshot] = {}  # evaluation point k -> the piece at k*eval_samples
         self.live = set(range(cfg.workers))
         # ranks a push may come from: sync splits each global batch in W slices; an async
         # or ssp run takes new workers mid-run
@@ -147,6 +195,8 @@ class PieceState:
             if op in ("pull", "push", "push_pull") and header.get("shard") != self.rank:
                 raise protocol.error(protocol.E_SHARD, f"this is shard {self.rank} ([{self.lo}, {self.hi})), "
                                                f"the request is for shard {header.get('shard')}")
+            if op == "pull" and "snapshot" in header.get("meta", {}):
+                return [Reply(ident, self._snapshot_reply(header))]
             if op == "pull":
                 rank = self._sender(header, needs_token=False).rank
                 if rank is not None:
@@ -178,6 +228,7 @@ class PieceState:
         if not math.isfinite(norm2):
             raise protocol.error(protocol.E_PAYLOAD, "the gradient holds NaN or infinite values (or values "
                                              "too large to square in float32); it was not applied")
+        cover = covered(header)
         clock = header.get("clock", 0)
         if clock > self.version:
             raise protocol.error(protocol.E_STATE, f"clock {clock} is ahead of this shard's version "
@@ -196,7 +247,8 @@ class PieceState:
             return self._push_sync(ident, header, grad, sender)
         self.last_seq[sender.key] = header["seq"]
         staleness = self.version - clock
-        self._apply(grad, [staleness], lr_scale=1.0 / (1 + staleness) if self.cfg.staleness_lr else 1.0)
+        self._apply(grad, [staleness], cover,
+                    lr_scale=1.0 / (1 + staleness) if self.cfg.staleness_lr else 1.0)
         if self.cfg.mode != "ssp":
             return [Reply(ident, self._reply(header))]
         self.gaps[self.clock[rank] - self._sent_at.get(rank, 0)] += 1
@@ -253,7 +305,9 @@ class PieceState:
             self._sum += self._grads[r]
         if len(ranks) > 1:
             self._sum *= np.float32(1.0 / len(ranks))
-        self._apply(self._sum, staleness=[0] * len(ranks))
+        covers = [covered(self._waiting[r].header) for r in ranks]
+        self._apply(self._sum, [0] * len(ranks),
+                    Covered(sum(c.samples for c in covers), sum(c.loss_sum for c in covers)))
         waiting, self._waiting = self._waiting, {}
         return [Reply(ident, self._reply(header)) for ident, header in (waiting[r] for r in ranks)]
 
@@ -293,15 +347,53 @@ class PieceState:
                 out.append(Reply(ident, self._reply(header)))
         return out
 
-    def _apply(self, grad: np.ndarray, staleness: list[int], lr_scale: float = 1.0) -> None:
+    def _apply(self, grad: np.ndarray, staleness: list[int], cover: Covered,
+               lr_scale: float = 1.0) -> None:
+        """Apply `grad`, from len(staleness) pushes, the gradient of what `cover` says."""
         self.wait_sent()                           # params may still be going out zero-copy
         self.opt.step(self.params, grad, self.schedule(self.opt.t) * lr_scale)
         self.version += 1
         self.pushes += len(staleness)
         self.staleness.update(staleness)
+        before, self.samples = self.samples, self.samples + cover.samples
+        self.loss_sum += cover.loss_sum
+        if self.eval_samples and self.samples // self.eval_samples > before // self.eval_samples:
+            self._take_snapshot(self.samples // self.eval_samples)
+
+    def _take_snapshot(self, point: int) -> None:
+        """Keep the weights of evaluation point `point` (sends in flight are done: `_apply`
+        waited), reusing the buffer of the oldest snapshot once SNAPSHOTS_KEPT are held."""
+        buffer = None
+        if len(self.snapshots) >= SNAPSHOTS_KEPT:
+            buffer = self.snapshots.pop(min(self.snapshots)).params
+        if buffer is None:
+            buffer = np.empty_like(self.params)
+        np.copyto(buffer, self.params)
+        self.snapshots[point] = Snapshot(self.version, self.samples, self.loss_sum, time.time(),
+                                         buffer)
+
+    def _snapshot_reply(self, header: dict) -> list:
+        """The answer to a pull of evaluation snapshot k: its weights, version (clock),
+        samples and time; snapshots up to k are released once it has gone."""
+        point = header["meta"]["snapshot"]
+        if type(point) is not int:
+            raise protocol.error(protocol.E_MALFORMED, f"snapshot must be an integer, got {point!r}")
+        snap = self.snapshots.get(point)
+        if snap is None:
+            raise protocol.error(protocol.E_STATE, f"no snapshot of evaluation point {point} here "
+                                 f"(held: {sorted(self.snapshots) or 'none'})")
+        for k in [k for k in self.snapshots if k <= point]:
+            del self.snapshots[k]           # the buffer lives on in the reply until it is sent
+        return protocol.encode({"op": "ok", "node": self.node, "seq": header["seq"],
+                                "clock": snap.version,
+                                "meta": {"samples": snap.samples, "loss_sum": snap.loss_sum,
+                                         "time": snap.time}}, snap.params)
 
     def _reply(self, header: dict, **meta: Any) -> list:
-        """The answer to a pull, push or push_pull: the version, and the parameters if asked."""
+        """The answer to a pull, push or push_pull: the version, and the parameters if asked
+        (a pull's with the samples applied to them)."""
+        if header["op"] == "pull":
+            meta.update(samples=self.samples, loss_sum=self.loss_sum)
         return protocol.encode({"op": "ok", "node": self.node, "seq": header["seq"],
                                 "clock": self.version, **({"meta": meta} if meta else {})},
                                self.params if header["op"] in ("pull", "push_pull") else None)
@@ -311,7 +403,8 @@ class PieceState:
                         staleness={str(k): v for k, v in sorted(self.staleness.items())},
                         clock_gap={str(k): v for k, v in sorted(self.gaps.items())},
                         bytes_in=self.bytes_in, bytes_out=self.bytes_out,
-                        lr=self.schedule(self.opt.t), live=sorted(self.live))
+                        lr=self.schedule(self.opt.t), live=sorted(self.live),
+                        samples=self.samples, snapshots=sorted(self.snapshots))
 
     def _control(self, header: dict) -> list:
         meta = header.get("meta", {})
@@ -388,7 +481,9 @@ class PieceState:
         scalars = {k: (list(v) if isinstance(v, tuple) else v) for k, v in state.items()
                    if not isinstance(v, np.ndarray)}
         meta = {"run_id": self.run_id, "incarnation": self.incarnation, "rank": self.rank,
-                "lo": self.lo, "hi": self.hi, "version": self.version, "optimizer": scalars,
+                "lo": self.lo, "hi": self.hi, "version": self.version, "samples": self.samples,
+                "loss_sum": self.loss_sum,
+                "optimizer": scalars,
                 "schedule": self.schedule.state_dict(),
                 "last_seq": self.last_seq, "pushes": self.pushes, "dropped": self.dropped,
                 "staleness": {str(k): v for k, v in self.staleness.items()}}
@@ -437,5 +532,8 @@ class PieceState:
         self.schedule.load_state_dict(meta["schedule"])
         self.params[:] = params
         self.version, self.last_seq = int(meta["version"]), dict(meta["last_seq"])
+        self.samples = int(meta.get("samples", 0))
+        self.loss_sum = float(meta.get("loss_sum", 0.0))
+        self.snapshots = {}           # the next point passed is the next snapshot
         self.pushes, self.dropped = int(meta["pushes"]), int(meta["dropped"])
         self.staleness = Counter({int(k): v for k, v in meta["staleness"].items()})

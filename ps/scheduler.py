@@ -7,22 +7,26 @@ three phases:
 
 1. Assemble. Servers and workers register, in any order. Server i gets rank i and
    its shard range at once; workers get their rank and the server addresses once
-   all S servers are in. The cluster spec a node receives (`_spec`) holds the run's
-   id, settings, the model, the shard ranges and the server addresses. The run id
-   is random, made at start and said in the first line; checkpoints carry it, so a
-   restarted server continues this run's and never an earlier run's. Whoever is
-   still missing after start_timeout_s is named in a ClusterError.
+   all S servers are in. The cluster spec a node receives (Membership._spec) holds
+   the run's id, settings, the model, the shard ranges, the server addresses and
+   eval_samples, the samples between evaluation points (training.eval_interval).
+   The run id is random, made at start and said in the first line; checkpoints
+   carry it, so a restarted server continues this run's and never an earlier
+   run's. Whoever is still missing after start_timeout_s is named in a ClusterError.
 2. Train. Heartbeats carry each worker's progress. A node silent for dead_after_s
    is dead: in sync mode the servers are told the live workers, so a version
    completes without the dead one; in async mode the run goes on regardless. A
    server that dies may be replaced: the next server to register takes its rank
    (and, with --resume, its checkpoint), and workers follow the new address.
-   Every eval_every epochs' worth of samples, the scheduler pulls the whole model,
-   evaluates it on the held-out split, writes an `eval` metrics line, feeds
+   Every eval_every epochs' worth of samples the servers keep a copy of their
+   weights (an evaluation point: ps/piece.py); once every server's heartbeat says it
+   holds point k, the scheduler pulls those copies, evaluates them on the held-out
+   split, writes an `eval` metrics line of that moment (common/metrics.py), feeds
    reduce-on-plateau (telling the servers the new lr scale) and early stopping
    (telling the workers to stop), and orders checkpoints every checkpoint_every_s.
-3. Finish. When every live worker is done: a final evaluation, the `end` line,
-   the saved model, and a shutdown for every server.
+3. Finish. When every live worker is done: the evaluation points not yet
+   evaluated, a final evaluation (unless the last point is the final state), the
+   `end` line, the saved model, and a shutdown for every server.
 
 Batch-norm running statistics are not communicated: before evaluating, the
 scheduler recomputes them from training batches with the pulled weights
@@ -53,6 +57,8 @@ from downpour.common.training import (
     check_cluster,
     chunk_batches,
     dealt,
+    epoch_steps,
+    eval_interval,
     finish,
     model_spec,
     open_datasets,
@@ -99,7 +105,8 @@ class Scheduler:
                                    on_lr_scale=self._tell_lr_scale)
         self.nodes = Membership(cfg, sock, {
             "run_id": self.run_id, "config": config.to_dict(cfg), "model": self.spec.to_dict(),
-            "pieces": [list(p) for p in self.pieces], "n_train": len(self.train)},
+            "pieces": [list(p) for p in self.pieces], "n_train": len(self.train),
+            "eval_samples": eval_interval(n, cfg)},
             log=self.progress.line)
         # async, ssp: the chunks of every epoch, dealt to workers as they ask
         self.ledger = Ledger(total_chunks(n, cfg),
@@ -111,6 +118,10 @@ class Scheduler:
         self.client: ShardClient | None = None
         self.interrupted = False
         self.start = time.monotonic()               # reset when training starts
+        self.start_wall = time.time()               # the same moment in Unix seconds
+        steps, per_step = epoch_steps(n, cfg)
+        self.epoch_samples = steps * per_step       # samples of one epoch: `epoch` = samples / it
+        self._point = 0                             # the last evaluation point evaluated
         self._stats: list[dict] = []                # the servers' last `stats` replies
 
     # -- the three phases ------------------------------------------------------------------
@@ -146,9 +157,8 @@ class Scheduler:
 
     def _train(self) -> dict[str, Any]:
         cfg = self.cfg
-        every = cfg.eval_every * len(self.train) if cfg.eval_every > 0 else float("inf")  # samples
-        next_eval, last_checkpoint = every, time.monotonic()
-        self.start = time.monotonic()
+        last_checkpoint = time.monotonic()
+        self.start, self.start_wall = time.monotonic(), time.time()
         while True:
             if self.interrupted:
                 raise KeyboardInterrupt
@@ -158,25 +168,31 @@ class Scheduler:
             self.progress.update(samples, f"{samples:,} samples")
             if self.nodes.all_done():
                 break
-            if samples >= next_eval:
-                next_eval = (samples // every + 1) * every    # points already passed are skipped
-                self._evaluate()
+            self._evaluate_points(self.nodes.snapshots(), at_most=1)
             if cfg.checkpoint_every_s and time.monotonic() - last_checkpoint >= cfg.checkpoint_every_s:
                 self._checkpoint()
                 last_checkpoint = time.monotonic()
         return self._finish()
 
     def _finish(self) -> dict[str, Any]:
-        """The final evaluation and the `end` record."""
-        cfg, n = self.cfg, len(self.train)
+        """The evaluation points not yet evaluated, the final evaluation (unless the last
+        point is the final state), and the `end` record."""
+        cfg = self.cfg
         train_time = self._train_time()
-        last = self._evaluate()
+        stats = self.client.call_all("stats")     # every point passed, heartbeats or not
+        self._evaluate_points(set.intersection(*(set(s["meta"]["snapshots"]) for s in stats)))
+        final = {"samples": min(s["meta"]["samples"] for s in stats),
+                 "updates": min(s["meta"]["version"] for s in stats)}
+        last = self.evaluator.last
+        if {k: last.get(k) for k in final} != final:
+            last = self._evaluate()
         samples = int(self.nodes.total("samples"))
         return finish(
             cfg, self.model, self.metrics, self.progress, run_id=self.run_id, mode=cfg.mode,
             workers=cfg.workers, shards=cfg.shards, batch_size=cfg.batch_size,
             elapsed_s=round(time.monotonic() - self.start, 3),
-            train_time_s=round(train_time, 3), epoch=round(samples / n, 4), samples=samples,
+            train_time_s=round(train_time, 3), epoch=round(samples / self.epoch_samples, 4),
+            samples=samples,
             updates=last["updates"], samples_per_s=samples / train_time,
             train_loss=last["train_loss"], test_loss=last["test_loss"],
             test_accuracy=last["test_accuracy"], stopped_early=self.evaluator.stopping,
@@ -247,17 +263,39 @@ class Scheduler:
                     raise
 
     # -- evaluation ------------------------------------------------------------------------
-    def _evaluate(self) -> dict[str, Any]:
-        """Pull the model and evaluate it; early stopping tells the workers to stop."""
-        version = self.client.pull(self.model.params)
+    def _evaluate_points(self, held: set[int], at_most: int | None = None) -> None:
+        """Evaluate, in order, the evaluation points after the last one evaluated that every
+        server holds a snapshot of (`held`); at most `at_most` of them. A point a server no
+        longer holds (it was replaced, or evaluations fell SNAPSHOTS_KEPT behind) is
+        skipped and said, never evaluated on other weights."""
+        for point in sorted(k for k in held if k > self._point)[:at_most]:
+            self._point = point
+            try:
+                self._evaluate(point)
+            except protocol.RemoteError as e:
+                if e.code != protocol.E_STATE:
+                    raise
+                self.progress.line(f"evaluation point {point} skipped: {e}")
+
+    def _evaluate(self, point: int | None = None) -> dict[str, Any]:
+        """Evaluate the weights of evaluation point `point` (the servers' snapshots of it)
+        or, without one, the weights as they are now; early stopping tells the workers to
+        stop. The record's epoch, samples, updates and elapsed_s are those of the weights
+        evaluated, and train_loss the mean training loss of the samples applied since the
+        previous record; all of one piece, the one furthest behind (in sync mode the
+        pieces agree)."""
+        replies = self.client.pull_replies(self.model.params, point)
         self._stats = self.client.call_all("stats")
-        elapsed = time.monotonic() - self.start
-        figures = self._figures(self._stats, elapsed)
-        samples = int(self.nodes.total("samples"))
+        figures = self._figures(self._stats, time.monotonic() - self.start)
+        # one piece's account: the piece furthest behind (in sync mode they all agree)
+        first = min(replies, key=lambda r: r.get("meta", {}).get("samples", 0))
+        meta, updates = first.get("meta", {}), first.get("clock", 0)
+        samples, loss_sum = meta.get("samples", 0), meta.get("loss_sum", 0.0)
+        taken = meta["time"] if point is not None else time.time()
         record = self.evaluator.evaluate(
-            epoch=samples / len(self.train), samples=samples, updates=version,
-            loss_sum=self.nodes.total("loss_sum"), loss_count=int(self.nodes.total("loss_count")),
-            lr=self._stats[0]["meta"]["lr"], elapsed_s=elapsed,
+            epoch=samples / self.epoch_samples, samples=samples, updates=updates,
+            loss_sum=loss_sum, loss_count=samples,       # train_loss: the mean per sample
+            lr=self._stats[0]["meta"]["lr"], elapsed_s=max(0.0, taken - self.start_wall),
             note=f"  staleness p99 {figures['staleness_p99']:g}", **figures)
         self.nodes.stopping = self.evaluator.stopping
         return record

@@ -65,14 +65,16 @@ class Server:
     """
 
     def __init__(self, cfg: Config, spec: ModelSpec, rank: int, pieces: list[Piece],
-                 run_id: str = "", secret: bytes | None = None):
+                 run_id: str = "", secret: bytes | None = None, eval_samples: int = 0):
         """Server `rank` of the run `run_id`, whose pieces are `pieces` (all servers');
-        `secret` checks the workers' tokens (None: a server with no scheduler)."""
+        `secret` checks the workers' tokens (None: a server with no scheduler);
+        `eval_samples`: the pieces snapshot their weights every this many samples applied."""
         self.rank, self.cfg, self.run_id = rank, cfg, run_id
         self.node = f"server-{rank}"
         initial = initial_params(spec, cfg.seed)
         # this server's pieces: piece number (the header's "shard" field) -> its state
-        self.pieces = {i: PieceState(cfg, spec, i, p.lo, p.hi, initial, self.node, run_id, secret)
+        self.pieces = {i: PieceState(cfg, spec, i, p.lo, p.hi, initial, self.node, run_id, secret,
+                                     eval_samples)
                        for i, p in enumerate(pieces) if p.server == rank}
         self.resumed: list[int] = []          # the pieces `resume` restored
         if not self.pieces:
@@ -100,6 +102,12 @@ class Server:
     @property
     def version(self) -> int:
         return min(p.version for p in self.pieces.values())
+
+    @property
+    def snapshots(self) -> list[int]:
+        """The evaluation points every piece of this server holds a snapshot of."""
+        held = [set(p.snapshots) for p in self.pieces.values()]
+        return sorted(set.intersection(*held))
 
     @property
     def max_frame(self) -> int:
@@ -282,7 +290,7 @@ def _register_and_serve(cfg: Config, ctx: zmq.Context, keys: Keys | None) -> Non
                   resume=cfg.resume)
     server = Server(run, ModelSpec.from_dict(meta["model"]), rank,
                     [Piece(*p) for p in meta["pieces"]],     # [[server, lo, hi], ...] on the wire
-                    meta.get("run_id", ""), meta["secret"])
+                    meta.get("run_id", ""), meta["secret"], meta.get("eval_samples", 0))
     try:
         sock, _ = bind_router(ctx, endpoint, server.max_frame, keys)
     except ConfigError as e:              # free when `concrete` tried it, before registering
@@ -300,7 +308,8 @@ def _register_and_serve(cfg: Config, ctx: zmq.Context, keys: Keys | None) -> Non
             piece.incarnation = incarnation
         heartbeat = Heartbeat(ctx, cfg.scheduler, server.node, run.heartbeat_s, run.dead_after_s,
                               lambda: {"role": "server", "rank": rank, "incarnation": incarnation,
-                                       "token": token, "version": server.version}, keys)
+                                       "token": token, "version": server.version,
+                                       "snapshots": server.snapshots}, keys)
         heartbeat.start()
         try:
             why = serve(server, sock, heartbeat)

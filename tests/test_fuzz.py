@@ -590,7 +590,8 @@ def test_a_frame_over_the_servers_limit_gets_no_reply_and_the_server_goes_on(clu
     before = pull(ctx, c)
     n, limit = before.size, frame_limit([(0, before.size)])
     assert limit > protocol.MAX_HEADER + 1024        # a model whose piece is larger than a header
-    push = {"v": 1, "op": "push", "node": "worker-0", "seq": 1, "shard": 0, "clock": 0, "dtype": "<f4"}
+    push = {"v": protocol.VERSION, "op": "push", "node": "worker-0", "seq": 1, "shard": 0, "clock": 0,
+            "dtype": "<f4"}
     cases = {   # what: (frames, the error code of the one reply, or None for no reply)
         "a header over MAX_HEADER": ([msgpack.packb({**push, "op": "pull", "msg": "x" * (limit - 1024)})],
                                      protocol.E_MALFORMED),

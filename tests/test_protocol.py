@@ -175,7 +175,9 @@ def test_header_of_exactly_max_header_bytes_is_accepted():
 
 
 @pytest.mark.parametrize("header", [
-    valid(v=0), valid(v=2), valid(v=2, newfield=1), valid(v=2, seq=None), valid(v=2, seq="s"),
+    valid(v=0), valid(v=protocol.VERSION - 1), valid(v=protocol.VERSION + 1),
+    valid(v=protocol.VERSION + 1, newfield=1), valid(v=protocol.VERSION + 1, seq=None),
+    valid(v=protocol.VERSION + 1, seq="s"),
 ])
 def test_other_protocol_version_is_e_version(header):
     """Checked before the fields: another version's header may have other fields."""

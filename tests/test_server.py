@@ -22,6 +22,7 @@ SPEC = ModelSpec(n_inputs=6, n_outputs=3, hidden=(5,))          # 6*5+5 + 5*3+3 
 ASYNC = Config(mode="async", workers=1, shards=2, optimizer="sgd", lr=0.1)
 SYNC = Config(mode="sync", workers=3, shards=2, optimizer="sgd", lr=0.1)
 LR = np.float32(0.1)                     # SGD multiplies by lr as a float32 scalar
+V = protocol.VERSION
 
 
 def ranges(cfg: Config) -> list[tuple[int, int]]:
@@ -107,7 +108,7 @@ def test_async_push_applies_sgd_exactly_and_bumps_the_version():
     p0 = piece.params.copy()
     g1, g2 = grads(piece.hi - piece.lo, 2)
     header, params = only(push(piece, g1, seq=1, clock=0))
-    assert header == {"v": 1, "op": "ok", "node": "server-1", "seq": 1, "clock": 1}
+    assert header == {"v": protocol.VERSION, "op": "ok", "node": "server-1", "seq": 1, "clock": 1}
     assert params is None
     p1 = p0 - g1 * LR
     assert piece.params.tobytes() == p1.tobytes()
@@ -539,16 +540,16 @@ def test_live_server_survives_malformed_messages(spawn_server, dealer, mode):
         "truncated payload": ([head, g.tobytes()[:-4]], protocol.E_PAYLOAD),
         "payload cut mid-item": ([head, g.tobytes()[:-1]], protocol.E_PAYLOAD),
         "push without payload": ([head], protocol.E_PAYLOAD),
-        "wrong dtype": (raw(v=1, op="push", node="worker-0", seq=1, shard=1, clock=0, dtype="<f8", n=n)
+        "wrong dtype": (raw(v=V, op="push", node="worker-0", seq=1, shard=1, clock=0, dtype="<f8", n=n)
                         + [g.astype(np.float64).tobytes()], protocol.E_PAYLOAD),
         "wrong length (long)": (frames(payload=np.append(g, np.float32(1))), protocol.E_PAYLOAD),
         "wrong length (short)": (frames(payload=g[:-1]), protocol.E_PAYLOAD),
         "unknown operation": (frames("explode"), protocol.E_UNKNOWN_OP),
-        "oversized header": (raw(v=1, op="pull", node="x", seq=1, msg="x" * protocol.MAX_HEADER),
+        "oversized header": (raw(v=V, op="pull", node="x", seq=1, msg="x" * protocol.MAX_HEADER),
                              protocol.E_MALFORMED),
-        "wrong protocol version": (raw(v=2, op="pull", node="x", seq=1), protocol.E_VERSION),
+        "wrong protocol version": (raw(v=V + 1, op="pull", node="x", seq=1), protocol.E_VERSION),
         "header is a msgpack list": ([msgpack.packb([1, "pull", "x", 1])], protocol.E_MALFORMED),
-        "unknown header field": (raw(v=1, op="pull", node="x", seq=1, secret=1), protocol.E_MALFORMED),
+        "unknown header field": (raw(v=V, op="pull", node="x", seq=1, secret=1), protocol.E_MALFORMED),
         "push with NaN": (frames(payload=nan), protocol.E_PAYLOAD),
         "push with inf": (frames(payload=np.full(n, np.inf, np.float32)), protocol.E_PAYLOAD),
         "wrong shard": (frames(payload=g, shard=0), protocol.E_SHARD),
@@ -568,7 +569,7 @@ def test_live_server_survives_malformed_messages(spawn_server, dealer, mode):
     try:
         big.linger = 0
         big.connect(address)
-        big.send_multipart(raw(v=1, op="pull", node="x", seq=1, msg="x" * 4 * protocol.MAX_HEADER))
+        big.send_multipart(raw(v=V, op="pull", node="x", seq=1, msg="x" * 4 * protocol.MAX_HEADER))
         assert not big.poll(500), "an oversized header was answered"
     finally:
         big.close()

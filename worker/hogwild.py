@@ -9,6 +9,14 @@ Each process counts its own optimizer steps (Adam's bias correction); the moment
 estimates are shared. The parent process evaluates the shared weights every
 `eval_every` epochs and writes the same metrics as the other modes; it is a
 baseline for one machine, not a distributed mode.
+
+Evaluation points: the worker whose step takes the run's samples to the next point
+(training.eval_interval) copies the shared weights, with the progress totals and
+the time, into a shared snapshot under a lock (taken only then, and by the parent
+to read it); the parent evaluates that copy, so a record's epoch, samples and
+updates are those of the weights it judged, up to the steps other processes had
+half-applied during the copy (Hogwild! has no consistent moment). A point whose
+snapshot the parent has not read when the next one is due gives way to it.
 """
 
 from __future__ import annotations
@@ -33,6 +41,8 @@ from downpour.common.schedules import parse_schedule
 from downpour.common.training import (
     batch_gradient,
     check_cluster,
+    epoch_steps,
+    eval_interval,
     finish,
     model_spec,
     open_datasets,
@@ -43,7 +53,11 @@ from downpour.common.training import (
 # the progress table: one float64 row per worker
 SAMPLES, STEPS, LOSS_SUM, LOSS_COUNT, DONE, STOP, T_START, T_END = range(8)
 COLUMNS = 8
+# the snapshot record: the next point (samples), whether a snapshot waits, and its totals
+NEXT, READY, SNAP_SAMPLES, SNAP_STEPS, SNAP_LOSS_SUM, SNAP_LOSS_COUNT, SNAP_TIME = range(7)
+RECORD = 7
 POLL_S = 0.05                # how often the parent looks at the progress table
+LOCK_TIMEOUT_S = 10.0        # for the snapshot lock: a copy of the weights takes milliseconds
 JOIN_TIMEOUT_S = 10.0        # for a finished process to exit
 TERMINATE_TIMEOUT_S = 5.0    # for a terminated process to go
 
@@ -75,11 +89,12 @@ class Shared:
         self.blocks.clear()
 
 
-def _work(cfg: Config, spec: ModelSpec, rank: int, blocks: dict[str, tuple]) -> None:
+def _work(cfg: Config, spec: ModelSpec, rank: int, blocks: dict[str, tuple], lock) -> None:
     """One Hogwild! process: train on this rank's partition against the shared vector."""
     shared = Shared(names=blocks)
     try:
         train_set, _, _ = open_datasets(cfg)
+        every = eval_interval(len(train_set), cfg)
         table = shared.arrays["progress"][rank]
         model = Model(spec, seed=cfg.seed, stream=rank, params=shared.arrays["params"])
         opt = make_optimizer(cfg.optimizer, **cfg.optimizer_kwargs())
@@ -107,10 +122,29 @@ def _work(cfg: Config, spec: ModelSpec, rank: int, blocks: dict[str, tuple]) -> 
             table[STEPS] += 1
             table[LOSS_SUM] += loss
             table[LOSS_COUNT] += 1
+            if every and shared.arrays["progress"][:, SAMPLES].sum() >= shared.arrays["record"][NEXT]:
+                _snapshot(shared, every, lock)
         table[T_END] = time.time()
     finally:
         shared.arrays["progress"][rank, DONE] = 1
         shared.close()
+
+
+def _snapshot(shared: Shared, every: int, lock) -> None:
+    """Copy the shared weights and totals as the evaluation point just reached (if no
+    other process did first), and set the next point."""
+    if not lock.acquire(timeout=LOCK_TIMEOUT_S):
+        raise ClusterError(f"a hogwild worker waited {LOCK_TIMEOUT_S:g} s for the snapshot lock")
+    try:
+        record, totals = shared.arrays["record"], shared.arrays["progress"].sum(axis=0)
+        if totals[SAMPLES] < record[NEXT]:
+            return
+        np.copyto(shared.arrays["snapshot"], shared.arrays["params"])
+        record[SNAP_SAMPLES:SNAP_TIME] = totals[[SAMPLES, STEPS, LOSS_SUM, LOSS_COUNT]]
+        record[SNAP_TIME], record[READY] = time.time(), 1
+        record[NEXT] = (totals[SAMPLES] // every + 1) * every
+    finally:
+        lock.release()
 
 
 def train(cfg: Config, progress: Progress | None = None, metrics: MetricsLog | None = None) -> dict:
@@ -123,13 +157,16 @@ def train(cfg: Config, progress: Progress | None = None, metrics: MetricsLog | N
     model = Model(spec, seed=cfg.seed)
     size = model.layout.size
     sizes = {"params": ((size,), np.float32), "progress": ((W, COLUMNS), np.float64),
-             "scale": ((1,), np.float64)}            # scale: reduce-on-plateau's factor
+             "scale": ((1,), np.float64),            # scale: reduce-on-plateau's factor
+             "snapshot": ((size,), np.float32), "record": ((RECORD,), np.float64)}
     sizes.update({f"state{i}": ((size,), np.float32) for i in range(len(probe.state_names))})
     shared = Shared(sizes=sizes)
     try:
         shared.arrays["params"][:] = model.params
         shared.arrays["progress"][:] = 0
         shared.arrays["scale"][0] = 1.0
+        shared.arrays["record"][:] = 0
+        shared.arrays["record"][NEXT] = eval_interval(len(train_set), cfg) or math.inf
         probe.adopt_state([shared.arrays[f"state{i}"] for i in range(len(probe.state_names))],
                           initialise=True)
         return _run(cfg, spec, model, shared, train_set, test_set, about, progress, metrics)
@@ -142,26 +179,41 @@ def _run(cfg: Config, spec: ModelSpec, model: Model, shared: Shared, train_set: 
          metrics: MetricsLog | None) -> dict:
     """Start the W processes, watch and evaluate them until they are done, report."""
     W, n = cfg.workers, len(train_set)
+    steps, per_step = epoch_steps(n, cfg)
+    epoch_samples = steps * per_step          # `epoch` = samples / it
     total = sum(worker_steps(n, cfg, r) for r in range(W)) * cfg.batch_size
     progress = progress or Progress(total, cfg.progress)
     metrics = metrics or MetricsLog(cfg.metrics)
-    scale, table = shared.arrays["scale"], shared.arrays["progress"]
+    scale, table, record = shared.arrays["scale"], shared.arrays["progress"], shared.arrays["record"]
     schedule = parse_schedule(cfg.lr_schedule, cfg.lr)
     evaluator = Evaluator(cfg, model, train_set, test_set, metrics, progress, schedule,
                           recalibrate=True, on_lr_scale=lambda s: scale.__setitem__(0, s))
     progress.line(f"{about}; hogwild mode, {W} process(es) on one shared vector, model "
                   f"{model.layout.size:,} parameters")
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_work, args=(cfg, spec, r, shared.describe()), daemon=True)
+    lock = ctx.Lock()                         # the snapshot's: see `_snapshot`
+    procs = [ctx.Process(target=_work, args=(cfg, spec, r, shared.describe(), lock), daemon=True)
              for r in range(W)]
     start = time.time()
 
-    def evaluate() -> None:
-        np.copyto(model.params, shared.arrays["params"])
-        samples = int(table[:, SAMPLES].sum())
-        evaluator.evaluate(epoch=samples / n, samples=samples, updates=int(table[:, STEPS].sum()),
-                           loss_sum=table[:, LOSS_SUM].sum(), loss_count=table[:, LOSS_COUNT].sum(),
-                           lr=schedule(0) * scale[0], elapsed_s=time.time() - start)
+    def evaluate(snapshot: bool) -> None:
+        """Evaluate the snapshot waiting in `record` or, without, the shared weights now."""
+        if snapshot:
+            if not lock.acquire(timeout=LOCK_TIMEOUT_S):
+                raise ClusterError(f"the snapshot lock was held for {LOCK_TIMEOUT_S:g} s")
+            try:
+                np.copyto(model.params, shared.arrays["snapshot"])
+                samples, steps, loss_sum, loss_count, at = record[SNAP_SAMPLES:SNAP_TIME + 1]
+                record[READY] = 0
+            finally:
+                lock.release()
+        else:
+            np.copyto(model.params, shared.arrays["params"])
+            samples, steps, loss_sum, loss_count = table[:, [SAMPLES, STEPS, LOSS_SUM, LOSS_COUNT]].sum(0)
+            at = time.time()
+        evaluator.evaluate(epoch=samples / epoch_samples, samples=int(samples), updates=int(steps),
+                           loss_sum=loss_sum, loss_count=loss_count, lr=schedule(0) * scale[0],
+                           elapsed_s=at - start)
         if evaluator.stopping:
             table[:, STOP] = 1
 
@@ -174,22 +226,25 @@ def _run(cfg: Config, spec: ModelSpec, model: Model, shared: Shared, train_set: 
     finally:
         signal.signal(signal.SIGINT, previous)
     try:
-        _watch(cfg, procs, table, progress, evaluate, n)
+        _watch(procs, table, record, progress, evaluate)
         ran = table[table[:, T_START] > 0]
         train_time = (ran[:, T_END].max() - ran[:, T_START].min()) if len(ran) else time.time() - start
         for p in procs:
             p.join(timeout=JOIN_TIMEOUT_S)
             if p.exitcode not in (0, None):
                 raise ClusterError(f"a hogwild worker exited with status {p.exitcode}")
-        evaluate()
+        if record[READY]:
+            evaluate(snapshot=True)
+        if evaluator.last.get("samples") != int(table[:, SAMPLES].sum()):
+            evaluate(snapshot=False)                  # the final weights, unless just judged
     finally:
         _end(procs)
         progress.close()
     samples, updates, last = int(table[:, SAMPLES].sum()), int(table[:, STEPS].sum()), evaluator.last
     return finish(
         cfg, model, metrics, progress, mode="hogwild", workers=W, shards=0,
-        elapsed_s=round(train_time, 3), train_time_s=round(train_time, 3),
-        epoch=round(samples / n, 4), samples=samples, updates=updates,
+        elapsed_s=round(time.time() - start, 3), train_time_s=round(train_time, 3),
+        epoch=round(samples / epoch_samples, 4), samples=samples, updates=updates,
         samples_per_s=samples / train_time, updates_per_s=updates / train_time,
         train_loss=last["train_loss"], test_loss=last["test_loss"],
         test_accuracy=last["test_accuracy"], stopped_early=bool(table[:, STOP].any()),
@@ -197,20 +252,18 @@ def _run(cfg: Config, spec: ModelSpec, model: Model, shared: Shared, train_set: 
         staleness_p50=None, staleness_p99=None, staleness_max=None)
 
 
-def _watch(cfg: Config, procs: list, table: np.ndarray, progress: Progress,
-           evaluate: Callable[[], None], n: int) -> None:
-    """Until every process is done: fail on a dead one, move the bar, evaluate on time."""
-    every = cfg.eval_every * n if cfg.eval_every > 0 else math.inf      # samples between evaluations
-    next_eval = every
+def _watch(procs: list, table: np.ndarray, record: np.ndarray, progress: Progress,
+           evaluate: Callable[[bool], None]) -> None:
+    """Until every process is done: fail on a dead one, move the bar, evaluate each
+    snapshot a process leaves in `record`."""
     while not all(table[:, DONE]):
         for r, p in enumerate(procs):
             if not p.is_alive() and not table[r, DONE]:
                 raise ClusterError(f"hogwild worker {r} died (exit {p.exitcode})")
         samples = int(table[:, SAMPLES].sum())
         progress.update(samples, f"{samples:,} samples")
-        if samples >= next_eval:
-            next_eval = (samples // every + 1) * every    # points already passed are skipped
-            evaluate()
+        if record[READY]:
+            evaluate(True)
         time.sleep(POLL_S)
 
 

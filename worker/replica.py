@@ -79,6 +79,7 @@ class Replica:
         sync, params = cfg.mode == "sync", self.model.params
         self._overlap = cfg.overlap and not sync
         self._in_flight = False                     # overlap: a push_pull whose weights are due
+        self._unpushed = (0, 0.0)                   # (samples, loss sum) of gradients not yet pushed
         self._acc = np.zeros_like(params) if cfg.n_push > 1 and not sync else None  # summed grads
         self._send = np.empty_like(params) if self._overlap else None    # the gradient in flight
         self._micro = np.empty_like(params) if cfg.micro_batches > 1 else None
@@ -133,6 +134,8 @@ class Replica:
                                 f"step {step}; lower --lr or add --clip-norm")
         if self._acc is not None:
             self._acc += m.grads
+        samples, loss_sum = self._unpushed
+        self._unpushed = (samples + len(idx), loss_sum + loss * len(idx))
         return loss
 
     @property
@@ -153,18 +156,21 @@ class Replica:
         if self._in_flight:                   # the previous push_pull: its weights arrive now
             self._exchange(self.client.finish, m.params)
             self._in_flight = False
+        covered = self._unpushed
         if push and fetch and self._overlap:
             np.copyto(self._send, grad)
-            self.client.start("push_pull", self._send, computed_on, last)
+            self.client.start("push_pull", self._send, computed_on, last, covered)
             self._in_flight = True
         elif push and fetch:
-            self._exchange(self.client.push_pull, grad, computed_on, m.params, last)
+            self._exchange(self.client.push_pull, grad, computed_on, m.params, last, covered)
         elif push:
-            self._exchange(self.client.push, grad, computed_on, last)
+            self._exchange(self.client.push, grad, computed_on, last, covered)
         elif fetch:
             self._exchange(self.client.pull, m.params)
-        if push and self._acc is not None:
-            self._acc[:] = 0
+        if push:
+            self._unpushed = (0, 0.0)
+            if self._acc is not None:
+                self._acc[:] = 0
 
     def _batches(self):
         """(step, sample indices, whether it is the last step) for this worker.
