@@ -26,8 +26,9 @@ import difflib
 import sys
 
 from downpour import __version__
-from downpour.common import address, config
+from downpour.common import config
 from downpour.common.errors import DownpourError
+from downpour.common.wire import address
 
 TRAIN_GROUPS = ("run", "data", "model", "optim", "train", "output", "cluster")
 ROLE_SETTINGS = {  # command -> the settings it takes
@@ -154,7 +155,7 @@ def _download(args: argparse.Namespace) -> int:
 
 
 def _keys(args: argparse.Namespace) -> int:
-    from downpour.common.security import write_keys
+    from downpour.common.wire.security import write_keys
     written = write_keys(args.dir)
     if written:
         print("\n".join(map(str, written)))

@@ -1,9 +1,11 @@
-"""Everything both sides of downpour share.
+"""Everything both sides of downpour share, in three layers.
 
-The model core (layout, layers, losses, initialisers, model), the optimizers and
-learning-rate schedules, data loading, settings, metrics, the wire protocol and the
-shard client. `downpour.common` imports nothing else of the project.
+    nn/     the NumPy core: layout, layers, losses, initialisers, model, optimizers,
+            schedules (no zmq, no files)
+    wire/   addresses, protocol, sockets, security, the shard client, node (the only zmq)
+    *.py    the run level: settings, data, the training step, evaluation, metrics,
+            checkpoints, file output; it may use the core, never the wire
 
-Importing this package does not import NumPy, so the command line can pin the
-BLAS thread count before NumPy loads.
+`downpour.common` imports nothing else of the project. Importing this package does not
+import NumPy, so the command line can pin the BLAS thread count before NumPy loads.
 """

@@ -18,7 +18,7 @@ import numpy as np
 
 from downpour.common.errors import DataError
 from downpour.common.fileio import atomic_write
-from downpour.common.layout import Layout
+from downpour.common.nn.layout import Layout
 
 T = TypeVar("T")
 

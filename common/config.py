@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Iterable, Mapping
 
 from downpour.common.errors import ConfigError
-from downpour.common.layerspec import parse as parse_layers
+from downpour.common.nn.layerspec import parse as parse_layers
 
 try:
     import tomllib
@@ -36,7 +36,7 @@ REPLICAS = CLUSTER + ("hogwild",)                   # the modes with several wor
 
 # dead_after_s >= LIVENESS_BEATS x heartbeat_s. A node beats every heartbeat_s; the scheduler
 # declares it dead after dead_after_s without a message (ps/membership.py _check_liveness), and
-# the node gives the scheduler up after dead_after_s without a reply (common/node.py Heartbeat).
+# the node gives the scheduler up after dead_after_s without a reply (common/wire/node.py Heartbeat).
 # Three beats' worth of silence means the beats due after one and after two intervals both
 # failed to come: one late beat (a process starved on a shared core, a scheduler busy
 # evaluating) is never a death. Below one interval every node dies at its first beat.

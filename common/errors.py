@@ -7,7 +7,7 @@ built-in type a caller would naturally catch (ValueError, OSError, ...).
     DownpourError
     ├── ConfigError       a setting, flag, file or hyperparameter is invalid
     ├── DataError         a data file is missing, truncated or of the wrong format
-    ├── ProtocolError     a message on the wire is malformed (see common/protocol.py)
+    ├── ProtocolError     a message on the wire is malformed (see common/wire/protocol.py)
     ├── ClusterError      a node did not answer in time, or the cluster cannot go on
     └── TrainingError     a run ended without training (the last guard behind the checks)
 """
@@ -26,7 +26,7 @@ class DataError(DownpourError, ValueError):
 
 
 class ProtocolError(DownpourError, ValueError):
-    """A message does not follow the wire protocol; `code` is its E_* code (common/protocol.py)."""
+    """A message does not follow the wire protocol; `code` is its E_* code (common/wire/protocol.py)."""
 
     code = 1  # E_MALFORMED
 

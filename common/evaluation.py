@@ -25,8 +25,8 @@ from typing import Any, Callable
 from downpour.common.config import Config
 from downpour.common.data import Dataset
 from downpour.common.metrics import MetricsLog, Progress
-from downpour.common.model import Model
-from downpour.common.schedules import Schedule
+from downpour.common.nn.model import Model
+from downpour.common.nn.schedules import Schedule
 
 
 @dataclass

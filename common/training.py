@@ -26,10 +26,10 @@ from downpour.common.data import (
 )
 from downpour.common.errors import ConfigError, TrainingError
 from downpour.common.fileio import prepare_output
-from downpour.common.layerspec import parse as parse_layers
 from downpour.common.metrics import MetricsLog, Progress
-from downpour.common.model import Model, ModelSpec
-from downpour.common.optim import clip_by_global_norm, clip_by_value
+from downpour.common.nn.layerspec import parse as parse_layers
+from downpour.common.nn.model import Model, ModelSpec
+from downpour.common.nn.optim import clip_by_global_norm, clip_by_value
 
 
 def open_datasets(cfg: Config) -> tuple[Dataset, Dataset, str]:

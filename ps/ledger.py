@@ -32,7 +32,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Callable
 
-from downpour.common import protocol
+from downpour.common.wire import protocol
 
 MAX_WANT = 2            # chunks one request may ask for: one to train, one ahead
 

@@ -20,7 +20,7 @@ registers. A worker that registers mid-run takes the lowest dead worker's rank
 (a restart, or a new node in its place); without one it gets a new rank in async
 and ssp runs, and is refused in sync runs, whose global batch has W slices. Each
 registration gets a new incarnation and a token naming its role, rank and
-incarnation (downpour.common.security.mint, under the run's secret, which servers
+incarnation (downpour.common.wire.security.mint, under the run's secret, which servers
 get in their spec to check workers' pushes). A node sends its token with every
 request and is taken for the node the token names: a worker declared dead in a
 dealt run, or whose rank went to another, is refused. With keys, the role a peer
@@ -44,10 +44,10 @@ from typing import Any, Callable, NamedTuple
 
 import zmq
 
-from downpour.common import address, protocol, security
 from downpour.common.config import Config
 from downpour.common.errors import ClusterError, ConfigError, ProtocolError
 from downpour.common.training import dealt
+from downpour.common.wire import address, protocol, security
 
 SECRET_BYTES = 32        # the run's token secret
 MAX_WAITING = 64         # registrations held at once, per role: spare servers, sync spare workers

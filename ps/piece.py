@@ -58,13 +58,13 @@ from typing import Any, NamedTuple
 import numpy as np
 import zmq
 
-from downpour.common import protocol, security
 from downpour.common.checkpoint import load_arrays, load_meta, save_arrays
 from downpour.common.config import Config
 from downpour.common.errors import ConfigError, DataError, ProtocolError
-from downpour.common.model import ModelSpec, initial_params
-from downpour.common.optim import make_optimizer
-from downpour.common.schedules import parse_schedule
+from downpour.common.nn.model import ModelSpec, initial_params
+from downpour.common.nn.optim import make_optimizer
+from downpour.common.nn.schedules import parse_schedule
+from downpour.common.wire import protocol, security
 
 MAX_SENDERS = 4096      # distinct senders a piece without tokens keeps sequence numbers for
 SNAPSHOTS_KEPT = 4      # evaluation snapshots (copies of the piece) kept until the scheduler pulls them

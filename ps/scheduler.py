@@ -42,16 +42,14 @@ from typing import Any
 
 import zmq
 
-from downpour.common import address, config, protocol
-from downpour.common.client import ShardClient, bind_router
+from downpour.common import config
 from downpour.common.config import Config
 from downpour.common.errors import TrainingError
 from downpour.common.evaluation import Evaluator
 from downpour.common.fileio import atomic_write
 from downpour.common.metrics import MetricsLog, Progress
-from downpour.common.model import Model
-from downpour.common.schedules import parse_schedule
-from downpour.common.security import Keys, guard
+from downpour.common.nn.model import Model
+from downpour.common.nn.schedules import parse_schedule
 from downpour.common.training import (
     asked_samples,
     check_cluster,
@@ -64,6 +62,10 @@ from downpour.common.training import (
     open_datasets,
     total_chunks,
 )
+from downpour.common.wire import address, protocol
+from downpour.common.wire.client import ShardClient
+from downpour.common.wire.security import Keys, guard
+from downpour.common.wire.sockets import bind_router
 from downpour.ps.ledger import Ledger
 from downpour.ps.membership import Membership
 
@@ -328,7 +330,7 @@ class Scheduler:
 def main(cfg: Config) -> int:
     """`downpour scheduler`: bind, conduct the run, shut the cluster down.
 
-    The command line has checked --bind (downpour.common.address); a bind that fails
+    The command line has checked --bind (downpour.common.wire.address); a bind that fails
     anyway (the port taken, not this host's address) is a ConfigError, its socket closed.
     """
     keys = Keys.load(cfg.keys, "scheduler") if cfg.keys else None

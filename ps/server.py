@@ -2,7 +2,7 @@
 
     request --> ROUTER --> Server.handle --> the piece it names (ps/piece.py) --> replies
 
-The shard assigned by the scheduler is cut into pieces (downpour.common.layout.Layout.pieces),
+The shard assigned by the scheduler is cut into pieces (downpour.common.nn.layout.Layout.pieces),
 each a `PieceState` with its own slice, optimizer state and version, so that the
 server updates one piece while the next is still arriving. `serve` is the loop: a
 ROUTER socket polled with a timeout, a heartbeat thread to the scheduler, and
@@ -32,15 +32,16 @@ from dataclasses import replace
 
 import zmq
 
-from downpour.common import address, config, protocol, security
-from downpour.common.client import bind_router, frame_limit
+from downpour.common import config
 from downpour.common.config import Config
 from downpour.common.errors import ClusterError, ConfigError, DataError, ProtocolError
 from downpour.common.fileio import prepare_output
-from downpour.common.layout import Piece
-from downpour.common.model import ModelSpec, initial_params, model_layout
-from downpour.common.node import Heartbeat, register, say
-from downpour.common.security import Keys, guard
+from downpour.common.nn.layout import Piece
+from downpour.common.nn.model import ModelSpec, initial_params, model_layout
+from downpour.common.wire import address, protocol, security
+from downpour.common.wire.node import Heartbeat, register, say
+from downpour.common.wire.security import Keys, guard
+from downpour.common.wire.sockets import bind_router, frame_limit
 from downpour.ps.piece import PieceState, Reply
 
 FINAL_BEAT_S = 2.0             # a last heartbeat before a server gives its scheduler up

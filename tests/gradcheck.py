@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from downpour.common.layers import Dropout
+from downpour.common.nn.layers import Dropout
 
 
 def numeric_grad(f, a: np.ndarray, h: float = 1e-6) -> np.ndarray:

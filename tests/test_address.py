@@ -1,5 +1,5 @@
-"""Addresses read before any socket exists (common/address.py), and the sockets made from
-them closed on every failure (common/client.py make_socket, ps/server.py concrete)."""
+"""Addresses read before any socket exists (common/wire/address.py), and the sockets made from
+them closed on every failure (common/wire/client.py make_socket, ps/server.py concrete)."""
 
 import errno
 import socket
@@ -7,10 +7,10 @@ import socket
 import pytest
 import zmq
 
-from downpour.common import address
-from downpour.common.address import Address, check_exposure, is_loopback, parse, parse_host
-from downpour.common.client import bind_router, make_socket
 from downpour.common.errors import ConfigError
+from downpour.common.wire import address
+from downpour.common.wire.address import Address, check_exposure, is_loopback, parse, parse_host
+from downpour.common.wire.sockets import bind_router, make_socket
 from downpour.ps.server import advertised, concrete
 
 HANG_S = 10          # a test that would hang (ctx.term() with a socket open) fails after this

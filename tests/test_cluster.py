@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import zmq
 
-from downpour.common import protocol
 from downpour.common.checkpoint import load_arrays, load_model
-from downpour.common.client import make_socket
+from downpour.common.wire import protocol
+from downpour.common.wire.sockets import make_socket
 from downpour.launch import CLI, child_env
 
 SMALL = ["--synthetic", "2000", "--hidden", "32", "--epochs", "2", "--batch-size", "50",

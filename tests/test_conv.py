@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from gradcheck import bind, check_layer
 
-from downpour.common.conv import AvgPool2D, Conv2D, Flatten, MaxPool2D
 from downpour.common.errors import ConfigError
-from downpour.common.layers import BatchNorm
+from downpour.common.nn.conv import AvgPool2D, Conv2D, Flatten, MaxPool2D
+from downpour.common.nn.layers import BatchNorm
 
 
 def reference_conv(x, W, b, k, stride, lo, hi):

@@ -19,7 +19,8 @@ import pytest
 from conftest import ROOT
 
 from downpour import cli
-from downpour.common import config, security
+from downpour.common import config
+from downpour.common.wire import security
 from downpour.launch import CLI, child_env
 
 yaml = pytest.importorskip("yaml", reason="PyYAML reads the compose files: pip install -e '.[test]'")

@@ -12,11 +12,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from downpour.common import protocol
 from downpour.common.config import Config
 from downpour.common.data import steps_per_epoch
-from downpour.common.model import ModelSpec, model_layout
+from downpour.common.nn.model import ModelSpec, model_layout
 from downpour.common.training import epoch_steps, eval_interval
+from downpour.common.wire import protocol
 from downpour.ps.piece import SNAPSHOTS_KEPT, PieceState
 
 SPEC = ModelSpec(n_inputs=6, n_outputs=3, hidden=(5,))          # 53 parameters

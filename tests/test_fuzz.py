@@ -42,11 +42,11 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
-from downpour.common import protocol
-from downpour.common.client import WIRE_SLACK, frame_limit, make_socket
 from downpour.common.errors import ProtocolError
-from downpour.common.node import register
-from downpour.common.security import ROLES, Keys, mint, write_keys
+from downpour.common.wire import protocol
+from downpour.common.wire.node import register
+from downpour.common.wire.security import ROLES, Keys, mint, write_keys
+from downpour.common.wire.sockets import WIRE_SLACK, frame_limit, make_socket
 from downpour.launch import CLI, child_env
 from downpour.ps.membership import MAX_WAITING
 

@@ -12,7 +12,7 @@ import pytest
 from downpour.common.config import Config
 from downpour.common.errors import DownpourError, TrainingError
 from downpour.common.metrics import MetricsLog, Progress
-from downpour.common.model import Model, ModelSpec
+from downpour.common.nn.model import Model, ModelSpec
 from downpour.common.training import finish
 
 SHIPPED_TRAIN = 10_000       # samples in the shipped training split, t10k

@@ -5,7 +5,7 @@ import pytest
 from gradcheck import bind, check_layer
 
 from downpour.common.errors import ConfigError
-from downpour.common.layers import BatchNorm, Dense, Dropout, LeakyReLU, ReLU, Sigmoid, Softmax, Tanh
+from downpour.common.nn.layers import BatchNorm, Dense, Dropout, LeakyReLU, ReLU, Sigmoid, Softmax, Tanh
 
 
 def shapes(seed):

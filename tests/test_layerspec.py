@@ -10,8 +10,8 @@ from gradcheck import check_model
 from downpour.common.checkpoint import load_model
 from downpour.common.config import resolve
 from downpour.common.errors import ConfigError
-from downpour.common.layerspec import parse
-from downpour.common.model import Model, ModelSpec
+from downpour.common.nn.layerspec import parse
+from downpour.common.nn.model import Model, ModelSpec
 
 CNN = "conv:32:3,relu,maxpool:2,conv:64:3,relu,maxpool:2,flatten,dense:128,relu"
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from downpour.common.errors import ConfigError
-from downpour.common.layout import Layout
+from downpour.common.nn.layout import Layout
 
 
 def test_offsets_follow_order():

@@ -6,7 +6,6 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from downpour.common import protocol
 from downpour.common.config import Config
 from downpour.common.errors import ProtocolError
 from downpour.common.training import (
@@ -16,6 +15,7 @@ from downpour.common.training import (
     total_chunks,
     worker_batches,
 )
+from downpour.common.wire import protocol
 from downpour.ps.ledger import Ledger
 
 CFG = Config(mode="async", workers=2, batch_size=10, chunk_batches=3, epochs=2, seed=4)

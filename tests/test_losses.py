@@ -5,7 +5,7 @@ import pytest
 from gradcheck import numeric_grad, rel_error
 
 from downpour.common.errors import ConfigError
-from downpour.common.losses import LOSSES, make_loss
+from downpour.common.nn.losses import LOSSES, make_loss
 
 
 def targets(name, rng, B, K, labels):

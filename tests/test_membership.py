@@ -7,9 +7,9 @@ from dataclasses import replace
 import pytest
 import zmq
 
-from downpour.common import protocol, security
 from downpour.common.config import Config
 from downpour.common.errors import ClusterError
+from downpour.common.wire import protocol, security
 from downpour.ps.membership import Membership
 
 CFG = Config(mode="sync", workers=2, shards=2, heartbeat_s=0.1, dead_after_s=0.3, start_timeout_s=5.0)

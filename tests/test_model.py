@@ -5,8 +5,8 @@ import pytest
 from gradcheck import check_model
 
 from downpour.common.errors import ConfigError
-from downpour.common.initializers import INITIALIZERS, draw
-from downpour.common.model import Model, ModelSpec, initial_params, model_layout
+from downpour.common.nn.initializers import INITIALIZERS, draw
+from downpour.common.nn.model import Model, ModelSpec, initial_params, model_layout
 
 CASES = [  # (activation, batchnorm, dropout, loss, l1, l2)
     ("relu", False, 0.0, "softmax_ce", 0.0, 0.0),

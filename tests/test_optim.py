@@ -1,4 +1,4 @@
-"""Tests of common/optim.py: every optimizer against its formula written out here in
+"""Tests of common/nn/optim.py: every optimizer against its formula written out here in
 float64 NumPy, against torch where it is installed, chunk- and shard-invariance,
 state_dict round trips, validation and gradient clipping."""
 
@@ -7,9 +7,9 @@ import io
 import numpy as np
 import pytest
 
-from downpour.common import optim
 from downpour.common.errors import ConfigError
-from downpour.common.optim import OPTIMIZERS, clip_by_global_norm, clip_by_value, make_optimizer
+from downpour.common.nn import optim
+from downpour.common.nn.optim import OPTIMIZERS, clip_by_global_norm, clip_by_value, make_optimizer
 
 LRS = (0.01, 0.02, 0.005)  # one learning rate per step: the schedule lives outside
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import zmq
 
-from downpour.common import protocol
 from downpour.common.errors import ProtocolError
+from downpour.common.wire import protocol
 
 HEADER = {"op": "push", "node": "worker-3", "seq": 7, "shard": 1, "clock": 4}
 

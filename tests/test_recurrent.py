@@ -6,8 +6,8 @@ import pytest
 from gradcheck import bind, check_layer
 
 from downpour.common.errors import ConfigError
-from downpour.common.initializers import draw
-from downpour.common.recurrent import GRU, LSTM, SimpleRNN
+from downpour.common.nn.initializers import draw
+from downpour.common.nn.recurrent import GRU, LSTM, SimpleRNN
 
 
 def sigmoid(a):

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from downpour.common.address import host_addresses
 from downpour.common.config import Config
+from downpour.common.wire.address import host_addresses
 from downpour.launch import CLI, LOGS_NAME, _keep_logs, child_env
 
 BAD_ADDRESS_S = 2.0     # a bad address or a failed bind ends the command within this

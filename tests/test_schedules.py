@@ -1,4 +1,4 @@
-"""Tests of common/schedules.py: every kind against its formula, the plateau logic
+"""Tests of common/nn/schedules.py: every kind against its formula, the plateau logic
 observation by observation, state round trips and the spec parser's errors."""
 
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from downpour.common.errors import ConfigError
-from downpour.common.schedules import SCHEDULES, Plateau, Schedule, StepDecay, parse_schedule
+from downpour.common.nn.schedules import SCHEDULES, Plateau, Schedule, StepDecay, parse_schedule
 
 TS = [0, 1, 2, 7, 99, 100, 101, 999, 1000, 1001, 12345]
 

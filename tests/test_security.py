@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import zmq
 
-from downpour.common import protocol, security
-from downpour.common.client import SEND_TIMEOUT_MS, ShardClient, bind_router, make_socket, send
 from downpour.common.errors import ClusterError, ConfigError, ProtocolError
-from downpour.common.node import register
+from downpour.common.wire import protocol, security
+from downpour.common.wire.client import ShardClient
+from downpour.common.wire.node import register
+from downpour.common.wire.sockets import SEND_TIMEOUT_MS, bind_router, make_socket, send
 from downpour.launch import CLI, child_env
 
 WAIT_S = 20.0                 # the longest any reply may take (the first includes process start)

@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import zmq
 
-from downpour.common import protocol
 from downpour.common.checkpoint import load_meta
-from downpour.common.client import ShardClient, make_socket
 from downpour.common.config import Config
 from downpour.common.errors import ClusterError, DataError
-from downpour.common.model import ModelSpec, initial_params, model_layout
+from downpour.common.nn.model import ModelSpec, initial_params, model_layout
+from downpour.common.wire import protocol
+from downpour.common.wire.client import ShardClient
+from downpour.common.wire.sockets import make_socket
 from downpour.ps.piece import PieceState, Reply, worker_rank
 from downpour.ps.server import Server, _resumed, standalone
 

@@ -9,7 +9,7 @@ from downpour.common.checkpoint import load_model
 from downpour.common.config import Config
 from downpour.common.errors import ConfigError
 from downpour.common.evaluation import EarlyStopping
-from downpour.common.model import Model, ModelSpec
+from downpour.common.nn.model import Model, ModelSpec
 from downpour.common.training import batch_gradient, open_datasets
 from downpour.worker.single import train
 

@@ -11,10 +11,10 @@ the GRU, torch's b_hn stays apart as bn).
 import numpy as np
 import pytest
 
-from downpour.common.conv import AvgPool2D, Conv2D, MaxPool2D
-from downpour.common.layers import BatchNorm
-from downpour.common.model import Model, ModelSpec
-from downpour.common.recurrent import GRU, LSTM, SimpleRNN
+from downpour.common.nn.conv import AvgPool2D, Conv2D, MaxPool2D
+from downpour.common.nn.layers import BatchNorm
+from downpour.common.nn.model import Model, ModelSpec
+from downpour.common.nn.recurrent import GRU, LSTM, SimpleRNN
 
 torch = pytest.importorskip("torch", reason="the PyTorch reference: pip install -e '.[bench]'")
 nn = torch.nn

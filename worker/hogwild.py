@@ -35,9 +35,9 @@ from downpour.common.data import Dataset, gather
 from downpour.common.errors import ClusterError, DownpourError
 from downpour.common.evaluation import Evaluator
 from downpour.common.metrics import MetricsLog, Progress
-from downpour.common.model import Model, ModelSpec
-from downpour.common.optim import make_optimizer
-from downpour.common.schedules import parse_schedule
+from downpour.common.nn.model import Model, ModelSpec
+from downpour.common.nn.optim import make_optimizer
+from downpour.common.nn.schedules import parse_schedule
 from downpour.common.training import (
     batch_gradient,
     check_cluster,

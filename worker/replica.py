@@ -35,16 +35,12 @@ from dataclasses import replace
 import numpy as np
 import zmq
 
-from downpour.common import config, protocol
-from downpour.common.client import ShardClient
+from downpour.common import config
 from downpour.common.config import Config
 from downpour.common.data import Dataset, gather
 from downpour.common.errors import ClusterError, ConfigError, DownpourError
-from downpour.common.layout import Piece
-from downpour.common.model import Model, ModelSpec
-from downpour.common.node import ChunkFeed, Heartbeat, register, say
-from downpour.common.protocol import RemoteError
-from downpour.common.security import Keys
+from downpour.common.nn.layout import Piece
+from downpour.common.nn.model import Model, ModelSpec
 from downpour.common.training import (
     batch_gradient,
     chunk_batches,
@@ -55,6 +51,11 @@ from downpour.common.training import (
     worker_batches,
     worker_steps,
 )
+from downpour.common.wire import protocol
+from downpour.common.wire.client import ShardClient
+from downpour.common.wire.node import ChunkFeed, Heartbeat, register, say
+from downpour.common.wire.protocol import RemoteError
+from downpour.common.wire.security import Keys
 
 SEQ_SPAN = 2**40        # sequence numbers each incarnation of a rank has to itself
 

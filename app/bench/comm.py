@@ -58,12 +58,13 @@ import numpy as np
 import zmq
 
 from downpour.bench.timing import interleaved
-from downpour.common.client import ShardClient, make_socket
 from downpour.common.config import Config, parse_list
 from downpour.common.errors import ConfigError
-from downpour.common.layout import Piece
-from downpour.common.model import ModelSpec, model_layout
-from downpour.common.security import Keys, guard, write_keys
+from downpour.common.nn.layout import Piece
+from downpour.common.nn.model import ModelSpec, model_layout
+from downpour.common.wire.client import ShardClient
+from downpour.common.wire.security import Keys, guard, write_keys
+from downpour.common.wire.sockets import make_socket
 from downpour.ps.server import standalone
 
 VECTORS = {  # name -> a model whose parameter vector has that size

@@ -26,8 +26,8 @@ from typing import Callable
 import numpy as np
 
 from downpour.bench.timing import interleaved
-from downpour.common.model import Model, ModelSpec
-from downpour.common.optim import make_optimizer
+from downpour.common.nn.model import Model, ModelSpec
+from downpour.common.nn.optim import make_optimizer
 
 SPEC = ModelSpec(n_inputs=784, n_outputs=10, hidden=(1024, 1024), activation="relu",
                  loss="softmax_ce")

@@ -37,8 +37,8 @@ import zmq
 import zmq.auth
 import zmq.utils.z85
 
-from downpour.common import protocol
 from downpour.common.errors import ConfigError
+from downpour.common.wire import protocol
 
 ROLES = ("scheduler", "server", "worker")
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"     # where libzmq asks for a verdict on each handshake

@@ -30,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 
 from downpour.common.errors import ConfigError
-from downpour.common.layers import Layer, show_shape
+from downpour.common.nn.layers import Layer, show_shape
 
 
 def _sigmoid(a: np.ndarray) -> np.ndarray:

@@ -28,11 +28,11 @@ from typing import Any, Callable
 
 import zmq
 
-from downpour.common import protocol
-from downpour.common.address import parse
-from downpour.common.client import make_socket, send
 from downpour.common.errors import ClusterError, ConfigError
-from downpour.common.security import Keys
+from downpour.common.wire import protocol
+from downpour.common.wire.address import parse
+from downpour.common.wire.security import Keys
+from downpour.common.wire.sockets import make_socket, send
 
 POLL_TICK_S = 0.1       # longest wait for a heartbeat reply before checking for close()
 JOIN_TIMEOUT_S = 5.0    # how long close() waits for the heartbeat thread to end

@@ -23,7 +23,7 @@ Header fields (every message has v, op, node, seq):
                    is, the same for every piece. Reply: the piece's version after the
                    operation
     token   bytes  a worker's pull, push and push_pull: the token its registration gave
-                   (downpour.common.security); a push counts under the rank the token
+                   (downpour.common.wire.security); a push counts under the rank the token
                    names, whatever `node` says
     dtype   str    payload dtype; the allow-list is DTYPES ("<f4")
     n       int    payload elements in all payload frames together
@@ -80,7 +80,7 @@ token theirs (E_DENIED otherwise); a node whose rank was given to another (it wa
 declared dead) gets E_STATE.
 
 Who may send what (PERMITTED): with keys, the role is the one ZAP authenticated for
-the connection (downpour.common.security), never the `node` field. Anything not
+the connection (downpour.common.wire.security), never the `node` field. Anything not
 listed is refused with E_DENIED. Without keys every peer may send everything, but
 pushes, heartbeats and chunk requests still need their token.
 

@@ -30,12 +30,12 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 from downpour.common.errors import ConfigError
-from downpour.common.initializers import DEFAULT_FOR_ACTIVATION, INITIALIZERS, initial_vector
-from downpour.common.layers import ACTIVATIONS, BatchNorm, Layer
-from downpour.common.layerspec import build_layers as build_from_tokens
-from downpour.common.layerspec import parse
-from downpour.common.layout import Layout
-from downpour.common.losses import LOSSES, make_loss
+from downpour.common.nn.initializers import DEFAULT_FOR_ACTIVATION, INITIALIZERS, initial_vector
+from downpour.common.nn.layers import ACTIVATIONS, BatchNorm, Layer
+from downpour.common.nn.layerspec import build_layers as build_from_tokens
+from downpour.common.nn.layerspec import parse
+from downpour.common.nn.layout import Layout
+from downpour.common.nn.losses import LOSSES, make_loss
 
 
 @dataclass(frozen=True)

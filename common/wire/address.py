@@ -2,7 +2,7 @@
 
     tcp://HOST:PORT   HOST  an IPv4 address, an IPv6 one in brackets ([::1]), or a host
                             name (never resolved here: a name is looked up when the socket
-                            connects, and common/node.py notices one that stops resolving);
+                            connects, and common/wire/node.py notices one that stops resolving);
                             a bind may also give * (every interface)
                       PORT  1-65535; a bind may also give 0 or * (a free port)
     ipc://PATH        a unix socket file (@NAME: Linux's abstract namespace), at most

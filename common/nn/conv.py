@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from downpour.common.errors import ConfigError
-from downpour.common.layers import Layer, show_shape
+from downpour.common.nn.layers import Layer, show_shape
 
 
 def _image(shape: tuple[int, ...], what: str) -> tuple[int, int, int]:

@@ -34,10 +34,10 @@ from typing import Iterable, NamedTuple
 
 import numpy as np
 
-from downpour.common.conv import AvgPool2D, Conv2D, Flatten, MaxPool2D
 from downpour.common.errors import ConfigError
-from downpour.common.initializers import DEFAULT_FOR_ACTIVATION
-from downpour.common.layers import (
+from downpour.common.nn.conv import AvgPool2D, Conv2D, Flatten, MaxPool2D
+from downpour.common.nn.initializers import DEFAULT_FOR_ACTIVATION
+from downpour.common.nn.layers import (
     ACTIVATIONS,
     BatchNorm,
     Dense,
@@ -47,7 +47,7 @@ from downpour.common.layers import (
     ReLU,
     show_shape,
 )
-from downpour.common.recurrent import GRU, LSTM, SimpleRNN
+from downpour.common.nn.recurrent import GRU, LSTM, SimpleRNN
 
 RECURRENT = {"rnn": SimpleRNN, "lstm": LSTM, "gru": GRU}
 SYNTAX = {  # kind -> how its token is written
