@@ -1,7 +1,8 @@
 """The `downpour` command line: the application layer's entry point.
 
-    downpour train [settings]             train: --mode single (one process, the baseline), or
-                                          --mode async|sync (a local cluster of processes)
+    downpour train [settings]             train: --mode single (one process, the baseline),
+                                          --mode async|sync|ssp (a local cluster of processes),
+                                          or --mode hogwild (local processes, no servers)
     downpour scheduler [settings]         one role each: what a docker-compose service runs
     downpour server --scheduler ADDR
     downpour worker --scheduler ADDR

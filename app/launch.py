@@ -1,4 +1,4 @@
-"""`downpour train --mode async|sync`: a whole cluster as processes on this machine.
+"""`downpour train --mode async|sync|ssp`: a whole cluster as processes on this machine.
 
 Starts the scheduler, S servers and W workers, each a `downpour <role>` process
 (the very commands the docker-compose services run), talking over ipc sockets in

@@ -1,18 +1,16 @@
-"""Datasets, and the index arithmetic that feeds them to workers.
+"""Datasets: reading them, making them, and copying a batch's rows out of them.
 
-Three parts, each a few functions:
+Two parts, each a few functions:
 
 - reading: `read_idx` parses one IDX file (raw or gzip), `load_mnist_split` reads
   and checks one MNIST split, `find_mnist` decides which directory to read,
   `load_mnist` turns two splits into standardised float32 `Dataset`s;
   `synthetic_dataset` makes a seeded problem of any size;
-- order: `epoch_permutation` and `batch_indices` decide which samples make each
-  mini-batch, `partition` decides which samples each worker owns;
 - the hot path: `gather` copies a batch's rows into a preallocated buffer.
 
-Every process that asks for the order of an epoch with the same (seed, epoch) gets
-the same answer, so the sample order never has to travel over the wire. Every bad
-file raises `DataError` naming the file, the problem and what to do.
+Which samples make each batch, and which worker takes them, is the order of a run:
+downpour.common.order. Every bad file raises `DataError` naming the file, the
+problem and what to do.
 """
 
 from __future__ import annotations
@@ -21,7 +19,7 @@ import gzip
 import math
 import os
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -350,64 +348,6 @@ def synthetic_dataset(n_train: int, n_test: int, n_features: int = 784, n_classe
     for ds in (train, test):
         standardize(ds.x, mean, std, out=ds.x)
     return train, test
-
-
-# ---------------------------------------------------------------------------- order
-
-
-def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
-    """The sample order of one epoch: int64 (n,), a permutation of range(n).
-
-    Drawn from `np.random.default_rng([seed, epoch])`, so every process that asks
-    with the same (n, seed, epoch) gets the same order, and each epoch differs.
-    """
-    for name, value in (("n", n), ("seed", seed), ("epoch", epoch)):
-        if int(value) != value or value < 0:
-            raise ConfigError(f"epoch_permutation: {name}={value!r}, expected an integer >= 0")
-    return np.random.default_rng([seed, epoch]).permutation(n).astype(np.int64, copy=False)
-
-
-def steps_per_epoch(n: int, batch_size: int) -> int:
-    """Full batches of `batch_size` in `n` samples (the incomplete rest is dropped)."""
-    _check_batch_size(batch_size)
-    return n // batch_size
-
-
-def batch_indices(order: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
-    """Consecutive full batches of `order`, each an int64 (batch_size,) view.
-
-    The last incomplete batch is dropped: every step then has the same batch size,
-    which keeps synchronous data-parallel training with W workers exactly
-    equivalent to single-process training with batch W * batch_size.
-    """
-    _check_batch_size(batch_size)
-    for step in range(len(order) // batch_size):
-        yield order[step * batch_size:(step + 1) * batch_size]
-
-
-def _check_batch_size(batch_size: int) -> None:
-    if int(batch_size) != batch_size or batch_size < 1:
-        raise ConfigError(f"batch size {batch_size!r} is invalid, expected an integer >= 1")
-
-
-def partition(n: int, n_parts: int, part: int) -> range:
-    """The contiguous share of range(n) owned by part `part` of `n_parts`.
-
-    The parts tile range(n) in order; the first n % n_parts parts get one extra
-    sample, so sizes differ by at most one (as `np.array_split`). Raises
-    ConfigError for a bad n_parts or part, DataError if n < n_parts (a part
-    would be empty).
-    """
-    if int(n_parts) != n_parts or n_parts < 1:
-        raise ConfigError(f"partition: n_parts={n_parts!r}, expected an integer >= 1")
-    if int(part) != part or not 0 <= part < n_parts:
-        raise ConfigError(f"partition: part={part!r}, expected an integer in 0..{n_parts - 1}")
-    if n < n_parts:
-        raise DataError(f"cannot split {n} samples into {n_parts} non-empty parts; "
-                        f"use at most {n} workers or a larger dataset")
-    size, extra = divmod(n, n_parts)
-    lo = part * size + min(part, extra)
-    return range(lo, lo + size + (part < extra))
 
 
 # ---------------------------------------------------------------------------- hot path

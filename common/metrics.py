@@ -2,10 +2,26 @@
 
 Metrics file: one JSON object per line, flushed as it is written, so a crashed or
 interrupted run leaves every complete line readable. Every line has `event` and
-`time` (Unix seconds); the events and their fields are
+`time` (Unix seconds). There are two events:
 
-    eval   elapsed_s, epoch, samples, updates, train_loss, test_loss, test_accuracy, lr
-    end    the final figures: the eval fields plus samples_per_s, train_time_s, ...
+    eval   one per evaluation point (common/evaluation.py writes it):
+             elapsed_s      s since training started, at the moment the weights judged
+                            had their state
+             epoch          samples / the samples of one epoch (order.epoch_samples), to 1e-4
+             samples        samples whose gradients the weights judged contain
+             updates        updates applied to those weights
+             train_loss     mean training loss of the samples added since the previous
+                            record (null when none were)
+             test_loss      mean loss on the held-out split
+             test_accuracy  fraction of the held-out split classified right, 0..1
+             lr             the learning rate then (after reduce-on-plateau's scale)
+           and in async, sync and ssp the servers' figures so far: updates_per_s,
+           bytes_per_s, bytes, staleness_p50, staleness_p99, staleness_max,
+           staleness_hist, clock_gap_max, clock_gap_hist, dropped (as in `end`)
+    end    the last line of a run that trained: `EndRecord` below, one comment per
+           field with its unit. A field is written only by the modes its `modes` names
+           (none named: every mode); a mode that does not have it leaves it out, except
+           hogwild's staleness, written as null (it has no pushes to measure).
 
 What an `eval` record promises, in every mode:
 
@@ -20,7 +36,7 @@ What an `eval` record promises, in every mode:
   figures come from one piece: the one furthest behind (pieces apply asynchronous
   pushes in their own order; in sync mode they agree).
 - Evaluations fall at the cadence asked: the k-th at k x eval_every epochs rounded
-  to whole updates (training.eval_interval), or at the first update past it; so
+  to whole updates (order.eval_interval), or at the first update past it; so
   never more than one update late (W x b samples in sync mode, n_push x b in async).
   A point whose copy a server no longer holds (it was replaced, or evaluation fell
   SNAPSHOTS_KEPT points behind) is skipped with a line saying so, never evaluated
@@ -39,9 +55,96 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import dataclass, field, fields
 from typing import IO, Any
 
+from downpour.common.config import CLUSTER, REPLICAS
 from downpour.common.errors import ConfigError
+
+DEALT = ("async", "ssp")                  # the modes whose workers draw chunks (order.deals_chunks)
+TIME_DECIMALS = 3                         # the end record's times are written to the ms,
+EPOCH_DECIMALS = 4                        # its epoch to 1e-4 (as the eval records' are)
+
+
+def _only(modes: tuple[str, ...]) -> Any:
+    """A field of the `end` record that only `modes` write (None until given)."""
+    return field(default=None, metadata={"modes": modes})
+
+
+@dataclass(frozen=True, kw_only=True)
+class EndRecord:
+    """The `end` metrics line: a run's final figures. Built by `end_record`; `to_json` gives
+    the fields its mode writes, in this order."""
+
+    run_id: str | None = _only(CLUSTER)              # the run's id (hex), as said first
+    mode: str                                        # single, async, sync, ssp or hogwild
+    workers: int                                     # worker replicas (1 in single mode)
+    shards: int                                      # server processes (0: single, hogwild)
+    batch_size: int | None = _only(CLUSTER)          # samples per worker step (b)
+    elapsed_s: float                                 # s, training's wall time, evaluations in
+    train_time_s: float                              # s, first step of any worker to last step
+    #                                                  of any (single: elapsed_s less evaluations)
+    epoch: float                                     # samples / the samples of one epoch
+    samples: int                                     # samples whose gradients workers computed
+    updates: int                                     # updates applied to the final weights
+    samples_per_s: float                             # samples / train_time_s
+    train_loss: float | None                         # the last eval record's (its mean since
+    test_loss: float | None                          # the one before), held-out loss and
+    test_accuracy: float | None                      # accuracy (0..1): the final weights
+    stopped_early: bool                              # early stopping ended the run
+    dead_workers: list[int] | None = _only(CLUSTER)  # ranks declared dead during the run
+    parameters: int                                  # elements of the flat parameter vector
+    data: str                                        # the training and held-out data, in words
+    samples_asked: int | None = _only(CLUSTER)       # every full batch of every epoch
+    worker_samples: dict[str, int] | None = _only(CLUSTER)  # rank -> samples it trained
+    #                                                  (earlier incarnations in); sum = samples
+    chunk_batches: int | None = _only(DEALT)         # batches per chunk
+    chunks: int | None = _only(DEALT)                # chunks the epochs were cut into
+    chunks_lost: int | None = _only(DEALT)           # chunks whose worker died training them
+    samples_lost: int | None = _only(DEALT)          # their samples (some steps may have applied)
+    chunks_left: int | None = _only(DEALT)           # never finished (on the table, in a hand)
+    samples_left: int | None = _only(DEALT)          # their samples
+    updates_per_s: float                             # updates / train_time_s (a cluster: piece
+    #                                                  0's version / train_time_s)
+    bytes_per_s: float | None = _only(REPLICAS)      # bytes / train_time_s (hogwild: 0)
+    bytes: int | None = _only(REPLICAS)              # bytes into and out of the servers
+    staleness_p50: float | None = _only(REPLICAS)    # staleness in versions (a piece's version
+    staleness_p99: float | None = _only(REPLICAS)    # at apply time minus the push's) over every
+    staleness_max: float | None = _only(REPLICAS)    # push and piece; hogwild: null, no pushes
+    staleness_hist: dict[str, int] | None = _only(CLUSTER)  # staleness -> pushes x pieces
+    clock_gap_max: int | None = _only(CLUSTER)       # clocks: the widest ssp gap (0 elsewhere)
+    clock_gap_hist: dict[str, int] | None = _only(CLUSTER)  # clock gap -> pushes x pieces
+    dropped: int | None = _only(CLUSTER)             # sync pushes too late for their version
+
+    def to_json(self) -> dict[str, Any]:
+        """The fields this record's mode writes, by name, in declaration order: every field
+        that names no modes, and those that name this one."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if "modes" not in f.metadata or self.mode in f.metadata["modes"]}
+
+
+def end_record(*, mode: str, workers: int, shards: int, parameters: int, data: str,
+               samples: int, updates: int, epoch_samples: int, elapsed_s: float,
+               train_time_s: float, last_eval: dict[str, Any], stopped_early: bool,
+               updates_per_s: float | None = None, **only_some_modes: Any) -> EndRecord:
+    """The `end` record of a run from its raw totals, the one place one is made.
+
+    Times (s) are rounded to TIME_DECIMALS and the epoch (samples / `epoch_samples`) to
+    EPOCH_DECIMALS; rates are per second of `train_time_s`, unrounded: samples_per_s =
+    samples / train_time_s, and updates_per_s likewise unless given (a cluster gives the
+    servers' count). The losses and accuracy are those of `last_eval`, the last eval
+    record ({} if there was none). `only_some_modes`: the fields only some modes write
+    (EndRecord); an unknown one is a TypeError.
+    """
+    return EndRecord(
+        mode=mode, workers=workers, shards=shards, parameters=parameters, data=data,
+        elapsed_s=round(elapsed_s, TIME_DECIMALS), train_time_s=round(train_time_s, TIME_DECIMALS),
+        epoch=round(samples / epoch_samples, EPOCH_DECIMALS), samples=samples, updates=updates,
+        samples_per_s=samples / train_time_s,
+        updates_per_s=updates / train_time_s if updates_per_s is None else updates_per_s,
+        train_loss=last_eval.get("train_loss"), test_loss=last_eval.get("test_loss"),
+        test_accuracy=last_eval.get("test_accuracy"), stopped_early=stopped_early,
+        **only_some_modes)
 
 
 class MetricsLog:

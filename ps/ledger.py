@@ -2,7 +2,7 @@
 
 Async and ssp runs do not split the data between workers in advance. Each epoch's
 seeded order is cut into chunks of `chunk_batches` batches, numbered across epochs
-(downpour.common.training.chunk_batches gives a chunk's batches), and the
+(downpour.common.order.chunk_batches gives a chunk's batches), and the
 scheduler deals them to workers as they ask (next_chunk), one ahead of the chunk a
 worker is training. So a fast worker takes more chunks and a slow one fewer, and
 the run ends when the last chunk is done, not when the slowest share is.

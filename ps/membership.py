@@ -46,7 +46,7 @@ import zmq
 
 from downpour.common.config import Config
 from downpour.common.errors import ClusterError, ConfigError, ProtocolError
-from downpour.common.training import dealt
+from downpour.common.order import deals_chunks
 from downpour.common.wire import address, protocol, security
 
 SECRET_BYTES = 32        # the run's token secret
@@ -309,7 +309,7 @@ class Membership:
             raise protocol.error(protocol.E_STATE, f"the run has {protocol.MAX_WORKERS} worker "
                                  "ranks, the most it can hold")
         if self.started:
-            return max(self.workers) + 1 if dealt(self.cfg) else None
+            return max(self.workers) + 1 if deals_chunks(self.cfg) else None
         raise protocol.error(protocol.E_STATE, f"the run already has its {len(self.workers)} "
                              "worker(s); raise --workers to add more")
 
@@ -412,7 +412,7 @@ class Membership:
             raise protocol.error(protocol.E_STATE, f"{role}-{rank}'s rank went to another "
                                  f"{role} after this one was declared dead; stop it (restarted, "
                                  "it registers afresh)")
-        if role == "worker" and node.dead and dealt(self.cfg):
+        if role == "worker" and node.dead and deals_chunks(self.cfg):
             raise protocol.error(protocol.E_STATE, f"worker-{rank} was declared dead after "
                                  f"{self.cfg.dead_after_s:g} s of silence and its chunks were dealt "
                                  "again; restart it to register again")

@@ -8,14 +8,17 @@ and the consistency rule of the run:
     sync   hold each worker's push for version v until every live worker (but
            `backup` of them) has pushed; apply their mean once; answer them all with
            version v+1; a push for a version already applied is dropped and counted
-    ssp    apply every push as it arrives, but hold a worker's new weights while it
-           is more than `staleness` clocks ahead of the slowest live worker
+    ssp    apply every push as it arrives, but hold a worker's new weights while its
+           worker clock is more than `staleness` ahead of the slowest live worker's
 
-A worker's clock is the number of its pushes applied. A worker's last push says so
+Two words keep two concepts apart. A worker clock (ssp; `worker_clock`) is the
+number of that worker's pushes this piece has applied. A version is this piece's
+count of its own updates; a push's header field `clock` is a version, the one its
+gradient was computed on (`computed_on` below). A worker's last push says so
 (meta last), and a finished worker no longer holds others back.
 
 Guarantees:
-- A message is fully validated (header, "shard" field, dtype, length, finite values)
+- A message is fully validated (header, "piece" field, dtype, length, finite values)
   before anything changes; a bad one gets an error reply and changes nothing.
 - A push is applied at most once per (sender, seq): a retried push is answered
   with the current state, not applied again.
@@ -25,11 +28,10 @@ Guarantees:
   (E_DENIED). Without it (a standalone server) the sender is its `node` name, and
   at most MAX_SENDERS of them are remembered. Either way what a sender can make
   the piece remember is bounded.
-- Staleness (this piece's version when a push is applied minus the push's clock,
-  the version of this piece's weights its gradient was computed on) is counted for
-  every push; in ssp mode so is the clock gap
-  (the push's clock minus the slowest clock when its weights were sent), which
-  the rule keeps <= staleness.
+- Staleness (this piece's version when a push is applied minus `computed_on`, the
+  version of this piece's weights its gradient was computed on) is counted for
+  every push; in ssp mode so is the clock gap (the pushing worker's clock minus the
+  slowest worker clock when its weights were sent), which the rule keeps <= staleness.
 - Parameters go out zero-copy; the piece waits until ZeroMQ has sent them before
   it changes them again.
 - Checkpoints (slice, optimizer state, version, samples, seen sequence numbers, the
@@ -161,11 +163,11 @@ class PieceState:
         # or ssp run takes new workers mid-run
         self._ranks = cfg.workers if cfg.mode == "sync" else protocol.MAX_WORKERS
         self.finished: set[int] = set()           # workers whose last push has been taken
-        self.clock: Counter = Counter()           # worker rank -> its pushes applied
+        self.worker_clock: Counter = Counter()    # ssp: worker rank -> its pushes applied
         self.last_seq: dict[str, int] = {}        # sender key -> seq of its last push taken
         self.staleness: Counter = Counter()
         self.gaps: Counter = Counter()            # ssp: clock gap of every push
-        self._sent_at: dict[int, int] = {}        # ssp: rank -> slowest clock when its weights went
+        self._sent_at: dict[int, int] = {}        # ssp: rank -> slowest worker clock when its weights went
         self._blocked: dict[int, HeldRequest] = {}           # ssp: rank -> reply held back
         self.pushes = self.dropped = self.bytes_in = self.bytes_out = 0
         self.stopping = False
@@ -192,15 +194,15 @@ class PieceState:
             if op not in protocol.SERVER_OPS:
                 raise protocol.error(protocol.E_UNKNOWN_OP, f"operation {op!r} is not one of "
                                                     f"{', '.join(protocol.SERVER_OPS)}")
-            if op in ("pull", "push", "push_pull") and header.get("shard") != self.rank:
-                raise protocol.error(protocol.E_SHARD, f"this is shard {self.rank} ([{self.lo}, {self.hi})), "
-                                               f"the request is for shard {header.get('shard')}")
+            if op in ("pull", "push", "push_pull") and header.get("piece") != self.rank:
+                raise protocol.error(protocol.E_PIECE, f"this is piece {self.rank} ([{self.lo}, {self.hi})), "
+                                               f"the request is for piece {header.get('piece')}")
             if op == "pull" and "snapshot" in header.get("meta", {}):
                 return [Reply(ident, self._snapshot_reply(header))]
             if op == "pull":
                 rank = self._sender(header, needs_token=False).rank
                 if rank is not None:
-                    self._sent_at[rank] = min(self._slowest(), self.clock[rank])
+                    self._sent_at[rank] = min(self._slowest(), self.worker_clock[rank])
                 return [Reply(ident, self._reply(header))]
             if op in ("push", "push_pull"):
                 return self._push(ident, header, payload)
@@ -229,10 +231,10 @@ class PieceState:
             raise protocol.error(protocol.E_PAYLOAD, "the gradient holds NaN or infinite values (or values "
                                              "too large to square in float32); it was not applied")
         cover = covered(header)
-        clock = header.get("clock", 0)
-        if clock > self.version:
-            raise protocol.error(protocol.E_STATE, f"clock {clock} is ahead of this shard's version "
-                                           f"{self.version}; pull before pushing")
+        computed_on = header.get("clock", 0)
+        if computed_on > self.version:
+            raise protocol.error(protocol.E_STATE, f"clock {computed_on} is ahead of this piece's "
+                                           f"version {self.version}; pull before pushing")
         sender = self._sender(header, needs_token=True)
         rank = sender.rank
         if header["seq"] <= self.last_seq.get(sender.key, -1):    # a retry of a push already taken
@@ -246,13 +248,13 @@ class PieceState:
         if self.cfg.mode == "sync":
             return self._push_sync(ident, header, grad, sender)
         self.last_seq[sender.key] = header["seq"]
-        staleness = self.version - clock
+        staleness = self.version - computed_on
         self._apply(grad, [staleness], cover,
                     lr_scale=1.0 / (1 + staleness) if self.cfg.staleness_lr else 1.0)
         if self.cfg.mode != "ssp":
             return [Reply(ident, self._reply(header))]
-        self.gaps[self.clock[rank] - self._sent_at.get(rank, 0)] += 1
-        self.clock[rank] += 1
+        self.gaps[self.worker_clock[rank] - self._sent_at.get(rank, 0)] += 1
+        self.worker_clock[rank] += 1
         self._taken(rank, header)
         self._blocked[rank] = HeldRequest(ident, header)
         return self._released()
@@ -328,8 +330,8 @@ class PieceState:
         return Sender(f"worker-{rank}", rank)
 
     def _slowest(self) -> float:
-        """ssp: the lowest clock among live workers that have not finished."""
-        return min((self.clock[r] for r in self.live - self.finished), default=math.inf)
+        """ssp: the lowest worker clock among live workers that have not finished."""
+        return min((self.worker_clock[r] for r in self.live - self.finished), default=math.inf)
 
     def _released(self) -> list[Reply]:
         """Replies that may go now: sync, a version complete (a smaller live set can do
@@ -340,10 +342,10 @@ class PieceState:
             return []
         slowest, out = self._slowest(), []
         for rank in sorted(self._blocked):
-            if (self.clock[rank] - slowest <= self.cfg.staleness or rank not in self.live
+            if (self.worker_clock[rank] - slowest <= self.cfg.staleness or rank not in self.live
                     or rank in self.finished):
                 ident, header = self._blocked.pop(rank)
-                self._sent_at[rank] = min(slowest, self.clock[rank])
+                self._sent_at[rank] = min(slowest, self.worker_clock[rank])
                 out.append(Reply(ident, self._reply(header)))
         return out
 
@@ -427,14 +429,14 @@ class PieceState:
         return self._ok(header)
 
     def _set_live(self, live: set[int]) -> None:
-        """ssp: a worker that (re)joins starts at the slowest live clock, as if it had kept
+        """ssp: a worker that (re)joins starts at the slowest live worker clock, as if it had kept
         pace: it holds nobody back for the pushes it missed, and runs no further ahead."""
         joining = live - self.live
         slowest = self._slowest()
         for rank in joining:
             self.finished.discard(rank)
             if slowest != math.inf:
-                self.clock[rank] = max(self.clock[rank], int(slowest))
+                self.worker_clock[rank] = max(self.worker_clock[rank], int(slowest))
         self.live = live
 
     def _checkpoint(self, header: dict) -> list:
@@ -490,7 +492,7 @@ class PieceState:
         path = self.checkpoint_path()
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.is_file():
-            saved = load_meta(path, "shard checkpoint")
+            saved = load_meta(path, "piece checkpoint")
             if saved.get("run_id") == self.run_id and saved.get("incarnation", 0) > self.incarnation:
                 raise DataError(f"{path} was written by a newer server of this run (it replaced "
                                 "this one): this stale server writes nothing")
@@ -504,7 +506,7 @@ class PieceState:
         path = self.checkpoint_path()
         if not path.is_file():
             return None
-        return str(load_meta(path, "shard checkpoint").get("run_id", ""))
+        return str(load_meta(path, "piece checkpoint").get("run_id", ""))
 
     def restore(self) -> None:
         """Continue from this piece's checkpoint; DataError if it is missing, of another run,
@@ -515,18 +517,18 @@ class PieceState:
             raise DataError(f"no checkpoint for piece [{self.lo}, {self.hi}) in {path.parent} "
                             f"(it holds {there or 'none'}); resume with the same model, number "
                             "of shards and piece size, or start without --resume")
-        arrays, meta = load_arrays(path, "shard checkpoint")
+        arrays, meta = load_arrays(path, "piece checkpoint")
         if meta.get("run_id", "") != self.run_id:
             raise DataError(f"{path} is a checkpoint of run {meta.get('run_id') or '(unnamed)'}, "
                             f"this piece belongs to run {self.run_id or '(unnamed)'}: a checkpoint "
                             "continues only the run that wrote it")
         if (meta.get("rank"), meta.get("lo"), meta.get("hi")) != (self.rank, self.lo, self.hi):
-            raise DataError(f"{path} holds shard {meta.get('rank')} [{meta.get('lo')}, "
-                            f"{meta.get('hi')}), this server is shard {self.rank} [{self.lo}, "
+            raise DataError(f"{path} holds piece {meta.get('rank')} [{meta.get('lo')}, "
+                            f"{meta.get('hi')}), this is piece {self.rank} [{self.lo}, "
                             f"{self.hi}): resume with the same model and number of shards")
         params = arrays.get("params")
         if params is None or params.shape != self.params.shape:
-            raise DataError(f"{path}: parameters do not match shard [{self.lo}, {self.hi})")
+            raise DataError(f"{path}: parameters do not match piece [{self.lo}, {self.hi})")
         self.opt.load_state_dict({**meta["optimizer"],
                                   **{k[4:]: v for k, v in arrays.items() if k.startswith("opt.")}})
         self.schedule.load_state_dict(meta["schedule"])

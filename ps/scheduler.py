@@ -8,14 +8,16 @@ three phases:
 1. Assemble. Servers and workers register, in any order. Server i gets rank i and
    its shard range at once; workers get their rank and the server addresses once
    all S servers are in. The cluster spec a node receives (Membership._spec) holds
-   the run's id, settings, the model, the shard ranges, the server addresses and
-   eval_samples, the samples between evaluation points (training.eval_interval).
+   the run's id, settings, the model, the pieces (each server's shard cut into
+   pieces: Layout.pieces), the server addresses and eval_samples, the samples
+   between evaluation points (order.eval_interval).
    The run id is random, made at start and said in the first line; checkpoints
    carry it, so a restarted server continues this run's and never an earlier
    run's. Whoever is still missing after start_timeout_s is named in a ClusterError.
 2. Train. Heartbeats carry each worker's progress. A node silent for dead_after_s
-   is dead: in sync mode the servers are told the live workers, so a version
-   completes without the dead one; in async mode the run goes on regardless. A
+   is dead: in sync and ssp modes the servers are told the live workers
+   (`_tell_live_workers`), so a sync version completes without the dead one and
+   no ssp worker waits for its clock; in async mode the run goes on regardless. A
    server that dies may be replaced: the next server to register takes its rank
    (and, with --resume, its checkpoint), and workers follow the new address.
    Every eval_every epochs' worth of samples the servers keep a copy of their
@@ -35,6 +37,7 @@ scheduler recomputes them from training batches with the pulled weights
 
 from __future__ import annotations
 
+import functools
 import secrets
 import signal
 import time
@@ -47,21 +50,18 @@ from downpour.common.config import Config
 from downpour.common.errors import TrainingError
 from downpour.common.evaluation import Evaluator
 from downpour.common.fileio import atomic_write
-from downpour.common.metrics import MetricsLog, Progress
+from downpour.common.metrics import EndRecord, MetricsLog, Progress, end_record
 from downpour.common.nn.model import Model
 from downpour.common.nn.schedules import parse_schedule
-from downpour.common.training import (
+from downpour.common.order import (
     asked_samples,
-    check_cluster,
-    chunk_batches,
-    dealt,
-    epoch_steps,
+    chunk_samples,
+    deals_chunks,
+    epoch_samples,
     eval_interval,
-    finish,
-    model_spec,
-    open_datasets,
     total_chunks,
 )
+from downpour.common.training import check_cluster, finish, model_spec, open_datasets
 from downpour.common.wire import address, protocol
 from downpour.common.wire.client import ShardClient
 from downpour.common.wire.security import Keys, guard
@@ -111,9 +111,8 @@ class Scheduler:
             "eval_samples": eval_interval(n, cfg)},
             log=self.progress.line)
         # async, ssp: the chunks of every epoch, dealt to workers as they ask
-        self.ledger = Ledger(total_chunks(n, cfg),
-                             lambda c: len(chunk_batches(n, cfg, c)) * cfg.batch_size) \
-            if dealt(cfg) else None
+        self.ledger = Ledger(total_chunks(n, cfg), functools.partial(chunk_samples, n, cfg)) \
+            if deals_chunks(cfg) else None
         if self.ledger is not None:
             self.nodes.on_next_chunk = self._deal
             self.nodes.on_worker_dead = self._worker_died
@@ -121,8 +120,7 @@ class Scheduler:
         self.interrupted = False
         self.start = time.monotonic()               # reset when training starts
         self.start_wall = time.time()               # the same moment in Unix seconds
-        steps, per_step = epoch_steps(n, cfg)
-        self.epoch_samples = steps * per_step       # samples of one epoch: `epoch` = samples / it
+        self.epoch_samples = epoch_samples(n, cfg)  # `epoch` = samples / it
         self._point = 0                             # the last evaluation point evaluated
         self._stats: list[dict] = []                # the servers' last `stats` replies
 
@@ -179,7 +177,6 @@ class Scheduler:
     def _finish(self) -> dict[str, Any]:
         """The evaluation points not yet evaluated, the final evaluation (unless the last
         point is the final state), and the `end` record."""
-        cfg = self.cfg
         train_time = self._train_time()
         stats = self.client.call_all("stats")     # every point passed, heartbeats or not
         self._evaluate_points(set.intersection(*(set(s["meta"]["snapshots"]) for s in stats)))
@@ -188,19 +185,23 @@ class Scheduler:
         last = self.evaluator.last
         if {k: last.get(k) for k in final} != final:
             last = self._evaluate()
-        samples = int(self.nodes.total("samples"))
-        return finish(
-            cfg, self.model, self.metrics, self.progress, run_id=self.run_id, mode=cfg.mode,
-            workers=cfg.workers, shards=cfg.shards, batch_size=cfg.batch_size,
-            elapsed_s=round(time.monotonic() - self.start, 3),
-            train_time_s=round(train_time, 3), epoch=round(samples / self.epoch_samples, 4),
-            samples=samples,
-            updates=last["updates"], samples_per_s=samples / train_time,
-            train_loss=last["train_loss"], test_loss=last["test_loss"],
-            test_accuracy=last["test_accuracy"], stopped_early=self.evaluator.stopping,
-            dead_workers=self.nodes.dead_workers(), parameters=self.model.layout.size,
-            data=self.about, samples_asked=self.asked, worker_samples=self.nodes.worker_samples(),
-            **self._dealing(), **self._figures(self._stats, train_time))
+        return finish(self.cfg, self.model, self.metrics, self.progress,
+                      self._end_record(last, train_time))
+
+    def _end_record(self, last: dict[str, Any], train_time: float) -> EndRecord:
+        """The `end` record: the workers' samples, the final weights' updates and figures
+        (`last`, their eval record), the servers' traffic and staleness, and in async and
+        ssp the account of the chunks."""
+        cfg, figures = self.cfg, self._figures(self._stats, train_time)
+        return end_record(
+            mode=cfg.mode, workers=cfg.workers, shards=cfg.shards,
+            parameters=self.model.layout.size, data=self.about,
+            samples=int(self.nodes.total("samples")), updates=last["updates"],
+            epoch_samples=self.epoch_samples, elapsed_s=time.monotonic() - self.start,
+            train_time_s=train_time, last_eval=last, stopped_early=self.evaluator.stopping,
+            run_id=self.run_id, batch_size=cfg.batch_size, dead_workers=self.nodes.dead_workers(),
+            samples_asked=self.asked, worker_samples=self.nodes.worker_samples(),
+            **self._dealing(), **figures)
 
     def _shut_down(self) -> None:
         """Tell every server the run is over, and every node still waiting for a place."""
@@ -221,7 +222,8 @@ class Scheduler:
                                "chunks go back on the table")
 
     def _dealing(self) -> dict[str, Any]:
-        """The end line's account of the chunks: their size, how many were lost or left."""
+        """The end record's account of the chunks (EndRecord's chunk fields): their size,
+        how many were lost or left; none outside async and ssp."""
         if self.ledger is None:
             return {}
         left = self.ledger.left()

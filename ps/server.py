@@ -73,7 +73,7 @@ class Server:
         self.rank, self.cfg, self.run_id = rank, cfg, run_id
         self.node = f"server-{rank}"
         initial = initial_params(spec, cfg.seed)
-        # this server's pieces: piece number (the header's "shard" field) -> its state
+        # this server's pieces: piece number (the header's "piece" field) -> its state
         self.pieces = {i: PieceState(cfg, spec, i, p.lo, p.hi, initial, self.node, run_id, secret,
                                      eval_samples)
                        for i, p in enumerate(pieces) if p.server == rank}
@@ -88,10 +88,10 @@ class Server:
         try:
             header, payload = protocol.decode(frames)
             protocol.permit(header["op"], security.peer_role(frames[0]))
-            piece = self.pieces.get(header.get("shard"))
+            piece = self.pieces.get(header.get("piece"))
             if piece is None:
-                raise protocol.error(protocol.E_SHARD, f"{self.node} holds pieces "
-                                     f"{sorted(self.pieces)}, not {header.get('shard')!r}")
+                raise protocol.error(protocol.E_PIECE, f"{self.node} holds pieces "
+                                     f"{sorted(self.pieces)}, not {header.get('piece')!r}")
         except ProtocolError as e:
             return None, [Reply(ident, protocol.error_reply(e.code, str(e), header, self.node))]
         return piece, piece.handle_request(ident, header, payload)

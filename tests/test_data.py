@@ -1,4 +1,4 @@
-"""Tests for common/data.py: IDX reading, MNIST loading, datasets, order, gather."""
+"""Tests for common/data.py: IDX reading, MNIST loading, datasets, gather."""
 
 import fnmatch
 import gzip
@@ -16,18 +16,14 @@ from downpour.common.data import (
     SHIPPED_DATA_DIR,
     SHIPPED_SPLITS,
     Dataset,
-    batch_indices,
     default_data_dir,
-    epoch_permutation,
     find_mnist,
     gather,
     has_mnist,
     load_mnist,
     load_mnist_split,
-    partition,
     read_idx,
     standardize,
-    steps_per_epoch,
     synthetic_dataset,
 )
 from downpour.common.errors import ConfigError, DataError
@@ -426,56 +422,9 @@ def test_synthetic_makes_no_large_temporaries():
     assert peak < 1.25 * train.x.nbytes, (peak, train.x.nbytes)  # a float64 copy would be 3x
 
 
-# ---------------------------------------------------------------------------- order
-
-
-def test_epoch_permutation_is_reproducible_and_varies_by_epoch():
-    order = epoch_permutation(1000, seed=7, epoch=2)
-    assert order.dtype == np.int64 and np.array_equal(np.sort(order), np.arange(1000))
-    np.testing.assert_array_equal(order, epoch_permutation(1000, 7, 2))
-    np.testing.assert_array_equal(order, np.random.default_rng([7, 2]).permutation(1000))
-    assert not np.array_equal(order, epoch_permutation(1000, 7, 3))
-    assert not np.array_equal(order, epoch_permutation(1000, 8, 2))
-    with pytest.raises(ConfigError, match="epoch=-1"):
-        epoch_permutation(10, 0, -1)
-
-
-def test_batch_indices_drops_the_incomplete_last_batch():
-    order = np.arange(10, dtype=np.int64)[::-1].copy()
-    batches = list(batch_indices(order, 3))
-    assert [b.tolist() for b in batches] == [[9, 8, 7], [6, 5, 4], [3, 2, 1]]  # 0 dropped
-    assert steps_per_epoch(10, 3) == 3 and steps_per_epoch(9, 3) == 3
-    assert all(np.shares_memory(b, order) for b in batches)  # views, no copies
-    assert list(batch_indices(order, 11)) == [] and steps_per_epoch(10, 11) == 0
-    assert len(list(batch_indices(order, 10))) == 1
-    with pytest.raises(ConfigError, match="batch size 0"):
-        list(batch_indices(order, 0))
-
-
-@pytest.mark.parametrize("n, n_parts", [(10, 1), (10, 3), (10, 10), (7, 4), (60000, 7), (5, 2)])
-def test_partition_tiles_the_range_exactly_once(n, n_parts):
-    parts = [partition(n, n_parts, p) for p in range(n_parts)]
-    assert [i for r in parts for i in r] == list(range(n))
-    sizes = [len(r) for r in parts]
-    assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
-    reference = np.array_split(np.arange(n), n_parts)
-    assert [(r.start, r.stop) for r in parts] == [(a[0], a[-1] + 1) for a in reference]
-
-
-def test_partition_validates_its_arguments():
-    with pytest.raises(DataError, match="cannot split 3 samples into 4 non-empty parts"):
-        partition(3, 4, 0)
-    with pytest.raises(ConfigError, match="n_parts=0"):
-        partition(3, 0, 0)
-    with pytest.raises(ConfigError, match=r"part=2, expected an integer in 0..1"):
-        partition(3, 2, 2)
-    with pytest.raises(ConfigError, match="part=-1"):
-        partition(3, 2, -1)
-
-
 def test_gather_fills_the_buffer_without_allocating():
     x = np.arange(2000 * 50, dtype=np.float32).reshape(2000, 50)
-    idx = epoch_permutation(2000, 0, 0)[:256]
+    idx = np.random.default_rng(0).permutation(2000)[:256]
     np.testing.assert_array_equal(gather(x, idx), x[idx])
     out = np.empty((256, 50), np.float32)
     tracemalloc.start()

@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 
 from downpour.common.config import Config
-from downpour.common.data import steps_per_epoch
 from downpour.common.nn.model import ModelSpec, model_layout
-from downpour.common.training import epoch_steps, eval_interval
+from downpour.common.order import epoch_steps, eval_interval, steps_per_epoch
 from downpour.common.wire import protocol
 from downpour.ps.piece import SNAPSHOTS_KEPT, PieceState
 
@@ -29,12 +28,12 @@ def make_piece(cfg: Config, eval_samples: int, **kwargs) -> PieceState:
     return PieceState(cfg, SPEC, 0, 0, N, eval_samples=eval_samples, **kwargs)
 
 
-def send(piece: PieceState, op: str, seq: int, payload=None, node="worker-0", **fields) -> list:
-    """The decoded replies (header, parameters or None) to one request."""
+def send(state: PieceState, op: str, seq: int, payload=None, node="worker-0", **fields) -> list:
+    """The decoded replies (header, parameters or None) to one request to the piece `state`."""
     frames = [bytes(f) for f in protocol.encode({"op": op, "node": node, "seq": seq, **fields},
                                                 payload)]
     out = []
-    for _, reply in piece.handle(b"peer", frames):
+    for _, reply in state.handle(b"peer", frames):
         header, payload = protocol.decode(reply)
         out.append((header, np.concatenate(protocol.payload(header, payload, header["n"]))
                     if payload else None))
@@ -44,12 +43,12 @@ def send(piece: PieceState, op: str, seq: int, payload=None, node="worker-0", **
 def push(piece: PieceState, seq: int, samples: int, node="worker-0", loss=0.5) -> list:
     """A push of a gradient of `samples` samples whose mean loss is `loss`."""
     grad = np.random.default_rng(seq).standard_normal(N).astype(np.float32)
-    return send(piece, "push", seq, grad, node=node, shard=0, clock=piece.version,
+    return send(piece, "push", seq, grad, node=node, piece=0, clock=piece.version,
                 meta={"samples": samples, "loss_sum": loss * samples})
 
 
 def pull_point(piece: PieceState, point: int) -> tuple[dict, np.ndarray | None]:
-    [reply] = send(piece, "pull", 99, node="scheduler", shard=0, meta={"snapshot": point})
+    [reply] = send(piece, "pull", 99, node="scheduler", piece=0, meta={"snapshot": point})
     return reply
 
 
@@ -103,7 +102,7 @@ def test_a_push_with_bad_samples_is_refused_and_changes_nothing(meta):
     piece = make_piece(ASYNC, eval_samples=10)
     before = piece.params.copy()
     grad = np.ones(N, np.float32)
-    [(header, _)] = send(piece, "push", 1, grad, shard=0, clock=0, meta=meta)
+    [(header, _)] = send(piece, "push", 1, grad, piece=0, clock=0, meta=meta)
     assert (header["op"], header["code"]) == ("error", protocol.E_MALFORMED)
     assert piece.params.tobytes() == before.tobytes() and piece.version == 0 and piece.samples == 0
 
@@ -128,7 +127,7 @@ def test_sync_counts_the_samples_of_every_push_it_averages():
 def test_a_plain_pull_says_the_samples_of_its_weights():
     piece = make_piece(ASYNC, eval_samples=0)
     push(piece, 1, 64)
-    [(header, _)] = send(piece, "pull", 2, shard=0)
+    [(header, _)] = send(piece, "pull", 2, piece=0)
     assert header["clock"] == 1 and header["meta"] == {"samples": 64, "loss_sum": 32.0}
     assert piece.snapshots == {}                        # eval_samples 0: no snapshots
 

@@ -1,12 +1,12 @@
-"""Fuzzing with hypothesis (invariant 5): protocol.decode, a live server, a live scheduler,
-and peers that do not hold the cluster's keys.
+"""Fuzzing with hypothesis (invariant 5, docs/invariants.md): protocol.decode, a live server,
+a live scheduler, and peers that do not hold the cluster's keys.
 
     target     inputs                                          must hold
     decode     random bytes and frames, msgpack values,        the header the documented contract
                valid-looking headers, byte mutations, sizes    gives (a reference below), or
                around MAX_HEADER                               ProtocolError E_MALFORMED/E_VERSION
     server     the same as frames, and requests of every op    one reply each, with the request's
-               but shutdown: random shard, clock, seq, node,   seq; the process lives; its weights
+               but shutdown: random piece, clock, seq, node,   seq; the process lives; its weights
                dtype, n, meta, forged tokens, payloads of      stay byte-identical (and a real
                right and wrong lengths, NaN, inf               worker's push still applies)
     scheduler  register (never as a valid worker: that would   one reply each (a valid server's
@@ -98,8 +98,8 @@ ROLE = usually(st.sampled_from(("server", "worker")),
                st.sampled_from(("scheduler", "Server", "worker ", "", "server\x00")) | ODD, odds=3)
 PROGRESS = usually(st.dictionaries(st.sampled_from(protocol.COUNTERS + ("done", "t_start")), COUNTS))
 # operation -> the fields its request usually has, and its meta
-FIELDS = {"pull": ("shard",), "push": ("shard", "clock", "dtype", "n", "token"), "stats": ("shard",),
-          "checkpoint": ("shard",), "shutdown": ("shard",), "control": ("shard", "meta"),
+FIELDS = {"pull": ("piece",), "push": ("piece", "clock", "dtype", "n", "token"), "stats": ("piece",),
+          "checkpoint": ("piece",), "shutdown": ("piece",), "control": ("piece", "meta"),
           "register": ("meta",), "heartbeat": ("meta",), "next_chunk": ("meta",)}
 FIELDS["push_pull"] = FIELDS["push"]
 META = {
@@ -158,7 +158,7 @@ def requests(draw, ops: tuple[str, ...], n: int) -> list[bytes]:
               "op": st.just(op),
               "node": usually(st.sampled_from(NODES), TEXTS | ODD),
               "seq": usually(st.integers(0, 2 ** 64 - 1)),
-              "shard": usually(st.just(0), INT64 | ODD),
+              "piece": usually(st.just(0), INT64 | ODD),
               "clock": usually(st.just(0), st.sampled_from((1, 2 ** 64 - 1)) | INT64 | ODD, odds=4),
               "token": usually(TOKENS),
               "dtype": usually(st.just("<f4"), st.sampled_from(("<f8", ">f4", "f4", "<i4")) | ODD),
@@ -268,7 +268,7 @@ def hypothesis_home(tmp_path_factory):
 
 # -- protocol.decode -------------------------------------------------------------------------
 
-DOCUMENTED = {"v": int, "op": str, "node": str, "seq": int, "shard": int, "clock": int,   # the module
+DOCUMENTED = {"v": int, "op": str, "node": str, "seq": int, "piece": int, "clock": int,   # the module
               "token": bytes, "dtype": str, "n": int, "meta": dict, "code": int, "msg": str}  # docstring
 
 
@@ -428,7 +428,7 @@ def call(ctx: zmq.Context, cluster: Cluster, to: str, header: dict, payload: np.
 
 def pull(ctx: zmq.Context, cluster: Cluster) -> np.ndarray:
     """The server's weights, as a client with no token (or the scheduler's key) pulls them."""
-    header, params = call(ctx, cluster, "server", {"op": "pull", "shard": 0})
+    header, params = call(ctx, cluster, "server", {"op": "pull", "piece": 0})
     assert header["op"] == "ok" and header["clock"] == 0, header
     return params
 
@@ -566,7 +566,7 @@ def test_fuzzed_server_answers_everything_and_keeps_its_weights(cluster, ctx, ex
         live.close()
     assert not died(c), died(c)
     after = pull(ctx, c)
-    stats = call(ctx, c, "server", {"op": "stats", "shard": 0})[0]["meta"]
+    stats = call(ctx, c, "server", {"op": "stats", "piece": 0})[0]["meta"]
     if after.tobytes() != before.tobytes() or stats["version"] or stats["pushes"]:
         live.count["weight changes"] = max(1, live.count["weight changes"])
     report(live.summary("crashes", "weight changes", "unanswered", "bad replies"))
@@ -574,9 +574,9 @@ def test_fuzzed_server_answers_everything_and_keeps_its_weights(cluster, ctx, ex
 
     # the control: a push with a real worker's token does apply, exactly (lr back at its setting)
     rank, _, token = take_a_worker(ctx, c)
-    assert call(ctx, c, "server", {"op": "control", "shard": 0, "meta": {"lr_scale": 1.0}})[0]["op"] == "ok"
+    assert call(ctx, c, "server", {"op": "control", "piece": 0, "meta": {"lr_scale": 1.0}})[0]["op"] == "ok"
     g = np.random.default_rng(1).standard_normal(before.size).astype(np.float32)
-    header, params = call(ctx, c, "server", {"op": "push_pull", "node": f"worker-{rank}", "shard": 0,
+    header, params = call(ctx, c, "server", {"op": "push_pull", "node": f"worker-{rank}", "piece": 0,
                                              "clock": 0, "token": token}, g)
     assert (header["op"], header["clock"]) == ("ok", 1), header
     assert params.tobytes() == (before - g * LR).tobytes()
@@ -590,7 +590,7 @@ def test_a_frame_over_the_servers_limit_gets_no_reply_and_the_server_goes_on(clu
     before = pull(ctx, c)
     n, limit = before.size, frame_limit([(0, before.size)])
     assert limit > protocol.MAX_HEADER + 1024        # a model whose piece is larger than a header
-    push = {"v": protocol.VERSION, "op": "push", "node": "worker-0", "seq": 1, "shard": 0, "clock": 0,
+    push = {"v": protocol.VERSION, "op": "push", "node": "worker-0", "seq": 1, "piece": 0, "clock": 0,
             "dtype": "<f4"}
     cases = {   # what: (frames, the error code of the one reply, or None for no reply)
         "a header over MAX_HEADER": ([msgpack.packb({**push, "op": "pull", "msg": "x" * (limit - 1024)})],

@@ -11,7 +11,7 @@ import pytest
 
 from downpour.common.config import Config
 from downpour.common.errors import DownpourError, TrainingError
-from downpour.common.metrics import MetricsLog, Progress
+from downpour.common.metrics import MetricsLog, Progress, end_record
 from downpour.common.nn.model import Model, ModelSpec
 from downpour.common.training import finish
 
@@ -81,8 +81,12 @@ def test_a_toml_alias_is_suggested_by_the_command_line(downpour, tmp_path):
                         "'run.toml'; did you mean 'lr'?\n")
 
 
-END_FIELDS = dict(mode="async", workers=2, shards=1, train_time_s=1.0, samples_per_s=0.0,
-                  updates=0, updates_per_s=0.0, test_accuracy=0.1, samples_asked=20_000)
+def async_end(samples, dead):
+    """The end record of an async run of 2 workers asked for 20,000 samples."""
+    return end_record(mode="async", workers=2, shards=1, parameters=23, data="synthetic",
+                      samples=samples, updates=0, epoch_samples=10_000, elapsed_s=1.0,
+                      train_time_s=1.0, last_eval={"test_accuracy": 0.1}, stopped_early=False,
+                      samples_asked=20_000, dead_workers=dead)
 
 
 @pytest.mark.parametrize("dead", [[], [0, 1]])
@@ -92,7 +96,7 @@ def test_a_run_that_trained_nothing_fails_with_no_end_line_and_no_model(tmp_path
     metrics = MetricsLog(cfg.metrics)
     metrics.write("eval", samples=0)
     with pytest.raises(TrainingError) as e:
-        finish(cfg, model, metrics, Progress(0, "none"), samples=0, dead_workers=dead, **END_FIELDS)
+        finish(cfg, model, metrics, Progress(0, "none"), async_end(0, dead))
     assert isinstance(e.value, DownpourError)             # the command line exits 2 with it
     assert str(e.value).startswith("the async run ended having trained 0 samples (asked for 20,000)")
     assert ("worker(s) 0, 1 were declared dead" in str(e.value)) == bool(dead)
@@ -100,5 +104,5 @@ def test_a_run_that_trained_nothing_fails_with_no_end_line_and_no_model(tmp_path
     assert not (tmp_path / "model.npz").exists()
 
     metrics = MetricsLog(cfg.metrics)                     # one sample is a run: it ends as ever
-    end = finish(cfg, model, metrics, Progress(0, "none"), samples=1, dead_workers=dead, **END_FIELDS)
+    end = finish(cfg, model, metrics, Progress(0, "none"), async_end(1, dead))
     assert end["samples"] == 1 and (tmp_path / "model.npz").exists()

@@ -126,9 +126,9 @@ SMALL_CNN = ["--synthetic", 600, "--epochs", 1, "--batch-size", 32, "--progress"
 
 
 def test_a_cnn_trained_in_a_cluster_is_exactly_the_single_process_one(downpour, tmp_path):
-    """Async with one worker and n_fetch = n_push = 1 is single-process SGD (invariant 3):
-    the layer spec reaches every role through the cluster spec, and the saved model
-    round-trips to the figures the run reported."""
+    """Async with one worker and n_fetch = n_push = 1 is single-process SGD (invariant 3,
+    docs/invariants.md): the layer spec reaches every role through the cluster spec, and
+    the saved model round-trips to the figures the run reported."""
     r = downpour("train", "--mode", "single", *SMALL_CNN, "--save", "single.npz")
     assert r.returncode == 0, r.stderr
     r = downpour("train", "--mode", "async", "--workers", 1, "--shards", 2, *SMALL_CNN,

@@ -1,42 +1,16 @@
 """The ledger of chunks: dealt in order, one ahead, returned or lost with a dead worker,
-answered once per seq; and the chunk math it deals from."""
-
-from dataclasses import replace
+answered once per seq. (The chunk math it deals from: tests/test_order.py.)"""
 
 import numpy as np
 import pytest
 
-from downpour.common.config import Config
 from downpour.common.errors import ProtocolError
-from downpour.common.training import (
-    asked_samples,
-    chunk_batches,
-    chunks_per_epoch,
-    total_chunks,
-    worker_batches,
-)
 from downpour.common.wire import protocol
 from downpour.ps.ledger import Ledger
-
-CFG = Config(mode="async", workers=2, batch_size=10, chunk_batches=3, epochs=2, seed=4)
-N = 95                                    # 9 full batches an epoch: chunks of 3, 3, 3
 
 
 def ledger(total=6):
     return Ledger(total, lambda c: 30)
-
-
-def test_chunks_cut_each_epoch_into_the_single_process_batches():
-    assert chunks_per_epoch(N, CFG) == 3 and total_chunks(N, CFG) == 6
-    assert chunks_per_epoch(N, replace(CFG, chunk_batches=4)) == 3      # 4 + 4 + 1
-    single = replace(CFG, mode="single", workers=1)
-    dealt = [idx for c in range(total_chunks(N, CFG)) for idx in chunk_batches(N, CFG, c)]
-    expected = [idx for _, idx in worker_batches(N, single, 0)]
-    assert len(dealt) == len(expected) == 18
-    assert all(np.array_equal(a, b) for a, b in zip(dealt, expected))
-    assert asked_samples(N, CFG) == 2 * 9 * 10
-    short = replace(CFG, chunk_batches=4)
-    assert [len(chunk_batches(N, short, c)) for c in range(3)] == [4, 4, 1]
 
 
 def test_chunks_are_dealt_in_order_one_ahead():

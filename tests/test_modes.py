@@ -16,7 +16,7 @@ SSP = Config(mode="ssp", workers=3, shards=1, optimizer="sgd", lr=0.1)
 
 
 def push_pull(piece, grad, seq, rank, clock, last=False):
-    fields = {"shard": piece.rank, "clock": clock, **({"meta": {"last": True}} if last else {})}
+    fields = {"piece": piece.rank, "clock": clock, **({"meta": {"last": True}} if last else {})}
     return piece.handle(f"w{rank}".encode(), request("push_pull", seq, grad, node=f"worker-{rank}",
                                                      **fields))
 
@@ -36,7 +36,7 @@ def test_ssp_holds_a_worker_more_than_s_clocks_ahead(s):
         if k < s:
             assert answered(replies) == [b"w0"], k          # still within the bound
     assert replies == []                      # s + 1 ahead of workers 1 and 2: held
-    assert piece.clock[0] == s + 1
+    assert piece.worker_clock[0] == s + 1
     released = push_pull(piece, g, 100, rank=1, clock=0)
     assert b"w0" not in answered(released)    # worker 2 is still at clock 0
     released += push_pull(piece, g, 200, rank=2, clock=0)

@@ -10,7 +10,7 @@ import zmq
 from downpour.common.errors import ProtocolError
 from downpour.common.wire import protocol
 
-HEADER = {"op": "push", "node": "worker-3", "seq": 7, "shard": 1, "clock": 4}
+HEADER = {"op": "push", "node": "worker-3", "seq": 7, "piece": 1, "clock": 4}
 
 
 def packed(header: dict) -> bytes:
@@ -136,7 +136,7 @@ def test_missing_required_field_is_malformed(field):
 
 
 @pytest.mark.parametrize("field, value", [
-    ("op", 3), ("node", b"worker-0"), ("seq", "7"), ("seq", 1.0), ("seq", True), ("shard", False),
+    ("op", 3), ("node", b"worker-0"), ("seq", "7"), ("seq", 1.0), ("seq", True), ("piece", False),
     ("clock", 2.5), ("n", "3"), ("dtype", 4), ("meta", [1, 2]), ("code", "1"),
     ("msg", 1), ("v", True), ("v", "1"), ("v", 1.0),
 ])
@@ -231,14 +231,14 @@ def test_payload_frame_larger_than_max_frame(monkeypatch):
 # -- error replies -----------------------------------------------------------------------
 
 def test_error_reply_round_trip_and_raise_for_error():
-    frames = protocol.error_reply(protocol.E_SHARD, "wrong shard", {"seq": 9}, "server-1")
+    frames = protocol.error_reply(protocol.E_PIECE, "wrong piece", {"seq": 9}, "server-1")
     header, payload = protocol.decode(frames)
     assert payload == []
     assert header == {"v": protocol.VERSION, "op": "error", "node": "server-1", "seq": 9,
-                      "code": protocol.E_SHARD, "msg": "wrong shard"}
-    with pytest.raises(protocol.RemoteError, match="wrong shard") as info:
+                      "code": protocol.E_PIECE, "msg": "wrong piece"}
+    with pytest.raises(protocol.RemoteError, match="wrong piece") as info:
         protocol.raise_for_error(header)
-    assert info.value.code == protocol.E_SHARD
+    assert info.value.code == protocol.E_PIECE
     assert isinstance(info.value, ProtocolError)
 
 

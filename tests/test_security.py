@@ -148,7 +148,7 @@ def ask(sock, op, seq, payload=None, within=WAIT_S, **fields):
 
 
 def weights(ctx, address, keys, token):
-    header, params = ask(peer(ctx, address, keys), "pull", 1, shard=0, token=token)
+    header, params = ask(peer(ctx, address, keys), "pull", 1, piece=0, token=token)
     assert header["op"] == "ok", header
     return header["clock"], params
 
@@ -167,7 +167,7 @@ def test_without_keys_or_with_unknown_keys_a_peer_gets_no_reply(start, tmp_path,
         sock.connect(address)
         for seq, (op, payload) in enumerate([("pull", None), ("push", g), ("shutdown", None)]):
             sock.send_multipart(protocol.encode({"op": op, "node": "worker-0", "seq": seq + 1,
-                                                 "shard": 0, "token": meta["token"]}, payload))
+                                                 "piece": 0, "token": meta["token"]}, payload))
         assert not sock.poll(1000 * SILENCE_S), f"a peer with {who and 'unknown'} keys got a reply"
         sock.close()
     assert server.poll() is None
@@ -181,12 +181,12 @@ def test_the_worker_key_may_pull_but_not_control_or_shut_down(start, tmp_path, c
     sock = peer(ctx, address, keys)
     for seq, (op, extra) in enumerate([("control", {"meta": {"lr_scale": 1e6}}), ("shutdown", {}),
                                        ("checkpoint", {}), ("stats", {})], start=10):
-        header, _ = ask(sock, op, seq, shard=0, node="scheduler", **extra)
+        header, _ = ask(sock, op, seq, piece=0, node="scheduler", **extra)
         assert (header["op"], header["code"]) == ("error", protocol.E_DENIED), (op, header)
         assert "a worker may not send" in header["msg"]
     assert server.poll() is None
     as_scheduler = peer(ctx, address, security.Keys.load(tmp_path / "k", "scheduler"))
-    assert ask(as_scheduler, "stats", 1, shard=0)[0]["meta"]["lr"] == pytest.approx(0.1)  # unscaled
+    assert ask(as_scheduler, "stats", 1, piece=0)[0]["meta"]["lr"] == pytest.approx(0.1)  # unscaled
     assert np.array_equal(weights(ctx, address, keys, meta["token"])[1], before)
 
 
@@ -223,7 +223,7 @@ def test_a_send_on_a_connection_zeromq_dropped_for_good_times_out(start, tmp_pat
     `send` gives up after SEND_TIMEOUT_MS instead (this hung a scheduler for an hour)."""
     address, meta, keys, _, _ = cluster(start, tmp_path, ctx)
     sock = make_socket(ctx, zmq.DEALER, address, keys=keys, peer="server", max_frame=1024)
-    pull = protocol.encode({"op": "pull", "node": "worker-0", "seq": 1, "shard": 0,
+    pull = protocol.encode({"op": "pull", "node": "worker-0", "seq": 1, "piece": 0,
                             "token": meta["token"]})
     assert send(sock, pull) is True
     assert not sock.poll(1000 * SILENCE_S)              # the reply was too large: dropped
@@ -243,7 +243,7 @@ def test_a_push_counts_under_its_tokens_rank_whatever_node_says(start, tmp_path,
     _, before = weights(ctx, address, keys, me["token"])
     g = np.ones(len(before), np.float32)
     first, second, third = peer(ctx, address, keys), peer(ctx, address, keys), peer(ctx, address, keys)
-    push = {"shard": 0, "clock": 0}
+    push = {"piece": 0, "clock": 0}
     assert ask(first, "push", 1, g, within=SILENCE_S, node="worker-1", token=me["token"], **push) \
         is None                                                    # held: the version waits
     assert ask(second, "push", 2, g, within=SILENCE_S, node="worker-0", token=me["token"],
@@ -291,17 +291,17 @@ def test_idle_peers_and_a_flood_of_100000_messages_do_not_grow_memory(start, tmp
             if kind == 0:
                 frames = [os.urandom(16)]
             elif kind == 1:
-                frames = protocol.encode({"op": "pull", "node": f"worker-{i}", "seq": i, "shard": 0,
+                frames = protocol.encode({"op": "pull", "node": f"worker-{i}", "seq": i, "piece": 0,
                                           "token": os.urandom(24)})
             elif kind == 2:
                 frames = protocol.encode({"op": "heartbeat", "node": f"n{i}", "seq": i,
                                           "meta": {"role": "worker", "token": os.urandom(24)}})
             else:
-                frames = protocol.encode({"op": "push", "node": f"worker-{i}", "seq": i, "shard": 0,
+                frames = protocol.encode({"op": "push", "node": f"worker-{i}", "seq": i, "piece": 0,
                                           "clock": 0}, g[:8])
             flooder.send_multipart(frames)
         answer = peer(ctx, where)                                  # it still answers, at once
-        header, _ = ask(answer, "pull" if name == "server" else "heartbeat", 1, within=60, shard=0,
+        header, _ = ask(answer, "pull" if name == "server" else "heartbeat", 1, within=60, piece=0,
                         meta={"role": "worker"})
         assert header is not None and proc.poll() is None
         after = rss_mib(proc.pid)

@@ -60,11 +60,11 @@ def only(replies: list) -> tuple[dict, np.ndarray | None]:
 
 def push(piece: PieceState, grad: np.ndarray, seq: int, clock: int, node: str = "worker-0",
          op: str = "push", ident: bytes = b"peer") -> list:
-    return piece.handle(ident, request(op, seq, grad, node=node, shard=piece.rank, clock=clock))
+    return piece.handle(ident, request(op, seq, grad, node=node, piece=piece.rank, clock=clock))
 
 
 def pull(piece: PieceState) -> tuple[dict, np.ndarray]:
-    return only(piece.handle(b"peer", request("pull", 0, node="tool", shard=piece.rank)))
+    return only(piece.handle(b"peer", request("pull", 0, node="tool", piece=piece.rank)))
 
 
 def stats(piece: PieceState) -> dict:
@@ -127,7 +127,7 @@ def test_push_split_over_several_frames_is_applied_like_one(monkeypatch):
     push(one, g, seq=1, clock=0)
     monkeypatch.setattr(protocol, "MAX_FRAME", 12)
     many = make_piece(ASYNC, 1)
-    frames = request("push", 1, g, shard=1, clock=0)
+    frames = request("push", 1, g, piece=1, clock=0)
     assert len(frames) == 1 + 9                            # 27 float32 = 9 frames of 3
     assert only(many.handle(b"peer", frames))[0]["clock"] == 1
     assert many.params.tobytes() == one.params.tobytes()
@@ -163,9 +163,9 @@ def test_staleness_is_recorded_and_reported():
 
 
 @pytest.mark.parametrize("fields, code", [
-    ({"shard": 0, "clock": 1}, protocol.E_STATE),              # ahead of the version
-    ({"shard": 1, "clock": 0}, protocol.E_SHARD),
-    ({"clock": 0}, protocol.E_SHARD),                          # no shard at all
+    ({"piece": 0, "clock": 1}, protocol.E_STATE),              # ahead of the version
+    ({"piece": 1, "clock": 0}, protocol.E_PIECE),
+    ({"clock": 0}, protocol.E_PIECE),                          # no piece at all
 ])
 def test_push_refused_changes_nothing(fields, code):
     piece = make_piece()
@@ -190,18 +190,18 @@ def test_non_finite_gradient_is_refused(bad):
 
 
 def test_a_server_answers_a_piece_it_does_not_hold_with_the_requests_seq():
-    """So the client raises E_SHARD at once instead of waiting for a reply it never matches."""
+    """So the client raises E_PIECE at once instead of waiting for a reply it never matches."""
     server = Server(ASYNC, SPEC, 0, model_layout(SPEC).pieces(ASYNC.shards))
-    piece, replies = server.handle(b"p", request("pull", 7, shard=1))
+    piece, replies = server.handle(b"p", request("pull", 7, piece=1))
     header = only(replies)[0]
-    assert piece is None and (header["seq"], header["code"]) == (7, protocol.E_SHARD)
+    assert piece is None and (header["seq"], header["code"]) == (7, protocol.E_PIECE)
 
 
-def test_pull_for_another_shard_and_unknown_op():
+def test_pull_for_another_piece_and_unknown_op():
     piece = make_piece()
-    assert error_code(piece.handle(b"p", request("pull", 1, shard=1))) == protocol.E_SHARD
+    assert error_code(piece.handle(b"p", request("pull", 1, piece=1))) == protocol.E_PIECE
     for op in ("register", "heartbeat", "_push", "__init__", "ok", "error", "PULL"):
-        assert error_code(piece.handle(b"p", request(op, 1, shard=0))) == protocol.E_UNKNOWN_OP
+        assert error_code(piece.handle(b"p", request(op, 1, piece=0))) == protocol.E_UNKNOWN_OP
 
 
 def test_error_reply_goes_to_the_sender_with_its_seq():
@@ -512,7 +512,7 @@ def exchange(sock: zmq.Socket, frames: list) -> tuple[dict, np.ndarray | None]:
 
 @pytest.mark.parametrize("mode", ["async", "sync"])
 def test_live_server_survives_malformed_messages(spawn_server, dealer, mode):
-    """Invariant 5: nothing malformed crashes a server or changes its weights.
+    """Invariant 5 (docs/invariants.md): nothing malformed crashes a server or changes its weights.
 
     In sync mode with one worker, a push from worker-0 completes its version at once.
     """
@@ -522,7 +522,7 @@ def test_live_server_survives_malformed_messages(spawn_server, dealer, mode):
     n = hi - lo
 
     def frames(op="push", seq=1, payload=None, **fields):
-        return request(op, seq, payload, **{"shard": 1, "clock": 0, **fields})
+        return request(op, seq, payload, **{"piece": 1, "clock": 0, **fields})
 
     def raw(**header):
         return [msgpack.packb(header)]
@@ -541,7 +541,7 @@ def test_live_server_survives_malformed_messages(spawn_server, dealer, mode):
         "truncated payload": ([head, g.tobytes()[:-4]], protocol.E_PAYLOAD),
         "payload cut mid-item": ([head, g.tobytes()[:-1]], protocol.E_PAYLOAD),
         "push without payload": ([head], protocol.E_PAYLOAD),
-        "wrong dtype": (raw(v=V, op="push", node="worker-0", seq=1, shard=1, clock=0, dtype="<f8", n=n)
+        "wrong dtype": (raw(v=V, op="push", node="worker-0", seq=1, piece=1, clock=0, dtype="<f8", n=n)
                         + [g.astype(np.float64).tobytes()], protocol.E_PAYLOAD),
         "wrong length (long)": (frames(payload=np.append(g, np.float32(1))), protocol.E_PAYLOAD),
         "wrong length (short)": (frames(payload=g[:-1]), protocol.E_PAYLOAD),
@@ -553,7 +553,7 @@ def test_live_server_survives_malformed_messages(spawn_server, dealer, mode):
         "unknown header field": (raw(v=V, op="pull", node="x", seq=1, secret=1), protocol.E_MALFORMED),
         "push with NaN": (frames(payload=nan), protocol.E_PAYLOAD),
         "push with inf": (frames(payload=np.full(n, np.inf, np.float32)), protocol.E_PAYLOAD),
-        "wrong shard": (frames(payload=g, shard=0), protocol.E_SHARD),
+        "wrong piece": (frames(payload=g, piece=0), protocol.E_PIECE),
         "clock ahead": (frames(payload=g, clock=9), protocol.E_STATE),
         "infinite lr_scale": (frames("control", meta={"lr_scale": float("inf")}), protocol.E_MALFORMED),
     }
@@ -625,7 +625,7 @@ def test_shard_client_raises_cluster_error_when_nothing_listens():
         probe.close()                                        # the port is free again: nobody listens
         address = f"tcp://127.0.0.1:{port}"
         with ShardClient([address], [(0, 53)], "worker-0", timeout=0.2, retries=1, ctx=ctx) as client:
-            with pytest.raises(ClusterError, match=f"shard 0 at {address}.*2 attempts"):
+            with pytest.raises(ClusterError, match=f"piece 0 at {address}.*2 attempts"):
                 client.pull(np.empty(53, np.float32))
     finally:
         ctx.term()
@@ -646,9 +646,9 @@ def test_shard_client_sends_the_pieces_of_one_server_in_order_on_one_connection(
             got = [server.recv_multipart() for _ in range(3)]
             assert len({ident for ident, *_ in got}) == 1
             headers = [msgpack.unpackb(h) for _, h, *_ in got]
-            assert [h["shard"] for h in headers] == [0, 1, 2]
+            assert [h["piece"] for h in headers] == [0, 1, 2]
             for (ident, _, _), h in reversed(list(zip(got, headers))):    # answered backwards
-                reply = np.full(4, h["shard"], np.float32)
+                reply = np.full(4, h["piece"], np.float32)
                 server.send_multipart([ident, *protocol.encode(
                     {"op": "ok", "node": "s", "seq": h["seq"], "clock": 1}, reply)])
             out = np.empty(12, np.float32)
@@ -657,8 +657,8 @@ def test_shard_client_sends_the_pieces_of_one_server_in_order_on_one_connection(
             client.reconnect(2, there)
             moved = make_socket(ctx, zmq.ROUTER, there, bind=True)
             client.start("pull")
-            assert [msgpack.unpackb(server.recv_multipart()[1])["shard"] for _ in range(2)] == [0, 1]
-            assert msgpack.unpackb(moved.recv_multipart()[1])["shard"] == 2
+            assert [msgpack.unpackb(server.recv_multipart()[1])["piece"] for _ in range(2)] == [0, 1]
+            assert msgpack.unpackb(moved.recv_multipart()[1])["piece"] == 2
             moved.close()
         server.close()
     finally:
@@ -680,7 +680,7 @@ def test_shard_client_keeps_each_pieces_version_and_pushes_each_its_own_clock(tm
             headers = [msgpack.unpackb(h) for _, h, *_ in got]
             for (ident, *_), h in zip(got, headers):
                 server.send_multipart([ident, *protocol.encode(
-                    {"op": "ok", "node": "s", "seq": h["seq"], "clock": clocks[h["shard"]]},
+                    {"op": "ok", "node": "s", "seq": h["seq"], "clock": clocks[h["piece"]]},
                     np.ones(4, np.float32) if params else None)])
             return headers
 
@@ -697,7 +697,7 @@ def test_shard_client_keeps_each_pieces_version_and_pushes_each_its_own_clock(tm
             client.start("push_pull", g, 4)                                  # one clock for all
             assert [h["clock"] for h in answer_all([7, 5, 11])] == [4, 4, 4]
             assert client.finish(out) == 5 and client.versions == [7, 5, 11]
-            with pytest.raises(ValueError, match="2 clocks for 3 pieces"):
+            with pytest.raises(ValueError, match="2 versions for 3 pieces"):
                 client.start("push", g, [1, 2])
         server.close()
     finally:
@@ -743,7 +743,7 @@ def test_an_ssp_worker_that_joins_starts_at_the_slowest_clock():
     for seq in range(1, 6):                                   # worker-0 alone: 5 clocks
         assert len(push(piece, grad, seq, piece.version)) == 1
     only(piece.handle(b"s", request("control", 1, node="scheduler", meta={"live": [0, 1]})))
-    assert piece.clock[1] == 5
+    assert piece.worker_clock[1] == 5
     assert len(push(piece, grad, 6, piece.version)) == 1       # 6 - 5 <= 1: not held back
     assert push(piece, grad, 7, piece.version) == []           # 7 - 5 > 1: waits for worker-1
     released = push(piece, grad, 1, piece.version, node="worker-1")

@@ -10,7 +10,7 @@ from downpour.common.config import Config
 from downpour.common.errors import ConfigError
 from downpour.common.evaluation import EarlyStopping
 from downpour.common.nn.model import Model, ModelSpec
-from downpour.common.training import batch_gradient, open_datasets
+from downpour.common.training import open_datasets
 from downpour.worker.single import train
 
 
@@ -57,31 +57,6 @@ def test_same_seed_same_weights_and_other_seed_differs(tmp_path):
     train(small(c, seed=1))
     pa, pb, pc = (load_model(d / "model.npz")["params"] for d in (a, b, c))
     assert np.array_equal(pa, pb) and not np.array_equal(pa, pc)
-
-
-@pytest.mark.parametrize("clip", [{}, {"clip_norm": 0.05}, {"clip_value": 1e-3}])
-def test_micro_batches_average_clipped_chunk_gradients_as_a_sync_server(clip):
-    """k micro-batches: each chunk's gradient clipped, summed in order, times dtype(1/k);
-    k = 1 is the plain gradient."""
-    model = Model(ModelSpec(n_inputs=6, n_outputs=3, hidden=(5,)), seed=0)
-    rng = np.random.default_rng(0)
-    x, y = rng.standard_normal((12, 6), dtype=np.float32), rng.integers(0, 3, 12)
-    loss1 = batch_gradient(model, x, y, Config(batch_size=12, **clip))
-    plain = model.grads.copy()
-    parts, losses = [], []
-    for i in range(3):
-        ref = Model(model.spec, seed=0)
-        losses.append(batch_gradient(ref, x[4 * i:4 * i + 4], y[4 * i:4 * i + 4],
-                                     Config(batch_size=4, **clip)))
-        parts.append(ref.grads.copy())
-    acc = np.empty_like(model.grads)
-    loss3 = batch_gradient(model, x, y, Config(batch_size=12, micro_batches=3, **clip), acc)
-    assert np.array_equal(model.grads, (parts[0] + parts[1] + parts[2]) * np.float32(1 / 3))
-    assert loss3 == pytest.approx(np.mean(losses))
-    if not clip:
-        assert loss1 == pytest.approx(loss3) and np.allclose(plain, model.grads, atol=1e-6)
-    if "clip_norm" in clip:
-        assert max(np.linalg.norm(g) for g in parts) <= 0.05 * (1 + 1e-5)
 
 
 def test_micro_batches_must_divide_the_batch():

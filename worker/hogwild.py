@@ -11,7 +11,7 @@ estimates are shared. The parent process evaluates the shared weights every
 baseline for one machine, not a distributed mode.
 
 Evaluation points: the worker whose step takes the run's samples to the next point
-(training.eval_interval) copies the shared weights, with the progress totals and
+(order.eval_interval) copies the shared weights, with the progress totals and
 the time, into a shared snapshot under a lock (taken only then, and by the parent
 to read it); the parent evaluates that copy, so a record's epoch, samples and
 updates are those of the weights it judged, up to the steps other processes had
@@ -31,24 +31,16 @@ from typing import Callable
 import numpy as np
 
 from downpour.common.config import Config
-from downpour.common.data import Dataset, gather
-from downpour.common.errors import ClusterError, DownpourError
+from downpour.common.data import Dataset
+from downpour.common.errors import ClusterError
 from downpour.common.evaluation import Evaluator
-from downpour.common.metrics import MetricsLog, Progress
+from downpour.common.metrics import EndRecord, MetricsLog, Progress, end_record
 from downpour.common.nn.model import Model, ModelSpec
 from downpour.common.nn.optim import make_optimizer
-from downpour.common.nn.schedules import parse_schedule
-from downpour.common.training import (
-    batch_gradient,
-    check_cluster,
-    epoch_steps,
-    eval_interval,
-    finish,
-    model_spec,
-    open_datasets,
-    worker_batches,
-    worker_steps,
-)
+from downpour.common.nn.schedules import Schedule, parse_schedule
+from downpour.common.order import epoch_samples, eval_interval, worker_batches, worker_steps
+from downpour.common.step import GradientStep
+from downpour.common.training import check_cluster, finish, model_spec, open_datasets
 
 # the progress table: one float64 row per worker
 SAMPLES, STEPS, LOSS_SUM, LOSS_COUNT, DONE, STOP, T_START, T_END = range(8)
@@ -101,22 +93,12 @@ def _work(cfg: Config, spec: ModelSpec, rank: int, blocks: dict[str, tuple], loc
         opt.adopt_state([shared.arrays[f"state{i}"] for i in range(len(opt.state_names))],
                         initialise=False)
         schedule = parse_schedule(cfg.lr_schedule, cfg.lr)
-        xb = np.empty((cfg.batch_size, train_set.n_features), np.float32)
-        yb = np.empty(cfg.batch_size, np.int64)
-        micro = np.empty_like(model.grads) if cfg.micro_batches > 1 else None
-        slow_rank, factor = cfg.slowdown
+        gradient = GradientStep(cfg, model, train_set, f"hogwild worker {rank}", rank)
         table[T_START] = time.time()
         for _, idx in worker_batches(len(train_set), cfg, rank):
             if shared.arrays["progress"][:, STOP].any():
                 break
-            t0 = time.perf_counter()
-            gather(train_set.x, idx, out=xb)
-            gather(train_set.y, idx, out=yb)
-            loss = batch_gradient(model, xb, yb, cfg, micro)
-            if slow_rank == rank:
-                time.sleep((factor - 1.0) * (time.perf_counter() - t0))
-            if not math.isfinite(loss):
-                raise DownpourError(f"hogwild worker {rank}: the training loss became {loss}")
+            loss = gradient.step(idx)
             opt.step(model.params, model.grads, schedule(opt.t) * float(shared.arrays["scale"][0]))
             table[SAMPLES] += len(idx)
             table[STEPS] += 1
@@ -179,77 +161,113 @@ def _run(cfg: Config, spec: ModelSpec, model: Model, shared: Shared, train_set: 
          metrics: MetricsLog | None) -> dict:
     """Start the W processes, watch and evaluate them until they are done, report."""
     W, n = cfg.workers, len(train_set)
-    steps, per_step = epoch_steps(n, cfg)
-    epoch_samples = steps * per_step          # `epoch` = samples / it
-    total = sum(worker_steps(n, cfg, r) for r in range(W)) * cfg.batch_size
-    progress = progress or Progress(total, cfg.progress)
+    progress = progress or Progress(sum(worker_steps(n, cfg, r) for r in range(W)) * cfg.batch_size,
+                                    cfg.progress)
     metrics = metrics or MetricsLog(cfg.metrics)
-    scale, table, record = shared.arrays["scale"], shared.arrays["progress"], shared.arrays["record"]
-    schedule = parse_schedule(cfg.lr_schedule, cfg.lr)
-    evaluator = Evaluator(cfg, model, train_set, test_set, metrics, progress, schedule,
-                          recalibrate=True, on_lr_scale=lambda s: scale.__setitem__(0, s))
+    table, record = shared.arrays["progress"], shared.arrays["record"]
     progress.line(f"{about}; hogwild mode, {W} process(es) on one shared vector, model "
                   f"{model.layout.size:,} parameters")
     ctx = multiprocessing.get_context("spawn")
     lock = ctx.Lock()                         # the snapshot's: see `_snapshot`
     procs = [ctx.Process(target=_work, args=(cfg, spec, r, shared.describe(), lock), daemon=True)
              for r in range(W)]
-    start = time.time()
+    points = _Points(model, shared, lock, epoch_samples(n, cfg), Evaluator(
+        cfg, model, train_set, test_set, metrics, progress, parse_schedule(cfg.lr_schedule, cfg.lr),
+        recalibrate=True, on_lr_scale=lambda s: shared.arrays["scale"].__setitem__(0, s)))
+    _start(procs)
+    try:
+        _watch(procs, table, record, progress, points.evaluate)
+        train_time = _train_time(table, points.start)
+        _join(procs)
+        points.finish()
+    finally:
+        _end(procs)
+        progress.close()
+    return finish(cfg, model, metrics, progress, _end_record(cfg, model, table, points, about,
+                                                              train_time))
 
-    def evaluate(snapshot: bool) -> None:
-        """Evaluate the snapshot waiting in `record` or, without, the shared weights now."""
+
+class _Points:
+    """The parent's evaluations: the snapshots the workers leave at each evaluation point,
+    and the final weights. `start`: the run's start (Unix seconds), made with it."""
+
+    def __init__(self, model: Model, shared: Shared, lock, epoch_samples: int,
+                 evaluator: Evaluator):
+        self.model, self.shared, self.lock, self.evaluator = model, shared, lock, evaluator
+        self.epoch_samples = epoch_samples            # `epoch` = samples / it
+        self.schedule: Schedule = evaluator.schedule
+        self.start = time.time()
+
+    def evaluate(self, snapshot: bool) -> None:
+        """Evaluate the snapshot waiting in the record or, without, the shared weights now;
+        once early stopping fires, tell every process to stop."""
+        arrays = self.shared.arrays
+        table, record = arrays["progress"], arrays["record"]
         if snapshot:
-            if not lock.acquire(timeout=LOCK_TIMEOUT_S):
+            if not self.lock.acquire(timeout=LOCK_TIMEOUT_S):
                 raise ClusterError(f"the snapshot lock was held for {LOCK_TIMEOUT_S:g} s")
             try:
-                np.copyto(model.params, shared.arrays["snapshot"])
+                np.copyto(self.model.params, arrays["snapshot"])
                 samples, steps, loss_sum, loss_count, at = record[SNAP_SAMPLES:SNAP_TIME + 1]
                 record[READY] = 0
             finally:
-                lock.release()
+                self.lock.release()
         else:
-            np.copyto(model.params, shared.arrays["params"])
+            np.copyto(self.model.params, arrays["params"])
             samples, steps, loss_sum, loss_count = table[:, [SAMPLES, STEPS, LOSS_SUM, LOSS_COUNT]].sum(0)
             at = time.time()
-        evaluator.evaluate(epoch=samples / epoch_samples, samples=int(samples), updates=int(steps),
-                           loss_sum=loss_sum, loss_count=loss_count, lr=schedule(0) * scale[0],
-                           elapsed_s=at - start)
-        if evaluator.stopping:
+        self.evaluator.evaluate(epoch=samples / self.epoch_samples, samples=int(samples),
+                                updates=int(steps), loss_sum=loss_sum, loss_count=loss_count,
+                                lr=self.schedule(0) * arrays["scale"][0], elapsed_s=at - self.start)
+        if self.evaluator.stopping:
             table[:, STOP] = 1
 
-    # Ctrl-C is this process's to handle: the children ignore SIGINT (inherited, and kept
-    # by the interpreters they start), and are ended by SIGTERM in _end.
+    def finish(self) -> None:
+        """Evaluate the last snapshot left, then the final weights unless just judged."""
+        table, record = self.shared.arrays["progress"], self.shared.arrays["record"]
+        if record[READY]:
+            self.evaluate(snapshot=True)
+        if self.evaluator.last.get("samples") != int(table[:, SAMPLES].sum()):
+            self.evaluate(snapshot=False)
+
+
+def _end_record(cfg: Config, model: Model, table: np.ndarray, points: _Points, about: str,
+                train_time: float) -> EndRecord:
+    """The run's `end` record: no servers and no messages, so no bytes and no staleness."""
+    return end_record(
+        mode="hogwild", workers=cfg.workers, shards=0, parameters=model.layout.size, data=about,
+        samples=int(table[:, SAMPLES].sum()), updates=int(table[:, STEPS].sum()),
+        epoch_samples=points.epoch_samples, elapsed_s=time.time() - points.start,
+        train_time_s=train_time, last_eval=points.evaluator.last,
+        stopped_early=bool(table[:, STOP].any()), bytes=0, bytes_per_s=0.0,
+        staleness_p50=None, staleness_p99=None, staleness_max=None)
+
+
+def _train_time(table: np.ndarray, start: float) -> float:
+    """s from the first process's first step to the last one's last (since `start`, Unix
+    seconds, if none stepped)."""
+    ran = table[table[:, T_START] > 0]
+    return (ran[:, T_END].max() - ran[:, T_START].min()) if len(ran) else time.time() - start
+
+
+def _start(procs: list) -> None:
+    """Start the processes, ignoring SIGINT. Ctrl-C is this process's to handle: the
+    children ignore SIGINT (inherited, and kept by the interpreters they start), and are
+    ended by SIGTERM in _end."""
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         for p in procs:
             p.start()
     finally:
         signal.signal(signal.SIGINT, previous)
-    try:
-        _watch(procs, table, record, progress, evaluate)
-        ran = table[table[:, T_START] > 0]
-        train_time = (ran[:, T_END].max() - ran[:, T_START].min()) if len(ran) else time.time() - start
-        for p in procs:
-            p.join(timeout=JOIN_TIMEOUT_S)
-            if p.exitcode not in (0, None):
-                raise ClusterError(f"a hogwild worker exited with status {p.exitcode}")
-        if record[READY]:
-            evaluate(snapshot=True)
-        if evaluator.last.get("samples") != int(table[:, SAMPLES].sum()):
-            evaluate(snapshot=False)                  # the final weights, unless just judged
-    finally:
-        _end(procs)
-        progress.close()
-    samples, updates, last = int(table[:, SAMPLES].sum()), int(table[:, STEPS].sum()), evaluator.last
-    return finish(
-        cfg, model, metrics, progress, mode="hogwild", workers=W, shards=0,
-        elapsed_s=round(time.time() - start, 3), train_time_s=round(train_time, 3),
-        epoch=round(samples / epoch_samples, 4), samples=samples, updates=updates,
-        samples_per_s=samples / train_time, updates_per_s=updates / train_time,
-        train_loss=last["train_loss"], test_loss=last["test_loss"],
-        test_accuracy=last["test_accuracy"], stopped_early=bool(table[:, STOP].any()),
-        parameters=model.layout.size, data=about, bytes=0, bytes_per_s=0.0,
-        staleness_p50=None, staleness_p99=None, staleness_max=None)
+
+
+def _join(procs: list) -> None:
+    """Wait for the finished processes to exit; ClusterError for one that failed."""
+    for p in procs:
+        p.join(timeout=JOIN_TIMEOUT_S)
+        if p.exitcode not in (0, None):
+            raise ClusterError(f"a hogwild worker exited with status {p.exitcode}")
 
 
 def _watch(procs: list, table: np.ndarray, record: np.ndarray, progress: Progress,

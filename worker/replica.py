@@ -3,7 +3,7 @@
 Per step, in async mode (DistBelief's Downpour SGD with n_fetch and n_push):
 
     the gradient of the next batch          the weights are those last fetched: piece i
-    (downpour.common.training.batch_gradient, clipped) at version v_i
+    (downpour.common.step.GradientStep)     at version v_i
                                             added to the sum of gradients (a sum when
                                             n_push > 1, as DistBelief pushes)
     every n_push steps:  push the sum       to piece i marked as computed on v_i
@@ -20,37 +20,31 @@ server sends once every live worker has pushed; all pieces move together, and a
 push says for every piece the version whose global batch it is (`version`, the
 lowest piece's). With `overlap` (async, n_fetch = n_push = 1) the next gradient is
 computed while the push_pull is in flight, as DistBelief's replicas do: each
-gradient is then one version staler, and the servers count it. The batches come
-from downpour.common.training.worker_batches, so one async worker without overlap
-takes exactly the single-process trainer's steps.
+gradient is then one version staler, and the servers count it. The batches are
+those downpour.common.order gives (in async and ssp, of the chunks the scheduler
+deals), so one async worker without overlap takes exactly the single-process
+trainer's steps.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from dataclasses import replace
+from typing import Any, Iterator
 
 import numpy as np
 import zmq
 
 from downpour.common import config
 from downpour.common.config import Config
-from downpour.common.data import Dataset, gather
-from downpour.common.errors import ClusterError, ConfigError, DownpourError
+from downpour.common.data import Dataset
+from downpour.common.errors import ClusterError, ConfigError
 from downpour.common.nn.layout import Piece
 from downpour.common.nn.model import Model, ModelSpec
-from downpour.common.training import (
-    batch_gradient,
-    chunk_batches,
-    dealt,
-    open_datasets,
-    sync_batch,
-    sync_versions,
-    worker_batches,
-    worker_steps,
-)
+from downpour.common.order import chunk_batches, deals_chunks, sync_batch, sync_versions, worker_steps
+from downpour.common.step import GradientStep
+from downpour.common.training import open_datasets
 from downpour.common.wire import protocol
 from downpour.common.wire.client import ShardClient
 from downpour.common.wire.node import ChunkFeed, Heartbeat, register, say
@@ -64,9 +58,8 @@ class Replica:
     """Worker `rank` of a run: trains on its batches against the shard servers."""
 
     def __init__(self, cfg: Config, spec: ModelSpec, rank: int, data: Dataset, client: ShardClient,
-                 piece_servers: list[int], feed: ChunkFeed | None = None, incarnation: int = 0):
+                 piece_servers: list[int], incarnation: int = 0):
         self.cfg, self.rank, self.data, self.client = cfg, rank, data, client
-        self.feed = feed                            # async, ssp: chunks dealt by the scheduler
         self.piece_servers = piece_servers          # the server that holds each piece
         self.model = Model(spec, seed=cfg.seed, stream=rank)
         # per piece: the version of the weights in model.params, noted as they arrive
@@ -83,20 +76,26 @@ class Replica:
         self._unpushed = (0, 0.0)                   # (samples, loss sum) of gradients not yet pushed
         self._acc = np.zeros_like(params) if cfg.n_push > 1 and not sync else None  # summed grads
         self._send = np.empty_like(params) if self._overlap else None    # the gradient in flight
-        self._micro = np.empty_like(params) if cfg.micro_batches > 1 else None
-        self._xb = np.empty((cfg.batch_size, data.n_features), np.float32)   # (B, D)
-        self._yb = np.empty(cfg.batch_size, np.int64)                         # (B,)
-        slow_rank, slow_factor = cfg.slowdown
-        self._slowdown = slow_factor - 1.0 if slow_rank == rank else 0.0     # extra compute, x1
+        self._step = GradientStep(cfg, self.model, data, f"worker-{rank}", rank)
 
-    def run(self, heartbeat: Heartbeat | None = None) -> None:
-        """Take every step of this worker's share, or stop early when the scheduler says so."""
+    def run(self, heartbeat: Heartbeat | None = None, feed: ChunkFeed | None = None) -> None:
+        """Take every step of this worker's share, or stop early when the scheduler says so.
+
+        `heartbeat` (its scheduler's word: stop, lost, servers moved) is checked before
+        every step and while waiting for a server; `feed` deals the chunks to train in
+        async and ssp mode, where it is required."""
+        if deals_chunks(self.cfg) != (feed is not None):
+            raise ValueError(f"worker-{self.rank}: a ChunkFeed is for the modes that deal "
+                             f"chunks (async, ssp), and they need one; {self.cfg.mode} mode "
+                             f"was given {'one' if feed is not None else 'none'}")
+        if heartbeat is not None:
+            self.client.while_waiting = lambda: self._follow(heartbeat.reply)
         self.progress["t_start"] = time.time()
         self._exchange(self.client.pull, self.model.params)
-        for step, idx, last in self._batches():
+        for step, idx, last in self._batches(feed):
             if heartbeat is not None and self._told_to_stop(heartbeat):
                 break
-            loss = self._gradient(step, idx)
+            loss = self._gradient(idx)
             self._communicate(step, last)
             p = self.progress
             p["samples"] += len(idx)
@@ -121,20 +120,12 @@ class Replica:
         self._follow(heartbeat.reply)
         return False
 
-    def _gradient(self, step: int, idx: np.ndarray) -> float:
+    def _gradient(self, idx: np.ndarray) -> float:
         """The loss of batch `idx`; its gradient is left in model.grads (and added to the
         sum of gradients when n_push > 1)."""
-        m, t0 = self.model, time.perf_counter()
-        gather(self.data.x, idx, out=self._xb)
-        gather(self.data.y, idx, out=self._yb)
-        loss = batch_gradient(m, self._xb, self._yb, self.cfg, self._micro)
-        if self._slowdown:                    # a straggler, for experiments: FACTOR x the compute
-            time.sleep(self._slowdown * (time.perf_counter() - t0))
-        if not math.isfinite(loss):
-            raise DownpourError(f"worker-{self.rank}: the training loss became {loss} at "
-                                f"step {step}; lower --lr or add --clip-norm")
+        loss = self._step.step(idx)
         if self._acc is not None:
-            self._acc += m.grads
+            self._acc += self.model.grads
         samples, loss_sum = self._unpushed
         self._unpushed = (samples + len(idx), loss_sum + loss * len(idx))
         return loss
@@ -173,31 +164,26 @@ class Replica:
             if self._acc is not None:
                 self._acc[:] = 0
 
-    def _batches(self):
+    def _batches(self, feed: ChunkFeed | None) -> Iterator[tuple[int, np.ndarray, bool]]:
         """(step, sample indices, whether it is the last step) for this worker.
 
-        Sync mode follows the version the servers answered with (`self.version`):
-        each step computes this worker's slice of that version's global batch, so a
-        worker that was too late for a version (backup workers) skips to the next.
+        Async and ssp: the batches of the chunks `feed` deals, in order. Sync mode
+        follows the version the servers answered with (`self.version`): each step
+        computes this worker's slice of that version's global batch, so a worker that
+        was too late for a version (backup workers) skips to the next.
         """
-        n, cfg = len(self.data), self.cfg
-        if self.feed is not None:                 # async, ssp: the chunks dealt, in order
-            step = 0
-            while (chunk := self.feed.take()) is not None:
+        n, cfg, step = len(self.data), self.cfg, 0
+        if deals_chunks(cfg):
+            while (chunk := feed.take()) is not None:
                 batches = chunk_batches(n, cfg, chunk)
                 for i, idx in enumerate(batches):
-                    yield step, idx, i == len(batches) - 1 and not self.feed.more()
+                    yield step, idx, i == len(batches) - 1 and not feed.more()
                     step += 1
             return
-        if cfg.mode == "sync":
-            total, step = sync_versions(n, cfg), 0
-            while self.version < total:
-                yield step, sync_batch(n, cfg, self.rank, self.version)[1], self.version == total - 1
-                step += 1
-            return
-        steps = worker_steps(n, cfg, self.rank)
-        for step, (_, idx) in enumerate(worker_batches(n, cfg, self.rank)):
-            yield step, idx, step == steps - 1
+        total = sync_versions(n, cfg)
+        while self.version < total:
+            yield step, sync_batch(n, cfg, self.rank, self.version)[1], self.version == total - 1
+            step += 1
 
     def _exchange(self, verb, *args) -> None:
         """`verb(*args)`, then note the version of each piece of the weights now held (a
@@ -228,63 +214,84 @@ class Replica:
 
 
 def main(cfg: Config) -> int:
-    """`downpour worker`: register with the scheduler, train, report done.
-
-    Every socket made here is closed on every path before the context ends (the
-    ExitStack), whatever fails after it was made."""
+    """`downpour worker`: register with the scheduler, train, report done."""
     if not cfg.scheduler:
         raise ConfigError("a worker needs the scheduler's address: --scheduler tcp://HOST:PORT "
                           "(or DOWNPOUR_SCHEDULER)")
     keys = Keys.load(cfg.keys, "worker") if cfg.keys else None
     ctx = zmq.Context()
     try:
-        with contextlib.ExitStack() as sockets:
-            meta = register(ctx, cfg.scheduler, "worker", {"role": "worker"}, cfg.start_timeout_s,
-                            keys)
-            if meta is None:                         # the run ended while it stood by
-                return 0
-            rank = meta["rank"]
-            node = f"worker-{rank}"
-            run = config.from_dict(meta["config"])
-            local = {k: getattr(cfg, k) for k in ("data_dir", "threads") if getattr(cfg, k)
-                     != getattr(Config(), k)}      # this host's data and cores win
-            run = replace(run, **local)
-            train, _, about = open_datasets(run)
-            if len(train) != meta["n_train"] or train.n_features != meta["model"]["n_inputs"]:
-                raise ConfigError(f"{node}: its training data has {len(train)} samples of "
-                                  f"{train.n_features} features, the scheduler's "
-                                  f"{meta['n_train']} of {meta['model']['n_inputs']}; give every "
-                                  "node the same data")
-            incarnation, token = meta["incarnation"], meta["token"]
-            pieces = [Piece(*p) for p in meta["pieces"]]     # [[server, lo, hi], ...] on the wire
-            client = sockets.enter_context(ShardClient(
-                [meta["servers"][p.server] for p in pieces], [(p.lo, p.hi) for p in pieces], node,
-                run.timeout_s, run.retries, ctx, first_seq=incarnation * SEQ_SPAN, keys=keys,
-                token=token))
-            heartbeat = Heartbeat(ctx, cfg.scheduler, node, run.heartbeat_s, run.dead_after_s,
-                                  lambda: {**replica.progress, "token": token},  # replica: below
-                                  keys)
-            sockets.callback(heartbeat.close)        # its thread closes its own socket
-            identity = {"rank": rank, "incarnation": incarnation, "token": token}
-            feed = ChunkFeed(ctx, cfg.scheduler, node, identity, run.timeout_s, run.retries,
-                             lost=heartbeat.lost, keys=keys,
-                             progress=lambda: {k: replica.progress[k] for k in protocol.COUNTERS}
-                             ) if dealt(run) else None
-            if feed is not None:
-                sockets.callback(feed.close)
-            replica = Replica(run, ModelSpec.from_dict(meta["model"]), rank, train, client,
-                              [p.server for p in pieces], feed, incarnation)
-            client.while_waiting = lambda: replica._follow(heartbeat.reply)
-            work = (f"chunks of {run.chunk_batches} batches dealt" if feed is not None
-                    else f"{worker_steps(len(train), run, rank)} steps")
-            say(f"{node}: joined the scheduler at {cfg.scheduler}; {run.mode} mode, {work} on "
-                f"{about}; servers {', '.join(meta['servers'])}")
-            heartbeat.start()
-            replica.run(heartbeat)
-            heartbeat.beat_now()                     # say done at once
-        p = replica.progress
-        why = "stopped early: the scheduler said stop" if heartbeat.stop.is_set() else "done"
-        say(f"{node}: {why} after {p['steps']} steps ({p['samples']:,} samples)")
+        _register_and_train(cfg, ctx, keys)
     finally:
         ctx.term()
     return 0
+
+
+def _register_and_train(cfg: Config, ctx: zmq.Context, keys: Keys | None) -> None:
+    """`main`'s work: register, take the run's settings and check the data against the
+    scheduler's, then train with a heartbeat (and in async and ssp a chunk feed) until
+    done or told to stop.
+
+    Every socket made here is closed on every path before `main` ends the context (the
+    ExitStack), whatever fails after it was made."""
+    meta = register(ctx, cfg.scheduler, "worker", {"role": "worker"}, cfg.start_timeout_s, keys)
+    if meta is None:                                 # the run ended while it stood by
+        return
+    rank, token = meta["rank"], meta["token"]
+    node, run = f"worker-{rank}", _run_settings(cfg, meta)
+    train, about = _training_data(run, meta, node)
+    pieces = [Piece(*p) for p in meta["pieces"]]     # [[server, lo, hi], ...] on the wire
+    with contextlib.ExitStack() as sockets:
+        client = sockets.enter_context(ShardClient(
+            [meta["servers"][p.server] for p in pieces], [(p.lo, p.hi) for p in pieces], node,
+            run.timeout_s, run.retries, ctx, first_seq=meta["incarnation"] * SEQ_SPAN, keys=keys,
+            token=token))
+        replica = Replica(run, ModelSpec.from_dict(meta["model"]), rank, train, client,
+                          [p.server for p in pieces], meta["incarnation"])
+        heartbeat = Heartbeat(ctx, cfg.scheduler, node, run.heartbeat_s, run.dead_after_s,
+                              lambda: {**replica.progress, "token": token}, keys)
+        sockets.callback(heartbeat.close)            # its thread closes its own socket
+        feed = None
+        if deals_chunks(run):
+            feed = _chunk_feed(cfg, ctx, keys, meta, replica, heartbeat)
+            sockets.callback(feed.close)
+        work = (f"chunks of {run.chunk_batches} batches dealt" if feed is not None
+                else f"{worker_steps(len(train), run, rank)} steps")
+        say(f"{node}: joined the scheduler at {cfg.scheduler}; {run.mode} mode, {work} on "
+            f"{about}; servers {', '.join(meta['servers'])}")
+        heartbeat.start()
+        replica.run(heartbeat, feed)
+        heartbeat.beat_now()                         # say done at once
+    p = replica.progress
+    why = "stopped early: the scheduler said stop" if heartbeat.stop.is_set() else "done"
+    say(f"{node}: {why} after {p['steps']} steps ({p['samples']:,} samples)")
+
+
+def _run_settings(cfg: Config, meta: dict[str, Any]) -> Config:
+    """The run's settings as the scheduler sent them, but for this host's data directory
+    and cores, where given."""
+    local = {k: getattr(cfg, k) for k in ("data_dir", "threads") if getattr(cfg, k)
+             != getattr(Config(), k)}
+    return replace(config.from_dict(meta["config"]), **local)
+
+
+def _training_data(run: Config, meta: dict[str, Any], node: str) -> tuple[Dataset, str]:
+    """(the training split, a sentence saying what it is); ConfigError unless it is the
+    scheduler's (as many samples of as many features)."""
+    train, _, about = open_datasets(run)
+    if len(train) != meta["n_train"] or train.n_features != meta["model"]["n_inputs"]:
+        raise ConfigError(f"{node}: its training data has {len(train)} samples of "
+                          f"{train.n_features} features, the scheduler's "
+                          f"{meta['n_train']} of {meta['model']['n_inputs']}; give every "
+                          "node the same data")
+    return train, about
+
+
+def _chunk_feed(cfg: Config, ctx: zmq.Context, keys: Keys | None, meta: dict[str, Any],
+                replica: Replica, heartbeat: Heartbeat) -> ChunkFeed:
+    """The feed of chunks the scheduler deals (async, ssp); each request carries the
+    replica's counters, and a wait ends when the heartbeat has lost the scheduler."""
+    identity = {k: meta[k] for k in ("rank", "incarnation", "token")}
+    return ChunkFeed(ctx, cfg.scheduler, f"worker-{meta['rank']}", identity, replica.cfg.timeout_s,
+                     replica.cfg.retries, lost=heartbeat.lost, keys=keys,
+                     progress=lambda: {k: replica.progress[k] for k in protocol.COUNTERS})

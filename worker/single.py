@@ -2,8 +2,8 @@
 
 One replica and one optimizer over the whole parameter vector. Per step:
 
-    idx  = next batch of the epoch's permutation (downpour.common.data, seeded by (seed, epoch))
-    loss = batch_gradient(model, x[idx], y[idx])      # grads hold dL/dparams, clipped
+    idx  = next batch of the epoch's permutation (downpour.common.order, seeded by (seed, epoch))
+    loss = gradient.step(idx)                         # grads hold dL/dparams, clipped
     optimizer.step(params, grads, schedule(t))        # t = updates applied so far
 
 Every `eval_every` epochs the evaluator (downpour.common.evaluation) judges the
@@ -14,27 +14,18 @@ counts training time only (evaluation excluded); `elapsed_s` is wall time.
 
 from __future__ import annotations
 
-import math
 import time
 
-import numpy as np
-
 from downpour.common.config import Config
-from downpour.common.data import gather, steps_per_epoch
-from downpour.common.errors import DownpourError
+from downpour.common.data import Dataset
 from downpour.common.evaluation import Evaluator
-from downpour.common.metrics import MetricsLog, Progress
+from downpour.common.metrics import MetricsLog, Progress, end_record
 from downpour.common.nn.model import Model
-from downpour.common.nn.optim import make_optimizer
-from downpour.common.nn.schedules import parse_schedule
-from downpour.common.training import (
-    batch_gradient,
-    check_batches,
-    finish,
-    model_spec,
-    open_datasets,
-    worker_batches,
-)
+from downpour.common.nn.optim import Optimizer, make_optimizer
+from downpour.common.nn.schedules import Schedule, parse_schedule
+from downpour.common.order import epoch_samples, eval_interval, worker_batches, worker_steps
+from downpour.common.step import GradientStep
+from downpour.common.training import check_batches, finish, model_spec, open_datasets
 
 
 def train(cfg: Config, progress: Progress | None = None, metrics: MetricsLog | None = None) -> dict:
@@ -45,10 +36,7 @@ def train(cfg: Config, progress: Progress | None = None, metrics: MetricsLog | N
     check_batches(cfg, len(train_set))
     spec = model_spec(cfg, train_set)
     model = Model(spec, seed=cfg.seed)
-    steps = steps_per_epoch(len(train_set), cfg.batch_size)
-    total = steps * cfg.epochs
-    eval_steps = max(1, round(cfg.eval_every * steps)) if cfg.eval_every > 0 else total
-    progress = progress or Progress(total, cfg.progress)
+    progress = progress or Progress(worker_steps(len(train_set), cfg, rank=0), cfg.progress)
     metrics = metrics or MetricsLog(cfg.metrics)
     # the replica trains its own batch-norm statistics: nothing to recalibrate
     evaluator = Evaluator(cfg, model, train_set, test_set, metrics, progress, schedule,
@@ -56,38 +44,39 @@ def train(cfg: Config, progress: Progress | None = None, metrics: MetricsLog | N
     progress.line(f"{about}; model {spec.describe()} ({model.layout.size:,} parameters), "
                   f"{cfg.optimizer} lr {cfg.lr}, batch {cfg.batch_size}, {cfg.epochs} epochs")
 
-    xb = np.empty((cfg.batch_size, train_set.n_features), np.float32)   # (B, D)
-    yb = np.empty(cfg.batch_size, np.int64)                              # (B,)
-    acc = np.empty_like(model.grads) if cfg.micro_batches > 1 else None
     start = time.perf_counter()
+    updates = _steps(cfg, model, optimizer, schedule, train_set, evaluator, progress, start)
+    elapsed = time.perf_counter() - start
+    progress.close()
+    return finish(cfg, model, metrics, progress, end_record(
+        mode="single", workers=1, shards=0, parameters=model.layout.size, data=about,
+        samples=updates * cfg.batch_size, updates=updates,
+        epoch_samples=epoch_samples(len(train_set), cfg), elapsed_s=elapsed,
+        train_time_s=elapsed - evaluator.seconds,           # evaluation excluded
+        last_eval=evaluator.last, stopped_early=evaluator.stopping))
+
+
+def _steps(cfg: Config, model: Model, optimizer: Optimizer, schedule: Schedule,
+           train_set: Dataset, evaluator: Evaluator, progress: Progress, start: float) -> int:
+    """Take every step of the run, evaluating every eval_every epochs and after the last
+    step, until early stopping says stop; the updates made. `start`: perf_counter time
+    of the first step."""
+    n = len(train_set)
+    total, per_epoch = worker_steps(n, cfg, rank=0), epoch_samples(n, cfg)
+    every = eval_interval(n, cfg) // cfg.batch_size or total     # updates between evaluations
+    gradient = GradientStep(cfg, model, train_set, "single process")
     loss_sum, step = 0.0, 0
-    for epoch, idx in worker_batches(len(train_set), cfg, rank=0):
-        gather(train_set.x, idx, out=xb)
-        gather(train_set.y, idx, out=yb)
-        loss = batch_gradient(model, xb, yb, cfg, acc)
-        if not math.isfinite(loss):
-            raise DownpourError(f"the training loss became {loss} at update {step}; "
-                                "lower --lr or add --clip-norm")
+    for epoch, idx in worker_batches(n, cfg, rank=0):
+        loss = gradient.step(idx)
         optimizer.step(model.params, model.grads, schedule(optimizer.t))
         step += 1
         loss_sum += loss
         progress.update(step, f"epoch {epoch + 1}/{cfg.epochs} loss {loss:.4f}")
-        if step % eval_steps == 0 or step == total:
-            evaluator.evaluate(epoch=step / steps, samples=step * cfg.batch_size, updates=step,
+        if step % every == 0 or step == total:
+            samples = step * cfg.batch_size
+            evaluator.evaluate(epoch=samples / per_epoch, samples=samples, updates=step,
                                loss_sum=loss_sum, loss_count=step, lr=schedule(optimizer.t),
                                elapsed_s=time.perf_counter() - start)
             if evaluator.stopping:
                 break
-    elapsed = time.perf_counter() - start
-    train_time = elapsed - evaluator.seconds              # evaluation excluded
-    progress.close()
-
-    samples, last = step * cfg.batch_size, evaluator.last
-    return finish(
-        cfg, model, metrics, progress, mode="single", workers=1, shards=0,
-        elapsed_s=round(elapsed, 3), train_time_s=round(train_time, 3),
-        epoch=round(step / steps, 4), samples=samples, updates=step,
-        samples_per_s=samples / train_time, updates_per_s=step / train_time,
-        train_loss=last.get("train_loss"), test_loss=last.get("test_loss"),
-        test_accuracy=last.get("test_accuracy"), stopped_early=evaluator.stopping,
-        parameters=model.layout.size, data=about)
+    return step

@@ -20,7 +20,7 @@ tokens, so they must end in vectors. Each sample enters shaped by the model's
 flat vectors.
 
 Errors are ConfigErrors that name the token (and its position) and say what was
-expected: `parse` checks the syntax, `build_layers` the shapes (a convolution on
+expected: `parse` checks the syntax, `layers_from_tokens` the shapes (a convolution on
 vectors, a kernel larger than its image, a dense layer on images without flatten).
 
 Initialisation, per layer: a dense or convolutional weight takes the model's `init`
@@ -159,7 +159,7 @@ def _reads_output(layers: list[Layer]) -> bool:
     return True
 
 
-def build_layers(tokens: Iterable[str], input_shape: tuple[int, ...], n_outputs: int, *,
+def layers_from_tokens(tokens: Iterable[str], input_shape: tuple[int, ...], n_outputs: int, *,
                  init: str = "", output_init: str = "xavier_uniform", leaky_slope: float = 0.01,
                  seed: int = 0, stream: int = 0) -> list[Layer]:
     """The layers of `tokens` for samples of `input_shape` (as the user writes it), then

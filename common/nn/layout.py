@@ -114,7 +114,7 @@ class Layout:
         A server applies and answers each piece of a push as soon as that piece
         has arrived, so computing one piece overlaps the transfer of the next.
         Pieces of one server are near-equal; `max_piece` 0 means one piece per server.
-        A piece's index in the list is its number on the wire (the header's "shard" field).
+        A piece's index in the list is its number on the wire (the header's "piece" field).
         """
         out: list[Piece] = []
         for server, (lo, hi) in enumerate(self.shard_ranges(n_servers)):

@@ -32,8 +32,7 @@ import numpy as np
 from downpour.common.errors import ConfigError
 from downpour.common.nn.initializers import DEFAULT_FOR_ACTIVATION, INITIALIZERS, initial_vector
 from downpour.common.nn.layers import ACTIVATIONS, BatchNorm, Layer
-from downpour.common.nn.layerspec import build_layers as build_from_tokens
-from downpour.common.nn.layerspec import parse
+from downpour.common.nn.layerspec import layers_from_tokens, parse
 from downpour.common.nn.layout import Layout
 from downpour.common.nn.losses import LOSSES, make_loss
 
@@ -85,7 +84,7 @@ class ModelSpec:
                               f"samples of {self.n_inputs} features: expected C,H,W (images) or "
                               f"T,F (sequences) whose product is {self.n_inputs}, e.g. 1,28,28 "
                               "or 28,28 for MNIST")
-        build_layers(self)                    # ConfigError for tokens that do not fit their input
+        layers_from_spec(self)                # ConfigError for tokens that do not fit their input
 
     @property
     def tokens(self) -> tuple[str, ...]:
@@ -124,11 +123,12 @@ class ModelSpec:
         return cls(**d)
 
 
-def build_layers(spec: ModelSpec, seed: int = 0, stream: int = 0) -> list[Layer]:
-    """The layers of `spec`. Dropout masks come from generators seeded by (seed, stream, layer)."""
-    return build_from_tokens(spec.tokens, spec.input_shape or (spec.n_inputs,), spec.n_outputs,
-                             init=spec.init, output_init=spec.output_init,
-                             leaky_slope=spec.leaky_slope, seed=seed, stream=stream)
+def layers_from_spec(spec: ModelSpec, seed: int = 0, stream: int = 0) -> list[Layer]:
+    """The layers of `spec`: `layers_from_tokens` of its tokens, input shape and settings.
+    Dropout masks come from generators seeded by (seed, stream, layer)."""
+    return layers_from_tokens(spec.tokens, spec.input_shape or (spec.n_inputs,), spec.n_outputs,
+                              init=spec.init, output_init=spec.output_init,
+                              leaky_slope=spec.leaky_slope, seed=seed, stream=stream)
 
 
 def _specs(layers: list[Layer], kind: str) -> list[tuple[str, tuple[int, ...], str]]:
@@ -142,12 +142,12 @@ def _specs(layers: list[Layer], kind: str) -> list[tuple[str, tuple[int, ...], s
 
 def model_layout(spec: ModelSpec) -> Layout:
     """The layout of `spec`'s trainable parameters (the vector servers shard)."""
-    return Layout((name, shape) for name, shape, _ in _specs(build_layers(spec), "params"))
+    return Layout((name, shape) for name, shape, _ in _specs(layers_from_spec(spec), "params"))
 
 
 def initial_params(spec: ModelSpec, seed: int, dtype=np.float32) -> np.ndarray:
     """The initial flat parameter vector of `spec` for `seed`; a shard takes its slice of it."""
-    return initial_vector([(shape, init) for _, shape, init in _specs(build_layers(spec), "params")],
+    return initial_vector([(shape, init) for _, shape, init in _specs(layers_from_spec(spec), "params")],
                           seed, dtype)
 
 
@@ -167,7 +167,7 @@ class Model:
         """`params`, if given, is the storage to use for the parameters (e.g. shared
         memory): its values are left as they are; otherwise the initial vector for `seed`."""
         self.spec, self.dtype = spec, np.dtype(dtype)
-        self.layers = build_layers(spec, seed, stream)
+        self.layers = layers_from_spec(spec, seed, stream)
         pspecs, bspecs = _specs(self.layers, "params"), _specs(self.layers, "buffers")
         self.layout = Layout((n, s) for n, s, _ in pspecs)
         self.buffer_layout = Layout((n, s) for n, s, _ in bspecs)

@@ -1,10 +1,10 @@
-"""The client side of the shard servers: pull, push and push_pull over one DEALER per shard.
+"""The client side of the shard servers: pull, push and push_pull over one DEALER per server.
 
-A request to the whole model goes out to every shard before any reply is awaited;
-replies are then collected as they come. Each shard's request has a timeout and a
+A request to the whole model goes out to every piece before any reply is awaited;
+replies are then collected as they come. Each piece's request has a timeout and a
 bounded number of retries with the same sequence number, so a server applies a
 retried push at most once; a reply to an earlier attempt is recognised by its seq
-and discarded. After the last retry a ClusterError names the shard and address.
+and discarded. After the last retry a ClusterError names the piece and address.
 
 A server may hold several pieces of the vector (downpour.common.nn.layout.Layout.pieces). The
 client keeps one DEALER per server, not per piece: the requests for one server's
@@ -24,8 +24,8 @@ own), so the client keeps one per piece: `versions[i]` is the version of the
 parameters piece i last sent. A push says, per piece, the version its gradient was
 computed on. One number for all pieces (the lowest) was measured wrong: after a
 server was restored from an older checkpoint, the healthy pieces counted every
-later push as stale by the checkpoint's age (staleness p99 1,387 where runs
-without a restore show 2-4).
+later push as stale by the checkpoint's age (the README's "Measured" section has
+the figures).
 
 Used by workers (all three verbs), by the scheduler (pull for evaluation, and the
 control operations through `call`) and by the benchmarks. Its sockets come from
@@ -47,7 +47,7 @@ from downpour.common.wire.sockets import frame_limit, make_socket, send
 
 WAIT_TICK = 0.1    # seconds without a reply before ShardClient.while_waiting runs
 
-Clock = int | Sequence[int]    # a push's version: one per piece, or one for every piece
+Versions = int | Sequence[int]   # what a push was computed on: one version per piece, or one for all
 
 
 class Pending(NamedTuple):
@@ -74,7 +74,7 @@ class ShardClient:
         remember per rank. `keys`: the cluster's, as this node's role; `token`: the
         one a worker's registration gave, sent with every request."""
         if len(addresses) != len(ranges):
-            raise ValueError(f"{len(addresses)} addresses for {len(ranges)} shard ranges")
+            raise ValueError(f"{len(addresses)} addresses for {len(ranges)} pieces")
         self.ctx = ctx or zmq.Context.instance()
         self.node, self.timeout, self.retries = node, timeout, retries
         self.keys, self.token = keys, token
@@ -92,25 +92,25 @@ class ShardClient:
 
     # -- the verbs -------------------------------------------------------------------------
     def pull(self, out: np.ndarray) -> int:
-        """Fill `out` (the whole vector) with the servers' parameters; return the lowest clock."""
+        """Fill `out` (the whole vector) with the servers' parameters; return the lowest version."""
         self.start("pull")
         return self.finish(out)
 
-    def push(self, grad: np.ndarray, clock: Clock, last: bool = False,
+    def push(self, grad: np.ndarray, computed_on: Versions, last: bool = False,
              covered: tuple[int, float] = (0, 0.0)) -> int:
-        """Send `grad` (the whole vector), computed on version `clock` (one per piece, or one
-        for all); return the lowest new clock.
+        """Send `grad` (the whole vector), computed on the version(s) `computed_on` (one per
+        piece, or one for all; the header's clock); return the lowest new version.
 
         `last` tells the servers it is this worker's final push; `covered` what the
         gradient covers: (samples, the sum of their losses), which servers count for
         evaluation points."""
-        self.start("push", grad, clock, last, covered)
+        self.start("push", grad, computed_on, last, covered)
         return self.finish()
 
-    def push_pull(self, grad: np.ndarray, clock: Clock, out: np.ndarray, last: bool = False,
+    def push_pull(self, grad: np.ndarray, computed_on: Versions, out: np.ndarray, last: bool = False,
                   covered: tuple[int, float] = (0, 0.0)) -> int:
-        """push, and fill `out` with the parameters after it, in one round trip per shard."""
-        self.start("push_pull", grad, clock, last, covered)
+        """push, and fill `out` with the parameters after it, in one round trip per piece."""
+        self.start("push_pull", grad, computed_on, last, covered)
         return self.finish(out)
 
     def pull_replies(self, out: np.ndarray, snapshot: int | None = None) -> list[dict[str, Any]]:
@@ -124,34 +124,34 @@ class ShardClient:
         replies = self._collect(out)
         return [replies[s] for s in range(len(self.ranges))]
 
-    def call(self, shard: int, op: str, meta: dict[str, Any] | None = None) -> dict[str, Any]:
-        """A control operation (stats, control, checkpoint, shutdown) to one shard; its reply header."""
-        self._pending = {shard: self._send(shard, op, meta=meta)}
-        return self._collect(None)[shard]
+    def call(self, piece: int, op: str, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A control operation (stats, control, checkpoint, shutdown) to one piece; its reply header."""
+        self._pending = {piece: self._send(piece, op, meta=meta)}
+        return self._collect(None)[piece]
 
     def call_all(self, op: str, meta: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        """`call` on every shard at once; the reply headers in shard order."""
+        """`call` on every piece at once; the reply headers in piece order."""
         self._pending = {s: self._send(s, op, meta=meta) for s in range(len(self.ranges))}
         replies = self._collect(None)
         return [replies[s] for s in range(len(self.ranges))]
 
     # -- split in two, so that work can overlap a request in flight ------------------------------
-    def start(self, op: str, grad: np.ndarray | None = None, clock: Clock = 0,
+    def start(self, op: str, grad: np.ndarray | None = None, computed_on: Versions = 0,
               last: bool = False, covered: tuple[int, float] = (0, 0.0)) -> None:
-        """Send `op` to every shard (with its slice of `grad`, and its `clock`), without waiting
-        for replies."""
+        """Send `op` to every piece (with its slice of `grad`, and the version its slice was
+        computed on), without waiting for replies."""
         if self._pending is not None:
             raise RuntimeError("a request is already in flight; call finish() first")
-        clocks = [clock] * len(self.ranges) if isinstance(clock, int) else list(clock)
-        if len(clocks) != len(self.ranges):
-            raise ValueError(f"{len(clocks)} clocks for {len(self.ranges)} pieces")
+        versions = [computed_on] * len(self.ranges) if isinstance(computed_on, int) else list(computed_on)
+        if len(versions) != len(self.ranges):
+            raise ValueError(f"{len(versions)} versions for {len(self.ranges)} pieces")
         samples, loss_sum = covered
         meta = {**({"last": True} if last else {}),
                 **({"samples": samples, "loss_sum": loss_sum} if samples else {})}
-        self._pending = {s: self._send(s, op, grad, clocks[s], meta) for s in range(len(self.ranges))}
+        self._pending = {s: self._send(s, op, grad, versions[s], meta) for s in range(len(self.ranges))}
 
     def finish(self, out: np.ndarray | None = None) -> int:
-        """Wait for the replies of `start`; copy parameters into `out`; return the lowest clock."""
+        """Wait for the replies of `start`; copy parameters into `out`; return the lowest version."""
         replies = self._collect(out)
         return min(h.get("clock", 0) for h in replies.values())
 
@@ -162,22 +162,22 @@ class ShardClient:
         self._trackers.clear()
 
     # -- internals --------------------------------------------------------------------------
-    def _send(self, shard: int, op: str, grad: np.ndarray | None = None, clock: int = 0,
+    def _send(self, piece: int, op: str, grad: np.ndarray | None = None, computed_on: int = 0,
               meta: dict[str, Any] | None = None) -> Pending:
         self.seq += 1
-        lo, hi = self.ranges[shard]
-        header: dict[str, Any] = {"op": op, "node": self.node, "seq": self.seq, "shard": shard,
-                                  "clock": clock}
+        lo, hi = self.ranges[piece]
+        header: dict[str, Any] = {"op": op, "node": self.node, "seq": self.seq, "piece": piece,
+                                  "clock": computed_on}
         if self.token is not None:
             header["token"] = self.token
         if meta:
             header["meta"] = meta
         frames = protocol.encode(header, None if grad is None else grad[lo:hi])
-        self._post(shard, frames)
+        self._post(piece, frames)
         return Pending(self.seq, frames, op)
 
-    def _post(self, shard: int, frames: list) -> None:
-        tracker = send(self._socks[self.addresses[shard]], frames, track=True)
+    def _post(self, piece: int, frames: list) -> None:
+        tracker = send(self._socks[self.addresses[piece]], frames, track=True)
         if tracker:
             self._trackers.append(tracker)
 
@@ -202,7 +202,7 @@ class ShardClient:
                     continue
                 if attempts[s] >= self.retries:
                     raise ClusterError(
-                        f"shard {s} at {self.addresses[s]} did not answer {pending[s].op!r} in "
+                        f"piece {s} at {self.addresses[s]} did not answer {pending[s].op!r} in "
                         f"{self.retries + 1} attempts of {self.timeout:g} s; is the server running"
                         + (", and are these the cluster's keys?" if self.keys else "?"))
                 attempts[s] += 1

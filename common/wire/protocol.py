@@ -14,14 +14,16 @@ Header fields (every message has v, op, node, seq):
     node    str    sender: "scheduler", "server-<i>", "worker-<i>", or a tool's name
     seq     int    sender's sequence number, >= 0; the reply echoes it. A retried
                    request reuses its seq, so a server applies a push at most once
-    shard   int    the shard a pull/push is for (servers check it is theirs)
-    clock   int    parameter version of the piece named by shard: every piece counts its
+    piece   int    the piece of the vector a request to a server is for: its index in
+                   downpour.common.nn.layout.Layout.pieces (servers check they hold it)
+    clock   int    parameter version of the piece named by piece: every piece counts its
                    own updates, and pieces differ (one restored from a checkpoint is
                    behind). Push request: the version of THIS piece's weights the
                    gradient was computed on, so staleness = the piece's version at
                    apply time - clock; in sync mode the version whose global batch it
                    is, the same for every piece. Reply: the piece's version after the
-                   operation
+                   operation. (The field keeps its name; it is a version, never the
+                   ssp clock: a worker's count of pushes applied, ps/piece.py)
     token   bytes  a worker's pull, push and push_pull: the token its registration gave
                    (downpour.common.wire.security); a push counts under the rank the token
                    names, whatever `node` says
@@ -31,15 +33,15 @@ Header fields (every message has v, op, node, seq):
     code    int    error replies: one of the E_* codes
     msg     str    error replies: what was wrong and what to do
 
-Operations to a shard server (replies carry clock):
+Operations to a shard server, each for one piece (replies carry clock):
 
-    pull        -> ok + payload: the shard's parameters, meta: samples (applied to
+    pull        -> ok + payload: the piece's parameters, meta: samples (applied to
                 them so far). With meta snapshot=k (the scheduler's evaluation
                 pulls): the parameters the piece kept when its applied samples
                 first reached k * eval_samples (the cluster spec), clock: the
                 version then, meta: samples and time (Unix seconds) then; every
                 snapshot up to k is released. E_STATE if it keeps no snapshot k
-    push        payload: a gradient for the shard; meta: last (true on a worker's
+    push        payload: a gradient for the piece; meta: last (true on a worker's
                 final push), samples (the samples the gradient covers, an int;
                 0 when absent) -> ok (applied; in sync mode held until the version
                 completes, in ssp mode held while the worker is too far ahead)
@@ -95,8 +97,8 @@ Error codes (an error reply changes nothing on the server that sends it):
     2  E_VERSION     another protocol version
     3  E_UNKNOWN_OP  an operation this receiver does not offer
     4  E_PAYLOAD     wrong dtype, wrong length, missing frames, non-finite values
-    5  E_SHARD       the request names a shard this server does not own
-    6  E_STATE       not possible now (a clock ahead of the server, a registration
+    5  E_PIECE       the request names a piece this server does not hold, or none
+    6  E_STATE       not possible now (a push's clock ahead of its piece, a registration
                      after the cluster is full, a checkpoint without a directory)
     7  E_INTERNAL    the receiver failed; msg says how
     8  E_DENIED      this peer may not do this: its key's role may not send the
@@ -116,7 +118,7 @@ import numpy as np
 
 from downpour.common.errors import ProtocolError
 
-VERSION = 2       # 2: pushes say their samples; pulls of evaluation snapshots
+VERSION = 3       # 3: the header field shard is now piece (2: pushes say their samples; snapshot pulls)
 MAX_HEADER = 64 * 1024               # bytes; checked before unpacking
 MAX_FRAME = 16 * 1024 * 1024         # bytes per payload frame
 DTYPES = {"<f4": np.dtype("<f4")}    # the payload dtypes a receiver accepts
@@ -127,10 +129,10 @@ SCHEDULER_OPS = ("register", "heartbeat", "next_chunk")
 COUNTERS = ("samples", "steps", "loss_sum", "loss_count")   # a worker's progress that adds up
 REPLY_OPS = ("ok", "error")
 
-E_MALFORMED, E_VERSION, E_UNKNOWN_OP, E_PAYLOAD, E_SHARD, E_STATE, E_INTERNAL, E_DENIED = range(1, 9)
+E_MALFORMED, E_VERSION, E_UNKNOWN_OP, E_PAYLOAD, E_PIECE, E_STATE, E_INTERNAL, E_DENIED = range(1, 9)
 
 ERRORS = {E_MALFORMED: "malformed", E_VERSION: "version", E_UNKNOWN_OP: "unknown operation",
-          E_PAYLOAD: "bad payload", E_SHARD: "wrong shard", E_STATE: "bad state",
+          E_PAYLOAD: "bad payload", E_PIECE: "wrong piece", E_STATE: "bad state",
           E_INTERNAL: "internal", E_DENIED: "denied"}
 
 # operation -> the roles (of the key a peer authenticated with) that may send it
@@ -140,7 +142,7 @@ PERMITTED = {"pull": ("scheduler", "worker"), "push": ("worker",), "push_pull": 
              "heartbeat": ("server", "worker"), "next_chunk": ("worker",)}
 
 # field -> the Python types it may have
-_FIELDS = {"v": int, "op": str, "node": str, "seq": int, "shard": int, "clock": int,
+_FIELDS = {"v": int, "op": str, "node": str, "seq": int, "piece": int, "clock": int,
            "token": bytes, "dtype": str, "n": int, "meta": dict, "code": int, "msg": str}
 _REQUIRED = ("v", "op", "node", "seq")
 
@@ -193,7 +195,7 @@ def decode(frames: Sequence) -> tuple[dict[str, Any], list]:
     if not isinstance(header, dict):
         raise error(E_MALFORMED, f"header is a {type(header).__name__}, expected a map")
     v = header.get("v")
-    if isinstance(v, int) and not isinstance(v, bool) and v != VERSION:  # first: v2 fields may differ
+    if isinstance(v, int) and not isinstance(v, bool) and v != VERSION:  # first: fields differ by version
         raise error(E_VERSION, f"protocol version {v}, this node speaks {VERSION}")
     for key in _REQUIRED:
         if key not in header:
