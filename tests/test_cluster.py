@@ -258,7 +258,7 @@ def test_spares_stand_by_past_their_timeout_and_leave_when_the_run_ends(backgrou
     they stand by for the rest of the run and exit 0 when it ends. (A node waits half its
     timeout for each `again`; the other half is slack for a scheduler busy evaluating,
     which 0.5 s did not always cover on a loaded machine.)"""
-    scheduler, said, workers, address = hand_cluster(background, tmp_path, "--epochs", 30,
+    scheduler, said, workers, address = hand_cluster(background, tmp_path, "--epochs", 60,
                                                      mode="sync")
     wait_for_eval(tmp_path / "m.jsonl", scheduler)
     t0 = time.monotonic()
