@@ -56,6 +56,10 @@ def _pinned(args: argparse.Namespace) -> config.Config:
                                  f"{cfg.mode!r}: give --mode (or DOWNPOUR_MODE)")
     if args.command in ("train", "scheduler"):
         config.check_used(given, cfg.mode)
+        if cfg.link and given.get("transport") == "ipc":
+            raise config.ConfigError("--transport ipc would bypass the links of --link (they "
+                                     "shape tcp between the nodes' own addresses): drop "
+                                     "--transport")
         from downpour.common.training import check_outputs
         check_outputs(cfg)
     from downpour.common.threads import pin_blas_threads
@@ -69,8 +73,8 @@ def _check_addresses(cfg: config.Config) -> None:
     Protected mode: without keys, a bind beyond this host needs --insecure.
 
     The default binds need no check: without keys they are loopback (ps/scheduler.py,
-    ps/server.py). A run's own private network namespace would allow any bind
-    (`address.check_exposure`'s private_network); no launcher builds one yet.
+    ps/server.py). Inside a run's own emulated network (--link, downpour/netem.py) any
+    bind is private to the run, and allowed (`address.in_private_network`).
     """
     if cfg.bind:
         where = address.parse(cfg.bind, "--bind", bind=True)

@@ -33,6 +33,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from downpour import netem
 from downpour.common import config
 from downpour.common.config import Config
 from downpour.common.errors import ClusterError
@@ -46,9 +47,10 @@ TAIL_LINES = 15                # lines of each failed process's log shown
 EXIT_INTERRUPTED = 130         # exit status after Ctrl-C: 128 + SIGINT, as a shell reports it
 INTERRUPTED = (EXIT_INTERRUPTED, -signal.SIGINT)   # the scheduler's exit status after Ctrl-C
 TCP_BIND = "tcp://127.0.0.1:0"  # --transport tcp: loopback, a free port
+SCHEDULER_PORT = 5555          # --link: the scheduler's port on its own emulated address
 PR_SET_PDEATHSIG = 1           # prctl option: the signal this process gets when its parent dies
 NODE_SETTINGS = ("scheduler", "bind", "advertise", "insecure", "checkpoint_dir", "resume",
-                 "endpoint_file", "keys")
+                 "endpoint_file", "keys", "link", "server_link", "transport")
 LOGS_SUFFIX = "-logs"          # the nodes' logs kept next to --metrics: runs/m.jsonl -> runs/m-logs
 LOGS_NAME = "downpour-logs-%Y%m%d-%H%M%S"   # ... else this folder, under the current one
 
@@ -82,10 +84,13 @@ class Cluster:
         self.procs: dict[str, subprocess.Popen] = {}
         self.env = child_env()
 
-    def start(self, name: str, args: list[str], log: bool = True) -> subprocess.Popen:
+    def start(self, name: str, args: list[str], log: bool = True,
+              node: netem.Node | None = None) -> subprocess.Popen:
+        """Start `downpour ARGS` as `name` (in `node`'s network namespace, if given)."""
         out = open(self._log(name), "wb") if log else None
+        argv = [*CLI, *args] if node is None else netem.Network.command(node, [*CLI, *args])
         try:
-            proc = subprocess.Popen([*CLI, *args], env=self.env,
+            proc = subprocess.Popen(argv, env=self.env,
                                     stdout=out, stderr=subprocess.STDOUT if log else None,
                                     stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         finally:
@@ -128,12 +133,16 @@ def launch(cfg: Config) -> int:
     """Run `cfg` as a local cluster; the scheduler's exit status, or EXIT_INTERRUPTED after
     Ctrl-C. Every process is ended, and after a failure or an interrupt the nodes' logs
     are kept and named (`_keep_logs`), before it returns or raises."""
+    if cfg.link and not netem.inside():              # again, inside a private namespace
+        return netem.run_inside([*CLI, "train", *config.to_args(cfg)], child_env())
     run_dir = Path(tempfile.mkdtemp(prefix="downpour-"))
     cluster = Cluster(run_dir)
     interrupt = _FirstInterrupt()
     status: int | None = None                        # None: the run raised
+    network = None
     try:
-        status = _run(cfg, cluster)
+        network = netem.Network() if cfg.link else None
+        status = _run(cfg, cluster, network)
     except KeyboardInterrupt:
         status = EXIT_INTERRUPTED
     finally:
@@ -142,32 +151,47 @@ def launch(cfg: Config) -> int:
             _finish(cfg, cluster, status)
         finally:
             interrupt.restore()
+            if network is not None:
+                network.close()
     return EXIT_INTERRUPTED if status in INTERRUPTED else status
 
 
-def _run(cfg: Config, cluster: Cluster) -> int:
-    """Start the scheduler, then the servers and workers; the scheduler's exit status."""
+def _run(cfg: Config, cluster: Cluster, network: netem.Network | None) -> int:
+    """Start the scheduler, then the servers and workers; the scheduler's exit status.
+    With `network` every node gets a namespace, address and link of its own on it."""
     run_dir = cluster.run_dir
     keys = ["--keys", cfg.keys] if cfg.keys else []           # every role, itself included
     common = ["--threads", str(cfg.threads), "--start-timeout-s", str(cfg.start_timeout_s), *keys]
     endpoint_file = run_dir / "scheduler.endpoint"
-    bind = f"ipc://{run_dir}/scheduler" if cfg.transport == "ipc" else TCP_BIND
+    server_rate = config.parse_rate(cfg.server_link or cfg.link, "server_link") if network else 0
+
+    def place(name: str, ipc_file: str, port: int, rate: int = server_rate
+              ) -> tuple[netem.Node | None, str]:
+        """(the node's place on the emulated network or None, where it listens)."""
+        if network is not None:
+            node = network.add(name, rate)
+            return node, f"tcp://{node.address}:{port}"
+        return None, f"ipc://{run_dir}/{ipc_file}" if cfg.transport == "ipc" else TCP_BIND
+
+    node, bind = place("scheduler", "scheduler", SCHEDULER_PORT)
     run_settings = replace(cfg, **{k: config.FIELDS[k].default for k in NODE_SETTINGS})
     scheduler = cluster.start("scheduler", ["scheduler", *config.to_args(run_settings), *keys,
                                             "--bind", bind, "--endpoint-file", str(endpoint_file)],
-                              log=False)
+                              log=False, node=node)
     endpoint = _wait_for_file(endpoint_file, scheduler, cfg.start_timeout_s)
     # Ranks go by registration order, not launch order: process i need not be server-i,
     # so neither its socket nor its log is named by a number that could pass for a rank.
     for i in range(cfg.shards):
-        server_bind = (f"ipc://{run_dir}/server-{secrets.token_hex(3)}"
-                       if cfg.transport == "ipc" else TCP_BIND)
+        node, server_bind = place(f"server process {i}", f"server-{secrets.token_hex(3)}", 0)
         extra = ["--checkpoint-dir", cfg.checkpoint_dir] if cfg.checkpoint_dir else []
         extra += ["--resume"] if cfg.resume else []
         cluster.start(f"server process {i}", ["server", "--scheduler", endpoint,
-                                              "--bind", server_bind, *common, *extra])
+                                              "--bind", server_bind, *common, *extra], node=node)
+    worker_rate = config.parse_rate(cfg.link, "link") if network else 0
     for i in range(cfg.workers):
-        cluster.start(f"worker process {i}", ["worker", "--scheduler", endpoint, *common])
+        node = network.add(f"worker process {i}", worker_rate) if network else None
+        cluster.start(f"worker process {i}", ["worker", "--scheduler", endpoint, *common],
+                      node=node)
     return scheduler.wait()
 
 

@@ -156,7 +156,14 @@ class Config:
     slow_worker: str = setting("", "straggler injection for experiments: RANK:FACTOR makes "
                                "that worker's steps FACTOR times slower", "cluster", modes=REPLICAS)
     transport: str = setting("ipc", "local runs: ipc (unix sockets in a temp dir) or tcp "
-                             "(loopback)", "cluster", choices=("ipc", "tcp"), modes=CLUSTER)
+                             "(loopback; with --link, the emulated links)", "cluster",
+                             choices=("ipc", "tcp"), modes=CLUSTER)
+    link: str = setting("", "local runs: put every node behind its own emulated link of this "
+                        "rate each way, in tc's syntax (100mbit, 1gbit, 10gbit), in a private "
+                        "network namespace (no root needed); '' = no links", "cluster",
+                        modes=CLUSTER)
+    server_link: str = setting("", "with --link: the servers' and the scheduler's rate "
+                               "(default: --link's)", "cluster", modes=CLUSTER)
     heartbeat_s: float = setting(0.5, "seconds between a node's heartbeats", "cluster", low=0.01,
                                  modes=CLUSTER)
     dead_after_s: float = setting(5.0, "a node silent this long is dead", "cluster", low=0.1,
@@ -224,6 +231,12 @@ class Config:
                               f"survive two late beats, so dead_after_s must be at least "
                               f"{LIVENESS_BEATS} x heartbeat_s; give --dead-after-s {shortest:g} or "
                               "more, or a shorter --heartbeat-s")
+        for name in ("link", "server_link"):
+            if getattr(self, name):
+                parse_rate(getattr(self, name), name)
+        if self.server_link and not self.link:
+            raise ConfigError("server_link gives the servers another rate than --link: give "
+                              "--link RATE too")
         if self.batch_size % self.micro_batches:
             raise ConfigError(f"micro_batches={self.micro_batches} must divide batch_size="
                               f"{self.batch_size}")
@@ -263,6 +276,26 @@ class Config:
                                   "(use a:b for a pair, e.g. betas=0.9:0.99)") from None
             kwargs[key.strip()] = parts[0] if len(parts) == 1 else tuple(parts)
         return kwargs
+
+
+RATE_UNITS = {"tbit": 10**12, "gbit": 10**9, "mbit": 10**6, "kbit": 10**3, "bit": 1,
+              "tbps": 8 * 10**12, "gbps": 8 * 10**9, "mbps": 8 * 10**6, "kbps": 8 * 10**3,
+              "bps": 8}   # tc's units -> bits per second (bps units are bytes per second)
+
+
+def parse_rate(text: str, name: str) -> int:
+    """A link rate in tc's syntax (100mbit, 1gbit, 10gbit, 500kbit) in bits per second;
+    ConfigError naming setting `name` otherwise."""
+    value = text.strip().lower()
+    unit = next((u for u in RATE_UNITS if value.endswith(u)), None)
+    try:
+        number = float(value[:-len(unit)]) if unit else 0.0
+    except ValueError:
+        number = 0.0
+    if not (unit and math.isfinite(number) and number > 0):
+        raise ConfigError(f"{name}={text!r}: expected a rate as tc writes it, e.g. 100mbit, "
+                          "1gbit, 10gbit (bit units are bits per second, bps units bytes)")
+    return int(number * RATE_UNITS[unit])
 
 
 FIELDS = {f.name: f for f in fields(Config)}

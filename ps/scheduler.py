@@ -346,7 +346,7 @@ def main(cfg: Config) -> int:
                     atomic_write(cfg.endpoint_file, lambda f: f.write(endpoint.encode()))
                 # the first line: every address it listens on (a wildcard resolved); without
                 # keys beyond this host (--insecure), that anyone there can control the run
-                exposed = keys is None and address.parse(endpoint, "--bind", bind=True).exposed
+                exposed = keys is None and address.reachable(endpoint)
                 listening = address.insecure_warning(endpoint) if exposed else \
                     f"listening on {', '.join(address.endpoints(endpoint))}"
                 Scheduler(cfg, sock, ctx, keys).run(listening)

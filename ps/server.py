@@ -275,7 +275,7 @@ def _register_and_serve(cfg: Config, ctx: zmq.Context, keys: Keys | None) -> Non
     endpoint = concrete(cfg.bind or (DEFAULT_BIND if keys else LOOPBACK_BIND))
     host = address.parse_host(cfg.advertise, "--advertise") if cfg.advertise else own_address()
     addr = advertised(endpoint, host)
-    if keys is None and address.parse(endpoint, "--bind", bind=True).exposed:   # --insecure
+    if keys is None and address.reachable(endpoint):                             # --insecure
         say(f"server: {address.insecure_warning(endpoint)}")
     elif keys is None and not cfg.bind and \
             address.parse(cfg.scheduler, "--scheduler", bind=False).exposed:

@@ -36,6 +36,8 @@ PRIVILEGED_PORT_MAX = 1023      # ports up to this one need root (or CAP_NET_BIN
 IPC_PATH_MAX = 107              # bytes of a unix socket's path: sun_path holds 108 with its NUL
 HOST_NAME_MAX = 253             # characters of a DNS name
 WILDCARDS = ("*", "0.0.0.0", "::")    # hosts that mean every interface
+EMULATED_NET = ipaddress.ip_network("198.18.0.0/24")   # a run's emulated links (RFC 2544's range)
+ROUTES = "/proc/net/route"      # this network namespace's IPv4 routes (Linux)
 EXAMPLE_PORT = 46999            # the port the corrected forms show when none was given
 SIOCGIFADDR = 0x8915            # Linux ioctl: an interface's IPv4 address, in a struct ifreq
 IFNAMSIZ = 16                   # bytes of ifreq's interface name, with its NUL
@@ -135,14 +137,16 @@ def parse_host(text: str, flag: str) -> str:
 
 
 def check_exposure(where: Address, flag: str, *, keys: bool, insecure: bool,
-                   private_network: bool = False) -> None:
+                   private_network: bool | None = None) -> None:
     """Protected mode: ConfigError if a node without `keys` would listen at `where`
     beyond this host and `insecure` was not given.
 
     `private_network`: the node runs inside a run's own private network namespace (the
-    emulated links of a local run; the launcher that builds them says so), where every
-    address is private to the run and any bind is allowed. Nothing sets it yet."""
-    if keys or insecure or private_network or not where.exposed:
+    emulated links of a local run, downpour/netem.py), where every address is private to
+    the run and any bind is allowed; None: look (`in_private_network`)."""
+    if keys or insecure or not where.exposed:
+        return
+    if in_private_network() if private_network is None else private_network:
         return
     port = where.port or EXAMPLE_PORT
     raise ConfigError(
@@ -150,6 +154,35 @@ def check_exposure(where: Address, flag: str, *, keys: bool, insecure: bool,
         f"could control the run. Make the cluster's keys with `downpour keys DIR` and give "
         f"every node --keys DIR; or listen on this host only ({flag} tcp://127.0.0.1:{port}, "
         f"or ipc://PATH); or, on a network you trust, add --insecure")
+
+
+def in_private_network() -> bool:
+    """Whether this process's network is a run's own emulated one (downpour/netem.py):
+    every address it has, but loopback, is on EMULATED_NET and no route leads anywhere
+    else, so nobody outside the run can reach a port here. Read from the interfaces and
+    the routing table, never from a flag a peer could pass."""
+    addresses = [ipaddress.ip_address(a) for a in host_addresses()]
+    outside = [a for a in addresses if not a.is_loopback and a not in EMULATED_NET]
+    if outside or not any(a in EMULATED_NET for a in addresses):
+        return False
+    try:
+        with open(ROUTES) as f:
+            routes = [line.split() for line in f.read().splitlines()[1:] if line.strip()]
+    except OSError:
+        return False
+    for fields in routes:                       # Iface Destination Gateway Flags ... Mask
+        dest = ipaddress.ip_address(bytes(reversed(bytes.fromhex(fields[1]))))
+        mask = ipaddress.ip_address(bytes(reversed(bytes.fromhex(fields[7]))))
+        net = ipaddress.ip_network(f"{dest}/{mask}", strict=False)
+        if not (net.subnet_of(EMULATED_NET) or net.is_loopback):
+            return False
+    return True
+
+
+def reachable(endpoint: str) -> bool:
+    """Whether others than this host's users and the run's own nodes can reach a socket
+    bound at `endpoint`: tcp off loopback, outside a run's emulated network."""
+    return parse(endpoint, "--bind", bind=True).exposed and not in_private_network()
 
 
 def insecure_warning(endpoint: str) -> str:
