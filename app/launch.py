@@ -21,7 +21,6 @@ scheduler did not, and a second SIGINT does not cut its cleanup short.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import secrets
 import shutil
@@ -31,6 +30,7 @@ import sys
 import tempfile
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 from downpour import netem
@@ -48,19 +48,13 @@ EXIT_INTERRUPTED = 130         # exit status after Ctrl-C: 128 + SIGINT, as a sh
 INTERRUPTED = (EXIT_INTERRUPTED, -signal.SIGINT)   # the scheduler's exit status after Ctrl-C
 TCP_BIND = "tcp://127.0.0.1:0"  # --transport tcp: loopback, a free port
 SCHEDULER_PORT = 5555          # --link: the scheduler's port on its own emulated address
-PR_SET_PDEATHSIG = 1           # prctl option: the signal this process gets when its parent dies
 NODE_SETTINGS = ("scheduler", "bind", "advertise", "insecure", "checkpoint_dir", "resume",
                  "endpoint_file", "keys", "link", "server_link", "transport")
 LOGS_SUFFIX = "-logs"          # the nodes' logs kept next to --metrics: runs/m.jsonl -> runs/m-logs
 LOGS_NAME = "downpour-logs-%Y%m%d-%H%M%S"   # ... else this folder, under the current one
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM this process when its parent dies (Linux)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
+_TERM_WITH_PARENT = partial(netem.die_with_parent, signal.SIGTERM)  # children: SIGTERM, then checkpoint
 
 
 CLI = [sys.executable, "-m", "downpour.cli"]
@@ -92,7 +86,7 @@ class Cluster:
         try:
             proc = subprocess.Popen(argv, env=self.env,
                                     stdout=out, stderr=subprocess.STDOUT if log else None,
-                                    stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                                    stdin=subprocess.DEVNULL, preexec_fn=_TERM_WITH_PARENT)
         finally:
             if out:
                 out.close()

@@ -90,16 +90,18 @@ def run_inside(argv: list[str], env: dict[str, str]) -> int:
     if why:
         raise ConfigError(why)
     proc = subprocess.Popen([*UNSHARE, *argv], env={**env, INSIDE_VAR: "1"}, stdin=subprocess.DEVNULL,
-                            preexec_fn=_die_with_parent)     # SIGKILLed launcher: all goes
+                            preexec_fn=die_with_parent)     # SIGKILLed launcher: all goes
     try:
         return proc.wait()
     except KeyboardInterrupt:              # the same Ctrl-C reached the run: let it end itself
         return proc.wait()
 
 
-def _die_with_parent() -> None:
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """In a child, before exec: have the kernel send it `sig` when its parent dies
+    (PR_SET_PDEATHSIG, Linux; elsewhere nothing)."""
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, sig)
     except OSError:
         pass
 
@@ -133,7 +135,7 @@ class Network:
         i = len(self.nodes)
         address = str(next(self._hosts))
         holder = subprocess.Popen(["unshare", "--net", "sleep", "infinity"], stdin=subprocess.DEVNULL,
-                                  preexec_fn=_die_with_parent)
+                                  preexec_fn=die_with_parent)
         self._holders.append(holder)
         _own_namespace(holder.pid)
         host_end, node_end = f"dp-h{i}", f"dp-n{i}"

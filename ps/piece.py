@@ -173,6 +173,7 @@ class PieceState:
         self.stopping = False
         self._waiting: dict[int, HeldRequest] = {}           # sync: rank -> its push
         self._grads: dict[int, np.ndarray] = {}              # sync: rank -> its gradient
+        self._covers: dict[int, Covered] = {}             # sync: rank -> what its gradient covers
         self._recv = np.empty_like(self.params)              # a payload split over frames
         self._sum = np.empty_like(self.params)
         self._trackers: list[zmq.MessageTracker] = []
@@ -246,7 +247,7 @@ class PieceState:
             raise protocol.error(protocol.E_STATE, f"this piece already keeps {MAX_SENDERS} senders' "
                                  "sequence numbers; it takes pushes from no new one")
         if self.cfg.mode == "sync":
-            return self._push_sync(ident, header, grad, sender)
+            return self._push_sync(ident, header, grad, sender, cover)
         self.last_seq[sender.key] = header["seq"]
         staleness = self.version - computed_on
         self._apply(grad, [staleness], cover,
@@ -271,7 +272,8 @@ class PieceState:
         if header.get("meta", {}).get("last") is True:
             self.finished.add(rank)
 
-    def _push_sync(self, ident: bytes, header: dict, grad: np.ndarray, sender: Sender) -> list[Reply]:
+    def _push_sync(self, ident: bytes, header: dict, grad: np.ndarray, sender: Sender,
+                   cover: Covered) -> list[Reply]:
         rank = sender.rank
         self.last_seq[sender.key] = header["seq"]
         self._taken(rank, header)
@@ -287,6 +289,7 @@ class PieceState:
         if rank not in self._grads:
             self._grads[rank] = np.empty_like(self.params)
         np.copyto(self._grads[rank], grad)
+        self._covers[rank] = cover
         self._waiting[rank] = HeldRequest(ident, header)
         return replies + self._complete()
 
@@ -307,7 +310,7 @@ class PieceState:
             self._sum += self._grads[r]
         if len(ranks) > 1:
             self._sum *= np.float32(1.0 / len(ranks))
-        covers = [covered(self._waiting[r].header) for r in ranks]
+        covers = [self._covers[r] for r in ranks]
         self._apply(self._sum, [0] * len(ranks),
                     Covered(sum(c.samples for c in covers), sum(c.loss_sum for c in covers)))
         waiting, self._waiting = self._waiting, {}
