@@ -49,7 +49,7 @@ INTERRUPTED = (EXIT_INTERRUPTED, -signal.SIGINT)   # the scheduler's exit status
 TCP_BIND = "tcp://127.0.0.1:0"  # --transport tcp: loopback, a free port
 SCHEDULER_PORT = 5555          # --link: the scheduler's port on its own emulated address
 NODE_SETTINGS = ("scheduler", "bind", "advertise", "insecure", "checkpoint_dir", "resume",
-                 "endpoint_file", "keys", "link", "server_link", "transport")
+                 "endpoint_file", "keys", "transport")   # the scheduler keeps the links' rates
 LOGS_SUFFIX = "-logs"          # the nodes' logs kept next to --metrics: runs/m.jsonl -> runs/m-logs
 LOGS_NAME = "downpour-logs-%Y%m%d-%H%M%S"   # ... else this folder, under the current one
 

@@ -155,6 +155,10 @@ class Config:
                                  "+ 1 (Zhang et al. 2016)", "cluster", modes=("async", "ssp"))
     slow_worker: str = setting("", "straggler injection for experiments: RANK:FACTOR makes "
                                "that worker's steps FACTOR times slower", "cluster", modes=REPLICAS)
+    compute_scale: float = setting(1.0, "emulate workers this many times slower than this host: "
+                                   "each step is padded to F x the CPU time of its compute, so "
+                                   "W workers on fewer cores stand for W machines", "cluster",
+                                   low=1.0, modes=REPLICAS)
     transport: str = setting("ipc", "local runs: ipc (unix sockets in a temp dir) or tcp "
                              "(loopback; with --link, the emulated links)", "cluster",
                              choices=("ipc", "tcp"), modes=CLUSTER)

@@ -115,6 +115,17 @@ class EndRecord:
     clock_gap_max: int | None = _only(CLUSTER)       # clocks: the widest ssp gap (0 elsewhere)
     clock_gap_hist: dict[str, int] | None = _only(CLUSTER)  # clock gap -> pushes x pieces
     dropped: int | None = _only(CLUSTER)             # sync pushes too late for their version
+    bytes_per_sample: float | None = _only(CLUSTER)  # bytes / samples
+    link_utilization: float | None = _only(CLUSTER)  # the busiest link's bits/s over its rate,
+    busiest_link: str | None = _only(CLUSTER)        # 0..1, and which ("server-0 download");
+    #                                                  null without --link
+    host_bound: bool | None = _only(REPLICAS)        # > 5% of padded steps (--compute-scale,
+    #                                                  --slow-worker) outran their emulated
+    #                                                  time; null: none padded (common/step.py)
+    nodes: dict[str, dict[str, float]] | None = _only(CLUSTER)  # per node: bytes_sent,
+    #                                                  bytes_received; workers: steps, steps_over
+    #                                                  and s compute_s, padding_s, waiting_s,
+    #                                                  cpu_s; servers: busy_s (s answering)
 
     def to_json(self) -> dict[str, Any]:
         """The fields this record's mode writes, by name, in declaration order: every field

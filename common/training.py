@@ -153,6 +153,13 @@ def finish(cfg: Config, model: Model, metrics: MetricsLog, progress: Progress,
                   f"({record.samples_per_s:,.0f} samples/s, {record.updates_per_s:,.1f} updates/s), "
                   f"test accuracy {100 * record.test_accuracy:.2f}%{staleness}"
                   + (f"; saved {cfg.save}" if cfg.save else ""))
+    if record.busiest_link:
+        progress.line(f"links: {record.bytes_per_sample:,.0f} bytes per sample; the busiest, "
+                      f"{record.busiest_link}, at {100 * record.link_utilization:.0f}% of its rate")
+    if record.host_bound:
+        progress.line("host bound: more than 5% of the padded steps ran past their emulated "
+                      "time, so these figures measure this host, not the emulated devices; "
+                      "give a larger --compute-scale or fewer workers")
     return end
 
 

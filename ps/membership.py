@@ -7,8 +7,9 @@ The scheduler's bookkeeping of its nodes, apart from the run it conducts
                 cluster assembles, later a dead server's rank: it replaces it); a
                 worker gets its rank, and the cluster spec once all S servers are in
                 (until then its reply is held)
-    heartbeat   records the node's progress; the reply says whether to stop and
-                where the servers are (a replaced server has moved)
+    heartbeat   records the node's progress; the reply says whether to stop, whether
+                the workers may start (`go`: every worker is ready) and where the
+                servers are (a replaced server has moved)
 
     next_chunk  (async, ssp) passed to the conductor's `on_next_chunk`, once the
                 rank and incarnation are checked
@@ -52,6 +53,7 @@ from downpour.common.wire import address, protocol, security
 SECRET_BYTES = 32        # the run's token secret
 MAX_WAITING = 64         # registrations held at once, per role: spare servers, sync spare workers
 MAX_WAIT_S = 86400.0     # the longest a registration waits for a place, whatever it asks (s)
+AGAIN_LINGER_S = 1.0     # at the end, how long registrations told `again` are still answered
 TIMES = ("t_start", "t_end")   # a worker's progress: Unix seconds bracketing its steps
 
 
@@ -101,6 +103,7 @@ class Membership:
         self.stopping = False              # told to every worker in its heartbeat reply
         self.live_changed = False          # the live workers changed since the conductor looked
         self.started = False               # assembled: from now on a worker may join
+        self._go = False                   # the workers may take their first steps (`go`)
         self.on_server_moved: Callable[[int, str], None] | None = None
         self.on_worker_dead: Callable[[int], None] | None = None
         self.on_next_chunk: Callable[[int, dict], dict[str, Any]] | None = None
@@ -110,11 +113,23 @@ class Membership:
         self._held: list[HeldWorker] = []              # workers waiting for the servers
         self._spares: list[SpareServer] = []           # servers waiting for a rank
         self._spare_workers: list[HeldWorker] = []     # sync: workers waiting for a rank
+        self._told_again = -math.inf                   # when a spare was last told `again`
 
     # -- what the conductor asks -------------------------------------------------------------
     @property
     def assembled(self) -> bool:
         return len(self.servers) == self.cfg.shards and len(self.workers) == self.cfg.workers
+
+    @property
+    def go(self) -> bool:
+        """Whether workers may take their first step: once the cluster has assembled and
+        every worker seated then has loaded its data (its progress says `ready`) or died,
+        and from then on (a worker joining mid-run starts at once). So the workers of a
+        run start together, not each as soon as it has loaded the data while the others
+        still load theirs: many workers on few cores would measure their own start-up."""
+        if not self._go and self.started:
+            self._go = all(w.progress.get("ready") or w.dead for w in self.workers.values())
+        return self._go
 
     def addresses(self) -> list[str]:
         """The servers' addresses by rank."""
@@ -146,10 +161,14 @@ class Membership:
         return (sum(w.progress.get(key, 0) for w in self.workers.values())
                 + sum(c[key] for c in self.retired.values()))
 
+    def worker_counters(self) -> dict[int, dict[str, float]]:
+        """Each rank's progress counters (protocol.COUNTERS), earlier incarnations included."""
+        return {r: {k: w.progress.get(k, 0) + self.retired.get(r, Counter())[k]
+                    for k in protocol.COUNTERS} for r, w in sorted(self.workers.items())}
+
     def worker_samples(self) -> dict[str, int]:
         """Samples trained under each rank, earlier incarnations included: who did the work."""
-        return {str(r): int(w.progress.get("samples", 0) + self.retired.get(r, Counter())["samples"])
-                for r, w in sorted(self.workers.items())}
+        return {str(r): int(c["samples"]) for r, c in self.worker_counters().items()}
 
     def worker_progress(self) -> list[dict[str, Any]]:
         return [w.progress for w in self.workers.values()]
@@ -259,13 +278,22 @@ class Membership:
             for done in [w for w in waiting if w.until <= now]:
                 waiting.remove(done)
                 self._reply(done.ident, done.header, {"again": True})
+                self._told_again = now
 
     def dismiss_waiting(self) -> None:
-        """The run is over: answer `over` to every registration still waiting for a place."""
-        for waiting in (self._spares, self._spare_workers):
-            for w in waiting:
-                self._reply(w.ident, w.header, {"over": True})
-            waiting.clear()
+        """The run is over: answer `over` to every registration still waiting for a place,
+        and to those that come back within AGAIN_LINGER_S of an `again` (a spare told
+        `again` just before the end registers anew after it: unanswered, it would take the
+        scheduler for lost)."""
+        linger_until = self._told_again + AGAIN_LINGER_S
+        while True:
+            for waiting in (self._spares, self._spare_workers):
+                for w in waiting:
+                    self._reply(w.ident, w.header, {"over": True})
+                waiting.clear()
+            if time.monotonic() >= linger_until:
+                return
+            self._serve(10)
 
     @staticmethod
     def _check_room(waiting: list, role: str) -> None:
@@ -339,8 +367,9 @@ class Membership:
                          f"version {was_at})")
             if len(self.servers) == self.cfg.shards:
                 for held in self._held:
-                    self._reply(held.ident, held.header,
-                                self._spec(held.rank, self.workers[held.rank]))
+                    worker = self.workers[held.rank]
+                    worker.last_seen = time.monotonic()   # it could not beat while held
+                    self._reply(held.ident, held.header, self._spec(held.rank, worker))
                 self._held.clear()
 
     def _spec(self, rank: int, node: NodeState) -> dict[str, Any]:
@@ -364,7 +393,7 @@ class Membership:
         if node.dead or (meta.get("done") and not was_done):
             node.dead = False
             self.live_changed = True            # back, or done: servers stop waiting for it
-        return {"stop": self.stopping, "servers": self.addresses(),
+        return {"stop": self.stopping, "go": self.go, "servers": self.addresses(),
                 "incarnations": [s.incarnation for _, s in sorted(self.servers.items())]}
 
     @staticmethod

@@ -170,6 +170,7 @@ class PieceState:
         self._sent_at: dict[int, int] = {}        # ssp: rank -> slowest worker clock when its weights went
         self._blocked: dict[int, HeldRequest] = {}           # ssp: rank -> reply held back
         self.pushes = self.dropped = self.bytes_in = self.bytes_out = 0
+        self.busy_s = 0.0                 # s spent answering requests (serve measures it)
         self.stopping = False
         self._waiting: dict[int, HeldRequest] = {}           # sync: rank -> its push
         self._grads: dict[int, np.ndarray] = {}              # sync: rank -> its gradient
@@ -407,7 +408,7 @@ class PieceState:
         return self._ok(header, version=self.version, pushes=self.pushes, dropped=self.dropped,
                         staleness={str(k): v for k, v in sorted(self.staleness.items())},
                         clock_gap={str(k): v for k, v in sorted(self.gaps.items())},
-                        bytes_in=self.bytes_in, bytes_out=self.bytes_out,
+                        bytes_in=self.bytes_in, bytes_out=self.bytes_out, busy_s=self.busy_s,
                         lr=self.schedule(self.opt.t), live=sorted(self.live),
                         samples=self.samples, snapshots=sorted(self.snapshots))
 

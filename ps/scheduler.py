@@ -46,11 +46,11 @@ from typing import Any
 import zmq
 
 from downpour.common import config
-from downpour.common.config import Config
+from downpour.common.config import Config, parse_rate
 from downpour.common.errors import TrainingError
 from downpour.common.evaluation import Evaluator
 from downpour.common.fileio import atomic_write
-from downpour.common.metrics import EndRecord, MetricsLog, Progress, end_record
+from downpour.common.metrics import TIME_DECIMALS, EndRecord, MetricsLog, Progress, end_record
 from downpour.common.nn.model import Model
 from downpour.common.nn.schedules import parse_schedule
 from downpour.common.order import (
@@ -61,6 +61,7 @@ from downpour.common.order import (
     eval_interval,
     total_chunks,
 )
+from downpour.common.step import emulated_scale, host_bound
 from downpour.common.training import check_cluster, finish, model_spec, open_datasets
 from downpour.common.wire import address, protocol
 from downpour.common.wire.client import ShardClient
@@ -73,6 +74,7 @@ DEFAULT_BIND = "tcp://*:5555"           # with keys: every interface (CurveZMQ a
 LOOPBACK_BIND = "tcp://127.0.0.1:5555"  # without keys: this host only (protected mode)
 TICK_MS = 100                 # the longest the conductor waits for a message between its checks
 RUN_ID_BYTES = 8              # a run id is this many random bytes, in hex
+WORKER_TIMES = ("compute_s", "padding_s", "waiting_s", "cpu_s")   # a worker's s, in the end record
 
 
 def percentile(hist: dict[int, int], q: float) -> float:
@@ -178,7 +180,7 @@ class Scheduler:
         """The evaluation points not yet evaluated, the final evaluation (unless the last
         point is the final state), and the `end` record."""
         train_time = self._train_time()
-        stats = self.client.call_all("stats")     # every point passed, heartbeats or not
+        self._stats = stats = self.client.call_all("stats")   # every point passed, heartbeats or not
         self._evaluate_points(set.intersection(*(set(s["meta"]["snapshots"]) for s in stats)))
         final = {"samples": min(s["meta"]["samples"] for s in stats),
                  "updates": min(s["meta"]["version"] for s in stats)}
@@ -201,7 +203,31 @@ class Scheduler:
             train_time_s=train_time, last_eval=last, stopped_early=self.evaluator.stopping,
             run_id=self.run_id, batch_size=cfg.batch_size, dead_workers=self.nodes.dead_workers(),
             samples_asked=self.asked, worker_samples=self.nodes.worker_samples(),
-            **self._dealing(), **figures)
+            **self._dealing(), **figures, **self._traffic(figures["bytes"], train_time))
+
+    def _traffic(self, moved: int, train_time: float) -> dict[str, Any]:
+        """The end record's account of each node (EndRecord.nodes), the bytes per sample,
+        the busiest link (with --link) and whether the host kept the workers' padding."""
+        cfg, counters = self.cfg, self.nodes.worker_counters()
+        nodes: dict[str, dict[str, Any]] = {"scheduler": {
+            "bytes_sent": self.client.bytes_sent, "bytes_received": self.client.bytes_received}}
+        for piece, s in zip(self.pieces, self._stats):
+            server = nodes.setdefault(f"server-{piece.server}",
+                                      {"bytes_sent": 0, "bytes_received": 0, "busy_s": 0.0})
+            server["bytes_sent"] += s["meta"]["bytes_out"]
+            server["bytes_received"] += s["meta"]["bytes_in"]
+            server["busy_s"] = round(server["busy_s"] + s["meta"].get("busy_s", 0.0), TIME_DECIMALS)
+        for rank, c in counters.items():
+            nodes[f"worker-{rank}"] = {
+                **{k: int(c[k]) for k in ("bytes_sent", "bytes_received", "steps", "steps_over")},
+                **{k: round(c[k], TIME_DECIMALS) for k in WORKER_TIMES}}
+        padded = [r for r in counters if emulated_scale(cfg, r) > 1.0]
+        utilization, busiest = busiest_link(cfg, nodes, train_time)
+        return {"nodes": nodes, "bytes_per_sample": moved / max(1, self.nodes.total("samples")),
+                "link_utilization": utilization, "busiest_link": busiest,
+                "host_bound": host_bound(sum(counters[r]["steps"] for r in padded),
+                                         sum(counters[r]["steps_over"] for r in padded),
+                                         bool(padded))}
 
     def _shut_down(self) -> None:
         """Tell every server the run is over, and every node still waiting for a place."""
@@ -327,6 +353,24 @@ class Scheduler:
 
     def _interrupt(self, *_) -> None:
         self.interrupted = True
+
+
+def busiest_link(cfg: Config, nodes: dict[str, dict[str, Any]], seconds: float
+                 ) -> tuple[float | None, str | None]:
+    """(the highest utilization of any node's link in either direction over `seconds`:
+    bits moved / (seconds x the link's rate), and which link, e.g. "server-0 download");
+    (None, None) without --link. Workers are behind --link, the servers and the scheduler
+    behind --server-link (default: the same)."""
+    if not cfg.link:
+        return None, None
+    rates = {"worker": parse_rate(cfg.link, "link"),
+             "other": parse_rate(cfg.server_link or cfg.link, "server_link")}
+    links = {(name, direction): 8 * node[key] / max(seconds, 1e-9) /
+             rates["worker" if name.startswith("worker") else "other"]
+             for name, node in nodes.items()
+             for direction, key in (("upload", "bytes_sent"), ("download", "bytes_received"))}
+    (name, direction), utilization = max(links.items(), key=lambda item: item[1])
+    return round(utilization, 4), f"{name} {direction}"
 
 
 def main(cfg: Config) -> int:

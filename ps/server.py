@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import time
 from dataclasses import replace
 
 import zmq
@@ -198,11 +199,14 @@ def serve(server: Server, sock: zmq.Socket, heartbeat: Heartbeat | None = None,
         if not sock.poll(poll_ms):
             continue
         ident, *frames = sock.recv_multipart(copy=False)
+        began = time.perf_counter()
         piece, replies = server.handle(ident.bytes, frames)
         for reply in replies:
             tracker = sock.send_multipart([reply.ident, *reply.frames], copy=False, track=True)
             if piece is not None:
                 piece.sent(tracker, sum(len(f) for f in reply.frames))
+        if piece is not None:
+            piece.busy_s += time.perf_counter() - began
     if heartbeat and heartbeat.lost.is_set() and not heartbeat.refused:
         heartbeat.beat_now(timeout=FINAL_BEAT_S)   # gone, or was this process asleep (paused)?
     if heartbeat and heartbeat.refused:   # its state is stale: no checkpoint, nothing sent

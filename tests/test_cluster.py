@@ -112,6 +112,14 @@ def assert_adds_up(end):
                         ("bytes_per_s", "bytes")):
         assert end[rate] == pytest.approx(end[total] / end["train_time_s"], rel=rounding), rate
     assert end["staleness_p50"] <= end["staleness_p99"] <= end["staleness_max"]
+    workers = [n for name, n in end["nodes"].items() if name.startswith("worker")]
+    servers = [n for name, n in end["nodes"].items() if name.startswith("server")]
+    assert sum(w["steps"] for w in workers) * end["batch_size"] == end["samples"]
+    assert end["bytes_per_sample"] == pytest.approx(end["bytes"] / end["samples"])
+    # servers count payload bytes, workers every frame (headers too)
+    received = sum(s["bytes_received"] for s in servers)
+    assert 0.95 * sum(w["bytes_sent"] for w in workers) <= received <= sum(w["bytes_sent"] for w in workers)
+    assert end["link_utilization"] is None and end["busiest_link"] is None   # no --link
 
 
 class Lines:
@@ -210,6 +218,22 @@ def test_killing_a_worker_does_not_stop_an_async_run(background, tmp_path):
                                                            if "hist" not in k}
     assert end["chunks_lost"] <= 1 and end["samples_lost"] <= 4 * 20
     assert end["test_accuracy"] > 0.5
+
+
+def test_a_compute_scale_pads_every_step_to_that_many_times_its_cpu_time(downpour, tmp_path):
+    """--compute-scale 3: each worker's compute and padding come to 3 x its compute's CPU
+    time, its time is compute + padding + waiting, and the host kept up (host_bound false)."""
+    r = downpour("train", "--mode", "async", "--workers", 2, "--compute-scale", 3, *SMALL,
+                 "--metrics", "m.jsonl")
+    assert r.returncode == 0, r.stderr
+    end = end_line(tmp_path / "m.jsonl")
+    assert_adds_up(end)
+    assert end["host_bound"] is False
+    for rank in ("0", "1"):
+        w = end["nodes"][f"worker-{rank}"]
+        assert w["steps_over"] <= 0.05 * w["steps"] and w["padding_s"] > 0
+        assert w["compute_s"] + w["padding_s"] == pytest.approx(3 * w["cpu_s"], rel=0.1, abs=0.005)
+        assert w["compute_s"] + w["padding_s"] + w["waiting_s"] <= end["train_time_s"] + 0.01
 
 
 def test_a_fast_worker_takes_more_chunks_than_a_straggler(downpour, tmp_path):

@@ -72,6 +72,23 @@ def test_a_worker_that_comes_before_the_servers_waits_for_them(cluster):
     assert header["meta"]["servers"] == ["tcp://host:6000", "tcp://host:6001"]
 
 
+def test_a_worker_held_longer_than_dead_after_is_alive_when_the_servers_come(cluster):
+    """While the cluster assembles (only registrations are served) a held worker cannot
+    beat; its wait is not silence: released, it counts as just seen."""
+    nodes, connect = cluster
+    worker = connect()
+    send(worker, "register", role="worker")
+    held_until = time.monotonic() + 2 * CFG.dead_after_s
+    while time.monotonic() < held_until:
+        nodes._serve(10)
+    for i in range(2):
+        send(connect(), "register", role="server", addr=f"tcp://host:{6000 + i}")
+    while worker.poll(10) == 0:
+        nodes._serve(10)
+    nodes._check_liveness()
+    assert nodes.dead_workers() == [] and not any("marked dead" in line for line in nodes.lines)
+
+
 def test_registration_errors_change_nothing(cluster):
     nodes, connect = cluster
     peer = connect()
@@ -175,6 +192,26 @@ def test_a_waiting_registration_is_answered_again_after_its_wait_and_over_at_the
     assert reply(nodes, spare, within_s=0.3) is None                 # waits again
     nodes.dismiss_waiting()
     header = reply(nodes, spare)
+    assert header["meta"] == {"over": True} and header["seq"] == 2
+
+
+def test_a_spare_told_again_just_before_the_end_is_answered_over(cluster):
+    """The run ends between a spare's `again` and its next registration: the scheduler
+    still answers it `over` (for AGAIN_LINGER_S), so the spare does not take it for lost."""
+    import threading
+    nodes, connect = cluster
+    nodes.cfg = replace(CFG, dead_after_s=60.0)
+    assembled(nodes, connect)
+    spare = connect()
+    send(spare, "register", seq=1, wait_s=0.1, role="server", addr="tcp://spare:7000")
+    assert reply(nodes, spare)["meta"] == {"again": True}
+    comes_back = threading.Timer(0.3, send, (spare, "register"),
+                                 {"seq": 2, "wait_s": 60, "role": "server", "addr": "tcp://spare:7000"})
+    comes_back.start()
+    nodes.dismiss_waiting()                                     # returns after the linger
+    comes_back.join()
+    assert spare.poll(1000)
+    header = protocol.decode(spare.recv_multipart())[0]
     assert header["meta"] == {"over": True} and header["seq"] == 2
 
 

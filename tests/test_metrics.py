@@ -11,9 +11,11 @@ from downpour.common.metrics import MetricsLog, Progress, end_record
 EVERY_MODE = {"mode", "workers", "shards", "elapsed_s", "train_time_s", "epoch", "samples",
               "updates", "samples_per_s", "updates_per_s", "train_loss", "test_loss",
               "test_accuracy", "stopped_early", "parameters", "data"}
-TRAFFIC = {"bytes", "bytes_per_s", "staleness_p50", "staleness_p99", "staleness_max"}
+TRAFFIC = {"bytes", "bytes_per_s", "staleness_p50", "staleness_p99", "staleness_max",
+           "host_bound"}
 CLUSTER = TRAFFIC | {"run_id", "batch_size", "dead_workers", "samples_asked", "worker_samples",
-                     "staleness_hist", "clock_gap_max", "clock_gap_hist", "dropped"}
+                     "staleness_hist", "clock_gap_max", "clock_gap_hist", "dropped",
+                     "bytes_per_sample", "link_utilization", "busiest_link", "nodes"}
 CHUNKS = {"chunk_batches", "chunks", "chunks_lost", "samples_lost", "chunks_left", "samples_left"}
 END_KEYS = {"single": EVERY_MODE, "hogwild": EVERY_MODE | TRAFFIC, "sync": EVERY_MODE | CLUSTER,
             "async": EVERY_MODE | CLUSTER | CHUNKS, "ssp": EVERY_MODE | CLUSTER | CHUNKS}

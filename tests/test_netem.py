@@ -160,3 +160,109 @@ def test_rates_in_tc_syntax():
 def test_this_host_is_not_a_private_network():
     from downpour.common.wire.address import in_private_network
     assert in_private_network() is False
+
+
+def procs_of(tag, role):
+    """The pids of the `downpour ROLE` processes carrying `tag` (the nodes themselves, not
+    the nsenter that started them nor the holders)."""
+    found = []
+    for pid in tagged(tag):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"downpour.cli" in argv and role.encode() in argv and b"nsenter" not in argv[0]:
+            found.append(pid)
+    return found
+
+
+@pytest.mark.slow
+def test_a_worker_killed_behind_a_link_has_its_chunks_dealt_again(tmp_path):
+    """SIGKILL of a worker 30% into an async run behind links: the run goes on, and the
+    living worker trains the dead one's chunks, as on ipc (test_cluster.py)."""
+    tag, metrics = secrets.token_hex(4), tmp_path / "m.jsonl"
+    run = run_tagged(["train", "--mode", "async", "--workers", 2, "--synthetic", 6000,
+                      "--hidden", 64, "--epochs", 12, "--batch-size", 20, "--eval-every", 0.25,
+                      "--dead-after-s", 3.0, "--link", "1gbit", "--progress", "lines",
+                      "--metrics", metrics], tag, cwd=tmp_path)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not any(
+            json.loads(line).get("epoch", 0) >= 0.3 * 12
+            for line in (metrics.read_text().splitlines() if metrics.exists() else [])):
+        assert run.poll() is None, run.communicate()
+        time.sleep(0.1)
+    workers = procs_of(tag, "worker")
+    assert len(workers) == 2, workers
+    os.kill(workers[1], signal.SIGKILL)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 0, err
+    end = json.loads(metrics.read_text().splitlines()[-1])
+    assert len(end["dead_workers"]) == 1 and "stopped answering" in err
+    assert end["samples_asked"] == 12 * 300 * 20
+    assert end["samples"] >= 0.95 * end["samples_asked"]
+    assert end["chunks_lost"] <= 1 and end["test_accuracy"] > 0.5
+    assert end["busiest_link"] and 0 < end["link_utilization"] < 1.05
+    assert all_gone(tag) == []
+
+
+NOBODY = 65534
+RUNTIME = ("numpy", "numpy.libs", "zmq", "pyzmq.libs", "msgpack")   # what downpour imports
+SOURCES = {"app": "downpour", "common": "downpour/common", "ps": "downpour/ps",
+           "worker": "downpour/worker"}                            # pyproject's package-dir
+
+
+def python_for_nobody(folder):
+    """(a Python that user `nobody` can run, with this checkout and its runtime copied into
+    `folder`/site, a world-readable copy); skips where this Python's minor version has no
+    interpreter that nobody can reach."""
+    import shutil
+    import sys
+    import sysconfig
+    site = folder / "site"
+    repo, packages = Path(__file__).resolve().parents[1], Path(sysconfig.get_paths()["purelib"])
+    for source, target in SOURCES.items():
+        shutil.copytree(repo / source, site / target, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    for name in RUNTIME:
+        if (packages / name).exists():
+            shutil.copytree(packages / name, site / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644 | (path.stat().st_mode & 0o111))
+    for python in (f"/usr/bin/python{sys.version_info[0]}.{sys.version_info[1]}", sys.executable):
+        probe = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                                *netem.UNSHARE, python, "-c", "import downpour.cli, numpy, zmq, msgpack"],
+                               env={"PYTHONPATH": str(site), "PATH": os.environ["PATH"]},
+                               capture_output=True, timeout=60, cwd=folder)
+        if probe.returncode == 0:
+            return python, site
+    pytest.skip(f"no Python {sys.version_info[0]}.{sys.version_info[1]} that user nobody can run")
+
+
+@pytest.mark.slow
+def test_a_run_behind_links_works_for_a_user_without_root(tmp_path):
+    """As user nobody (no capability, no sudo): the run makes its own user, network and
+    mount namespace, trains to the end and leaves nothing."""
+    import tempfile
+    if os.getuid() != 0:
+        pytest.skip("this test switches to user nobody, which needs root; run as any other "
+                    "user, every test here is already unprivileged")
+    folder = Path(tempfile.mkdtemp(prefix="downpour-nobody-"))   # not under pytest's 0700 tmp
+    try:
+        python, site = python_for_nobody(folder)
+        tag, home = secrets.token_hex(4), folder / "home"
+        home.mkdir()
+        os.chown(home, NOBODY, NOBODY)
+        run = subprocess.run(
+            ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", python, "-m",
+             "downpour.cli", "train", "--mode", "async", "--workers", "2", "--epochs", "1",
+             "--link", RATE, "--metrics", "m.jsonl", "--progress", "lines"],
+            env={"PYTHONPATH": str(site), "PATH": os.environ["PATH"], "HOME": str(home),
+                 "NETEM_TEST_TAG": tag}, cwd=home, capture_output=True, text=True, timeout=240)
+        assert run.returncode == 0, run.stderr
+        assert (home / "m.jsonl").stat().st_uid == NOBODY
+        end = json.loads((home / "m.jsonl").read_text().splitlines()[-1])
+        assert end["event"] == "end" and end["samples"] == end["samples_asked"]
+        assert all_gone(tag) == []
+    finally:
+        import shutil
+        shutil.rmtree(folder, ignore_errors=True)

@@ -1,7 +1,5 @@
 """Tests for common/step.py: the gradient step every trainer takes, and batch_gradient."""
 
-import itertools
-
 import numpy as np
 import pytest
 
@@ -44,16 +42,67 @@ def test_a_loss_that_is_not_finite_names_who_and_the_step():
         gradient.step(np.arange(16, 24))
 
 
-def test_only_the_straggler_pads_its_step_to_factor_times_the_compute(monkeypatch):
-    """--slow-worker 1:3: worker 1 sleeps 2 x the time its step took (a fake clock that
-    moves 0.5 s a reading)."""
-    clock, slept = itertools.count(0.0, 0.5), []
-    monkeypatch.setattr(step_module.time, "perf_counter", lambda: next(clock))
+def fake_clocks(monkeypatch, wall, cpu):
+    """Replace the step's clocks: perf_counter and thread_time return the readings of
+    `wall` and `cpu` in turn; sleeps are recorded, not taken."""
+    walls, cpus, slept = iter(wall), iter(cpu), []
+    monkeypatch.setattr(step_module.time, "perf_counter", lambda: next(walls))
+    monkeypatch.setattr(step_module.time, "thread_time", lambda: next(cpus))
     monkeypatch.setattr(step_module.time, "sleep", slept.append)
-    cfg, data = Config(mode="async", workers=2, batch_size=8, slow_worker="1:3"), dataset()
-    for rank in (0, 1):
-        GradientStep(cfg, Model(SPEC, seed=0), data, f"worker-{rank}", rank).step(np.arange(8))
-    assert slept == [2 * 0.5]
+    return slept
+
+
+@pytest.mark.parametrize("rank, scale", [(0, 4.0), (1, 12.0)])
+def test_padding_makes_a_step_take_scale_times_its_cpu_time(monkeypatch, rank, scale):
+    """--compute-scale 4, and --slow-worker 1:3 on top for rank 1: 0.1 CPU s of compute
+    that took 0.2 s of wall time is padded to 0.4 s (rank 0) or 1.2 s (rank 1)."""
+    emulated = scale * 0.1
+    slept = fake_clocks(monkeypatch, [10.0, 10.2, 10.0 + emulated], [3.0, 3.1])
+    cfg = Config(mode="async", workers=2, batch_size=8, compute_scale=4, slow_worker="1:3")
+    gradient = GradientStep(cfg, Model(SPEC, seed=0), dataset(), f"worker-{rank}", rank)
+    gradient.step(np.arange(8))
+    assert slept == [pytest.approx(emulated - 0.2)]
+    times = gradient.times
+    assert (times.compute_s, times.cpu_s, times.over) == (pytest.approx(0.2), pytest.approx(0.1), 0)
+    assert times.padding_s == pytest.approx(emulated - 0.2)
+
+
+def test_a_step_whose_compute_outruns_its_emulated_time_is_counted_over(monkeypatch):
+    """Compute of 0.1 CPU s that took 0.5 s of wall time (an oversubscribed host) cannot
+    be padded to 0.4 s: no sleep, and the step counts as over."""
+    slept = fake_clocks(monkeypatch, [0.0, 0.5, 0.5], [0.0, 0.1])
+    gradient = GradientStep(Config(mode="async", batch_size=8, compute_scale=4),
+                            Model(SPEC, seed=0), dataset(), "worker-0")
+    gradient.step(np.arange(8))
+    assert slept == [] and gradient.times.over == 1 and gradient.times.padding_s == 0
+
+
+def test_a_late_wake_is_made_up_by_the_next_steps_sleep(monkeypatch):
+    """Steps of 0.1 CPU s at scale 4 (0.4 s each). The first sleep ends 0.05 s late: the
+    second sleeps 0.05 s less, and neither counts as over. The third step's compute takes
+    0.45 s of wall time: it cannot be padded and falls behind by more than 5% (over)."""
+    slept = fake_clocks(monkeypatch, [0.0, 0.1, 0.45, 0.45, 0.55, 0.8, 0.8, 1.25, 1.25],
+                        [0.0, 0.1, 1.0, 1.1, 2.0, 2.1])
+    gradient = GradientStep(Config(mode="async", batch_size=8, compute_scale=4),
+                            Model(SPEC, seed=0), dataset(), "worker-0")
+    for _ in range(3):
+        gradient.step(np.arange(8))
+    assert slept == [pytest.approx(0.3), pytest.approx(0.25)]
+    assert gradient.times.over == 1
+
+
+def test_no_padding_without_a_compute_scale_or_a_straggler(monkeypatch):
+    slept = fake_clocks(monkeypatch, [0.0, 0.5], [0.0, 0.1])
+    gradient = GradientStep(Config(mode="async", workers=2, batch_size=8, slow_worker="1:3"),
+                            Model(SPEC, seed=0), dataset(), "worker-0", 0)
+    gradient.step(np.arange(8))
+    assert slept == [] and gradient.times.over == 0 and gradient.times.compute_s == 0.5
+
+
+@pytest.mark.parametrize("steps, over, padded, bound", [
+    (100, 5, True, False), (100, 6, True, True), (100, 0, False, None), (0, 0, True, False)])
+def test_host_bound_past_five_percent_of_padded_steps(steps, over, padded, bound):
+    assert step_module.host_bound(steps, over, padded) is bound
 
 
 @pytest.mark.parametrize("clip", [{}, {"clip_norm": 0.05}, {"clip_value": 1e-3}])

@@ -39,12 +39,12 @@ from downpour.common.nn.model import Model, ModelSpec
 from downpour.common.nn.optim import make_optimizer
 from downpour.common.nn.schedules import Schedule, parse_schedule
 from downpour.common.order import epoch_samples, eval_interval, worker_batches, worker_steps
-from downpour.common.step import GradientStep
+from downpour.common.step import GradientStep, emulated_scale, host_bound
 from downpour.common.training import check_cluster, finish, model_spec, open_datasets
 
 # the progress table: one float64 row per worker
-SAMPLES, STEPS, LOSS_SUM, LOSS_COUNT, DONE, STOP, T_START, T_END = range(8)
-COLUMNS = 8
+SAMPLES, STEPS, LOSS_SUM, LOSS_COUNT, DONE, STOP, T_START, T_END, STEPS_OVER = range(9)
+COLUMNS = 9
 # the snapshot record: the next point (samples), whether a snapshot waits, and its totals
 NEXT, READY, SNAP_SAMPLES, SNAP_STEPS, SNAP_LOSS_SUM, SNAP_LOSS_COUNT, SNAP_TIME = range(7)
 RECORD = 7
@@ -104,6 +104,7 @@ def _work(cfg: Config, spec: ModelSpec, rank: int, blocks: dict[str, tuple], loc
             table[STEPS] += 1
             table[LOSS_SUM] += loss
             table[LOSS_COUNT] += 1
+            table[STEPS_OVER] = gradient.times.over
             if every and shared.arrays["progress"][:, SAMPLES].sum() >= shared.arrays["record"][NEXT]:
                 _snapshot(shared, every, lock)
         table[T_END] = time.time()
@@ -240,7 +241,15 @@ def _end_record(cfg: Config, model: Model, table: np.ndarray, points: _Points, a
         epoch_samples=points.epoch_samples, elapsed_s=time.time() - points.start,
         train_time_s=train_time, last_eval=points.evaluator.last,
         stopped_early=bool(table[:, STOP].any()), bytes=0, bytes_per_s=0.0,
-        staleness_p50=None, staleness_p99=None, staleness_max=None)
+        staleness_p50=None, staleness_p99=None, staleness_max=None,
+        host_bound=host_bound(*_padded_steps(cfg, table)))
+
+
+def _padded_steps(cfg: Config, table: np.ndarray) -> tuple[int, int, bool]:
+    """(steps of the processes whose steps were padded, how many of them ran late, whether
+    any were padded): for `host_bound`."""
+    padded = [r for r in range(len(table)) if emulated_scale(cfg, r) > 1.0]
+    return int(table[padded, STEPS].sum()), int(table[padded, STEPS_OVER].sum()), bool(padded)
 
 
 def _train_time(table: np.ndarray, start: float) -> float:

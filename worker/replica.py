@@ -24,6 +24,12 @@ gradient is then one version staler, and the servers count it. The batches are
 those downpour.common.order gives (in async and ssp, of the chunks the scheduler
 deals), so one async worker without overlap takes exactly the single-process
 trainer's steps.
+
+A worker takes its first step when the scheduler says `go`: every worker of the run
+has loaded its data (node.wait_for_go). Started one by one, the first workers would
+train while the others still load, and 16 workers on 2 cores would measure their own
+start-up. Each worker reports where its time went (compute, padding, the rest:
+waiting) and the bytes it sent and received, for the run's end record.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ from downpour.common.step import GradientStep
 from downpour.common.training import open_datasets
 from downpour.common.wire import protocol
 from downpour.common.wire.client import ShardClient
-from downpour.common.wire.node import ChunkFeed, Heartbeat, register, say
+from downpour.common.wire.node import ChunkFeed, Heartbeat, register, say, wait_for_go
 from downpour.common.wire.protocol import RemoteError
 from downpour.common.wire.security import Keys
 
@@ -67,8 +73,7 @@ class Replica:
         self._incarnations: list[int] | None = None   # of the servers, as the scheduler last said
         # what heartbeats report; t_start/t_end (Unix seconds) bracket the training steps
         self.progress = {"role": "worker", "rank": rank, "incarnation": incarnation,
-                         "samples": 0, "steps": 0,
-                         "loss_sum": 0.0, "loss_count": 0, "done": False,
+                         **dict.fromkeys(protocol.COUNTERS, 0), "done": False,
                          "t_start": 0.0, "t_end": 0.0}
         sync, params = cfg.mode == "sync", self.model.params
         self._overlap = cfg.overlap and not sync
@@ -90,7 +95,7 @@ class Replica:
                              f"was given {'one' if feed is not None else 'none'}")
         if heartbeat is not None:
             self.client.while_waiting = lambda: self._follow(heartbeat.reply)
-        self.progress["t_start"] = time.time()
+        self.progress["t_start"], started = time.time(), time.perf_counter()
         self._exchange(self.client.pull, self.model.params)
         for step, idx, last in self._batches(feed):
             if heartbeat is not None and self._told_to_stop(heartbeat):
@@ -102,12 +107,25 @@ class Replica:
             p["steps"] += 1
             p["loss_sum"] += loss
             p["loss_count"] += 1
+            self._note_times(started)
         if self._in_flight:
             self._exchange(self.client.finish, self.model.params)
             self._in_flight = False
         self.client.wait_sent()
+        self._note_times(started)
         self.progress["t_end"] = time.time()
         self.progress["done"] = True
+
+    def _note_times(self, started: float) -> None:
+        """Put where the time since `started` (perf_counter s) went, and the bytes moved,
+        into the progress: computing, padding, and the rest, waiting (on servers, on the
+        scheduler's chunks)."""
+        p, times = self.progress, self._step.times
+        p.update(compute_s=times.compute_s, padding_s=times.padding_s, cpu_s=times.cpu_s,
+                 steps_over=times.over, bytes_sent=self.client.bytes_sent,
+                 bytes_received=self.client.bytes_received,
+                 waiting_s=max(0.0, time.perf_counter() - started - times.compute_s
+                               - times.padding_s))
 
     def _told_to_stop(self, heartbeat: Heartbeat) -> bool:
         """Whether the scheduler said stop; ClusterError if it went silent. Follows moved servers."""
@@ -259,7 +277,10 @@ def _register_and_train(cfg: Config, ctx: zmq.Context, keys: Keys | None) -> Non
                 else f"{worker_steps(len(train), run, rank)} steps")
         say(f"{node}: joined the scheduler at {cfg.scheduler}; {run.mode} mode, {work} on "
             f"{about}; servers {', '.join(meta['servers'])}")
+        replica.progress["ready"] = True             # its data loaded: it can start
+        heartbeat.eager.set()                        # (wait_for_go: the first beats come fast)
         heartbeat.start()
+        wait_for_go(heartbeat, run.start_timeout_s, node)
         replica.run(heartbeat, feed)
         heartbeat.beat_now()                         # say done at once
     p = replica.progress

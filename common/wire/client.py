@@ -89,6 +89,7 @@ class ShardClient:
         self._trackers: list[zmq.MessageTracker] = []
         # per piece: the version of the parameters it last sent (pull, push_pull)
         self.versions = [0] * len(self.ranges)
+        self.bytes_sent = self.bytes_received = 0    # every frame, retries in
 
     # -- the verbs -------------------------------------------------------------------------
     def pull(self, out: np.ndarray) -> int:
@@ -177,6 +178,7 @@ class ShardClient:
         return Pending(self.seq, frames, op)
 
     def _post(self, piece: int, frames: list) -> None:
+        self.bytes_sent += sum(len(f) for f in frames)
         tracker = send(self._socks[self.addresses[piece]], frames, track=True)
         if tracker:
             self._trackers.append(tracker)
@@ -216,6 +218,7 @@ class ShardClient:
                 self.while_waiting()                              # may reconnect pieces
             for sock, _ in events:
                 frames = sock.recv_multipart(copy=False)
+                self.bytes_received += sum(len(f) for f in frames)
                 header, payload = protocol.decode(frames)
                 s = piece_of.get(header.get("seq"))
                 if s is None or s in replies:

@@ -36,6 +36,7 @@ from downpour.common.wire.sockets import make_socket, send
 
 POLL_TICK_S = 0.1       # longest wait for a heartbeat reply before checking for close()
 JOIN_TIMEOUT_S = 5.0    # how long close() waits for the heartbeat thread to end
+EAGER_S = 0.02          # heartbeat interval of a worker waiting for the word to start
 NAME_GONE_S = 3.0       # a scheduler host name that stays unresolvable this long is gone
 WAIT_SAY_S = 10.0       # how often a node waiting to register says so
 
@@ -136,7 +137,8 @@ class Heartbeat(threading.Thread):
     `reply` holds the meta of the latest reply; `stop` is set when the scheduler
     says stop; `lost` when it has not answered for `dead_after` seconds; `refused`
     holds the scheduler's message when it refuses this node (its rank went to
-    another, or its token is not its own).
+    another, or its token is not its own). While `eager` is set it beats every
+    EAGER_S instead (a worker waiting for the word to start: `wait_for_go`).
     """
 
     def __init__(self, ctx: zmq.Context, scheduler: str, node: str, interval: float,
@@ -148,6 +150,7 @@ class Heartbeat(threading.Thread):
         self.reply: dict[str, Any] = {}
         self.refused = ""
         self.stop, self.lost, self._closing = threading.Event(), threading.Event(), threading.Event()
+        self.eager = threading.Event()
 
     def run(self) -> None:
         sock = self._socket()
@@ -157,7 +160,7 @@ class Heartbeat(threading.Thread):
                 seq += 1
                 send(sock, protocol.encode({"op": "heartbeat", "node": self.node,
                                             "seq": seq, "meta": self.progress()}))
-                deadline = time.monotonic() + self.interval
+                deadline = time.monotonic() + (EAGER_S if self.eager.is_set() else self.interval)
                 while (left := deadline - time.monotonic()) > 0 and not self._closing.is_set():
                     if not sock.poll(1000 * min(left, POLL_TICK_S)):
                         continue
@@ -199,6 +202,25 @@ class Heartbeat(threading.Thread):
         self._closing.set()
         if self.is_alive():
             self.join(timeout=JOIN_TIMEOUT_S)
+
+
+def wait_for_go(heartbeat: Heartbeat, timeout_s: float, node: str) -> None:
+    """Wait until the scheduler's heartbeat reply says `go` (every worker of the run is
+    ready: ps/membership.py), beating every EAGER_S meanwhile, so that the workers take
+    their first steps together. Returns at once on stop, on a refusal or when the
+    scheduler is lost (the training loop handles those); ClusterError after `timeout_s`."""
+    heartbeat.eager.set()
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not heartbeat.reply.get("go"):
+            if heartbeat.stop.is_set() or heartbeat.refused or heartbeat.lost.is_set():
+                return
+            if time.monotonic() > deadline:
+                raise ClusterError(f"{node}: the scheduler did not say start within {timeout_s:g} "
+                                   "s (--start-timeout-s): some other worker never got ready")
+            time.sleep(EAGER_S / 2)
+    finally:
+        heartbeat.eager.clear()
 
 
 class ChunkFeed:

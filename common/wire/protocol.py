@@ -47,8 +47,9 @@ Operations to a shard server, each for one piece (replies carry clock):
                 completes, in ssp mode held while the worker is too far ahead)
     push_pull   push, then the parameters after it in the same reply
     stats       -> ok, meta: version, pushes, dropped, staleness and clock_gap
-                histograms, bytes_in and bytes_out (payload bytes), lr, live,
-                samples (applied), snapshots (the evaluation points kept)
+                histograms, bytes_in and bytes_out (payload bytes), busy_s (s spent
+                answering), lr, live, samples (applied), snapshots (the evaluation
+                points kept)
     control     meta: lr_scale (float) and/or live (list of worker ranks) -> ok
     checkpoint  -> ok, meta: path of the checkpoint written
     shutdown    -> ok; the server checkpoints if it has a directory, then exits
@@ -126,7 +127,9 @@ MAX_WORKERS = 1 << 16                # worker ranks are 0 .. MAX_WORKERS - 1
 
 SERVER_OPS = ("pull", "push", "push_pull", "stats", "control", "checkpoint", "shutdown")
 SCHEDULER_OPS = ("register", "heartbeat", "next_chunk")
-COUNTERS = ("samples", "steps", "loss_sum", "loss_count")   # a worker's progress that adds up
+COUNTERS = ("samples", "steps", "loss_sum", "loss_count",    # a worker's progress that adds up:
+            "compute_s", "padding_s", "cpu_s", "waiting_s",   # s (common/step.py StepTimes;
+            "steps_over", "bytes_sent", "bytes_received")     # waiting: the rest), frames' bytes
 REPLY_OPS = ("ok", "error")
 
 E_MALFORMED, E_VERSION, E_UNKNOWN_OP, E_PAYLOAD, E_PIECE, E_STATE, E_INTERNAL, E_DENIED = range(1, 9)
