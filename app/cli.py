@@ -9,7 +9,8 @@
     downpour bench core [--json]          one training step against PyTorch; the optimizer update
     downpour bench comm [--json]          push_pull through shard servers against raw pyzmq
                                           doing the same work, with and without CurveZMQ
-    downpour experiment --out DIR [...]   a sweep of runs over modes and workers: CSV and plots
+    downpour experiment --out DIR [...]   a sweep of runs over modes, workers, shards, links,
+                                          compute scales and models: CSV and plots
     downpour plot METRICS.jsonl...        accuracy curves of any runs
     downpour download mnist [--dir DIR]   fetch the four MNIST files, verifying their checksums
     downpour keys DIR                     the cluster's CURVE keys, one pair per role (--keys DIR)
@@ -125,16 +126,18 @@ def _bench(args: argparse.Namespace) -> int:
 def _experiment(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from downpour.experiment import run_sweep
+    from downpour.experiment import parse_axes, run_sweep
     modes = config.parse_list(args.modes, "modes", str, config.FIELDS["mode"].metadata["choices"])
     workers = config.parse_list(args.workers, "workers")
     shards = config.parse_list(args.shards, "shards")
     if args.repeats < 1 or not 0 < args.target <= 1:
         raise config.ConfigError("--repeats must be >= 1 and --target in (0, 1]")
     settings = {k: v for k, v in vars(args).items() if k not in ("workers", "shards")}
-    given = config.given(settings)
-    run_sweep(config.Config(**given), modes, workers, shards, args.repeats, Path(args.out),
-              args.target, given=given)
+    given = config.given(settings)          # the axes' flags (models, links, scales) are not settings
+    axes = parse_axes(given, layers=args.models, link=args.links, compute_scale=args.scales)
+    cfg = config.Config(**{**given, "link": axes.link[0]})     # --server-link wants a link here too
+    run_sweep(cfg, modes, workers, shards, args.repeats, Path(args.out), args.target,
+              given=given, axes=axes)
     return 0
 
 
@@ -219,8 +222,19 @@ def parser() -> argparse.ArgumentParser:
     exp.add_argument("--repeats", type=int, default=1, help="runs per case, seeds seed..seed+N-1")
     exp.add_argument("--target", type=float, default=0.95,
                      help="accuracy whose time-to-reach is reported (default 0.95)")
+    exp.add_argument("--layers", dest="models", metavar="MODELS", default=None,
+                     help="models separated by ';', each hidden layers as `train --layers` takes "
+                          "them, e.g. 'dense:64,relu;conv:8:3,relu,maxpool:2,flatten,dense:64,relu' "
+                          "(default: the MLP of --hidden)")
+    exp.add_argument("--link", dest="links", metavar="LINKS", default=None,
+                     help="emulated link rates in tc's syntax, or none for runs without links, "
+                          "e.g. none,100mbit,1gbit (default: no links)")
+    exp.add_argument("--compute-scale", dest="scales", metavar="SCALES", default=None,
+                     help="compute scales >= 1, each worker step padded to F x its compute, "
+                          "e.g. 1,4 (default 1: no padding)")
     exp.add_argument("--out", required=True, help="directory for results.csv, runs/ and plots")
-    config.add_arguments(exp, TRAIN_GROUPS, exclude=("mode", "workers", "shards", "metrics", "save"))
+    config.add_arguments(exp, TRAIN_GROUPS, exclude=("mode", "workers", "shards", "metrics", "save",
+                                                     "layers", "link", "compute_scale"))
     exp.set_defaults(run=_experiment)
 
     plot = sub.add_parser("plot", help="accuracy curves of runs from their metrics files")

@@ -1,36 +1,85 @@
 """`downpour experiment`: a sweep of training runs, turned into a table and plots.
 
-    for each mode, number of workers W, number of shards S and repeat:
-        downpour train --mode MODE --workers W --shards S --seed SEED+REPEAT [settings] \\
+    for each mode, model, link, compute scale, number of workers W, number of shards S
+    and repeat:
+        downpour train --mode MODE [--layers MODEL] [--link RATE] [--compute-scale F] \\
+                       --workers W --shards S --seed SEED+REPEAT [settings] \\
                        --metrics OUT/runs/NAME.jsonl
     -> OUT/results.csv   one row per run
-    -> OUT/*.png         throughput against workers, accuracy against wall time and
-                         against samples, the staleness distribution (downpour.plots)
+    -> OUT/*.png         throughput and speedup against workers, time to the target
+                         accuracy against workers, accuracy against wall time and against
+                         samples, the staleness distribution (downpour.plots)
+
+The axes, each a flag of `downpour experiment` taking a list, in the order above:
+
+    --modes          modes                                  single,sync,async,ssp,hogwild
+    --layers         models separated by ';', each hidden   'dense:64,relu;conv:8:3,relu,
+                     layers as `train --layers` takes them   maxpool:2,flatten,dense:64,relu'
+                     (default: the one model of --hidden)
+    --link           rates in tc's syntax, or none for a    none,100mbit,1gbit
+                     run without links (default: none)
+    --compute-scale  factors >= 1 (default 1: no padding)   1,4
+    --workers        worker counts                          1,2,4
+    --shards         shard counts of the cluster modes      1,2
+    --repeats N      runs per case, seeds seed..seed+N-1    3
+
+Lists are comma-separated but for --layers, whose models hold commas.
+
+A single value is one setting, as in `downpour train`; a TOML file (--config) or a
+DOWNPOUR_* variable gives link, compute_scale and layers one value each. Every value
+is checked before the first run (`parse_axes`, then `sweep_plan` against the data and
+the other settings), and a repeated value runs once.
 
 Every run is a separate `downpour train` process, exactly as a user would start it,
-so runs do not share caches or state. Single mode runs once per repeat (W = 1,
-no shards) and hogwild once per W (no shards): their settings do not vary with S.
+so runs do not share caches or state. A mode runs only the values of the axes it
+uses: single once per model and repeat (W = 1, no shards, no link, no padding),
+hogwild once per model, compute scale and W (no shards, no link).
+
+Run files are OUT/runs/MODE-wW-sS[-LINK][-xF][-mI]-rR.jsonl: the link (`none` for
+none), the compute scale (x4) and the model's place in --layers (m0, m1, ...; messages
+name models so too) appear only when that axis has more than one value, so a sweep of
+one value of each keeps the names it always had.
 
 Before the first run, the sweep says on stderr, once each, what it leaves out:
 cases that cannot exist (single at 2 workers, hogwild at 2 shards, or settings that
 contradict a case, as sync with --backup 1 at 1 worker), and settings given that a
-mode does not use (--backup in an async run), which that mode's runs drop.
+mode does not use (--backup in an async run, --link in a hogwild run), which that
+mode's runs drop.
 
-Columns of results.csv: mode, workers, shards, batch_size, repeat, seed,
-samples_per_s, updates_per_s, time_to_target_s (the wall time of the first
-evaluation at or above --target; empty if never), final_accuracy, best_accuracy,
-staleness_p50, staleness_p99, staleness_max, bytes, elapsed_s, metrics (the file).
+Columns of results.csv:
+
+    mode, workers, shards     the case (shards 0: single, hogwild)
+    link                      the run's link rate; '' = none
+    compute_scale             the run's --compute-scale (1 = no padding)
+    model                     its --layers text, or the flags of the MLP it trains
+                              (`model_name`: --hidden 256,128)
+    batch_size, repeat, seed
+    samples_per_s, updates_per_s
+    time_to_target_s          the wall time of the first evaluation at or above --target;
+                              empty if never
+    final_accuracy, best_accuracy
+    staleness_p50, staleness_p99, staleness_max, bytes
+    bytes_per_sample          bytes through the servers per trained sample
+    link_utilization          the busiest link's traffic over its rate, 0..1
+    busiest_link              which link that is, e.g. "server-0 download"
+    host_bound                True when the padding of --compute-scale or --slow-worker
+                              could not be kept (the figures measure this host)
+    elapsed_s, metrics        the run's wall time; its metrics file, relative to OUT
+
+A figure the run's `end` record does not hold (a mode without it, a run without
+--link or without padding) is empty.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import itertools
 import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, NamedTuple
 
 from downpour import plots
 from downpour.common import config
@@ -40,15 +89,40 @@ from downpour.common.fileio import atomic_write, prepare_output
 from downpour.common.metrics import Progress, read_metrics
 from downpour.launch import CLI, child_env
 
-COLUMNS = ("mode", "workers", "shards", "batch_size", "repeat", "seed", "samples_per_s",
-           "updates_per_s", "time_to_target_s", "final_accuracy", "best_accuracy",
-           "staleness_p50", "staleness_p99", "staleness_max", "bytes", "elapsed_s", "metrics")
+if TYPE_CHECKING:
+    from downpour.common.data import Dataset
+
+COLUMNS = ("mode", "workers", "shards", "link", "compute_scale", "model", "batch_size", "repeat",
+           "seed", "samples_per_s", "updates_per_s", "time_to_target_s", "final_accuracy",
+           "best_accuracy", "staleness_p50", "staleness_p99", "staleness_max", "bytes",
+           "bytes_per_sample", "link_utilization", "busiest_link", "host_bound", "elapsed_s",
+           "metrics")
+END_FIELDS = ("staleness_p50", "staleness_p99", "staleness_max", "bytes", "bytes_per_sample",
+              "link_utilization", "busiest_link", "host_bound")   # copied from the end record
+AXES = ("layers", "link", "compute_scale")   # settings swept beyond mode, workers and shards
 SWEPT = ("mode", "workers", "shards", "seed", "metrics", "save", "progress", "config")
 ONE_CASE = {"single": "single runs one process", "hogwild": "hogwild has no servers"}
+NO_LINK = "none"                             # --link's word for a run without links
+SHAPE_SAMPLES = 50                           # synthetic samples made to learn the data's shape
+
+
+class Axes(NamedTuple):
+    """The values swept beyond modes, workers, shards and repeats, each distinct, in the
+    order given. Each field is the Config setting it sets: link '' is no link, layers ''
+    the MLP of --hidden."""
+    layers: tuple[str, ...] = ("",)
+    link: tuple[str, ...] = ("",)
+    compute_scale: tuple[float, ...] = (1.0,)
+
+    @classmethod
+    def of(cls, cfg: Config) -> "Axes":
+        """The one value of each that `cfg` holds."""
+        return cls(*((getattr(cfg, name),) for name in cls._fields))
 
 
 class Case(NamedTuple):
-    """One run of the sweep: its record (mode, workers, shards, repeat) and its settings."""
+    """One run of the sweep: its record (mode, workers, shards, the Axes settings, repeat)
+    and its settings."""
     run: dict
     cfg: Config
 
@@ -59,15 +133,118 @@ class Sweep(NamedTuple):
     notes: list[str]
 
 
-def plan(modes: list[str], workers: list[int], shards: list[int], repeats: int) -> list[dict]:
-    """The runs of a sweep, as (mode, workers, shards, repeat) records, in the order run."""
+def _items(text: str, sep: str = ",") -> list[str]:
+    return [t.strip() for t in text.split(sep) if t.strip()]
+
+
+def parse_links(text: str) -> tuple[str, ...]:
+    """The --link values of a sweep: rates in tc's syntax (lower case), or '' for `none`.
+    An empty text is one run without links. ConfigError naming the first bad value."""
+    links = []
+    for item in _items(text):
+        if item.lower() == NO_LINK:
+            links.append("")
+            continue
+        try:
+            config.parse_rate(item, "link")
+        except ConfigError:
+            raise ConfigError(f"--link {text!r}: {item!r} is neither a rate nor {NO_LINK}: write "
+                              f"rates as tc does (100mbit, 1gbit, 10gbit; bps units are bytes per "
+                              f"second) or {NO_LINK} for a run without links, separated by "
+                              f"commas, e.g. --link {NO_LINK},1gbit") from None
+        links.append("".join(item.split()).lower())
+    return tuple(dict.fromkeys(links)) or ("",)
+
+
+def parse_compute_scales(text: str) -> tuple[float, ...]:
+    """The --compute-scale values of a sweep: finite numbers >= 1. ConfigError naming the
+    first bad value."""
+    scales = []
+    for item in _items(text):
+        try:
+            scale = float(item)
+        except ValueError:
+            scale = float("nan")
+        if not 1.0 <= scale < float("inf"):
+            raise ConfigError(f"--compute-scale {text!r}: {item!r} is not a number >= 1: give "
+                              "factors of at least 1 separated by commas, e.g. --compute-scale "
+                              "1,4 (1 = no padding)")
+        scales.append(scale)
+    if not scales:
+        raise ConfigError(f"--compute-scale {text!r}: expected factors >= 1 separated by "
+                          "commas, e.g. 1,4")
+    return tuple(dict.fromkeys(scales))
+
+
+def parse_models(text: str) -> tuple[str, ...]:
+    """The --layers values of a sweep: models separated by ';', each a layer spec (as
+    `train --layers` takes it, tokens separated by commas), its syntax checked; an empty
+    text is the MLP of --hidden. ConfigError naming the model and its first bad token."""
+    from downpour.common.nn.layerspec import parse as parse_layers
+    models = _items(text, ";")
+    for i, model in enumerate(models):
+        try:
+            parse_layers(model)
+        except ConfigError as e:
+            raise ConfigError(f"--layers: {_model_label(i, len(models))} {model!r}: {e}") from None
+    return tuple(dict.fromkeys(models)) or ("",)
+
+
+def _model_label(i: int, n: int) -> str:
+    """How messages name the i-th of `n` models: as its runs' file names do (m0, m1, ...)."""
+    return f"model m{i}" if n > 1 else "the model"
+
+
+def parse_axes(given: Mapping[str, Any], layers: str | None = None, link: str | None = None,
+               compute_scale: str | None = None) -> Axes:
+    """The Axes of the texts of --layers, --link and --compute-scale; one not given (None)
+    is the one value of the settings `given` (as config.given returns them), or the
+    default. ConfigError naming the first bad value, or for `none` in --link with
+    --server-link."""
+    texts = {"layers": (layers, parse_models), "link": (link, parse_links),
+             "compute_scale": (compute_scale, parse_compute_scales)}        # in Axes' order
+    axes = Axes(*(parse(text) if text is not None else (given.get(name, FIELDS[name].default),)
+                  for name, (text, parse) in texts.items()))
+    if link is not None and "" in axes.link and given.get("server_link"):
+        raise ConfigError(f"--link {NO_LINK} runs without links, but --server-link "
+                          f"{given['server_link']} gives the servers a link of their own: drop "
+                          f"{NO_LINK} from --link, or drop --server-link")
+    return axes
+
+
+def _used(name: str, values: Iterable, mode: str) -> Iterable:
+    """The distinct `values` of setting `name` if `mode` uses it, else its default alone."""
+    return dict.fromkeys(values) if mode in FIELDS[name].metadata["modes"] else (FIELDS[name].default,)
+
+
+def plan(modes: list[str], workers: list[int], shards: list[int], repeats: int,
+         axes: Axes = Axes()) -> list[dict]:
+    """The runs of a sweep, as records {mode, workers, shards, layers, link, compute_scale,
+    repeat}, in the order run: modes outermost, then models, links, compute scales,
+    workers, shards and repeats. A value given twice runs once."""
     runs = []
-    for mode in modes:
-        for w in ([1] if mode == "single" else workers):
-            for s in ([0] if mode in ("single", "hogwild") else shards):
-                for r in range(repeats):
-                    runs.append({"mode": mode, "workers": w, "shards": s, "repeat": r})
+    for mode in dict.fromkeys(modes):
+        grid = itertools.product(_used("layers", axes.layers, mode), _used("link", axes.link, mode),
+                                 _used("compute_scale", axes.compute_scale, mode),
+                                 [1] if mode == "single" else dict.fromkeys(workers),
+                                 [0] if mode in ONE_CASE else dict.fromkeys(shards), range(repeats))
+        runs += [{"mode": mode, "workers": w, "shards": s, "layers": layers, "link": link,
+                  "compute_scale": scale, "repeat": r} for layers, link, scale, w, s, r in grid]
     return runs
+
+
+def run_name(run: dict, axes: Axes = Axes()) -> str:
+    """The name of a run's metrics file (without .jsonl): MODE-wW-sS, then its link
+    (`none` for none), compute scale (x4) and model index (m1) where that axis of `axes`
+    has more than one value, then -rR. Distinct for the distinct runs of `plan`."""
+    parts = [run["mode"], f"w{run['workers']}", f"s{run['shards']}"]
+    if len(axes.link) > 1:
+        parts.append(run.get("link") or NO_LINK)
+    if len(axes.compute_scale) > 1:
+        parts.append(f"x{run.get('compute_scale', 1.0):.15g}")
+    if len(axes.layers) > 1:
+        parts.append(f"m{axes.layers.index(run.get('layers', ''))}")
+    return "-".join([*parts, f"r{run['repeat']}"])
 
 
 def _counted(values: list[int], noun: str) -> str:
@@ -89,17 +266,28 @@ def impossible(modes: list[str], workers: list[int], shards: list[int]) -> dict[
 
 
 def case_config(cfg: Config, run: dict, given: Iterable[str] = ()) -> Config:
-    """The settings of one run: `cfg` with the run's mode, workers, shards and seed, and
-    every setting in `given` that the mode does not use back at its default."""
+    """The settings of one run: `cfg` with the run's mode, workers, shards, seed and the
+    Axes settings its record holds, and every setting in `given` that the mode does not use
+    back at its default."""
     swept = replace(cfg, mode=run["mode"], workers=run["workers"], shards=max(1, run["shards"]),
-                    seed=cfg.seed + run["repeat"])
+                    seed=cfg.seed + run["repeat"], **{k: run[k] for k in AXES if k in run})
     unused = config.unused_settings([*given, "workers", "shards"], run["mode"])
     return replace(swept, **{k: FIELDS[k].default for k in unused})
 
 
-def _case_name(run: dict) -> str:
+def _case_name(run: dict, axes: Axes = Axes()) -> str:
+    """'sync at 1 worker', with what tells the case apart on the axes that vary:
+    'sync at 1 worker (no link, model m1)'."""
+    varied = []
+    if len(axes.link) > 1:
+        varied.append(f"link {run['link']}" if run.get("link") else "no link")
+    if len(axes.compute_scale) > 1:
+        varied.append(f"compute scale {run.get('compute_scale', 1.0):g}")
+    if len(axes.layers) > 1:
+        varied.append(f"model m{axes.layers.index(run.get('layers', ''))}")
     return f"{run['mode']} at {_counted([run['workers']], 'worker')}" + (
-        f" and {run['shards']} shards" if run["shards"] > 1 else "")
+        f" and {run['shards']} shards" if run["shards"] > 1 else "") + (
+        f" ({', '.join(varied)})" if varied else "")
 
 
 def _unused_notes(names: list[str], modes: list[str]) -> list[str]:
@@ -114,17 +302,51 @@ def _unused_notes(names: list[str], modes: list[str]) -> list[str]:
             f"{', '.join(idle[name])} runs" for name in idle]
 
 
+def _data_shape(cfg: Config) -> tuple[int, Dataset]:
+    """(n, a training set shaped as the runs'), for the checks before the first run: MNIST
+    is opened (~0.1 s); --synthetic N is N, shaped by a few samples made the same way."""
+    from downpour.common.training import open_datasets
+    train, _, _ = open_datasets(replace(cfg, synthetic=min(cfg.synthetic, SHAPE_SAMPLES)))
+    return cfg.synthetic or len(train), train
+
+
+def check_axes(cfg: Config, axes: Axes, data: Dataset) -> None:
+    """ConfigError, naming the value, for a value of `axes` that `cfg`'s other settings
+    contradict (--server-link with a run without links; --hidden with --layers) or, for a
+    model, whose layers do not fit `data` (a Dataset: its features and classes) shaped
+    by --input-shape."""
+    from downpour.common.training import model_spec
+    for name in AXES:
+        values = getattr(axes, name)
+        for i, value in enumerate(values):
+            if name == "layers":
+                what = f"{_model_label(i, len(values))} " + (repr(value) if value else "of --hidden")
+            else:
+                what = repr(value or NO_LINK) if name == "link" else f"{value:g}"
+            try:
+                case = replace(cfg, **{name: value})
+                if name == "layers":
+                    model_spec(case, data)
+            except ConfigError as e:
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(f"{flag}: {what}: {e}") from None
+
+
 def sweep_plan(cfg: Config, modes: list[str], workers: list[int], shards: list[int], repeats: int,
-               given: Iterable[str] = ()) -> Sweep:
+               given: Iterable[str] = (), axes: Axes | None = None) -> Sweep:
     """The cases of a sweep and what it leaves out (see the module docstring).
 
     `given` names the settings given explicitly; those `cfg` holds at a value other than
-    the default count as given too. ConfigError if no case is left to run.
+    the default count as given too, and so do the Axes settings swept at a value other than
+    the default. `axes` None: the one value of each that `cfg` holds. ConfigError for a
+    value of `axes` that cannot run (`check_axes`), or if no case is left to run.
     """
-    from downpour.common.training import check_cluster, training_samples
+    from downpour.common.training import check_cluster
+    axes = axes or Axes.of(cfg)
     cfg.slowdown                        # a malformed --slow-worker is an error, not a skip of every case
-    n = training_samples(cfg)           # a batch the data cannot give is a case skipped
-    given = set(given)
+    n, data = _data_shape(cfg)          # a batch the data cannot give is a case skipped
+    check_axes(cfg, axes, data)
+    given = set(given) | {k for k in AXES if any(v != FIELDS[k].default for v in getattr(axes, k))}
     names = [k for k in FIELDS if k not in SWEPT and (k in given or getattr(cfg, k) != FIELDS[k].default)]
     notes = []
     if dropped := impossible(modes, workers, shards):
@@ -132,14 +354,14 @@ def sweep_plan(cfg: Config, modes: list[str], workers: list[int], shards: list[i
                      f"{', '.join(c for mode_cases in dropped.values() for c in mode_cases)}")
     notes += _unused_notes(names, modes)
     cases, contradicted = [], {}                # contradicted: {reason: the cases it rules out}
-    for run in plan(modes, workers, shards, repeats):
+    for run in plan(modes, workers, shards, repeats, axes):
         case = Case(run, case_config(cfg, run, names))
         try:
             check_cluster(case.cfg, n)
         except ConfigError as e:
             ruled_out = contradicted.setdefault(str(e), [])
             if run["repeat"] == 0:
-                ruled_out.append(_case_name(run))
+                ruled_out.append(_case_name(run, axes))
             continue
         cases.append(case)
     notes += [f"{reason}; skipping {', '.join(ruled_out)}" for reason, ruled_out in contradicted.items()]
@@ -148,29 +370,52 @@ def sweep_plan(cfg: Config, modes: list[str], workers: list[int], shards: list[i
     return Sweep(cases, notes)
 
 
+def model_name(cfg: Config) -> str:
+    """The model of `cfg` in a few words: its --layers text, or the flags of the MLP it
+    trains without one (`--hidden 256,128`, with --activation, --batchnorm and --dropout
+    where they are not the default)."""
+    if cfg.layers:
+        return cfg.layers
+    words = ["--hidden", ",".join(map(str, cfg.hidden))]
+    if cfg.activation != FIELDS["activation"].default:
+        words += ["--activation", cfg.activation]
+    if cfg.batchnorm:
+        words.append("--batchnorm")
+    if cfg.dropout:
+        words += ["--dropout", f"{cfg.dropout:g}"]
+    return " ".join(words)
+
+
 def row(run: dict, cfg: Config, path: Path, target: float) -> dict[str, Any]:
+    """The results.csv row of a finished run: `run` its record, `cfg` its own settings
+    (`case_config`), `path` its metrics file (in OUT/runs). A figure its `end` record does
+    not hold is ''. DownpourError if the file has no `end` line."""
     evals, end = read_metrics(path)
     if end is None:
         raise DownpourError(f"{path} has no end line: the run did not finish")
     reached = [e["elapsed_s"] for e in evals if e["test_accuracy"] >= target]
-    return {**run, "batch_size": cfg.batch_size, "seed": cfg.seed + run["repeat"],
+    return {"mode": run["mode"], "workers": run["workers"], "shards": run["shards"],
+            "link": cfg.link, "compute_scale": cfg.compute_scale, "model": model_name(cfg),
+            "batch_size": cfg.batch_size, "repeat": run["repeat"], "seed": cfg.seed,
             "samples_per_s": end["samples_per_s"], "updates_per_s": end["updates_per_s"],
             "time_to_target_s": reached[0] if reached else "",
             "final_accuracy": end["test_accuracy"],
             "best_accuracy": max([e["test_accuracy"] for e in evals], default=end["test_accuracy"]),
-            **{k: end.get(k) if end.get(k) is not None else "" for k in
-               ("staleness_p50", "staleness_p99", "staleness_max", "bytes")},
+            **{k: end.get(k) if end.get(k) is not None else "" for k in END_FIELDS},
             "elapsed_s": end["elapsed_s"], "metrics": str(path.relative_to(path.parents[1]))}
 
 
 def run_sweep(cfg: Config, modes: list[str], workers: list[int], shards: list[int], repeats: int,
-              out: Path, target: float, given: Iterable[str] = ()) -> list[dict]:
+              out: Path, target: float, given: Iterable[str] = (),
+              axes: Axes | None = None) -> list[dict]:
     """Run every run of the sweep; write results.csv and the plots; return the rows.
 
-    `given` names the settings given explicitly (see `sweep_plan`). ConfigError, before
-    any run, if `out` cannot be written or no case can run; DownpourError if a run fails.
+    `given` names the settings given explicitly and `axes` the values swept beyond modes,
+    workers and shards (see `sweep_plan`). ConfigError, before any run, if a value cannot
+    run, `out` cannot be written or no case can run; DownpourError if a run fails.
     """
-    cases, notes = sweep_plan(cfg, modes, workers, shards, repeats, given)
+    axes = axes or Axes.of(cfg)
+    cases, notes = sweep_plan(cfg, modes, workers, shards, repeats, given, axes)
     out = prepare_output(out, "--out", directory=True)
     for note in notes:
         print(f"experiment: {note}", file=sys.stderr)
@@ -181,7 +426,7 @@ def run_sweep(cfg: Config, modes: list[str], workers: list[int], shards: list[in
     env = child_env()
     rows = []
     for i, (run, run_cfg) in enumerate(cases):
-        name = f"{run['mode']}-w{run['workers']}-s{run['shards']}-r{run['repeat']}"
+        name = run_name(run, axes)
         path = out / "runs" / f"{name}.jsonl"
         argv = [*CLI, "train", *config.to_args(replace(run_cfg, metrics=str(path), save="",
                                                        progress="none", config=""))]
@@ -189,7 +434,7 @@ def run_sweep(cfg: Config, modes: list[str], workers: list[int], shards: list[in
         done = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
         if done.returncode != 0:
             raise DownpourError(f"run {name} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-        rows.append(row(run, cfg, path, target))
+        rows.append(row(run, run_cfg, path, target))
         r = rows[-1]
         progress.line(f"{name:<22} {r['samples_per_s']:>9,.0f} samples/s  accuracy "
                       f"{100 * r['final_accuracy']:.2f}%  time to {target:g}: "

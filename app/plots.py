@@ -1,10 +1,21 @@
 """PNG plots of runs and sweeps, with matplotlib (the optional `plot` extra).
 
-    sweep(rows, out)  throughput.png      samples/s against workers, one line per mode
+    sweep(rows, out)  throughput.png      samples/s against workers
+                      speedup.png         samples/s over the same line's at W = 1, against
+                                          workers, with the ideal (speedup = W) dashed
+                      time_to_target.png  wall time to the target accuracy against workers;
+                                          a point never reaching it is an open marker at the top
                       accuracy_time.png   test accuracy against wall time, per run
                       accuracy_samples.png test accuracy against samples processed
                       staleness.png       distribution of staleness per async-family run
     curves(paths, out) accuracy against wall time and against samples for any metrics files
+
+In a plot against workers a line is one `LineKey`: mode, link, compute scale, shards and
+model held fixed, repeats averaged; its legend names what varies in the sweep
+(`line_labels`), single process is a dashed level, and a point at which a run was
+host-bound (it could not keep its --compute-scale or --slow-worker padding, so it
+measured this host) wears a red ring. The figures drawn are pure functions of the rows,
+callable without matplotlib: `throughputs`, `speedups`, `times_to_target`, `host_bound`.
 
 `read_run` is the checked reader of one metrics file that `curves` uses: a file that
 is not one (a CSV, a saved model, a README) is a DataError that says so.
@@ -19,8 +30,9 @@ import json
 import re
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, NamedTuple
 
+from downpour.common.config import CLUSTER, REPLICAS
 from downpour.common.errors import ConfigError, DataError
 from downpour.common.fileio import prepare_output
 from downpour.common.metrics import read_metrics
@@ -32,6 +44,10 @@ SNIFF_BYTES = 8192            # how much of a file is read to tell binary from t
 SHOWN_CHARS = 24              # how much of a bad line a message quotes
 EXPECTED = 'expected JSON lines written by --metrics (each an object with an "event")'
 EVAL_FIELDS = ("elapsed_s", "samples", "test_accuracy")   # what `curves` plots of an eval line
+MODEL_CHARS = 40              # how much of a model's layers the legend's key to m0, m1... shows
+RING_AREA = 160               # points^2: the ring around a host-bound point
+LEVEL_STYLES = ("--", ":", "-.")   # single-process levels, one per model
+ABOVE_TOP = 1.08              # a point never reaching the target is drawn this far above the highest
 
 
 def available() -> bool:
@@ -114,46 +130,213 @@ def _save(fig, path: Path) -> Path:
 
 
 def sweep(rows: list[dict], out: Path, target: float | None = None) -> list[Path]:
-    """The four plots of a sweep (rows as in results.csv, with `metrics` relative to `out`)."""
+    """The six plots of a sweep (rows as in results.csv, with `metrics` relative to `out`)."""
     out = Path(out)
+    labels = line_labels(line_key(r) for r in rows)
     first = [(r, *read_metrics(out / r["metrics"])) for r in rows if int(r["repeat"]) == 0]
-    return [_throughput(rows, out / "throughput.png"),
-            _accuracy(first, "elapsed_s", "wall time (s)", out / "accuracy_time.png",
+    return [_throughput(rows, labels, out / "throughput.png"),
+            _speedup(rows, labels, out / "speedup.png"),
+            _time_to_target(rows, labels, out / "time_to_target.png", target),
+            _accuracy(first, labels, "elapsed_s", "wall time (s)", out / "accuracy_time.png",
                       "Test accuracy against wall time", target),
-            _accuracy(first, "samples", "samples processed", out / "accuracy_samples.png",
+            _accuracy(first, labels, "samples", "samples processed", out / "accuracy_samples.png",
                       "Test accuracy against samples processed", target),
-            _staleness(first, out / "staleness.png")]
+            _staleness(first, labels, out / "staleness.png")]
 
 
-def _throughput(rows: list[dict], path: Path) -> Path:
-    """Mean samples/s against workers, a line per mode; single process as a level."""
-    fig, ax = _pyplot().subplots(figsize=FIGSIZE)
-    by_mode: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+# -- the figures against workers, without matplotlib ---------------------------------------------
+
+class LineKey(NamedTuple):
+    """What a line of a plot against workers holds fixed: every swept setting but W."""
+    mode: str
+    link: str                 # '' = no link
+    compute_scale: float
+    shards: int               # 0: single, hogwild
+    model: str
+
+
+def line_key(row: dict) -> LineKey:
+    """The line of a results.csv row (values as numbers or as CSV text); a column that an
+    older results.csv lacks takes its default."""
+    return LineKey(row["mode"], row.get("link") or "", float(row.get("compute_scale") or 1.0),
+                   int(row["shards"]), row.get("model") or "")
+
+
+def _by_point(rows: list[dict]) -> dict[LineKey, dict[int, list[dict]]]:
+    """The rows by line, then by workers (a point's repeats together), in the order met."""
+    lines: dict[LineKey, dict[int, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
-        by_mode[r["mode"]][int(r["workers"])].append(float(r["samples_per_s"]))
-    for mode in sorted(by_mode, key=lambda m: MODES_ORDER.index(m) if m in MODES_ORDER else 99):
-        ws = sorted(by_mode[mode])
-        means = [sum(by_mode[mode][w]) / len(by_mode[mode][w]) for w in ws]
-        if mode == "single":
-            ax.axhline(means[0], linestyle="--", color="gray", label="single process")
+        lines[line_key(r)][int(r["workers"])].append(r)
+    return {key: dict(sorted(points.items())) for key, points in lines.items()}
+
+
+def throughputs(rows: list[dict]) -> dict[LineKey, dict[int, float]]:
+    """{line: {workers: samples/s}}, the mean over a point's repeats."""
+    return {key: {w: sum(float(r["samples_per_s"]) for r in rs) / len(rs) for w, rs in points.items()}
+            for key, points in _by_point(rows).items()}
+
+
+def speedups(rows: list[dict]) -> dict[LineKey, dict[int, float]]:
+    """{line: {workers: speedup}}, each point over its own line's at one worker:
+
+        speedup(W) = samples/s(W) / samples/s(1)     (each the mean over the repeats)
+
+    the mode, link, compute scale, shards and model the same. A line without a W = 1
+    point has no speedup and is left out."""
+    return {key: {w: v / points[1] for w, v in points.items()}
+            for key, points in throughputs(rows).items() if points.get(1, 0) > 0}
+
+
+def times_to_target(rows: list[dict]) -> dict[LineKey, dict[int, float | None]]:
+    """{line: {workers: s to the target accuracy}}, the mean over a point's repeats; None
+    where a repeat never reached it (a mean over those that did would flatter the point)."""
+    out: dict[LineKey, dict[int, float | None]] = {}
+    for key, points in _by_point(rows).items():
+        out[key] = {}
+        for w, rs in points.items():
+            times = [r.get("time_to_target_s") for r in rs]
+            out[key][w] = None if any(t in ("", None) for t in times) else \
+                sum(float(t) for t in times) / len(times)
+    return out
+
+
+def host_bound(rows: list[dict]) -> set[tuple[LineKey, int]]:
+    """The points (line, workers) at which a repeat was host-bound (`host_bound` true)."""
+    return {(line_key(r), int(r["workers"])) for r in rows
+            if r.get("host_bound") is True or str(r.get("host_bound")).lower() == "true"}
+
+
+def line_labels(keys: Iterable[LineKey]) -> dict[LineKey, str]:
+    """The legend entry of each line: its mode ("single process" for single), then its
+    link, compute scale and shards where they differ between the lines of the modes that
+    use them, and its model (m0, m1, ... in the order met) where models differ:
+    "async 1gbit x4 S=2 m1"."""
+    keys = list(dict.fromkeys(keys))
+    models = list(dict.fromkeys(k.model for k in keys))
+    axes = (("link", CLUSTER, lambda k: k.link or "no link"),
+            ("compute_scale", REPLICAS, lambda k: f"x{k.compute_scale:g}"),
+            ("shards", CLUSTER, lambda k: f"S={k.shards}"))
+    varies = {name for name, modes, _ in axes if len({getattr(k, name) for k in keys if k.mode in modes}) > 1}
+    labels = {}
+    for k in keys:
+        parts = ["single process" if k.mode == "single" else k.mode]
+        parts += [show(k) for name, modes, show in axes if name in varies and k.mode in modes]
+        parts += [f"m{models.index(k.model)}"] if len(models) > 1 else []
+        labels[k] = " ".join(parts)
+    return labels
+
+
+# -- the plots against workers ---------------------------------------------------------------------
+
+def _mode_rank(key: LineKey) -> int:
+    return MODES_ORDER.index(key.mode) if key.mode in MODES_ORDER else len(MODES_ORDER)
+
+
+def _draw_lines(ax, lines: dict[LineKey, dict[int, float | None]], labels: dict[LineKey, str],
+                top: float | None = None) -> None:
+    """A line per key against workers, single process as a dashed gray level; a point
+    whose value is None is an open marker at `top`, not joined to the line. A line keeps
+    its colour from plot to plot (its place in `labels`)."""
+    colors = {key: f"C{i % 10}" for i, key in enumerate(k for k in labels if k.mode != "single")}
+    levels = 0
+    for key in sorted(lines, key=_mode_rank):
+        points = lines[key]
+        ws = [w for w, v in points.items() if v is not None]
+        never = [w for w, v in points.items() if v is None]
+        if key.mode == "single":
+            color = "gray"
+            if ws:
+                ax.axhline(points[ws[0]], linestyle=LEVEL_STYLES[levels % len(LEVEL_STYLES)],
+                           color=color, label=labels[key])
+                levels += 1
         else:
-            ax.plot(ws, means, marker="o", label=mode)
-    ax.set(xlabel="workers", ylabel="samples / s", title="Throughput against workers")
+            color = colors[key]
+            ax.plot(ws, [points[w] for w in ws], marker="o", color=color, label=labels[key])
+        if never:                           # a single process that never got there has no level
+            ax.plot(never, [top] * len(never), linestyle="none", marker="o", markerfacecolor="none",
+                    markeredgecolor=color, label=labels[key] if key.mode == "single" and not ws else "")
+
+
+def _ring_host_bound(ax, lines: dict[LineKey, dict[int, float | None]], bound: set,
+                     top: float | None = None) -> None:
+    """A red ring around every point of `lines` in `bound`, and a legend entry for it."""
+    xy = [(w, top if lines[key][w] is None else lines[key][w])
+          for key, w in bound if w in lines.get(key, {})]
+    if xy:
+        ax.scatter(*zip(*xy), s=RING_AREA, facecolors="none", edgecolors="red", linewidths=1.5,
+                   zorder=3, label="host-bound: the step padding was not kept")
+
+
+def _finish(ax, keys: Iterable[LineKey], rows: list[dict], title: str, ylabel: str) -> None:
+    """Labels, worker ticks, grid and the legend, with a key to m0, m1, ... if models differ."""
+    models = list(dict.fromkeys(k.model for k in keys))
+    if len(models) > 1:
+        for i, model in enumerate(models):
+            shown = model if len(model) <= MODEL_CHARS else model[:MODEL_CHARS] + "..."
+            ax.plot([], [], linestyle="none", label=f"m{i}: {shown}")
+    ax.set(xlabel="workers", ylabel=ylabel, title=title)
     ax.set_xticks(sorted({int(r["workers"]) for r in rows}))
-    ax.legend()
+    ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
+
+
+def _throughput(rows: list[dict], labels: dict[LineKey, str], path: Path) -> Path:
+    """Mean samples/s against workers, a line per LineKey; single process as a level."""
+    fig, ax = _pyplot().subplots(figsize=FIGSIZE)
+    means = throughputs(rows)
+    _draw_lines(ax, means, labels)
+    _ring_host_bound(ax, means, host_bound(rows))
+    _finish(ax, labels, rows, "Throughput against workers", "samples / s")
     return _save(fig, path)
 
 
-def _accuracy(runs: list[tuple], x_key: str, x_label: str, path: Path, title: str,
-              target: float | None) -> Path:
+def _speedup(rows: list[dict], labels: dict[LineKey, str], path: Path) -> Path:
+    """`speedups` against workers, a line per LineKey but single's, the ideal dashed."""
+    fig, ax = _pyplot().subplots(figsize=FIGSIZE)
+    ups = {key: points for key, points in speedups(rows).items() if key.mode != "single"}
+    _draw_lines(ax, ups, labels)
+    ws = sorted({int(r["workers"]) for r in rows})
+    ax.plot(ws, ws, linestyle="--", color="black", label="ideal: speedup = W")
+    _ring_host_bound(ax, ups, host_bound(rows))
+    if missing := [labels[k] for k in labels if k.mode != "single" and k not in ups]:
+        ax.plot([], [], linestyle="none", label=f"not drawn, no run at W=1: {', '.join(missing)}")
+    _finish(ax, labels, rows, "Speedup against workers (over the same line at W=1)",
+            "speedup (samples/s over W=1's)")
+    return _save(fig, path)
+
+
+def _time_to_target(rows: list[dict], labels: dict[LineKey, str], path: Path,
+                    target: float | None) -> Path:
+    """`times_to_target` against workers; a point that never reached it is an open marker
+    drawn above the highest that did."""
+    fig, ax = _pyplot().subplots(figsize=FIGSIZE)
+    times = times_to_target(rows)
+    reached = [t for points in times.values() for t in points.values() if t is not None]
+    top = ABOVE_TOP * max(reached, default=1.0)
+    _draw_lines(ax, times, labels, top)
+    _ring_host_bound(ax, times, host_bound(rows), top)
+    what = f"{100 * target:g}% test accuracy" if target else "the target accuracy"
+    if len(reached) < sum(len(points) for points in times.values()):
+        ax.plot([], [], linestyle="none", marker="o", markerfacecolor="none", markeredgecolor="gray",
+                label="never reached it (drawn at the top)")
+    ax.set_ylim(bottom=0, top=top * ABOVE_TOP)
+    _finish(ax, labels, rows, f"Time to {what} against workers", "wall time to target (s)")
+    return _save(fig, path)
+
+
+def _run_label(r: dict, labels: dict[LineKey, str]) -> str:
+    """The legend entry of one run: its line's, and W but for single process."""
+    label = labels[line_key(r)]
+    return label if r["mode"] == "single" else f"{label} W={r['workers']}"
+
+
+def _accuracy(runs: list[tuple], labels: dict[LineKey, str], x_key: str, x_label: str,
+              path: Path, title: str, target: float | None) -> Path:
     """Test accuracy against `x_key` of every eval line, a line per run."""
     fig, ax = _pyplot().subplots(figsize=FIGSIZE)
     for r, evals, _ in runs:
-        label = r["mode"] if r["mode"] == "single" else f"{r['mode']} W={r['workers']}" + (
-            f" S={r['shards']}" if int(r["shards"]) > 0 else "")
         ax.plot([e[x_key] for e in evals], [100 * e["test_accuracy"] for e in evals],
-                marker=".", label=label)
+                marker=".", label=_run_label(r, labels))
     if target:
         ax.axhline(100 * target, linestyle=":", color="gray", label=f"target {100 * target:g}%")
     ax.set(xlabel=x_label, ylabel="test accuracy (%)", title=title)
@@ -169,7 +352,7 @@ def bar_offsets(n: int, group_width: float = GROUP_WIDTH) -> tuple[list[float], 
     return [(i - (n - 1) / 2) * width for i in range(n)], width
 
 
-def _staleness(runs: list[tuple], path: Path) -> Path:
+def _staleness(runs: list[tuple], labels: dict[LineKey, str], path: Path) -> Path:
     """The staleness distribution of every async-family (and sync) run, as grouped bars."""
     fig, ax = _pyplot().subplots(figsize=FIGSIZE)
     hists = []                                # (run row, {staleness: pushes})
@@ -182,7 +365,7 @@ def _staleness(runs: list[tuple], path: Path) -> Path:
         total = sum(hist.values())
         xs = sorted(hist)
         ax.bar([x + offset for x in xs], [hist[x] / total for x in xs], width=width,
-               label=f"{r['mode']} W={r['workers']} S={r['shards']}")
+               label=_run_label(r, labels))
     ax.set(xlabel="staleness (versions between pull and apply)", ylabel="fraction of pushes",
            title="Staleness distribution")
     ax.xaxis.get_major_locator().set_params(integer=True)

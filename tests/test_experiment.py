@@ -4,14 +4,32 @@ import csv
 
 import pytest
 
+from downpour import plots
 from downpour.common import config
 from downpour.common.config import Config
 from downpour.common.errors import ConfigError
-from downpour.experiment import COLUMNS, case_config, impossible, plan, sweep_plan
+from downpour.common.metrics import MetricsLog
+from downpour.experiment import (
+    COLUMNS,
+    Axes,
+    case_config,
+    impossible,
+    model_name,
+    parse_axes,
+    parse_compute_scales,
+    parse_links,
+    parse_models,
+    plan,
+    row,
+    run_name,
+    sweep_plan,
+)
 
-pytest.importorskip("matplotlib", reason="plots need matplotlib: pip install -e '.[plot]'")
 PNG = b"\x89PNG\r\n\x1a\n"
 TINY = ("--synthetic", 600, "--hidden", 8, "--epochs", 1, "--batch-size", 50, "--target", 0.5)
+CONV = "conv:4:3,relu,maxpool:2,flatten,dense:8,relu"
+needs_matplotlib = pytest.mark.skipif(not plots.available(),
+                                      reason="plots need matplotlib: pip install -e '.[plot]'")
 
 
 def test_plan_runs_single_once_and_hogwild_without_shards():
@@ -80,8 +98,9 @@ def test_an_experiment_out_that_cannot_be_written_fails_before_any_run(downpour,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
 
 
+@needs_matplotlib
 @pytest.mark.slow
-def test_a_small_sweep_writes_the_csv_and_four_plots(downpour, tmp_path):
+def test_a_small_sweep_writes_the_csv_and_six_plots(downpour, tmp_path):
     r = downpour("experiment", "--workers", "1,2", "--modes", "single,sync,async,ssp,hogwild",
                  "--out", "exp", "--synthetic", 2000, "--hidden", 32, "--epochs", 2,
                  "--batch-size", 50, "--eval-every", 0.5, "--lr", 0.01, "--target", 0.5, timeout=300)
@@ -97,13 +116,16 @@ def test_a_small_sweep_writes_the_csv_and_four_plots(downpour, tmp_path):
     # one worker: every mode takes the single-process steps, so all end alike
     one = {x["final_accuracy"] for x in rows if x["workers"] == "1" and x["mode"] != "hogwild"}
     assert len(one) == 1
-    for name in ("throughput", "accuracy_time", "accuracy_samples", "staleness"):
+    assert {(x["link"], x["compute_scale"], x["model"]) for x in rows} == {("", "1.0", "--hidden 32")}
+    for name in ("throughput", "speedup", "time_to_target", "accuracy_time", "accuracy_samples",
+                 "staleness"):
         data = (tmp_path / "exp" / f"{name}.png").read_bytes()
         assert data.startswith(PNG) and len(data) > 10_000
     r = downpour("plot", *[tmp_path / "exp" / x["metrics"] for x in rows[:3]], "--out", "curves.png")
     assert r.returncode == 0 and (tmp_path / "curves.png").read_bytes().startswith(PNG)
 
 
+@needs_matplotlib
 def test_bad_sweep_arguments(downpour):
     r = downpour("experiment", "--out", "x", "--modes", "async,turbo")
     assert r.returncode == 2 and "--modes" in r.stderr
@@ -111,3 +133,165 @@ def test_bad_sweep_arguments(downpour):
     assert r.returncode == 2 and "positive integers" in r.stderr
     r = downpour("plot", "missing.jsonl")
     assert r.returncode == 2 and "no metrics file" in r.stderr
+
+
+# -- the axes beyond modes, workers and shards ------------------------------------------------------
+
+def test_the_axes_parse_into_distinct_values_in_the_order_given():
+    assert parse_links("none, 100mbit,1GBit,100mbit,") == ("", "100mbit", "1gbit")
+    assert parse_links("") == ("",) and parse_links("1gbit") == ("1gbit",)
+    assert parse_compute_scales("1, 4,4.0,2.5") == (1.0, 4.0, 2.5)
+    assert parse_models(f"dense:8,relu; {CONV} ;dense:8,relu;") == ("dense:8,relu", CONV)
+    assert parse_models("") == ("",)
+    given = {"link": "10mbit", "compute_scale": 2.0}          # a TOML file's or DOWNPOUR_*'s one value
+    assert parse_axes(given) == Axes(layers=("",), link=("10mbit",), compute_scale=(2.0,))
+    assert parse_axes(given, link="none,1gbit", compute_scale="1,4", layers="dense:8,relu") == Axes(
+        layers=("dense:8,relu",), link=("", "1gbit"), compute_scale=(1.0, 4.0))
+    assert Axes.of(Config(link="1gbit", layers="dense:8,relu")) == Axes(("dense:8,relu",), ("1gbit",), (1.0,))
+
+
+@pytest.mark.parametrize("flag, text, message", [
+    ("link", "100mbit,fast", "--link '100mbit,fast': 'fast' is neither a rate nor none: write rates "
+                             "as tc does (100mbit, 1gbit, 10gbit; bps units are bytes per second) or "
+                             "none for a run without links, separated by commas, e.g. --link none,1gbit"),
+    ("link", "0mbit", "--link '0mbit': '0mbit' is neither a rate nor none: "),
+    ("compute_scale", "1,0.5", "--compute-scale '1,0.5': '0.5' is not a number >= 1: give factors of "
+                               "at least 1 separated by commas, e.g. --compute-scale 1,4 (1 = no padding)"),
+    ("compute_scale", "four", "--compute-scale 'four': 'four' is not a number >= 1"),
+    ("compute_scale", "1,inf", "--compute-scale '1,inf': 'inf' is not a number >= 1"),
+    ("compute_scale", "nan", "--compute-scale 'nan': 'nan' is not a number >= 1"),
+    ("compute_scale", " , ", "--compute-scale ' , ': expected factors >= 1 separated by commas"),
+    ("layers", "dense:8,relu;conv:x", "--layers: model m1 'conv:x': layer 1 'conv:x': expected conv:C:K"),
+    ("layers", "dense:8,,relu", "--layers: the model 'dense:8,,relu': layers 'dense:8,,relu': an empty"),
+])
+def test_a_bad_axis_value_is_named_with_what_to_write(flag, text, message):
+    with pytest.raises(ConfigError) as e:
+        parse_axes({}, **{flag: text})
+    assert str(e.value).startswith(message)
+
+
+def test_a_run_without_links_contradicts_server_link():
+    with pytest.raises(ConfigError, match="--link none runs without links, but --server-link 1gbit "
+                                          "gives the servers a link of their own: drop none"):
+        parse_axes({"server_link": "1gbit"}, link="none,100mbit")
+    assert parse_axes({"server_link": "1gbit"}, link="100mbit,1gbit").link == ("100mbit", "1gbit")
+
+
+@pytest.mark.parametrize("cfg, layers, message", [
+    (Config(synthetic=600, input_shape=(1, 28, 28)), ("dense:8,relu", CONV),
+     "--layers: model m0 'dense:8,relu': layer 1 'dense:8' needs vectors, but its input is images "
+     "1,28,28 (C,H,W): put flatten before it"),
+    (Config(synthetic=600), ("dense:8,relu", CONV),
+     f"--layers: model m1 {CONV!r}: conv:4:3 needs images (C,H,W), but its input is vectors of 784"),
+    (Config(synthetic=600, hidden=(64,)), ("dense:8,relu",),
+     "--layers: the model 'dense:8,relu': hidden describes the layers of --hidden, but layers is set"),
+])
+def test_every_model_is_checked_against_the_data_before_any_run(cfg, layers, message):
+    with pytest.raises(ConfigError) as e:
+        sweep_plan(cfg, ["async"], [1], [1], repeats=1, axes=Axes(layers=layers))
+    assert str(e.value).startswith(message)
+    cases, _ = sweep_plan(Config(synthetic=600, input_shape=(1, 28, 28)), ["async"], [1], [1], 1,
+                          axes=Axes(layers=("flatten,dense:8,relu", CONV)))
+    assert [c.cfg.layers for c in cases] == ["flatten,dense:8,relu", CONV]
+
+
+def test_plan_runs_every_model_link_and_scale_where_the_mode_uses_them():
+    axes = Axes(layers=("", "dense:8,relu"), link=("", "1gbit"), compute_scale=(1.0, 4.0))
+    runs = plan(["single", "async", "hogwild"], [1, 2], [1], repeats=1, axes=axes)
+    names = [run_name(r, axes) for r in runs]
+    # single: no link, no padding; hogwild: no link; async: every combination
+    assert len(runs) == 2 + 2 * 2 * 2 * 2 + 2 * 2 * 2
+    assert names[:8] == [
+        "single-w1-s0-none-x1-m0-r0", "single-w1-s0-none-x1-m1-r0",
+        "async-w1-s1-none-x1-m0-r0", "async-w2-s1-none-x1-m0-r0",
+        "async-w1-s1-none-x4-m0-r0", "async-w2-s1-none-x4-m0-r0",
+        "async-w1-s1-1gbit-x1-m0-r0", "async-w2-s1-1gbit-x1-m0-r0"]
+    assert names[-2:] == ["hogwild-w1-s0-none-x4-m1-r0", "hogwild-w2-s0-none-x4-m1-r0"]
+    assert len(set(names)) == len(names)
+    assert {(r["link"], r["compute_scale"]) for r in runs if r["mode"] == "single"} == {("", 1.0)}
+    assert {r["link"] for r in runs if r["mode"] == "hogwild"} == {""}
+    assert {r["compute_scale"] for r in runs if r["mode"] == "hogwild"} == {1.0, 4.0}
+    # one value on each axis: the names of before
+    assert [run_name(r) for r in plan(["async"], [2], [1, 2], repeats=1)] == [
+        "async-w2-s1-r0", "async-w2-s2-r0"]
+
+
+def test_the_cases_of_a_sweep_carry_their_link_scale_and_model():
+    axes = Axes(layers=("", "dense:8,relu"), link=("", "100mbit"), compute_scale=(1.0, 2.5))
+    cases, notes = sweep_plan(Config(synthetic=600, backup=1), ["single", "sync", "hogwild"], [1, 2],
+                              [1], repeats=1, given=["backup"], axes=axes)
+    assert "link is a setting of --mode async, sync, ssp; not used by the single, hogwild runs" in notes
+    assert "compute_scale is a setting of --mode async, sync, ssp, hogwild; not used by the single " \
+           "runs" in notes
+    assert ("backup=1: backup workers are for --mode sync, and fewer than the 1 worker(s); skipping "
+            "sync at 1 worker (no link, compute scale 1, model m0), sync at 1 worker (no link, "
+            "compute scale 2.5, model m0)") in notes[-1]
+    got = {(c.cfg.mode, c.run["workers"], c.cfg.link, c.cfg.compute_scale, c.cfg.layers) for c in cases}
+    assert ("single", 1, "", 1.0, "dense:8,relu") in got
+    assert ("sync", 2, "100mbit", 2.5, "") in got and ("hogwild", 2, "", 2.5, "dense:8,relu") in got
+    assert len(got) == len(cases) == 2 + 2 * 2 * 2 + 2 * 2 * 2             # sync at W=1 ruled out
+    sync = next(c.cfg for c in cases if c.cfg.mode == "sync" and c.cfg.link and c.cfg.compute_scale > 1)
+    assert config.to_args(sync) == ["--mode", "sync", "--synthetic", "600", "--backup", "1",
+                                    "--compute-scale", "2.5", "--link", "100mbit"]
+    single = next(c.cfg for c in cases if c.cfg.mode == "single" and c.cfg.layers)
+    assert config.to_args(single) == ["--synthetic", "600", "--layers", "dense:8,relu"]
+
+
+def test_the_model_column_names_the_model():
+    assert model_name(Config()) == "--hidden 256,128"
+    assert model_name(Config(hidden=(64,), activation="tanh", batchnorm=True, dropout=0.2)) == \
+        "--hidden 64 --activation tanh --batchnorm --dropout 0.2"
+    assert model_name(Config(layers=CONV, input_shape=(1, 28, 28))) == CONV
+
+
+def write_metrics(path, **end):
+    """A run's metrics file: three evaluations (accuracy 0.5, 0.7, 0.6), then the end line."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with MetricsLog(str(path)) as log:
+        for i, accuracy in enumerate((0.5, 0.7, 0.6), 1):
+            log.write("eval", elapsed_s=1.5 * i, epoch=float(i), samples=100 * i, updates=i,
+                      train_loss=1.0, test_loss=1.0, test_accuracy=accuracy, lr=0.01)
+        log.write("end", mode="async", elapsed_s=4.5, samples_per_s=800.0, updates_per_s=8.0,
+                  test_accuracy=0.6, **end)
+    return path
+
+
+def test_a_row_carries_the_run_settings_and_the_end_record(tmp_path):
+    run = {"mode": "async", "workers": 2, "shards": 1, "layers": CONV, "link": "100mbit",
+           "compute_scale": 4.0, "repeat": 1}
+    cfg = case_config(Config(seed=7, batch_size=32, input_shape=(1, 28, 28)), run)
+    path = write_metrics(tmp_path / "runs" / "a.jsonl", bytes=5000, bytes_per_sample=12.5,
+                         link_utilization=0.42, busiest_link="server-0 download", host_bound=True,
+                         staleness_p50=1.0, staleness_p99=None)
+    r = row(run, cfg, path, target=0.65)
+    assert list(r) == list(COLUMNS)
+    assert {k: r[k] for k in ("mode", "workers", "shards", "link", "compute_scale", "model",
+                              "batch_size", "repeat", "seed")} == {
+        "mode": "async", "workers": 2, "shards": 1, "link": "100mbit", "compute_scale": 4.0,
+        "model": CONV, "batch_size": 32, "repeat": 1, "seed": 8}
+    assert (r["time_to_target_s"], r["final_accuracy"], r["best_accuracy"]) == (3.0, 0.6, 0.7)
+    assert (r["bytes_per_sample"], r["link_utilization"], r["busiest_link"], r["host_bound"]) == (
+        12.5, 0.42, "server-0 download", True)
+    assert (r["staleness_p50"], r["staleness_p99"], r["metrics"]) == (1.0, "", "runs/a.jsonl")
+    # an end record without the new fields (single mode, or a run before they existed)
+    single = {"mode": "single", "workers": 1, "shards": 0, "repeat": 0}
+    path = write_metrics(tmp_path / "runs" / "b.jsonl")
+    r = row(single, case_config(Config(), single), path, target=0.9)
+    assert [r[k] for k in ("link", "compute_scale", "model", "time_to_target_s", "bytes_per_sample",
+                           "link_utilization", "busiest_link", "host_bound")] == [
+        "", 1.0, "--hidden 256,128", "", "", "", "", ""]
+
+
+def test_bad_axes_on_the_command_line_fail_before_any_run(downpour, tmp_path):
+    for args, message in [
+        (("--link", "none,fast"), "downpour: error: --link 'none,fast': 'fast' is neither a rate nor none"),
+        (("--compute-scale", "0.5"), "downpour: error: --compute-scale '0.5': '0.5' is not a number >= 1"),
+        (("--layers", f"dense:8,relu;{CONV}"), f"downpour: error: --layers: model m1 {CONV!r}: conv:4:3 "
+                                               "needs images"),
+        (("--link", "none,1gbit", "--server-link", "10gbit"), "downpour: error: --link none runs "
+                                                              "without links, but --server-link 10gbit"),
+    ]:
+        r = downpour("experiment", "--out", "exp", "--synthetic", 600, *args, timeout=60)
+        assert r.returncode == 2 and r.stderr.startswith(message), r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "exp").exists()

@@ -140,3 +140,102 @@ def test_staleness_bar_offsets_by_hand():
 def test_the_legend_names_the_mode_once(path, mode, label):
     assert plots.run_label(path, mode) == label
 
+
+
+# -- the figures against workers ------------------------------------------------------------------
+
+def point(mode="async", workers=1, samples_per_s=100.0, time_to_target_s="", repeat=0, shards=1,
+          link="", compute_scale=1.0, model="--hidden 8", host_bound=""):
+    """A results.csv row with what the plots against workers read."""
+    return {"mode": mode, "workers": workers, "shards": shards, "link": link,
+            "compute_scale": compute_scale, "model": model, "repeat": repeat,
+            "samples_per_s": samples_per_s, "time_to_target_s": time_to_target_s,
+            "host_bound": host_bound}
+
+
+def test_speedup_is_over_the_same_line_at_one_worker_with_repeats_averaged():
+    rows = [point(workers=1, samples_per_s=100.0), point(workers=1, samples_per_s=120.0, repeat=1),
+            point(workers=2, samples_per_s=200.0), point(workers=2, samples_per_s=240.0, repeat=1),
+            point(workers=4, samples_per_s=330.0),
+            point(workers=1, samples_per_s=50.0, link="100mbit"),      # another line: its own W=1
+            point(workers=4, samples_per_s=100.0, link="100mbit"),
+            point(mode="sync", workers=2, samples_per_s=180.0),         # no W=1: no speedup
+            point(mode="single", samples_per_s=400.0, shards=0)]
+    base = plots.LineKey("async", "", 1.0, 1, "--hidden 8")
+    assert plots.throughputs(rows)[base] == {1: 110.0, 2: 220.0, 4: 330.0}
+    ups = plots.speedups(rows)
+    assert ups[base] == pytest.approx({1: 1.0, 2: 2.0, 4: 3.0})
+    assert ups[base._replace(link="100mbit")] == pytest.approx({1: 1.0, 4: 2.0})
+    assert base._replace(mode="sync") not in ups
+    assert ups[plots.LineKey("single", "", 1.0, 0, "--hidden 8")] == {1: 1.0}
+    assert len(ups) == 3
+
+
+def test_speedups_read_the_text_of_a_results_csv():
+    rows = [{"mode": "hogwild", "workers": "1", "shards": "0", "repeat": "0", "samples_per_s": "80.5"},
+            {"mode": "hogwild", "workers": "2", "shards": "0", "repeat": "0", "samples_per_s": "161"}]
+    key = plots.line_key(rows[0])                                 # an older CSV: no link, scale, model
+    assert key == plots.LineKey("hogwild", "", 1.0, 0, "")
+    assert plots.speedups(rows) == {key: pytest.approx({1: 1.0, 2: 2.0})}
+
+
+def test_time_to_target_is_the_mean_only_where_every_repeat_reached_it():
+    rows = [point(workers=1, time_to_target_s=10.0), point(workers=1, time_to_target_s=14.0, repeat=1),
+            point(workers=2, time_to_target_s=6.0), point(workers=2, time_to_target_s="", repeat=1),
+            point(workers=4, time_to_target_s="3.5"), point(workers=8, time_to_target_s=None)]
+    key = plots.line_key(rows[0])
+    assert plots.times_to_target(rows) == {key: {1: 12.0, 2: None, 4: 3.5, 8: None}}
+
+
+def test_a_point_is_host_bound_when_any_of_its_repeats_was():
+    rows = [point(workers=1, host_bound=False), point(workers=2, host_bound=True),
+            point(workers=2, host_bound=False, repeat=1), point(workers=4, host_bound="True"),
+            point(workers=8, host_bound=""), point(workers=4, link="1gbit", host_bound="false")]
+    key = plots.line_key(rows[0])
+    assert plots.host_bound(rows) == {(key, 2), (key, 4)}
+
+
+def test_a_legend_names_only_what_varies_among_the_modes_that_use_it():
+    K = plots.LineKey
+    keys = [K("single", "", 1.0, 0, "a"), K("async", "", 1.0, 1, "a"), K("async", "1gbit", 1.0, 1, "a"),
+            K("hogwild", "", 4.0, 0, "a"), K("hogwild", "", 1.0, 0, "a")]
+    # link varies among the cluster modes and the scale among the replica modes; shards do not
+    assert list(plots.line_labels(keys).values()) == [
+        "single process", "async no link x1", "async 1gbit x1", "hogwild x4", "hogwild x1"]
+    keys = [K("single", "", 1.0, 0, "a"), K("single", "", 1.0, 0, "b"), K("sync", "", 1.0, 2, "b"),
+            K("sync", "", 1.0, 1, "a")]
+    assert list(plots.line_labels(keys).values()) == [
+        "single process m0", "single process m1", "sync S=2 m1", "sync S=1 m0"]
+
+
+@needs_matplotlib
+def test_a_sweep_draws_six_plots_with_host_bound_and_unreached_points(tmp_path, monkeypatch):
+    (tmp_path / "runs").mkdir()
+    rows = []
+    for i, (mode, workers, rate, reached, bound) in enumerate([
+            ("single", 1, 500.0, 2.0, ""), ("async", 1, 300.0, 3.0, False),
+            ("async", 2, 500.0, "", True), ("sync", 2, 400.0, 2.5, False)]):   # sync: no W=1
+        write_run(tmp_path / "runs" / f"{i}.jsonl", mode=mode)
+        rows.append({**point(mode, workers, rate, reached, shards=0 if mode == "single" else 1,
+                             host_bound=bound), "metrics": f"runs/{i}.jsonl"})
+    legends, save = {}, plots._save
+
+    def keep_legend(fig, path):
+        legend = fig.axes[0].get_legend()                     # staleness: none without histograms
+        legends[path.name] = [t.get_text() for t in legend.get_texts()] if legend else []
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", keep_legend)
+    paths = plots.sweep(rows, tmp_path, target=0.8)
+    assert [p.name for p in paths] == ["throughput.png", "speedup.png", "time_to_target.png",
+                                       "accuracy_time.png", "accuracy_samples.png", "staleness.png"]
+    for p in paths:
+        assert p.read_bytes().startswith(PNG)
+    ring = "host-bound: the step padding was not kept"
+    assert legends["throughput.png"] == ["single process", "sync", "async", ring]
+    assert legends["speedup.png"] == ["async", "ideal: speedup = W", ring,
+                                      "not drawn, no run at W=1: sync"]
+    assert legends["time_to_target.png"] == ["single process", "sync", "async", ring,
+                                             "never reached it (drawn at the top)"]
+    assert legends["accuracy_time.png"] == ["single process", "async W=1", "async W=2", "sync W=2",
+                                            "target 80%"]
