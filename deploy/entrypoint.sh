@@ -16,10 +16,26 @@
 # owned by the user, folder 0700, secrets 0600, and DOWNPOUR_KEYS is pointed there (keys
 # given by --keys are left as they are). downpour runs as root only for `keys` into a
 # folder that root owns; nothing else does.
+#
+# Links: a role (scheduler, server, worker) with DOWNPOUR_LINK set (LINK in compose and the
+# stack) first has its eth0 shaped to that rate each way (deploy/shape-link.sh; it needs
+# NET_ADMIN). A bad rate, or shaping that fails, ends the container at once with one line
+# saying why. Unset or empty: no shaping. `train` is left alone (its --link is its own).
 set -eu
+case "${1:-}" in
+    scheduler|server|worker) link=${DOWNPOUR_LINK:-} ;;
+    *) link= ;;
+esac
 if [ "$(id -u)" != 0 ]; then
+    if [ -n "$link" ]; then
+        echo "downpour-entrypoint: LINK=$link: shaping eth0 needs the container to start as" \
+             "root, but it runs as uid $(id -u): drop user: (docker run --user); downpour" \
+             "itself runs unprivileged all the same" >&2
+        exit 1
+    fi
     exec downpour "$@"
 fi
+[ -z "$link" ] || downpour-shape-link "$link"
 uid=10001
 gid=10001
 PRIVATE_KEYS=/dev/shm/downpour-keys

@@ -20,6 +20,7 @@ import stat
 import subprocess
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import PurePosixPath
 
 import pytest
@@ -585,3 +586,132 @@ def test_workers_scaled_up_mid_run_join_and_draw_chunks(cluster):
     code, end = ended(c)
     assert code == 0 and set(end["worker_samples"]) == {"0", "1", "2"}, end["worker_samples"]
     assert end["worker_samples"]["2"] > 0 and end["samples"] == end["samples_asked"]
+
+
+LINK = "100mbit"
+LINK_BITS_PER_S = 100e6
+BULK_S = 4.0                        # each direction's transfer; its first second is not timed
+BULK_PORT = 7000                    # in the sink container's own network namespace: free there
+# Run inside a container: `sink SECONDS` takes one TCP connection on BULK_PORT and prints the
+# payload bits/s it received after its first second (slow start and tbf's bucket left out);
+# `source HOST SECONDS` connects (retrying while the sink is not yet listening) and sends
+# zeros for SECONDS. TCP's payload is 1448 of each 1514-byte frame tbf counts: about 95.6 %.
+BULK = f"""
+import socket, sys, time
+PORT, CHUNK, SKIP_S = {BULK_PORT}, 1 << 16, 1.0
+if sys.argv[1] == "sink":
+    with socket.create_server(("", PORT)) as server:
+        server.settimeout(30)
+        conn, _ = server.accept()
+    conn.settimeout(10)
+    buf = bytearray(CHUNK)
+    got = conn.recv_into(buf)
+    t0, total, start, n = time.monotonic(), got, None, got
+    while n:
+        n = conn.recv_into(buf)
+        total += n
+        now = time.monotonic() - t0
+        if start is None and now >= SKIP_S:
+            start = (now, total)
+    end = (time.monotonic() - t0, total)
+    print(8 * (end[1] - start[1]) / (end[0] - start[0]))
+else:
+    host, seconds = sys.argv[2], float(sys.argv[3])
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            s = socket.create_connection((host, PORT), timeout=2)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    data, end = bytes(CHUNK), time.monotonic() + seconds
+    while time.monotonic() < end:
+        s.sendall(data)
+    s.close()
+"""
+SHAPED = "downpour-shape-link: eth0 shaped to"     # the entrypoint's line once it is done
+
+
+def shaped(c, service, timeout=60):
+    """The first running `service` container, once its entrypoint has shaped eth0."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for container in c.containers(service):
+            if container.status == "running" and SHAPED.encode() in container.logs():
+                return container
+        assert c.up_proc.poll() is None and time.monotonic() < deadline, c.output()
+        time.sleep(POLL_S)
+
+
+def bulk_rate(c, source, sink):
+    """Payload bits/s of one bulk TCP transfer from container `source` to `sink`, over the
+    project's network."""
+    host = sink.attrs["NetworkSettings"]["Networks"][f"{c.project}_default"]["IPAddress"]
+    with ThreadPoolExecutor(1) as pool:
+        received = pool.submit(sink.exec_run, ["python", "-c", BULK, "sink"])
+        sent = source.exec_run(["python", "-c", BULK, "source", host, str(BULK_S)])
+        assert sent.exit_code == 0, sent.output
+        got = received.result(timeout=60)
+    assert got.exit_code == 0, got.output
+    return float(got.output)
+
+
+def assert_shaped(container):
+    """eth0's upload behind tbf at LINK; its download too: eth0's ingress redirects every
+    packet to ifb0, whose root is tbf at LINK."""
+    qdiscs = container.exec_run(["tc", "qdisc", "show"]).output.decode()
+    assert re.search(r"qdisc tbf \S+ dev eth0 root .*rate 100Mbit", qdiscs), qdiscs
+    assert re.search(r"qdisc ingress ffff: dev eth0", qdiscs), qdiscs
+    assert re.search(r"qdisc tbf \S+ dev ifb0 root .*rate 100Mbit", qdiscs), qdiscs
+    redirect = container.exec_run(["tc", "filter", "show", "dev", "eth0", "parent", "ffff:"])
+    assert "mirred (Egress Redirect to device ifb0)" in redirect.output.decode(), redirect.output
+
+
+def test_link_shapes_each_container_both_ways_and_the_run_still_finishes(cluster):
+    """LINK=100mbit: the entrypoint puts each node's eth0 behind tbf both ways, and
+    downpour runs without the NET_ADMIN that took. A bulk TCP transfer between the server
+    and the scheduler gets LINK within 10 % each way, measured while the cluster assembles
+    (no worker yet, so nothing trains); then the worker comes, shaped the same, and the run
+    ends with exit 0."""
+    c = cluster(LINK=LINK, SHARDS=1, WORKERS=1, EPOCHS=2)
+    c.up("--scale", "server=1", "--scale", "worker=0")
+    scheduler, server = shaped(c, "scheduler"), shaped(c, "server")
+    rates = {"server -> scheduler": bulk_rate(c, server, scheduler),
+             "scheduler -> server": bulk_rate(c, scheduler, server)}
+    print(f"\nLINK={LINK}: " + ", ".join(f"{way} {bits / 1e6:.1f} Mbit/s" for way, bits in rates.items()))
+    for way, bits in rates.items():
+        assert 0.9 <= bits / LINK_BITS_PER_S <= 1.1, (way, bits)
+    caps = server.exec_run(["sh", "-c", "for p in /proc/[0-9]*; do [ \"$(cat $p/comm)\" = downpour ]"
+                            " && sed -n 's/^CapEff:[[:space:]]*//p' $p/status; done"])
+    assert caps.output.split() == [b"0000000000000000"], caps.output    # the node: none at all
+    c.compose("up", "-d", "--no-recreate", "--no-deps", "--scale", "worker=1", "worker")
+    for container in (scheduler, server, shaped(c, "worker")):
+        assert_shaped(container)
+    assert c.wait() == 0, c.output()
+    code, end = ended(c)
+    assert code == 0 and end["samples"] == end["samples_asked"], c.output()
+    print(f"LINK={LINK}: {end['samples_per_s']:.0f} samples/s")
+
+
+def test_a_bad_link_or_no_net_admin_stops_a_node_at_once_saying_what_to_do(cluster, engine):
+    """A rate tc would not read ends the scheduler (and so the run) before downpour starts,
+    with the line the setting's own parser gives; without NET_ADMIN a node stops at once
+    and says what to add."""
+    c = cluster(LINK="100mb", SHARDS=1, WORKERS=1, EPOCHS=1)
+    c.up("--scale", "server=1", "--scale", "worker=1")
+    c.wait(timeout=120)
+    scheduler = c.scheduler()
+    assert scheduler.attrs["State"]["ExitCode"] == 1, scheduler.logs()
+    assert scheduler.logs().strip().splitlines() == [
+        b"downpour-shape-link: LINK='100mb': expected a rate as tc writes it, e.g. 100mbit, "
+        b"1gbit, 10gbit (bit units are bits per second, bps units bytes)"]
+    node = engine.containers.run(IMAGE, ["worker"], environment={"DOWNPOUR_LINK": LINK},
+                                 detach=True)
+    try:
+        assert node.wait(timeout=60)["StatusCode"] == 1
+        said = node.logs().decode()
+        assert "needs the NET_ADMIN capability" in said and "cap_add: [NET_ADMIN]" in said, said
+    finally:
+        node.remove(force=True)

@@ -188,3 +188,42 @@ def test_a_cluster_from_the_compose_commands_finishes_a_training_run(compose, tm
     assert lines[-1]["event"] == "end" and lines[-1]["workers"] == 2 and lines[-1]["shards"] == 2
     assert (tmp_path / "runs" / "model.npz").is_file()
     assert len(list((tmp_path / "checkpoints").glob("piece-*.npz"))) >= 2   # written on shutdown
+
+
+STACK = ROOT / "deploy" / "stack.yml"
+
+
+@pytest.mark.parametrize("path", [COMPOSE, STACK], ids=["compose", "stack"])
+def test_every_role_gets_link_and_net_admin_and_nothing_else_does(path):
+    """LINK reaches each role as DOWNPOUR_LINK, the setting --link of local runs (so a rate
+    downpour would refuse, the entrypoint refuses too), with NET_ADMIN for the entrypoint to
+    shape eth0 (deploy/shape-link.sh); unset, it is empty: no shaping. The one-shot `keys`
+    service has neither."""
+    services = yaml.safe_load(path.read_text())["services"]
+    for role in security.ROLES:
+        service = services[role]
+        assert service["cap_add"] == ["NET_ADMIN"], role
+        assert service_env(service, {})["DOWNPOUR_LINK"] == "", role
+        env = service_env(service, {"LINK": "100mbit"})
+        args = cli.parser().parse_args(service["command"])
+        assert config.resolve(args, environ=env).link == "100mbit", role
+        with pytest.raises(config.ConfigError, match="expected a rate as tc writes it"):
+            config.resolve(args, environ=service_env(service, {"LINK": "100mb"}))
+    for name in set(services) - set(security.ROLES):
+        assert "cap_add" not in services[name], name
+        assert "DOWNPOUR_LINK" not in (services[name].get("environment") or {}), name
+
+
+def test_the_image_can_shape_and_the_entrypoint_does_it_before_dropping_root():
+    """iproute2 (ip, tc) is in the image with the shaping script, and the entrypoint runs the
+    script before the line that drops to the user (tc needs root's NET_ADMIN)."""
+    instructions = dockerfile_instructions()
+    assert any("install" in arg and "iproute2" in arg for w, arg in instructions if w == "RUN")
+    copies = [arg.split() for w, arg in instructions if w == "COPY"]
+    assert ["deploy/shape-link.sh", "/usr/local/bin/downpour-shape-link"] in copies
+    assert (ROOT / "deploy" / "shape-link.sh").read_text().startswith("#!/bin/sh\n")
+    script = [line.strip() for line in (ROOT / "deploy" / "entrypoint.sh").read_text().splitlines()]
+    shapes = [i for i, line in enumerate(script)
+              if "downpour-shape-link" in line and not line.startswith("#")]
+    drop = script.index('exec setpriv --reuid="$uid" --regid="$gid" --clear-groups downpour "$@"')
+    assert len(shapes) == 1 and shapes[0] < drop, shapes
