@@ -9,6 +9,7 @@
     downpour bench core [--json]          one training step against PyTorch; the optimizer update
     downpour bench comm [--json]          push_pull through shard servers against raw pyzmq
                                           doing the same work, with and without CurveZMQ
+    downpour bench codecs [--json]        each wire codec's encode and decode against np.copyto
     downpour experiment --out DIR [...]   a sweep of runs over modes, workers, shards, links,
                                           compute scales and models: CSV and plots
     downpour plot METRICS.jsonl...        accuracy curves of any runs
@@ -41,6 +42,20 @@ ROLE_SETTINGS = {  # command -> the settings it takes
 }
 
 
+def _check_codecs(cfg: config.Config) -> None:
+    """ConfigError for a push or pull codec that is not one (common/wire/codec.py), and
+    for onebit pulls: weights are not signs."""
+    from downpour.common.wire import codec
+    for name in ("push_codec", "pull_codec"):
+        try:
+            codec.parse(getattr(cfg, name))
+        except config.ConfigError as e:
+            raise config.ConfigError(f"{name}={getattr(cfg, name)!r}: {e}") from None
+    if codec.parse(cfg.pull_codec).name == "onebit":
+        raise config.ConfigError("pull_codec='onebit': onebit sends signs, which suit gradients, "
+                                 "not weights; pull with none, fp16 or topk:R")
+
+
 def _pinned(args: argparse.Namespace) -> config.Config:
     """The settings of `args`, with this process's BLAS threads pinned before NumPy loads.
 
@@ -61,6 +76,7 @@ def _pinned(args: argparse.Namespace) -> config.Config:
             raise config.ConfigError("--transport ipc would bypass the links of --link (they "
                                      "shape tcp between the nodes' own addresses): drop "
                                      "--transport")
+        _check_codecs(cfg)
         from downpour.common.training import check_outputs
         check_outputs(cfg)
     from downpour.common.threads import pin_blas_threads
@@ -119,6 +135,9 @@ def _bench(args: argparse.Namespace) -> int:
     if args.what == "core":
         from downpour.bench.core import main as bench_core
         return bench_core(args)
+    if args.what == "codecs":
+        from downpour.bench.codecs import main as bench_codecs
+        return bench_codecs(args)
     from downpour.bench.comm import main as bench_comm
     return bench_comm(args)
 
@@ -209,7 +228,13 @@ def parser() -> argparse.ArgumentParser:
     comm.add_argument("--piece-kib", type=int, default=config.Config.piece_kib,
                       help=f"server piece size in KiB, as in training (default {config.Config.piece_kib}; "
                            "0 = whole shards)")
-    for kind in (core, comm):
+    codecs = kinds.add_parser("codecs", help="each wire codec's encode and decode of one vector "
+                              "against np.copyto (one core)")
+    codecs.add_argument("--n", type=int, help="float32 elements (default: the MLP 784-1024-1024-10's "
+                        "parameters)")
+    codecs.add_argument("--repeats", type=int, default=50,
+                        help="timed calls per contender (default 50)")
+    for kind in (core, comm, codecs):
         kind.add_argument("--json", action="store_true", help="print JSON instead of a table")
         kind.add_argument("--threads", type=int, default=1, help="BLAS threads (default 1)")
     bench.set_defaults(run=_bench)

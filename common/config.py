@@ -168,6 +168,13 @@ class Config:
                         modes=CLUSTER)
     server_link: str = setting("", "with --link: the servers' and the scheduler's rate "
                                "(default: --link's)", "cluster", modes=CLUSTER)
+    push_codec: str = setting("none", "compress pushes: none, fp16, topk:R (the largest R "
+                              "fraction of each piece, with indices) or onebit (signs and one "
+                              "scale per piece); lossy codecs keep error feedback at the worker",
+                              "cluster", modes=CLUSTER)
+    pull_codec: str = setting("none", "compress pulls: none, fp16 or topk:R (the largest R "
+                              "fraction of what changed since that worker's last pull; each "
+                              "server keeps a copy per worker)", "cluster", modes=CLUSTER)
     heartbeat_s: float = setting(0.5, "seconds between a node's heartbeats", "cluster", low=0.01,
                                  modes=CLUSTER)
     dead_after_s: float = setting(5.0, "a node silent this long is dead", "cluster", low=0.1,

@@ -115,7 +115,12 @@ class EndRecord:
     clock_gap_max: int | None = _only(CLUSTER)       # clocks: the widest ssp gap (0 elsewhere)
     clock_gap_hist: dict[str, int] | None = _only(CLUSTER)  # clock gap -> pushes x pieces
     dropped: int | None = _only(CLUSTER)             # sync pushes too late for their version
-    bytes_per_sample: float | None = _only(CLUSTER)  # bytes / samples
+    bytes_per_sample: float | None = _only(CLUSTER)  # bytes / samples, the sum of:
+    bytes_pushed_per_sample: float | None = _only(CLUSTER)  # what the servers received
+    bytes_pulled_per_sample: float | None = _only(CLUSTER)  # what they sent (every reply)
+    push_compression: float | None = _only(CLUSTER)  # pushes' float32 bytes / bytes sent
+    pull_compression: float | None = _only(CLUSTER)  # parameter replies' float32 bytes /
+    #                                                  their payload (1: no codec)
     link_utilization: float | None = _only(CLUSTER)  # the busiest link's bits/s over its rate,
     busiest_link: str | None = _only(CLUSTER)        # 0..1, and which ("server-0 download");
     #                                                  null without --link

@@ -34,6 +34,14 @@ Guarantees:
   slowest worker clock when its weights were sent), which the rule keeps <= staleness.
 - Parameters go out zero-copy; the piece waits until ZeroMQ has sent them before
   it changes them again.
+- Compression (common/wire/codec.py): a compressed push is decoded whole and checked
+  like any other before anything changes. A pull names the codec of its reply (meta
+  codec: the run's --pull-codec; the scheduler's pulls ask none). For topk pulls the
+  piece keeps, per worker, the copy of the piece it sent that worker's incarnation
+  (W x the piece's floats): the first pull of an incarnation (a new or restarted
+  worker, or any worker after this server replaced another) gets the whole piece,
+  later ones the largest entries of (weights - copy), the copy moved by exactly what
+  was sent; a retried pull gets the same reply again.
 - Checkpoints (slice, optimizer state, version, samples, seen sequence numbers, the
   run id) are written atomically; `restore` continues from them bit-exactly, and only
   from a checkpoint of the same run.
@@ -54,6 +62,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -66,7 +75,7 @@ from downpour.common.errors import ConfigError, DataError, ProtocolError
 from downpour.common.nn.model import ModelSpec, initial_params
 from downpour.common.nn.optim import make_optimizer
 from downpour.common.nn.schedules import parse_schedule
-from downpour.common.wire import protocol, security
+from downpour.common.wire import codec, protocol, security
 
 MAX_SENDERS = 4096      # distinct senders a piece without tokens keeps sequence numbers for
 SNAPSHOTS_KEPT = 4      # evaluation snapshots (copies of the piece) kept until the scheduler pulls them
@@ -133,6 +142,16 @@ class Sender(NamedTuple):
     rank: int | None
 
 
+@dataclass
+class WorkerCopy:
+    """topk pulls: what a worker's incarnation holds of this piece (every pull's reply
+    applied), the seq of its last pull and that reply (for a retry)."""
+    incarnation: int | None
+    params: np.ndarray
+    seq: int
+    reply: tuple[dict, list]
+
+
 class PieceState:
     """The state of one piece and its answer to every request."""
 
@@ -170,12 +189,17 @@ class PieceState:
         self._sent_at: dict[int, int] = {}        # ssp: rank -> slowest worker clock when its weights went
         self._blocked: dict[int, HeldRequest] = {}           # ssp: rank -> reply held back
         self.pushes = self.dropped = self.bytes_in = self.bytes_out = 0
+        # what pushes and parameter replies would have been as float32 (raw_in, raw_out), and
+        # the payload the parameter replies were (payload_out): the codecs' ratios
+        self.raw_in = self.raw_out = self.payload_out = 0
         self.busy_s = 0.0                 # s spent answering requests (serve measures it)
         self.stopping = False
         self._waiting: dict[int, HeldRequest] = {}           # sync: rank -> its push
         self._grads: dict[int, np.ndarray] = {}              # sync: rank -> its gradient
         self._covers: dict[int, Covered] = {}             # sync: rank -> what its gradient covers
         self._recv = np.empty_like(self.params)              # a payload split over frames
+        self._pulls: codec.Codec | None = None             # the run's pull codec, once asked
+        self._copies: dict[int, WorkerCopy] = {}           # topk pulls: rank -> its copy
         self._sum = np.empty_like(self.params)
         self._trackers: list[zmq.MessageTracker] = []
 
@@ -201,6 +225,8 @@ class PieceState:
                                                f"the request is for piece {header.get('piece')}")
             if op == "pull" and "snapshot" in header.get("meta", {}):
                 return [Reply(ident, self._snapshot_reply(header))]
+            if op in ("pull", "push_pull"):
+                self._pull_codec(header)               # one the reply can be sent in
             if op == "pull":
                 rank = self._sender(header, needs_token=False).rank
                 if rank is not None:
@@ -221,7 +247,12 @@ class PieceState:
             return [Reply(ident, protocol.error_reply(protocol.E_STATE, str(e), header, self.node))]
 
     def _push(self, ident: bytes, header: dict, payload: list) -> list[Reply]:
-        views = protocol.payload(header, payload, self.hi - self.lo)
+        self.raw_in += 4 * (self.hi - self.lo)
+        if "codec" in header:                      # compressed: decoded whole, then checked
+            codec.dense(header, payload, self._recv)
+            views = [self._recv]
+        else:
+            views = protocol.payload(header, payload, self.hi - self.lo)
         if len(views) == 1:
             grad = views[0]                        # zero-copy: the frame's own memory
         else:
@@ -400,15 +431,62 @@ class PieceState:
         (a pull's with the samples applied to them)."""
         if header["op"] == "pull":
             meta.update(samples=self.samples, loss_sum=self.loss_sum)
-        return protocol.encode({"op": "ok", "node": self.node, "seq": header["seq"],
-                                "clock": self.version, **({"meta": meta} if meta else {})},
-                               self.params if header["op"] in ("pull", "push_pull") else None)
+        reply = {"op": "ok", "node": self.node, "seq": header["seq"], "clock": self.version,
+                 **({"meta": meta} if meta else {})}
+        if header["op"] not in ("pull", "push_pull"):
+            return protocol.encode(reply)
+        pulls, n = self._pull_codec(header), self.hi - self.lo
+        fields, parts = {}, []
+        if pulls is not None and pulls.name != "topk":
+            fields, parts = pulls.encode(self.params)
+        elif pulls is not None:
+            fields, parts = self._delta(header, pulls)    # ({}, []) on its first pull
+        frames = ([*protocol.encode({**reply, **fields, "n": n}), *parts] if fields
+                  else protocol.encode(reply, self.params))
+        self.raw_out += 4 * n
+        self.payload_out += sum(len(f) for f in frames[1:])
+        return frames
+
+    def _delta(self, header: dict, topk: codec.Codec) -> tuple[dict, list]:
+        """A topk pull's reply: the largest entries of (the weights - the copy this piece
+        sent the worker so far), the copy then moved by exactly what is sent, so what is
+        not sent now is sent later. ({}, []) when it has no copy of this worker's
+        incarnation (new, restarted, or this server is new): the caller sends the whole
+        piece, now the copy. A retry of the last pull (same seq) gets the same reply."""
+        rank = self._sender(header, needs_token=False).rank
+        incarnation = self._incarnations.get(rank)
+        held = self._copies.get(rank)
+        if held is None or held.incarnation != incarnation:
+            self._copies[rank] = WorkerCopy(incarnation, self.params.copy(), -1, ({}, []))
+            return {}, []
+        if held.seq == header["seq"]:
+            return held.reply
+        delta = np.subtract(self.params, held.params, out=self._recv)
+        fields, parts = topk.encode(delta)
+        idx, values = topk.decode_sparse(fields, parts, len(delta))
+        held.params[idx] += values
+        held.seq, held.reply = header["seq"], (fields, parts)
+        return fields, parts
+
+    def _pull_codec(self, header: dict) -> codec.Codec | None:
+        """The codec a pull or push_pull asks its reply in (meta codec): None for none (the
+        scheduler's pulls), the run's --pull-codec; E_MALFORMED for any other."""
+        asked = header.get("meta", {}).get("codec", "none")
+        if asked == "none":
+            return None
+        if asked != self.cfg.pull_codec:
+            raise protocol.error(protocol.E_MALFORMED, f"a pull asked for codec {asked!r}; this "
+                                 f"run's pull codec is {self.cfg.pull_codec!r}")
+        if self._pulls is None:
+            self._pulls = codec.parse(asked)
+        return self._pulls
 
     def _stats(self, header: dict) -> list:
         return self._ok(header, version=self.version, pushes=self.pushes, dropped=self.dropped,
                         staleness={str(k): v for k, v in sorted(self.staleness.items())},
                         clock_gap={str(k): v for k, v in sorted(self.gaps.items())},
                         bytes_in=self.bytes_in, bytes_out=self.bytes_out, busy_s=self.busy_s,
+                        raw_in=self.raw_in, raw_out=self.raw_out, payload_out=self.payload_out,
                         lr=self.schedule(self.opt.t), live=sorted(self.live),
                         samples=self.samples, snapshots=sorted(self.snapshots))
 

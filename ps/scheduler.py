@@ -223,7 +223,14 @@ class Scheduler:
                 **{k: round(c[k], TIME_DECIMALS) for k in WORKER_TIMES}}
         padded = [r for r in counters if emulated_scale(cfg, r) > 1.0]
         utilization, busiest = busiest_link(cfg, nodes, train_time)
-        return {"nodes": nodes, "bytes_per_sample": moved / max(1, self.nodes.total("samples")),
+        samples = max(1, self.nodes.total("samples"))
+        total = {k: sum(st["meta"].get(k, 0) for st in self._stats)
+                 for k in ("bytes_in", "bytes_out", "raw_in", "raw_out", "payload_out")}
+        return {"nodes": nodes, "bytes_per_sample": moved / samples,
+                "bytes_pushed_per_sample": total["bytes_in"] / samples,
+                "bytes_pulled_per_sample": total["bytes_out"] / samples,
+                "push_compression": total["raw_in"] / max(1, total["bytes_in"]),
+                "pull_compression": total["raw_out"] / max(1, total["payload_out"]),
                 "link_utilization": utilization, "busiest_link": busiest,
                 "host_bound": host_bound(sum(counters[r]["steps"] for r in padded),
                                          sum(counters[r]["steps_over"] for r in padded),

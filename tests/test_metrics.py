@@ -15,7 +15,9 @@ TRAFFIC = {"bytes", "bytes_per_s", "staleness_p50", "staleness_p99", "staleness_
            "host_bound"}
 CLUSTER = TRAFFIC | {"run_id", "batch_size", "dead_workers", "samples_asked", "worker_samples",
                      "staleness_hist", "clock_gap_max", "clock_gap_hist", "dropped",
-                     "bytes_per_sample", "link_utilization", "busiest_link", "nodes"}
+                     "bytes_per_sample", "link_utilization", "busiest_link", "nodes",
+                     "bytes_pushed_per_sample", "bytes_pulled_per_sample", "push_compression",
+                     "pull_compression"}
 CHUNKS = {"chunk_batches", "chunks", "chunks_lost", "samples_lost", "chunks_left", "samples_left"}
 END_KEYS = {"single": EVERY_MODE, "hogwild": EVERY_MODE | TRAFFIC, "sync": EVERY_MODE | CLUSTER,
             "async": EVERY_MODE | CLUSTER | CHUNKS, "ssp": EVERY_MODE | CLUSTER | CHUNKS}

@@ -263,7 +263,7 @@ def _register_and_train(cfg: Config, ctx: zmq.Context, keys: Keys | None) -> Non
         client = sockets.enter_context(ShardClient(
             [meta["servers"][p.server] for p in pieces], [(p.lo, p.hi) for p in pieces], node,
             run.timeout_s, run.retries, ctx, first_seq=meta["incarnation"] * SEQ_SPAN, keys=keys,
-            token=token))
+            token=token, push_codec=run.push_codec, pull_codec=run.pull_codec))
         replica = Replica(run, ModelSpec.from_dict(meta["model"]), rank, train, client,
                           [p.server for p in pieces], meta["incarnation"])
         heartbeat = Heartbeat(ctx, cfg.scheduler, node, run.heartbeat_s, run.dead_after_s,

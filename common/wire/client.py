@@ -41,7 +41,7 @@ import numpy as np
 import zmq
 
 from downpour.common.errors import ClusterError, DownpourError
-from downpour.common.wire import protocol
+from downpour.common.wire import codec, protocol
 from downpour.common.wire.security import Keys
 from downpour.common.wire.sockets import frame_limit, make_socket, send
 
@@ -65,14 +65,18 @@ class ShardClient:
     def __init__(self, addresses: list[str], ranges: list[tuple[int, int]], node: str,
                  timeout: float = 30.0, retries: int = 3, ctx: zmq.Context | None = None,
                  while_waiting: Callable[[], None] | None = None, first_seq: int = 0,
-                 keys: Keys | None = None, token: bytes | None = None):
+                 keys: Keys | None = None, token: bytes | None = None,
+                 push_codec: str = "none", pull_codec: str = "none"):
         """`while_waiting` runs whenever WAIT_TICK seconds pass without a reply: the
         caller's chance to answer its own peers (the scheduler's heartbeats) and to
         `reconnect` to a server that has been replaced. A piece whose socket it
         replaces is sent again at once. Sequence numbers start after `first_seq`: a
         worker that takes over a rank starts past its predecessor's, which servers
         remember per rank. `keys`: the cluster's, as this node's role; `token`: the
-        one a worker's registration gave, sent with every request."""
+        one a worker's registration gave, sent with every request. `push_codec`
+        compresses the gradients pushed (common/wire/codec.py), keeping what a lossy
+        codec did not send as a residual added to the next push (error feedback);
+        `pull_codec` is the codec a pull asks its reply in."""
         if len(addresses) != len(ranges):
             raise ValueError(f"{len(addresses)} addresses for {len(ranges)} pieces")
         self.ctx = ctx or zmq.Context.instance()
@@ -90,6 +94,10 @@ class ShardClient:
         # per piece: the version of the parameters it last sent (pull, push_pull)
         self.versions = [0] * len(self.ranges)
         self.bytes_sent = self.bytes_received = 0    # every frame, retries in
+        self.push_codec = None if push_codec == "none" else codec.parse(push_codec)
+        self.pull_codec = pull_codec
+        self._residual: np.ndarray | None = None     # error feedback: what pushes left unsent
+        self._with_residual: np.ndarray | None = None    # a push's gradient + the residual
 
     # -- the verbs -------------------------------------------------------------------------
     def pull(self, out: np.ndarray) -> int:
@@ -171,11 +179,27 @@ class ShardClient:
                                   "clock": computed_on}
         if self.token is not None:
             header["token"] = self.token
+        if op in ("pull", "push_pull") and self.pull_codec != "none" and not (meta or {}).get(
+                "snapshot"):
+            meta = {**(meta or {}), "codec": self.pull_codec}
         if meta:
             header["meta"] = meta
-        frames = protocol.encode(header, None if grad is None else grad[lo:hi])
+        if grad is None or self.push_codec is None:
+            frames = protocol.encode(header, None if grad is None else grad[lo:hi])
+        else:
+            fields, parts = self.push_codec.encode(*self._feedback(grad, lo, hi))
+            frames = [*protocol.encode({**header, **fields, "n": hi - lo}), *parts]
         self._post(piece, frames)
         return Pending(self.seq, frames, op)
+
+    def _feedback(self, grad: np.ndarray, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """(grad[lo:hi] + the residual of earlier pushes there, the residual's slice, which
+        the codec overwrites with what it leaves unsent)."""
+        if self._residual is None or len(self._residual) != len(grad):
+            self._residual = np.zeros_like(grad)
+            self._with_residual = np.empty_like(grad)
+        x = np.add(grad[lo:hi], self._residual[lo:hi], out=self._with_residual[lo:hi])
+        return x, self._residual[lo:hi]
 
     def _post(self, piece: int, frames: list) -> None:
         self.bytes_sent += sum(len(f) for f in frames)
@@ -226,7 +250,10 @@ class ShardClient:
                 protocol.raise_for_error(header)
                 if out is not None and payload:
                     lo, hi = self.ranges[s]
-                    protocol.copy_payload(protocol.payload(header, payload, hi - lo), out[lo:hi])
+                    if "codec" in header:
+                        codec.apply(header, payload, out[lo:hi])   # a pull's codec
+                    else:
+                        protocol.copy_payload(protocol.payload(header, payload, hi - lo), out[lo:hi])
                     self.versions[s] = header.get("clock", 0)
                 replies[s] = header
         self._trackers = [t for t in self._trackers if not t.done]

@@ -29,6 +29,10 @@ Header fields (every message has v, op, node, seq):
                    names, whatever `node` says
     dtype   str    payload dtype; the allow-list is DTYPES ("<f4")
     n       int    payload elements in all payload frames together
+    codec   str    a compressed payload: its codec (common/wire/codec.py: fp16, topk,
+                   onebit), whose frames replace the float32 ones; n is still the
+                   elements they stand for, and no dtype is sent
+    k       int    a topk payload: the entries sent
     meta    map    operation-specific fields (below)
     code    int    error replies: one of the E_* codes
     msg     str    error replies: what was wrong and what to do
@@ -146,7 +150,8 @@ PERMITTED = {"pull": ("scheduler", "worker"), "push": ("worker",), "push_pull": 
 
 # field -> the Python types it may have
 _FIELDS = {"v": int, "op": str, "node": str, "seq": int, "piece": int, "clock": int,
-           "token": bytes, "dtype": str, "n": int, "meta": dict, "code": int, "msg": str}
+           "token": bytes, "dtype": str, "n": int, "meta": dict, "code": int, "msg": str,
+           "codec": str, "k": int}
 _REQUIRED = ("v", "op", "node", "seq")
 
 
