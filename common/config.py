@@ -175,6 +175,10 @@ class Config:
     pull_codec: str = setting("none", "compress pulls: none, fp16 or topk:R (the largest R "
                               "fraction of what changed since that worker's last pull; each "
                               "server keeps a copy per worker)", "cluster", modes=CLUSTER)
+    codec_warmup_epochs: float = setting(1.0, "send uncompressed for the first this many "
+                                         "epochs (as each worker counts them: its samples x "
+                                         "workers), then as --push-codec and --pull-codec say",
+                                         "cluster", low=0.0, modes=CLUSTER)
     heartbeat_s: float = setting(0.5, "seconds between a node's heartbeats", "cluster", low=0.01,
                                  modes=CLUSTER)
     dead_after_s: float = setting(5.0, "a node silent this long is dead", "cluster", low=0.1,

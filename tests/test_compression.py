@@ -128,7 +128,7 @@ def end_of(path):
                                               ("ssp", "fp16", "topk:0.1")])
 def test_runs_with_codecs_both_ways_train_every_sample(downpour, tmp_path, mode, push, pull):
     r = downpour("train", "--mode", mode, "--workers", 2, "--shards", 2, *SMALL, "--push-codec",
-                 push, "--pull-codec", pull, "--metrics", "m.jsonl")
+                 push, "--pull-codec", pull, "--codec-warmup-epochs", 0, "--metrics", "m.jsonl")
     assert r.returncode == 0, r.stderr
     end = end_of(tmp_path / "m.jsonl")
     # uncompressed, these 3 epochs reach 0.42 (chance: 0.1); topk 5% both ways 0.34
@@ -139,6 +139,16 @@ def test_runs_with_codecs_both_ways_train_every_sample(downpour, tmp_path, mode,
     # is the whole piece, so pulls get less
     assert end["push_compression"] >= {"topk:0.05": 9.9, "onebit": 30, "fp16": 1.99}[push], end
     assert end["pull_compression"] >= {"topk:0.05": 5, "topk:0.1": 3, "fp16": 1.9}[pull], end
+
+
+def test_a_warm_up_sends_the_first_epochs_uncompressed(downpour, tmp_path):
+    """1 of 3 epochs uncompressed, then topk 5% (10x): pushes come to 3 / (1 + 2/10) = 2.5x."""
+    r = downpour("train", "--mode", "async", "--workers", 2, "--shards", 2, *SMALL, "--push-codec",
+                 "topk:0.05", "--pull-codec", "topk:0.05", "--codec-warmup-epochs", 1,
+                 "--metrics", "m.jsonl")
+    assert r.returncode == 0, r.stderr
+    end = end_of(tmp_path / "m.jsonl")
+    assert 2.3 <= end["push_compression"] <= 2.7 and 1.5 <= end["pull_compression"] < 2.7, end
 
 
 @pytest.mark.parametrize("flags, said", [

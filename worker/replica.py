@@ -48,7 +48,14 @@ from downpour.common.data import Dataset
 from downpour.common.errors import ClusterError, ConfigError
 from downpour.common.nn.layout import Piece
 from downpour.common.nn.model import Model, ModelSpec
-from downpour.common.order import chunk_batches, deals_chunks, sync_batch, sync_versions, worker_steps
+from downpour.common.order import (
+    chunk_batches,
+    deals_chunks,
+    epoch_samples,
+    sync_batch,
+    sync_versions,
+    worker_steps,
+)
 from downpour.common.step import GradientStep
 from downpour.common.training import open_datasets
 from downpour.common.wire import protocol
@@ -82,6 +89,7 @@ class Replica:
         self._acc = np.zeros_like(params) if cfg.n_push > 1 and not sync else None  # summed grads
         self._send = np.empty_like(params) if self._overlap else None    # the gradient in flight
         self._step = GradientStep(cfg, self.model, data, f"worker-{rank}", rank)
+        self._warmup_samples = cfg.codec_warmup_epochs * epoch_samples(len(data), cfg)
 
     def run(self, heartbeat: Heartbeat | None = None, feed: ChunkFeed | None = None) -> None:
         """Take every step of this worker's share, or stop early when the scheduler says so.
@@ -157,6 +165,9 @@ class Replica:
     def _communicate(self, step: int, last: bool) -> None:
         """Push and pull as the step's place in the n_push / n_fetch cycle says."""
         cfg, m, sync = self.cfg, self.model, self.cfg.mode == "sync"
+        # the codecs' warm-up: this worker's samples x W stand for the run's
+        self.client.compress = (self.progress["samples"] + cfg.batch_size) * cfg.workers \
+            >= self._warmup_samples
         grad = self._acc if self._acc is not None else m.grads
         push = sync or last or (step + 1) % cfg.n_push == 0
         fetch = sync or (step + 1) % cfg.n_fetch == 0

@@ -96,6 +96,7 @@ class ShardClient:
         self.bytes_sent = self.bytes_received = 0    # every frame, retries in
         self.push_codec = None if push_codec == "none" else codec.parse(push_codec)
         self.pull_codec = pull_codec
+        self.compress = True            # False: send and ask uncompressed (a codec warm-up)
         self._residual: np.ndarray | None = None     # error feedback: what pushes left unsent
         self._with_residual: np.ndarray | None = None    # a push's gradient + the residual
 
@@ -179,12 +180,12 @@ class ShardClient:
                                   "clock": computed_on}
         if self.token is not None:
             header["token"] = self.token
-        if op in ("pull", "push_pull") and self.pull_codec != "none" and not (meta or {}).get(
-                "snapshot"):
+        if op in ("pull", "push_pull") and self.compress and self.pull_codec != "none" and not (
+                meta or {}).get("snapshot"):
             meta = {**(meta or {}), "codec": self.pull_codec}
         if meta:
             header["meta"] = meta
-        if grad is None or self.push_codec is None:
+        if grad is None or self.push_codec is None or not self.compress:
             frames = protocol.encode(header, None if grad is None else grad[lo:hi])
         else:
             fields, parts = self.push_codec.encode(*self._feedback(grad, lo, hi))
