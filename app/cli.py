@@ -153,7 +153,8 @@ def _experiment(args: argparse.Namespace) -> int:
         raise config.ConfigError("--repeats must be >= 1 and --target in (0, 1]")
     settings = {k: v for k, v in vars(args).items() if k not in ("workers", "shards")}
     given = config.given(settings)          # the axes' flags (models, links, scales) are not settings
-    axes = parse_axes(given, layers=args.models, link=args.links, compute_scale=args.scales)
+    axes = parse_axes(given, layers=args.models, link=args.links, compute_scale=args.scales,
+                      push_codec=args.push_codecs, pull_codec=args.pull_codecs)
     cfg = config.Config(**{**given, "link": axes.link[0]})     # --server-link wants a link here too
     run_sweep(cfg, modes, workers, shards, args.repeats, Path(args.out), args.target,
               given=given, axes=axes)
@@ -257,9 +258,14 @@ def parser() -> argparse.ArgumentParser:
     exp.add_argument("--compute-scale", dest="scales", metavar="SCALES", default=None,
                      help="compute scales >= 1, each worker step padded to F x its compute, "
                           "e.g. 1,4 (default 1: no padding)")
+    exp.add_argument("--push-codec", dest="push_codecs", metavar="CODECS", default=None,
+                     help="push codecs, e.g. none,topk:0.01 (default none)")
+    exp.add_argument("--pull-codec", dest="pull_codecs", metavar="CODECS", default=None,
+                     help="pull codecs, e.g. none,fp16 (default none)")
     exp.add_argument("--out", required=True, help="directory for results.csv, runs/ and plots")
     config.add_arguments(exp, TRAIN_GROUPS, exclude=("mode", "workers", "shards", "metrics", "save",
-                                                     "layers", "link", "compute_scale"))
+                                                     "layers", "link", "compute_scale",
+                                                     "push_codec", "pull_codec"))
     exp.set_defaults(run=_experiment)
 
     plot = sub.add_parser("plot", help="accuracy curves of runs from their metrics files")

@@ -1,7 +1,7 @@
 """`downpour experiment`: a sweep of training runs, turned into a table and plots.
 
-    for each mode, model, link, compute scale, number of workers W, number of shards S
-    and repeat:
+    for each mode, model, link, compute scale, push and pull codec, number of workers
+    W, number of shards S and repeat:
         downpour train --mode MODE [--layers MODEL] [--link RATE] [--compute-scale F] \\
                        --workers W --shards S --seed SEED+REPEAT [settings] \\
                        --metrics OUT/runs/NAME.jsonl
@@ -19,6 +19,8 @@ The axes, each a flag of `downpour experiment` taking a list, in the order above
     --link           rates in tc's syntax, or none for a    none,100mbit,1gbit
                      run without links (default: none)
     --compute-scale  factors >= 1 (default 1: no padding)   1,4
+    --push-codec     push codecs (default none)             none,topk:0.01,onebit
+    --pull-codec     pull codecs (default none)             none,fp16
     --workers        worker counts                          1,2,4
     --shards         shard counts of the cluster modes      1,2
     --repeats N      runs per case, seeds seed..seed+N-1    3
@@ -35,10 +37,10 @@ so runs do not share caches or state. A mode runs only the values of the axes it
 uses: single once per model and repeat (W = 1, no shards, no link, no padding),
 hogwild once per model, compute scale and W (no shards, no link).
 
-Run files are OUT/runs/MODE-wW-sS[-LINK][-xF][-mI]-rR.jsonl: the link (`none` for
-none), the compute scale (x4) and the model's place in --layers (m0, m1, ...; messages
-name models so too) appear only when that axis has more than one value, so a sweep of
-one value of each keeps the names it always had.
+Run files are OUT/runs/MODE-wW-sS[-LINK][-xF][-mI][-pushC][-pullC]-rR.jsonl: the link
+(`none` for none), the compute scale (x4), the model's place in --layers (m0, m1, ...;
+messages name models so too) and the codecs (pushtopk0.01) appear only when that axis has
+more than one value, so a sweep of one value of each keeps the names it always had.
 
 Before the first run, the sweep says on stderr, once each, what it leaves out:
 cases that cannot exist (single at 2 workers, hogwild at 2 shards, or settings that
@@ -59,7 +61,12 @@ Columns of results.csv:
                               empty if never
     final_accuracy, best_accuracy
     staleness_p50, staleness_p99, staleness_max, bytes
-    bytes_per_sample          bytes through the servers per trained sample
+    push_codec, pull_codec    the run's codecs (none: uncompressed)
+    bytes_per_sample          bytes through the servers per trained sample: pushed
+    bytes_pushed_per_sample   plus pulled
+    bytes_pulled_per_sample
+    push_compression          float32 bytes over the bytes sent, each way (1: none)
+    pull_compression
     link_utilization          the busiest link's traffic over its rate, 0..1
     busiest_link              which link that is, e.g. "server-0 download"
     host_bound                True when the padding of --compute-scale or --slow-worker
@@ -92,14 +99,18 @@ from downpour.launch import CLI, child_env
 if TYPE_CHECKING:
     from downpour.common.data import Dataset
 
-COLUMNS = ("mode", "workers", "shards", "link", "compute_scale", "model", "batch_size", "repeat",
-           "seed", "samples_per_s", "updates_per_s", "time_to_target_s", "final_accuracy",
-           "best_accuracy", "staleness_p50", "staleness_p99", "staleness_max", "bytes",
-           "bytes_per_sample", "link_utilization", "busiest_link", "host_bound", "elapsed_s",
+COLUMNS = ("mode", "workers", "shards", "link", "compute_scale", "model", "push_codec",
+           "pull_codec", "batch_size", "repeat", "seed", "samples_per_s", "updates_per_s",
+           "time_to_target_s", "final_accuracy", "best_accuracy", "staleness_p50",
+           "staleness_p99", "staleness_max", "bytes", "bytes_per_sample",
+           "bytes_pushed_per_sample", "bytes_pulled_per_sample", "push_compression",
+           "pull_compression", "link_utilization", "busiest_link", "host_bound", "elapsed_s",
            "metrics")
 END_FIELDS = ("staleness_p50", "staleness_p99", "staleness_max", "bytes", "bytes_per_sample",
-              "link_utilization", "busiest_link", "host_bound")   # copied from the end record
-AXES = ("layers", "link", "compute_scale")   # settings swept beyond mode, workers and shards
+              "bytes_pushed_per_sample", "bytes_pulled_per_sample", "push_compression",
+              "pull_compression", "link_utilization", "busiest_link",
+              "host_bound")                      # copied from the end record
+AXES = ("layers", "link", "compute_scale", "push_codec", "pull_codec")   # swept beyond mode, W, S
 SWEPT = ("mode", "workers", "shards", "seed", "metrics", "save", "progress", "config")
 ONE_CASE = {"single": "single runs one process", "hogwild": "hogwild has no servers"}
 NO_LINK = "none"                             # --link's word for a run without links
@@ -113,6 +124,8 @@ class Axes(NamedTuple):
     layers: tuple[str, ...] = ("",)
     link: tuple[str, ...] = ("",)
     compute_scale: tuple[float, ...] = (1.0,)
+    push_codec: tuple[str, ...] = ("none",)
+    pull_codec: tuple[str, ...] = ("none",)
 
     @classmethod
     def of(cls, cfg: Config) -> "Axes":
@@ -190,19 +203,43 @@ def parse_models(text: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(models)) or ("",)
 
 
+def parse_codecs(text: str, name: str) -> tuple[str, ...]:
+    """The values of --push-codec or --pull-codec (`name`: push_codec, pull_codec) in a
+    sweep: codecs separated by commas, each normalised (common/wire/codec.py). ConfigError
+    naming the first bad one, and for onebit pulls."""
+    from downpour.common.wire import codec
+    flag, codecs = "--" + name.replace("_", "-"), []
+    for item in _items(text):
+        try:
+            parsed = codec.parse(item)
+        except ConfigError as e:
+            raise ConfigError(f"{flag} {text!r}: {item!r}: {e}") from None
+        if name == "pull_codec" and parsed.name == "onebit":
+            raise ConfigError(f"{flag} {text!r}: onebit sends signs, which suit gradients, not "
+                              "weights; pull with none, fp16 or topk:R")
+        codecs.append(parsed.text)
+    if not codecs:
+        raise ConfigError(f"{flag} {text!r}: expected codecs separated by commas, e.g. none,topk:0.01")
+    return tuple(dict.fromkeys(codecs))
+
+
 def _model_label(i: int, n: int) -> str:
     """How messages name the i-th of `n` models: as its runs' file names do (m0, m1, ...)."""
     return f"model m{i}" if n > 1 else "the model"
 
 
 def parse_axes(given: Mapping[str, Any], layers: str | None = None, link: str | None = None,
-               compute_scale: str | None = None) -> Axes:
-    """The Axes of the texts of --layers, --link and --compute-scale; one not given (None)
+               compute_scale: str | None = None, push_codec: str | None = None,
+               pull_codec: str | None = None) -> Axes:
+    """The Axes of the texts of --layers, --link, --compute-scale, --push-codec and
+    --pull-codec; one not given (None)
     is the one value of the settings `given` (as config.given returns them), or the
     default. ConfigError naming the first bad value, or for `none` in --link with
     --server-link."""
     texts = {"layers": (layers, parse_models), "link": (link, parse_links),
-             "compute_scale": (compute_scale, parse_compute_scales)}        # in Axes' order
+             "compute_scale": (compute_scale, parse_compute_scales),
+             "push_codec": (push_codec, lambda t: parse_codecs(t, "push_codec")),
+             "pull_codec": (pull_codec, lambda t: parse_codecs(t, "pull_codec"))}  # Axes' order
     axes = Axes(*(parse(text) if text is not None else (given.get(name, FIELDS[name].default),)
                   for name, (text, parse) in texts.items()))
     if link is not None and "" in axes.link and given.get("server_link"):
@@ -220,16 +257,16 @@ def _used(name: str, values: Iterable, mode: str) -> Iterable:
 def plan(modes: list[str], workers: list[int], shards: list[int], repeats: int,
          axes: Axes = Axes()) -> list[dict]:
     """The runs of a sweep, as records {mode, workers, shards, layers, link, compute_scale,
-    repeat}, in the order run: modes outermost, then models, links, compute scales,
-    workers, shards and repeats. A value given twice runs once."""
+    push_codec, pull_codec, repeat}, in the order run: modes outermost, then models, links,
+    compute scales, push and pull codecs, workers, shards and repeats. A value given twice
+    runs once."""
     runs = []
     for mode in dict.fromkeys(modes):
-        grid = itertools.product(_used("layers", axes.layers, mode), _used("link", axes.link, mode),
-                                 _used("compute_scale", axes.compute_scale, mode),
+        grid = itertools.product(*(_used(name, getattr(axes, name), mode) for name in AXES),
                                  [1] if mode == "single" else dict.fromkeys(workers),
                                  [0] if mode in ONE_CASE else dict.fromkeys(shards), range(repeats))
-        runs += [{"mode": mode, "workers": w, "shards": s, "layers": layers, "link": link,
-                  "compute_scale": scale, "repeat": r} for layers, link, scale, w, s, r in grid]
+        runs += [{"mode": mode, "workers": w, "shards": s, **dict(zip(AXES, values)), "repeat": r}
+                 for *values, w, s, r in grid]
     return runs
 
 
@@ -244,6 +281,9 @@ def run_name(run: dict, axes: Axes = Axes()) -> str:
         parts.append(f"x{run.get('compute_scale', 1.0):.15g}")
     if len(axes.layers) > 1:
         parts.append(f"m{axes.layers.index(run.get('layers', ''))}")
+    for name, tag in (("push_codec", "push"), ("pull_codec", "pull")):
+        if len(getattr(axes, name)) > 1:
+            parts.append(tag + run.get(name, "none").replace(":", ""))
     return "-".join([*parts, f"r{run['repeat']}"])
 
 
@@ -285,6 +325,9 @@ def _case_name(run: dict, axes: Axes = Axes()) -> str:
         varied.append(f"compute scale {run.get('compute_scale', 1.0):g}")
     if len(axes.layers) > 1:
         varied.append(f"model m{axes.layers.index(run.get('layers', ''))}")
+    for name, tag in (("push_codec", "pushes"), ("pull_codec", "pulls")):
+        if len(getattr(axes, name)) > 1:
+            varied.append(f"{tag} {run.get(name, 'none')}")
     return f"{run['mode']} at {_counted([run['workers']], 'worker')}" + (
         f" and {run['shards']} shards" if run["shards"] > 1 else "") + (
         f" ({', '.join(varied)})" if varied else "")
@@ -322,7 +365,8 @@ def check_axes(cfg: Config, axes: Axes, data: Dataset) -> None:
             if name == "layers":
                 what = f"{_model_label(i, len(values))} " + (repr(value) if value else "of --hidden")
             else:
-                what = repr(value or NO_LINK) if name == "link" else f"{value:g}"
+                what = repr(value or NO_LINK) if name == "link" else f"{value:g}" if \
+                    name == "compute_scale" else repr(value)
             try:
                 case = replace(cfg, **{name: value})
                 if name == "layers":
@@ -396,6 +440,7 @@ def row(run: dict, cfg: Config, path: Path, target: float) -> dict[str, Any]:
     reached = [e["elapsed_s"] for e in evals if e["test_accuracy"] >= target]
     return {"mode": run["mode"], "workers": run["workers"], "shards": run["shards"],
             "link": cfg.link, "compute_scale": cfg.compute_scale, "model": model_name(cfg),
+            "push_codec": cfg.push_codec, "pull_codec": cfg.pull_codec,
             "batch_size": cfg.batch_size, "repeat": run["repeat"], "seed": cfg.seed,
             "samples_per_s": end["samples_per_s"], "updates_per_s": end["updates_per_s"],
             "time_to_target_s": reached[0] if reached else "",

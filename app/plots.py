@@ -1,6 +1,8 @@
 """PNG plots of runs and sweeps, with matplotlib (the optional `plot` extra).
 
     sweep(rows, out)  throughput.png      samples/s against workers
+                      accuracy_bytes.png  final accuracy against bytes per sample (cluster runs)
+                      throughput_link.png samples/s against the link rate (several links)
                       speedup.png         samples/s over the same line's at W = 1, against
                                           workers, with the ideal (speedup = W) dashed
                       time_to_target.png  wall time to the target accuracy against workers;
@@ -130,7 +132,10 @@ def _save(fig, path: Path) -> Path:
 
 
 def sweep(rows: list[dict], out: Path, target: float | None = None) -> list[Path]:
-    """The six plots of a sweep (rows as in results.csv, with `metrics` relative to `out`)."""
+    """The six plots of a sweep (rows as in results.csv, with `metrics` relative to `out`),
+    and two more where they have something to show: accuracy_bytes.png (final accuracy
+    against bytes per sample, for the cluster modes' runs) and throughput_link.png
+    (samples/s against the link rate, when the sweep has several)."""
     out = Path(out)
     labels = line_labels(line_key(r) for r in rows)
     first = [(r, *read_metrics(out / r["metrics"])) for r in rows if int(r["repeat"]) == 0]
@@ -141,7 +146,65 @@ def sweep(rows: list[dict], out: Path, target: float | None = None) -> list[Path
                       "Test accuracy against wall time", target),
             _accuracy(first, labels, "samples", "samples processed", out / "accuracy_samples.png",
                       "Test accuracy against samples processed", target),
-            _staleness(first, labels, out / "staleness.png")]
+            _staleness(first, labels, out / "staleness.png"),
+            *([_accuracy_bytes(rows, labels, out / "accuracy_bytes.png")]
+              if any(r.get("bytes_per_sample") not in ("", None) for r in rows) else []),
+            *([_throughput_link(rows, labels, out / "throughput_link.png")]
+              if len(link_rates(rows)) and len({r.get("link") for r in rows}) > 1 else [])]
+
+
+# -- the figures against bytes and link rates, without matplotlib ------------------------------
+
+def accuracy_bytes(rows: list[dict]) -> dict[tuple[LineKey, int], tuple[float, float]]:
+    """{(line, workers): (bytes per sample, final accuracy)}, means over the repeats, for
+    the runs that moved bytes (the cluster modes)."""
+    points: dict[tuple[LineKey, int], list[dict]] = defaultdict(list)
+    for r in rows:
+        if r.get("bytes_per_sample") not in ("", None):
+            points[(line_key(r), int(r["workers"]))].append(r)
+    return {key: (sum(float(r["bytes_per_sample"]) for r in rs) / len(rs),
+                  sum(float(r["final_accuracy"]) for r in rs) / len(rs)) for key, rs in points.items()}
+
+
+def link_rates(rows: list[dict]) -> dict[tuple[LineKey, int], dict[int, float]]:
+    """{(line without its link, workers): {link rate in bits/s: samples/s}}, means over the
+    repeats, for the runs behind links."""
+    from downpour.common.config import parse_rate
+    lines: dict[tuple[LineKey, int], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r.get("link"):
+            key = (line_key(r)._replace(link=""), int(r["workers"]))
+            lines[key][parse_rate(r["link"], "link")].append(float(r["samples_per_s"]))
+    return {key: {rate: sum(v) / len(v) for rate, v in sorted(points.items())}
+            for key, points in lines.items()}
+
+
+def _accuracy_bytes(rows: list[dict], labels: dict[LineKey, str], path: Path) -> Path:
+    """Final test accuracy against bytes per sample (log scale), a point per line and W."""
+    fig, ax = _pyplot().subplots(figsize=FIGSIZE)
+    for (key, w), (nbytes, accuracy) in accuracy_bytes(rows).items():
+        ax.scatter([nbytes], [100 * accuracy], label=f"{labels[key]} W={w}")
+    ax.set_xscale("log")
+    ax.set(xlabel="bytes per sample (log)", ylabel="final test accuracy (%)",
+           title="Accuracy against bytes per sample")
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def _throughput_link(rows: list[dict], labels: dict[LineKey, str], path: Path) -> Path:
+    """Samples/s against the link rate (log scale), a line per line-without-link and W."""
+    fig, ax = _pyplot().subplots(figsize=FIGSIZE)
+    names = line_labels(key._replace(link="") for key in labels)     # the link is the x axis
+    for (key, w), points in link_rates(rows).items():
+        ax.plot([rate / 1e6 for rate in points], list(points.values()), marker="o",
+                label=f"{names[key]} W={w}")
+    ax.set_xscale("log")
+    ax.set(xlabel="link rate (Mbit/s, log)", ylabel="samples / s",
+           title="Throughput against the link rate")
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
 
 
 # -- the figures against workers, without matplotlib ---------------------------------------------
@@ -153,13 +216,16 @@ class LineKey(NamedTuple):
     compute_scale: float
     shards: int               # 0: single, hogwild
     model: str
+    push_codec: str = "none"
+    pull_codec: str = "none"
 
 
 def line_key(row: dict) -> LineKey:
     """The line of a results.csv row (values as numbers or as CSV text); a column that an
     older results.csv lacks takes its default."""
     return LineKey(row["mode"], row.get("link") or "", float(row.get("compute_scale") or 1.0),
-                   int(row["shards"]), row.get("model") or "")
+                   int(row["shards"]), row.get("model") or "", row.get("push_codec") or "none",
+                   row.get("pull_codec") or "none")
 
 
 def _by_point(rows: list[dict]) -> dict[LineKey, dict[int, list[dict]]]:
@@ -215,7 +281,9 @@ def line_labels(keys: Iterable[LineKey]) -> dict[LineKey, str]:
     models = list(dict.fromkeys(k.model for k in keys))
     axes = (("link", CLUSTER, lambda k: k.link or "no link"),
             ("compute_scale", REPLICAS, lambda k: f"x{k.compute_scale:g}"),
-            ("shards", CLUSTER, lambda k: f"S={k.shards}"))
+            ("shards", CLUSTER, lambda k: f"S={k.shards}"),
+            ("push_codec", CLUSTER, lambda k: f"push {k.push_codec}"),
+            ("pull_codec", CLUSTER, lambda k: f"pull {k.pull_codec}"))
     varies = {name for name, modes, _ in axes if len({getattr(k, name) for k in keys if k.mode in modes}) > 1}
     labels = {}
     for k in keys:

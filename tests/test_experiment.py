@@ -295,3 +295,35 @@ def test_bad_axes_on_the_command_line_fail_before_any_run(downpour, tmp_path):
         assert r.returncode == 2 and r.stderr.startswith(message), r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "exp").exists()
+
+
+def test_codecs_are_axes_named_in_the_runs_and_checked_first():
+    from downpour.experiment import parse_codecs
+    assert parse_codecs("none, TopK:0.010,fp16,none", "push_codec") == ("none", "topk:0.01", "fp16")
+    for text, message in (("none,zip", "--push-codec 'none,zip': 'zip': "),
+                          ("topk:2", "--push-codec 'topk:2': 'topk:2': ")):
+        with pytest.raises(ConfigError) as e:
+            parse_codecs(text, "push_codec")
+        assert str(e.value).startswith(message)
+    with pytest.raises(ConfigError, match="--pull-codec 'onebit': onebit sends signs"):
+        parse_codecs("onebit", "pull_codec")
+    axes = parse_axes({}, push_codec="none,onebit", pull_codec="fp16")
+    assert (axes.push_codec, axes.pull_codec) == (("none", "onebit"), ("fp16",))
+    runs = plan(["single", "async"], [2], [1], repeats=1, axes=axes)
+    assert [run_name(r, axes) for r in runs] == ["single-w1-s0-pushnone-r0",
+                                                 "async-w2-s1-pushnone-r0", "async-w2-s1-pushonebit-r0"]
+    assert [(r["push_codec"], r["pull_codec"]) for r in runs] == [
+        ("none", "none"), ("none", "fp16"), ("onebit", "fp16")]
+
+
+def test_a_codec_sweep_writes_its_codecs_and_compression(downpour, tmp_path):
+    r = downpour("experiment", "--workers", "2", "--modes", "async", "--out", "exp",
+                 "--synthetic", 2000, "--hidden", 32, "--epochs", 2, "--batch-size", 50,
+                 "--eval-every", 0, "--push-codec", "none,topk:0.05", "--pull-codec", "fp16",
+                 "--codec-warmup-epochs", 0, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader(open(tmp_path / "exp" / "results.csv")))
+    assert [(x["push_codec"], x["pull_codec"]) for x in rows] == [("none", "fp16"),
+                                                                  ("topk:0.05", "fp16")]
+    assert float(rows[0]["push_compression"]) == 1.0 and float(rows[1]["push_compression"]) > 9.9
+    assert all(float(x["pull_compression"]) > 1.9 for x in rows)

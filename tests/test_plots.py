@@ -239,3 +239,21 @@ def test_a_sweep_draws_six_plots_with_host_bound_and_unreached_points(tmp_path, 
                                              "never reached it (drawn at the top)"]
     assert legends["accuracy_time.png"] == ["single process", "async W=1", "async W=2", "sync W=2",
                                             "target 80%"]
+
+
+def test_accuracy_against_bytes_and_throughput_against_link_rate():
+    rows = [{**point("async", 2, 100.0, link="100mbit"), "bytes_per_sample": 3000.0,
+             "final_accuracy": 0.9, "push_codec": "none"},
+            {**point("async", 2, 300.0, link="100mbit"), "bytes_per_sample": 300.0,
+             "final_accuracy": 0.8, "push_codec": "topk:0.01"},
+            {**point("async", 2, 900.0, link="1gbit"), "bytes_per_sample": 3000.0,
+             "final_accuracy": 0.92, "push_codec": "none"},
+            {**point("async", 2, 500.0, link="1gbit", repeat=1), "bytes_per_sample": 3000.0,
+             "final_accuracy": 0.9, "push_codec": "none"},
+            {**point("single"), "bytes_per_sample": "", "final_accuracy": 0.95}]
+    points = plots.accuracy_bytes(rows)
+    none_1g = plots.line_key(rows[2])
+    assert points[(none_1g, 2)] == (3000.0, pytest.approx(0.91)) and len(points) == 3
+    rates = plots.link_rates(rows)
+    none, topk = plots.line_key(rows[0])._replace(link=""), plots.line_key(rows[1])._replace(link="")
+    assert rates == {(none, 2): {100_000_000: 100.0, 10**9: 700.0}, (topk, 2): {100_000_000: 300.0}}
