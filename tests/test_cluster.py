@@ -417,13 +417,19 @@ def test_contradicting_cluster_settings(downpour):
 
 
 @pytest.mark.slow
-def test_a_killed_server_is_replaced_from_its_checkpoint_and_the_run_goes_on(background, tmp_path):
+@pytest.mark.parametrize("codecs", [(), ("--push-codec", "fp16", "--pull-codec", "topk:0.2",
+                                         "--codec-warmup-epochs", 0)], ids=["plain", "codecs"])
+def test_a_killed_server_is_replaced_from_its_checkpoint_and_the_run_goes_on(background, tmp_path,
+                                                                            codecs):
+    """With topk pulls too: the replacement holds no copy of the worker's weights, so the
+    worker's first pull from it is whole."""
     address, checkpoints = f"ipc://{tmp_path}/scheduler", tmp_path / "checkpoints"
     metrics = tmp_path / "m.jsonl"
     scheduler = background("scheduler", "--bind", address, "--mode", "async", "--workers", 1,
                            "--synthetic", 6000, "--hidden", 64, "--epochs", 30, "--batch-size", 20,
                            "--eval-every", 1, "--progress", "lines", "--metrics", metrics,
-                           "--checkpoint-every-s", 0.3, "--dead-after-s", 1.5, "--retries", 0)
+                           "--checkpoint-every-s", 0.3, "--dead-after-s", 1.5, "--retries", 0,
+                           *codecs)
     # the default 30 s timeout and no retry: the run goes on only because the scheduler and the
     # worker keep answering heartbeats while they wait, and resend to the replacement at once
     server = background("server", "--scheduler", address, "--bind", f"ipc://{tmp_path}/s0",

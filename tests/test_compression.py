@@ -141,6 +141,16 @@ def test_runs_with_codecs_both_ways_train_every_sample(downpour, tmp_path, mode,
     assert end["pull_compression"] >= {"topk:0.05": 5, "topk:0.1": 3, "fp16": 1.9}[pull], end
 
 
+def test_sync_with_a_backup_worker_and_codecs_both_ways_finishes(downpour, tmp_path):
+    r = downpour("train", "--mode", "sync", "--workers", 3, "--backup", 1, *SMALL, "--push-codec",
+                 "topk:0.05", "--pull-codec", "topk:0.05", "--codec-warmup-epochs", 0,
+                 "--metrics", "m.jsonl")
+    assert r.returncode == 0, r.stderr
+    end = end_of(tmp_path / "m.jsonl")
+    # 40 versions of 150 samples: uncompressed, this reaches 0.23 (chance: 0.1); topk 0.20
+    assert end["test_accuracy"] > 0.15 and end["push_compression"] >= 9.9, end
+
+
 def test_a_warm_up_sends_the_first_epochs_uncompressed(downpour, tmp_path):
     """1 of 3 epochs uncompressed, then topk 5% (10x): pushes come to 3 / (1 + 2/10) = 2.5x."""
     r = downpour("train", "--mode", "async", "--workers", 2, "--shards", 2, *SMALL, "--push-codec",
