@@ -288,7 +288,7 @@ class _TopK(Codec):
         """The sorted int64 positions of the k largest |x| (of all nonzero |x| if fewer)."""
         n = x.size
         if k == n:
-            return np.arange(n)
+            return np.flatnonzero(x)                    # every entry but the zeros
         a = np.abs(x, out=self._buf("abs", n, F32))
         mask = self._buf("mask", n, np.bool_)
         for threshold in self._thresholds(a, k):
