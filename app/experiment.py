@@ -275,16 +275,22 @@ def run_name(run: dict, axes: Axes = Axes()) -> str:
     (`none` for none), compute scale (x4) and model index (m1) where that axis of `axes`
     has more than one value, then -rR. Distinct for the distinct runs of `plan`."""
     parts = [run["mode"], f"w{run['workers']}", f"s{run['shards']}"]
-    if len(axes.link) > 1:
-        parts.append(run.get("link") or NO_LINK)
-    if len(axes.compute_scale) > 1:
-        parts.append(f"x{run.get('compute_scale', 1.0):.15g}")
-    if len(axes.layers) > 1:
-        parts.append(f"m{axes.layers.index(run.get('layers', ''))}")
-    for name, tag in (("push_codec", "push"), ("pull_codec", "pull")):
-        if len(getattr(axes, name)) > 1:
-            parts.append(tag + run.get(name, "none").replace(":", ""))
+    parts += [short for short, _ in _varied(run, axes)]
     return "-".join([*parts, f"r{run['repeat']}"])
+
+
+def _varied(run: dict, axes: Axes) -> list[tuple[str, str]]:
+    """What tells `run` apart on each axis of `axes` with more than one value, in run_name's
+    order: (for a file name, in words), e.g. ("x4", "compute scale 4")."""
+    link, scale = run.get("link", ""), run.get("compute_scale", 1.0)
+    model = axes.layers.index(run.get("layers", "")) if len(axes.layers) > 1 else 0
+    push, pull = run.get("push_codec", "none"), run.get("pull_codec", "none")
+    named = {"link": (link or NO_LINK, f"link {link}" if link else "no link"),
+             "compute_scale": (f"x{scale:.15g}", f"compute scale {scale:g}"),
+             "layers": (f"m{model}", f"model m{model}"),
+             "push_codec": ("push" + push.replace(":", ""), f"pushes {push}"),
+             "pull_codec": ("pull" + pull.replace(":", ""), f"pulls {pull}")}
+    return [named[name] for name in named if len(getattr(axes, name)) > 1]
 
 
 def _counted(values: list[int], noun: str) -> str:
@@ -318,16 +324,7 @@ def case_config(cfg: Config, run: dict, given: Iterable[str] = ()) -> Config:
 def _case_name(run: dict, axes: Axes = Axes()) -> str:
     """'sync at 1 worker', with what tells the case apart on the axes that vary:
     'sync at 1 worker (no link, model m1)'."""
-    varied = []
-    if len(axes.link) > 1:
-        varied.append(f"link {run['link']}" if run.get("link") else "no link")
-    if len(axes.compute_scale) > 1:
-        varied.append(f"compute scale {run.get('compute_scale', 1.0):g}")
-    if len(axes.layers) > 1:
-        varied.append(f"model m{axes.layers.index(run.get('layers', ''))}")
-    for name, tag in (("push_codec", "pushes"), ("pull_codec", "pulls")):
-        if len(getattr(axes, name)) > 1:
-            varied.append(f"{tag} {run.get(name, 'none')}")
+    varied = [words for _, words in _varied(run, axes)]
     return f"{run['mode']} at {_counted([run['workers']], 'worker')}" + (
         f" and {run['shards']} shards" if run["shards"] > 1 else "") + (
         f" ({', '.join(varied)})" if varied else "")

@@ -184,12 +184,8 @@ def _accuracy_bytes(rows: list[dict], labels: dict[LineKey, str], path: Path) ->
     fig, ax = _pyplot().subplots(figsize=FIGSIZE)
     for (key, w), (nbytes, accuracy) in accuracy_bytes(rows).items():
         ax.scatter([nbytes], [100 * accuracy], label=f"{labels[key]} W={w}")
-    ax.set_xscale("log")
-    ax.set(xlabel="bytes per sample (log)", ylabel="final test accuracy (%)",
-           title="Accuracy against bytes per sample")
-    ax.legend(fontsize="small")
-    ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return _finish_log_x(fig, ax, path, "bytes per sample (log)", "final test accuracy (%)",
+                         "Accuracy against bytes per sample")
 
 
 def _throughput_link(rows: list[dict], labels: dict[LineKey, str], path: Path) -> Path:
@@ -199,9 +195,14 @@ def _throughput_link(rows: list[dict], labels: dict[LineKey, str], path: Path) -
     for (key, w), points in link_rates(rows).items():
         ax.plot([rate / 1e6 for rate in points], list(points.values()), marker="o",
                 label=f"{names[key]} W={w}")
+    return _finish_log_x(fig, ax, path, "link rate (Mbit/s, log)", "samples / s",
+                         "Throughput against the link rate")
+
+
+def _finish_log_x(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    """A plot against a log-scale x: labels, legend and grid; saved to `path`."""
     ax.set_xscale("log")
-    ax.set(xlabel="link rate (Mbit/s, log)", ylabel="samples / s",
-           title="Throughput against the link rate")
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
     return _save(fig, path)

@@ -122,15 +122,23 @@ def end_of(path):
     return json.loads(path.read_text().splitlines()[-1])
 
 
+def codec_run(downpour, tmp_path, mode, *flags, codecs, warmup):
+    """`downpour train` of SMALL with (push, pull) `codecs` and a warm-up of `warmup` epochs;
+    the end record of the run, which must succeed."""
+    push, pull = codecs
+    r = downpour("train", "--mode", mode, *flags, *SMALL, "--push-codec", push, "--pull-codec",
+                 pull, "--codec-warmup-epochs", warmup, "--metrics", "m.jsonl")
+    assert r.returncode == 0, r.stderr
+    return end_of(tmp_path / "m.jsonl")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode, push, pull", [("async", "topk:0.05", "topk:0.05"),
                                               ("sync", "onebit", "fp16"),
                                               ("ssp", "fp16", "topk:0.1")])
 def test_runs_with_codecs_both_ways_train_every_sample(downpour, tmp_path, mode, push, pull):
-    r = downpour("train", "--mode", mode, "--workers", 2, "--shards", 2, *SMALL, "--push-codec",
-                 push, "--pull-codec", pull, "--codec-warmup-epochs", 0, "--metrics", "m.jsonl")
-    assert r.returncode == 0, r.stderr
-    end = end_of(tmp_path / "m.jsonl")
+    end = codec_run(downpour, tmp_path, mode, "--workers", 2, "--shards", 2, codecs=(push, pull),
+                    warmup=0)
     # uncompressed, these 3 epochs reach 0.42 (chance: 0.1); topk 5% both ways 0.34
     assert end["samples"] == end["samples_asked"] and end["test_accuracy"] > 0.25, end
     assert end["bytes_pushed_per_sample"] + end["bytes_pulled_per_sample"] == pytest.approx(
@@ -142,22 +150,16 @@ def test_runs_with_codecs_both_ways_train_every_sample(downpour, tmp_path, mode,
 
 
 def test_sync_with_a_backup_worker_and_codecs_both_ways_finishes(downpour, tmp_path):
-    r = downpour("train", "--mode", "sync", "--workers", 3, "--backup", 1, *SMALL, "--push-codec",
-                 "topk:0.05", "--pull-codec", "topk:0.05", "--codec-warmup-epochs", 0,
-                 "--metrics", "m.jsonl")
-    assert r.returncode == 0, r.stderr
-    end = end_of(tmp_path / "m.jsonl")
+    end = codec_run(downpour, tmp_path, "sync", "--workers", 3, "--backup", 1,
+                    codecs=("topk:0.05", "topk:0.05"), warmup=0)
     # 40 versions of 150 samples: uncompressed, this reaches 0.23 (chance: 0.1); topk 0.20
     assert end["test_accuracy"] > 0.15 and end["push_compression"] >= 9.9, end
 
 
 def test_a_warm_up_sends_the_first_epochs_uncompressed(downpour, tmp_path):
     """1 of 3 epochs uncompressed, then topk 5% (10x): pushes come to 3 / (1 + 2/10) = 2.5x."""
-    r = downpour("train", "--mode", "async", "--workers", 2, "--shards", 2, *SMALL, "--push-codec",
-                 "topk:0.05", "--pull-codec", "topk:0.05", "--codec-warmup-epochs", 1,
-                 "--metrics", "m.jsonl")
-    assert r.returncode == 0, r.stderr
-    end = end_of(tmp_path / "m.jsonl")
+    end = codec_run(downpour, tmp_path, "async", "--workers", 2, "--shards", 2,
+                    codecs=("topk:0.05", "topk:0.05"), warmup=1)
     assert 2.3 <= end["push_compression"] <= 2.7 and 1.5 <= end["pull_compression"] < 2.7, end
 
 

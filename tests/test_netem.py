@@ -5,6 +5,7 @@ network namespaces (netem.problem says why)."""
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import time
@@ -215,7 +216,6 @@ def python_for_nobody(folder):
     """(a Python that user `nobody` can run, with this checkout and its runtime copied into
     `folder`/site, a world-readable copy); skips where this Python's minor version has no
     interpreter that nobody can reach."""
-    import shutil
     import sys
     import sysconfig
     site = folder / "site"
@@ -246,6 +246,8 @@ def test_a_run_behind_links_works_for_a_user_without_root(tmp_path):
     if os.getuid() != 0:
         pytest.skip("this test switches to user nobody, which needs root; run as any other "
                     "user, every test here is already unprivileged")
+    if shutil.which("setpriv") is None:
+        pytest.skip("switching to user nobody needs setpriv (util-linux)")
     folder = Path(tempfile.mkdtemp(prefix="downpour-nobody-"))   # not under pytest's 0700 tmp
     try:
         python, site = python_for_nobody(folder)
@@ -264,5 +266,4 @@ def test_a_run_behind_links_works_for_a_user_without_root(tmp_path):
         assert end["event"] == "end" and end["samples"] == end["samples_asked"]
         assert all_gone(tag) == []
     finally:
-        import shutil
         shutil.rmtree(folder, ignore_errors=True)

@@ -180,9 +180,8 @@ class ShardClient:
                                   "clock": computed_on}
         if self.token is not None:
             header["token"] = self.token
-        if op in ("pull", "push_pull") and self.compress and self.pull_codec != "none" and not (
-                meta or {}).get("snapshot"):
-            meta = {**(meta or {}), "codec": self.pull_codec}
+        if op in ("pull", "push_pull") and self.compress and self.pull_codec != "none":
+            meta = {**(meta or {}), "codec": self.pull_codec}   # (the scheduler's: none)
         if meta:
             header["meta"] = meta
         if grad is None or self.push_codec is None or not self.compress:
