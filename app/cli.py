@@ -12,6 +12,9 @@
     downpour bench codecs [--json]        each wire codec's encode and decode against np.copyto
     downpour experiment --out DIR [...]   a sweep of runs over modes, workers, shards, links,
                                           compute scales and models: CSV and plots
+                                          (--simulate: the same sweep predicted)
+    downpour simulate [settings]          a run predicted by a calibrated discrete-event model
+                                          (--calibrate, --explain, --validate, --json)
     downpour plot METRICS.jsonl...        accuracy curves of any runs
     downpour download mnist [--dir DIR]   fetch the four MNIST files, verifying their checksums
     downpour keys DIR                     the cluster's CURVE keys, one pair per role (--keys DIR)
@@ -145,20 +148,44 @@ def _bench(args: argparse.Namespace) -> int:
 def _experiment(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from downpour.experiment import parse_axes, run_sweep
+    from downpour.experiment import parse_axes, run_sweep, simulate_sweep
     modes = config.parse_list(args.modes, "modes", str, config.FIELDS["mode"].metadata["choices"])
     workers = config.parse_list(args.workers, "workers")
     shards = config.parse_list(args.shards, "shards")
     if args.repeats < 1 or not 0 < args.target <= 1:
         raise config.ConfigError("--repeats must be >= 1 and --target in (0, 1]")
+    if args.profile is not None and not args.simulate:
+        raise config.ConfigError("--profile holds the simulator's costs: add --simulate, or drop "
+                                 "--profile")
     settings = {k: v for k, v in vars(args).items() if k not in ("workers", "shards")}
     given = config.given(settings)          # the axes' flags (models, links, scales) are not settings
     axes = parse_axes(given, layers=args.models, link=args.links, compute_scale=args.scales,
                       push_codec=args.push_codecs, pull_codec=args.pull_codecs)
     cfg = config.Config(**{**given, "link": axes.link[0]})     # --server-link wants a link here too
-    run_sweep(cfg, modes, workers, shards, args.repeats, Path(args.out), args.target,
-              given=given, axes=axes)
+    if not args.simulate:
+        run_sweep(cfg, modes, workers, shards, args.repeats, Path(args.out), args.target,
+                  given=given, axes=axes)
+        return 0
+    from downpour.common.threads import pin_blas_threads
+    from downpour.sim.profile import DEFAULT_PROFILE
+    pin_blas_threads(cfg.threads)              # a worker's compute is timed as workers run it
+    simulate_sweep(cfg, modes, workers, shards, args.repeats, Path(args.out),
+                   Path(args.profile or DEFAULT_PROFILE).expanduser(), args.target,
+                   given=given, axes=axes)
     return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from downpour.common.threads import pin_blas_threads
+    own = ("calibrate", "validate", "explain", "json", "profile", "device_gflops", "repeats", "runs")
+    given = config.given({k: v for k, v in vars(args).items() if k not in own})
+    given.setdefault("mode", "async")          # a cluster mode; train's default is single
+    cfg = config.Config(**given)
+    config.check_used(given, cfg.mode)
+    pin_blas_threads(cfg.threads)              # a worker's compute is timed as workers run it
+    _check_codecs(cfg)
+    from downpour.sim.command import main as simulate
+    return simulate(args, cfg)
 
 
 def _plot(args: argparse.Namespace) -> int:
@@ -262,11 +289,38 @@ def parser() -> argparse.ArgumentParser:
                      help="push codecs, e.g. none,topk:0.01 (default none)")
     exp.add_argument("--pull-codec", dest="pull_codecs", metavar="CODECS", default=None,
                      help="pull codecs, e.g. none,fp16 (default none)")
-    exp.add_argument("--out", required=True, help="directory for results.csv, runs/ and plots")
+    exp.add_argument("--out", required=True,
+                     help="directory for results.csv (--simulate: simulated.csv), runs/ and plots")
+    exp.add_argument("--simulate", action="store_true",
+                     help="predict the cluster modes' cases with the calibrated model of "
+                          "`downpour simulate` instead of running them: simulated.csv and plots")
+    exp.add_argument("--profile", default=None,
+                     help="--simulate: the costs measured by `downpour simulate --calibrate` "
+                          "(default: its default profile, calibrated first if missing)")
     config.add_arguments(exp, TRAIN_GROUPS, exclude=("mode", "workers", "shards", "metrics", "save",
                                                      "layers", "link", "compute_scale",
                                                      "push_codec", "pull_codec"))
     exp.set_defaults(run=_experiment)
+
+    sim = sub.add_parser("simulate", help="predict a run with a calibrated discrete-event model")
+    from downpour.sim.profile import DEFAULT_PROFILE
+    sim.add_argument("--calibrate", action="store_true",
+                     help="measure this machine's costs into the profile (under a minute)")
+    sim.add_argument("--validate", action="store_true",
+                     help="run the validation grid of real emulated runs against predictions")
+    sim.add_argument("--repeats", type=int, default=3, help="--validate: runs per case (default 3)")
+    sim.add_argument("--runs", default="", help="--validate: keep the runs' end records in this "
+                     "JSON file as they come; those it holds are not run again")
+    sim.add_argument("--explain", action="store_true",
+                     help="print every number the model uses, with its unit and source")
+    sim.add_argument("--json", action="store_true", help="print one JSON line (end record names)")
+    sim.add_argument("--profile", default=str(DEFAULT_PROFILE),
+                     help=f"the costs measured by --calibrate (default {DEFAULT_PROFILE})")
+    sim.add_argument("--device-gflops", type=float, default=0.0,
+                     help="another machine's compute rate: a batch takes its counted FLOPs "
+                          "over this many GFLOP/s (default: the profile's measured time)")
+    config.add_arguments(sim, TRAIN_GROUPS + ("keys",), exclude=("metrics", "save"))
+    sim.set_defaults(run=_simulate)
 
     plot = sub.add_parser("plot", help="accuracy curves of runs from their metrics files")
     plot.add_argument("metrics", nargs="+", help="JSON-lines metrics files (--metrics)")

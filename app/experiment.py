@@ -10,6 +10,15 @@
                          accuracy against workers, accuracy against wall time and against
                          samples, the staleness distribution (downpour.plots)
 
+    downpour experiment --simulate [--profile FILE] [the same axes and settings]
+    -> OUT/simulated.csv one row per case of the cluster modes, predicted by the
+                         calibrated model of downpour.sim instead of run
+    -> OUT/*.png         throughput and speedup against workers
+
+The plots of either kind read both CSVs when OUT holds both, so a measured sweep and a
+simulated one into the same OUT (the simulated one reaching far more workers than this
+host runs) draw on the same axes, the simulated lines marked apart.
+
 The axes, each a flag of `downpour experiment` taking a list, in the order above:
 
     --modes          modes                                  single,sync,async,ssp,hogwild
@@ -42,13 +51,18 @@ Run files are OUT/runs/MODE-wW-sS[-LINK][-xF][-mI][-pushC][-pullC]-rR.jsonl: the
 messages name models so too) and the codecs (pushtopk0.01) appear only when that axis has
 more than one value, so a sweep of one value of each keeps the names it always had.
 
+--simulate predicts each case with `downpour.sim.command.simulate`, with the costs of
+--profile (default: `downpour simulate`'s; calibrated first if there is none). It
+models the cluster modes only: single and hogwild are left out, with a note. The cases
+and their checks are the measured sweep's.
+
 Before the first run, the sweep says on stderr, once each, what it leaves out:
 cases that cannot exist (single at 2 workers, hogwild at 2 shards, or settings that
 contradict a case, as sync with --backup 1 at 1 worker), and settings given that a
 mode does not use (--backup in an async run, --link in a hogwild run), which that
 mode's runs drop.
 
-Columns of results.csv:
+Columns of results.csv and simulated.csv:
 
     mode, workers, shards     the case (shards 0: single, hogwild)
     link                      the run's link rate; '' = none
@@ -72,9 +86,13 @@ Columns of results.csv:
     host_bound                True when the padding of --compute-scale or --slow-worker
                               could not be kept (the figures measure this host)
     elapsed_s, metrics        the run's wall time; its metrics file, relative to OUT
+    simulated                 True in simulated.csv, False in results.csv (a results.csv
+                              without the column is measured)
 
 A figure the run's `end` record does not hold (a mode without it, a run without
---link or without padding) is empty.
+--link or without padding) is empty. simulated.csv has the same columns; the simulator
+predicts no accuracy, host_bound or wall time, so time_to_target_s, final_accuracy,
+best_accuracy, host_bound, elapsed_s and metrics are empty there.
 """
 
 from __future__ import annotations
@@ -90,7 +108,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, NamedTuple
 
 from downpour import plots
 from downpour.common import config
-from downpour.common.config import FIELDS, Config
+from downpour.common.config import CLUSTER, FIELDS, Config
 from downpour.common.errors import ConfigError, DownpourError
 from downpour.common.fileio import atomic_write, prepare_output
 from downpour.common.metrics import Progress, read_metrics
@@ -105,16 +123,17 @@ COLUMNS = ("mode", "workers", "shards", "link", "compute_scale", "model", "push_
            "staleness_p99", "staleness_max", "bytes", "bytes_per_sample",
            "bytes_pushed_per_sample", "bytes_pulled_per_sample", "push_compression",
            "pull_compression", "link_utilization", "busiest_link", "host_bound", "elapsed_s",
-           "metrics")
+           "metrics", "simulated")
 END_FIELDS = ("staleness_p50", "staleness_p99", "staleness_max", "bytes", "bytes_per_sample",
               "bytes_pushed_per_sample", "bytes_pulled_per_sample", "push_compression",
               "pull_compression", "link_utilization", "busiest_link",
-              "host_bound")                      # copied from the end record
+              "host_bound")                      # copied from the end record, or the simulator's
 AXES = ("layers", "link", "compute_scale", "push_codec", "pull_codec")   # swept beyond mode, W, S
 SWEPT = ("mode", "workers", "shards", "seed", "metrics", "save", "progress", "config")
 ONE_CASE = {"single": "single runs one process", "hogwild": "hogwild has no servers"}
 NO_LINK = "none"                             # --link's word for a run without links
 SHAPE_SAMPLES = 50                           # synthetic samples made to learn the data's shape
+MEASURED_CSV, SIMULATED_CSV = "results.csv", "simulated.csv"     # in OUT
 
 
 class Axes(NamedTuple):
@@ -427,6 +446,21 @@ def model_name(cfg: Config) -> str:
     return " ".join(words)
 
 
+def _case_columns(run: dict, cfg: Config, end: Mapping[str, Any]) -> dict[str, Any]:
+    """The columns of a row up to updates_per_s: the case (`run` its record, `cfg` its own
+    settings) and the throughput of `end` (an end record, or the simulator's figures)."""
+    return {"mode": run["mode"], "workers": run["workers"], "shards": run["shards"],
+            "link": cfg.link, "compute_scale": cfg.compute_scale, "model": model_name(cfg),
+            "push_codec": cfg.push_codec, "pull_codec": cfg.pull_codec,
+            "batch_size": cfg.batch_size, "repeat": run["repeat"], "seed": cfg.seed,
+            "samples_per_s": end["samples_per_s"], "updates_per_s": end["updates_per_s"]}
+
+
+def _end_columns(end: Mapping[str, Any]) -> dict[str, Any]:
+    """The END_FIELDS of `end`, '' for each it does not hold (or holds as None)."""
+    return {k: end.get(k) if end.get(k) is not None else "" for k in END_FIELDS}
+
+
 def row(run: dict, cfg: Config, path: Path, target: float) -> dict[str, Any]:
     """The results.csv row of a finished run: `run` its record, `cfg` its own settings
     (`case_config`), `path` its metrics file (in OUT/runs). A figure its `end` record does
@@ -435,16 +469,21 @@ def row(run: dict, cfg: Config, path: Path, target: float) -> dict[str, Any]:
     if end is None:
         raise DownpourError(f"{path} has no end line: the run did not finish")
     reached = [e["elapsed_s"] for e in evals if e["test_accuracy"] >= target]
-    return {"mode": run["mode"], "workers": run["workers"], "shards": run["shards"],
-            "link": cfg.link, "compute_scale": cfg.compute_scale, "model": model_name(cfg),
-            "push_codec": cfg.push_codec, "pull_codec": cfg.pull_codec,
-            "batch_size": cfg.batch_size, "repeat": run["repeat"], "seed": cfg.seed,
-            "samples_per_s": end["samples_per_s"], "updates_per_s": end["updates_per_s"],
+    return {**_case_columns(run, cfg, end),
             "time_to_target_s": reached[0] if reached else "",
             "final_accuracy": end["test_accuracy"],
             "best_accuracy": max([e["test_accuracy"] for e in evals], default=end["test_accuracy"]),
-            **{k: end.get(k) if end.get(k) is not None else "" for k in END_FIELDS},
-            "elapsed_s": end["elapsed_s"], "metrics": str(path.relative_to(path.parents[1]))}
+            **_end_columns(end),
+            "elapsed_s": end["elapsed_s"], "metrics": str(path.relative_to(path.parents[1])),
+            "simulated": False}
+
+
+def simulated_row(run: dict, cfg: Config, figures: Mapping[str, Any]) -> dict[str, Any]:
+    """The simulated.csv row of a case: `run` its record, `cfg` its own settings, `figures`
+    what `downpour.sim.command.simulate` predicted for it. The columns the simulator does
+    not predict (accuracy, time to target, host_bound, wall time, metrics file) are ''."""
+    return {**dict.fromkeys(COLUMNS, ""), **_case_columns(run, cfg, figures),
+            **_end_columns(figures), "simulated": True}
 
 
 def run_sweep(cfg: Config, modes: list[str], workers: list[int], shards: list[int], repeats: int,
@@ -483,15 +522,71 @@ def run_sweep(cfg: Config, modes: list[str], workers: list[int], shards: list[in
                       f"{r['time_to_target_s'] or 'never'}")
     progress.update(len(runs))
     progress.close()
+    _write_and_plot(rows, out / MEASURED_CSV, target, progress)
+    return rows
+
+
+def simulate_sweep(cfg: Config, modes: list[str], workers: list[int], shards: list[int],
+                   repeats: int, out: Path, profile: Path, target: float,
+                   given: Iterable[str] = (), axes: Axes | None = None) -> list[dict]:
+    """Predict every case of the sweep's cluster modes with the simulator, with the costs
+    of the profile at `profile` (calibrated first if there is none); write simulated.csv
+    and the plots; return the rows.
+
+    single and hogwild are left out with a note. ConfigError, before any case, as
+    `run_sweep`'s, and if the sweep has no cluster mode.
+    """
+    from downpour.sim.command import costs_for, simulate
+    axes = axes or Axes.of(cfg)
+    cluster = [m for m in modes if m in CLUSTER]
+    left_out = [m for m in dict.fromkeys(modes) if m not in CLUSTER]
+    if not cluster:
+        raise ConfigError(f"--simulate models the cluster modes, but --modes is "
+                          f"{','.join(left_out)}: add one of {', '.join(CLUSTER)}")
+    cases, notes = sweep_plan(cfg, cluster, workers, shards, repeats, given, axes)
+    out = prepare_output(out, "--out", directory=True)
+    if left_out:
+        notes.insert(0, f"the simulator models the cluster modes ({', '.join(CLUSTER)}); "
+                        f"leaving out {', '.join(left_out)}")
+    for note in notes:
+        print(f"experiment: {note}", file=sys.stderr)
+    progress = Progress(len(cases), cfg.progress)
+    progress.line(f"experiment: {len(cases)} simulated runs into {out}")
+    rows = []
+    for i, (run, run_cfg) in enumerate(cases):
+        name = run_name(run, axes)
+        progress.update(i, f"simulating {i + 1}/{len(cases)}: {name}")
+        costs, _ = costs_for(run_cfg, profile, say=progress.line)
+        rows.append(simulated_row(run, run_cfg, simulate(run_cfg, costs)))
+        progress.line(f"{name:<22} {rows[-1]['samples_per_s']:>9,.0f} samples/s (simulated)")
+    progress.update(len(cases))
+    progress.close()
+    _write_and_plot(rows, out / SIMULATED_CSV, target, progress)
+    return rows
+
+
+def read_rows(out: Path) -> list[dict[str, str]]:
+    """The rows of OUT/results.csv, then of OUT/simulated.csv, of those that exist, as CSV
+    text (downpour.plots reads a results.csv from before the simulated column as measured)."""
+    rows = []
+    for name in (MEASURED_CSV, SIMULATED_CSV):
+        if (out / name).is_file():
+            with open(out / name, newline="") as f:
+                rows += list(csv.DictReader(f))
+    return rows
+
+
+def _write_and_plot(rows: list[dict], path: Path, target: float, progress: Progress) -> None:
+    """Write `rows` to the CSV `path` (atomically), then the plots of every row in its
+    folder, measured and simulated (`read_rows`)."""
     text = io.StringIO()
     writer = csv.DictWriter(text, COLUMNS)
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write(out / "results.csv", lambda f: f.write(text.getvalue().encode()))
+    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
     if not plots.available():
-        progress.line("results.csv written; for the plots install matplotlib "
+        progress.line(f"{path.name} written; for the plots install matplotlib "
                       "(pip install -e '.[plot]')")
-    else:
-        for path in plots.sweep(rows, out, target):
-            progress.line(f"wrote {path}")
-    return rows
+        return
+    for plotted in plots.sweep(read_rows(path.parent), path.parent, target):
+        progress.line(f"wrote {plotted}")

@@ -187,8 +187,13 @@ def _own_namespace(pid: int) -> None:
                        f"after {HOLDER_WAIT_S:g} s")
 
 
+def burst_bytes(rate_bits: float) -> int:
+    """The bucket of a tbf at `rate_bits` bits/s: what an idle link passes at once."""
+    return max(TBF_BURST_MIN_BYTES, int(rate_bits / 8 * TBF_BURST_S))
+
+
 def _shape(device: str, rate_bits: int, prefix: list[str] | None = None) -> None:
     """tbf at `rate_bits` bits/s on `device`'s egress."""
-    burst = max(TBF_BURST_MIN_BYTES, int(rate_bits / 8 * TBF_BURST_S))
+    burst = burst_bytes(rate_bits)
     _run(*(prefix or []), "tc", "qdisc", "add", "dev", device, "root", "tbf", "rate",
          f"{rate_bits}bit", "burst", str(burst), "latency", TBF_LATENCY)

@@ -1,10 +1,11 @@
 """PNG plots of runs and sweeps, with matplotlib (the optional `plot` extra).
 
     sweep(rows, out)  throughput.png      samples/s against workers
-                      accuracy_bytes.png  final accuracy against bytes per sample (cluster runs)
-                      throughput_link.png samples/s against the link rate (several links)
                       speedup.png         samples/s over the same line's at W = 1, against
                                           workers, with the ideal (speedup = W) dashed
+                      throughput_link.png samples/s against the link rate (several links)
+                    and of the measured rows only (they need the runs' metrics files):
+                      accuracy_bytes.png  final accuracy against bytes per sample (cluster runs)
                       time_to_target.png  wall time to the target accuracy against workers;
                                           a point never reaching it is an open marker at the top
                       accuracy_time.png   test accuracy against wall time, per run
@@ -12,12 +13,18 @@
                       staleness.png       distribution of staleness per async-family run
     curves(paths, out) accuracy against wall time and against samples for any metrics files
 
-In a plot against workers a line is one `LineKey`: mode, link, compute scale, shards and
-model held fixed, repeats averaged; its legend names what varies in the sweep
-(`line_labels`), single process is a dashed level, and a point at which a run was
-host-bound (it could not keep its --compute-scale or --slow-worker padding, so it
-measured this host) wears a red ring. The figures drawn are pure functions of the rows,
-callable without matplotlib: `throughputs`, `speedups`, `times_to_target`, `host_bound`.
+In a plot against workers a line is one `LineKey`: mode, link, compute scale, shards,
+model and codecs held fixed, measured or simulated, repeats averaged; its legend names
+what varies in the sweep (`line_labels`), single process is a dashed level, and a point
+at which a run was host-bound (it could not keep its --compute-scale or --slow-worker
+padding, so it measured this host) wears a red ring. A simulated line (rows of
+`downpour experiment --simulate`, `simulated` true) is drawn in the colour of the
+measured line of the same settings, in open squares on a dotted line, and its legend
+says "(simulated)"; its speedup is over its own simulated W = 1. Worker counts spanning
+more than LOG_SPAN times are drawn on a log2 axis (throughput and speedup: log-log, so
+the points at a few workers are not flattened by those at hundreds). The figures drawn are pure functions
+of the rows, callable without matplotlib: `throughputs`, `speedups`, `times_to_target`,
+`host_bound`, `log_workers`.
 
 `read_run` is the checked reader of one metrics file that `curves` uses: a file that
 is not one (a CSV, a saved model, a README) is a DataError that says so.
@@ -50,6 +57,9 @@ MODEL_CHARS = 40              # how much of a model's layers the legend's key to
 RING_AREA = 160               # points^2: the ring around a host-bound point
 LEVEL_STYLES = ("--", ":", "-.")   # single-process levels, one per model
 ABOVE_TOP = 1.08              # a point never reaching the target is drawn this far above the highest
+LOG_SPAN = 16                 # worker counts spanning more than this factor: a log2 axis
+MEASURED_MARKS = {"marker": "o"}
+SIMULATED_MARKS = {"marker": "s", "markerfacecolor": "none", "linestyle": ":"}
 
 
 def available() -> bool:
@@ -132,25 +142,31 @@ def _save(fig, path: Path) -> Path:
 
 
 def sweep(rows: list[dict], out: Path, target: float | None = None) -> list[Path]:
-    """The six plots of a sweep (rows as in results.csv, with `metrics` relative to `out`),
-    and two more where they have something to show: accuracy_bytes.png (final accuracy
-    against bytes per sample, for the cluster modes' runs) and throughput_link.png
-    (samples/s against the link rate, when the sweep has several)."""
+    """The plots of a sweep, rows as in results.csv and simulated.csv (`metrics` relative
+    to `out`), in this order: throughput.png and speedup.png of every row; with measured
+    rows, time_to_target.png, accuracy_time.png, accuracy_samples.png and staleness.png of
+    those; accuracy_bytes.png (final accuracy against bytes per sample) of the measured
+    cluster runs, if any; throughput_link.png (samples/s against the link rate) of every
+    row, when the sweep has several links."""
     out = Path(out)
     labels = line_labels(line_key(r) for r in rows)
-    first = [(r, *read_metrics(out / r["metrics"])) for r in rows if int(r["repeat"]) == 0]
-    return [_throughput(rows, labels, out / "throughput.png"),
-            _speedup(rows, labels, out / "speedup.png"),
-            _time_to_target(rows, labels, out / "time_to_target.png", target),
-            _accuracy(first, labels, "elapsed_s", "wall time (s)", out / "accuracy_time.png",
-                      "Test accuracy against wall time", target),
-            _accuracy(first, labels, "samples", "samples processed", out / "accuracy_samples.png",
-                      "Test accuracy against samples processed", target),
-            _staleness(first, labels, out / "staleness.png"),
-            *([_accuracy_bytes(rows, labels, out / "accuracy_bytes.png")]
-              if any(r.get("bytes_per_sample") not in ("", None) for r in rows) else []),
-            *([_throughput_link(rows, labels, out / "throughput_link.png")]
-              if len(link_rates(rows)) and len({r.get("link") for r in rows}) > 1 else [])]
+    measured = [r for r in rows if not line_key(r).simulated]
+    first = [(r, *read_metrics(out / r["metrics"])) for r in measured if int(r["repeat"]) == 0]
+    paths = [_throughput(rows, labels, out / "throughput.png"),
+             _speedup(rows, labels, out / "speedup.png")]
+    if measured:
+        paths += [_time_to_target(measured, labels, out / "time_to_target.png", target),
+                  _accuracy(first, labels, "elapsed_s", "wall time (s)", out / "accuracy_time.png",
+                            "Test accuracy against wall time", target),
+                  _accuracy(first, labels, "samples", "samples processed",
+                            out / "accuracy_samples.png", "Test accuracy against samples processed",
+                            target),
+                  _staleness(first, labels, out / "staleness.png")]
+    if any(r.get("bytes_per_sample") not in ("", None) for r in measured):
+        paths.append(_accuracy_bytes(measured, labels, out / "accuracy_bytes.png"))
+    if len(link_rates(rows)) and len({r.get("link") for r in rows}) > 1:
+        paths.append(_throughput_link(rows, labels, out / "throughput_link.png"))
+    return paths
 
 
 # -- the figures against bytes and link rates, without matplotlib ------------------------------
@@ -193,7 +209,7 @@ def _throughput_link(rows: list[dict], labels: dict[LineKey, str], path: Path) -
     fig, ax = _pyplot().subplots(figsize=FIGSIZE)
     names = line_labels(key._replace(link="") for key in labels)     # the link is the x axis
     for (key, w), points in link_rates(rows).items():
-        ax.plot([rate / 1e6 for rate in points], list(points.values()), marker="o",
+        ax.plot([rate / 1e6 for rate in points], list(points.values()), **_marks(key),
                 label=f"{names[key]} W={w}")
     return _finish_log_x(fig, ax, path, "link rate (Mbit/s, log)", "samples / s",
                          "Throughput against the link rate")
@@ -211,7 +227,8 @@ def _finish_log_x(fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> 
 # -- the figures against workers, without matplotlib ---------------------------------------------
 
 class LineKey(NamedTuple):
-    """What a line of a plot against workers holds fixed: every swept setting but W."""
+    """What a line of a plot against workers holds fixed: every swept setting but W, and
+    whether its rows were measured or simulated."""
     mode: str
     link: str                 # '' = no link
     compute_scale: float
@@ -219,14 +236,20 @@ class LineKey(NamedTuple):
     model: str
     push_codec: str = "none"
     pull_codec: str = "none"
+    simulated: bool = False
+
+
+def _true(value: Any) -> bool:
+    """A flag of a row, as a bool: True, or its CSV text ("True"; any case)."""
+    return value is True or str(value).lower() == "true"
 
 
 def line_key(row: dict) -> LineKey:
-    """The line of a results.csv row (values as numbers or as CSV text); a column that an
-    older results.csv lacks takes its default."""
+    """The line of a results.csv or simulated.csv row (values as numbers or as CSV text);
+    a column that an older results.csv lacks takes its default (`simulated`: False)."""
     return LineKey(row["mode"], row.get("link") or "", float(row.get("compute_scale") or 1.0),
                    int(row["shards"]), row.get("model") or "", row.get("push_codec") or "none",
-                   row.get("pull_codec") or "none")
+                   row.get("pull_codec") or "none", _true(row.get("simulated")))
 
 
 def _by_point(rows: list[dict]) -> dict[LineKey, dict[int, list[dict]]]:
@@ -268,16 +291,24 @@ def times_to_target(rows: list[dict]) -> dict[LineKey, dict[int, float | None]]:
 
 
 def host_bound(rows: list[dict]) -> set[tuple[LineKey, int]]:
-    """The points (line, workers) at which a repeat was host-bound (`host_bound` true)."""
+    """The points (line, workers) at which a measured repeat was host-bound (`host_bound`
+    true); a simulated row never is (it ran on no host)."""
     return {(line_key(r), int(r["workers"])) for r in rows
-            if r.get("host_bound") is True or str(r.get("host_bound")).lower() == "true"}
+            if _true(r.get("host_bound")) and not _true(r.get("simulated"))}
+
+
+def log_workers(workers: Iterable[int]) -> bool:
+    """Whether a plot against `workers` draws them on a log2 axis: the largest more than
+    LOG_SPAN times the smallest."""
+    ws = [int(w) for w in workers]
+    return bool(ws) and max(ws) > LOG_SPAN * min(ws)
 
 
 def line_labels(keys: Iterable[LineKey]) -> dict[LineKey, str]:
     """The legend entry of each line: its mode ("single process" for single), then its
-    link, compute scale and shards where they differ between the lines of the modes that
-    use them, and its model (m0, m1, ... in the order met) where models differ:
-    "async 1gbit x4 S=2 m1"."""
+    link, compute scale, shards and codecs where they differ between the lines of the
+    modes that use them, its model (m0, m1, ... in the order met) where models differ,
+    and "(simulated)" for a simulated line: "async 1gbit x4 S=2 m1 (simulated)"."""
     keys = list(dict.fromkeys(keys))
     models = list(dict.fromkeys(k.model for k in keys))
     axes = (("link", CLUSTER, lambda k: k.link or "no link"),
@@ -291,6 +322,7 @@ def line_labels(keys: Iterable[LineKey]) -> dict[LineKey, str]:
         parts = ["single process" if k.mode == "single" else k.mode]
         parts += [show(k) for name, modes, show in axes if name in varies and k.mode in modes]
         parts += [f"m{models.index(k.model)}"] if len(models) > 1 else []
+        parts += ["(simulated)"] if k.simulated else []
         labels[k] = " ".join(parts)
     return labels
 
@@ -301,12 +333,21 @@ def _mode_rank(key: LineKey) -> int:
     return MODES_ORDER.index(key.mode) if key.mode in MODES_ORDER else len(MODES_ORDER)
 
 
+def _marks(key: LineKey) -> dict[str, Any]:
+    """How the points of line `key` are drawn: filled circles, or for a simulated line open
+    squares on a dotted line."""
+    return SIMULATED_MARKS if key.simulated else MEASURED_MARKS
+
+
 def _draw_lines(ax, lines: dict[LineKey, dict[int, float | None]], labels: dict[LineKey, str],
                 top: float | None = None) -> None:
     """A line per key against workers, single process as a dashed gray level; a point
     whose value is None is an open marker at `top`, not joined to the line. A line keeps
-    its colour from plot to plot (its place in `labels`)."""
-    colors = {key: f"C{i % 10}" for i, key in enumerate(k for k in labels if k.mode != "single")}
+    its colour from plot to plot (the place of its settings in `labels`), and a simulated
+    line takes the colour of the measured line of the same settings (`_marks` tells them
+    apart)."""
+    settings = dict.fromkeys(k._replace(simulated=False) for k in labels if k.mode != "single")
+    colors = {key: f"C{i % 10}" for i, key in enumerate(settings)}
     levels = 0
     for key in sorted(lines, key=_mode_rank):
         points = lines[key]
@@ -319,8 +360,8 @@ def _draw_lines(ax, lines: dict[LineKey, dict[int, float | None]], labels: dict[
                            color=color, label=labels[key])
                 levels += 1
         else:
-            color = colors[key]
-            ax.plot(ws, [points[w] for w in ws], marker="o", color=color, label=labels[key])
+            color = colors[key._replace(simulated=False)]
+            ax.plot(ws, [points[w] for w in ws], **_marks(key), color=color, label=labels[key])
         if never:                           # a single process that never got there has no level
             ax.plot(never, [top] * len(never), linestyle="none", marker="o", markerfacecolor="none",
                     markeredgecolor=color, label=labels[key] if key.mode == "single" and not ws else "")
@@ -336,17 +377,35 @@ def _ring_host_bound(ax, lines: dict[LineKey, dict[int, float | None]], bound: s
                    zorder=3, label="host-bound: the step padding was not kept")
 
 
-def _finish(ax, keys: Iterable[LineKey], rows: list[dict], title: str, ylabel: str) -> None:
-    """Labels, worker ticks, grid and the legend, with a key to m0, m1, ... if models differ."""
+def _finish(ax, keys: Iterable[LineKey], rows: list[dict], title: str, ylabel: str,
+            log_y: bool = False) -> None:
+    """Labels, worker ticks (the workers of `rows`, on a log2 axis if `log_workers`: with
+    `log_y`, the y axis too), grid and the legend, with a key to m0, m1, ... if models
+    differ."""
     models = list(dict.fromkeys(k.model for k in keys))
     if len(models) > 1:
         for i, model in enumerate(models):
             shown = model if len(model) <= MODEL_CHARS else model[:MODEL_CHARS] + "..."
             ax.plot([], [], linestyle="none", label=f"m{i}: {shown}")
-    ax.set(xlabel="workers", ylabel=ylabel, title=title)
-    ax.set_xticks(sorted({int(r["workers"]) for r in rows}))
+    ws = sorted({int(r["workers"]) for r in rows})
+    ax.set(xlabel="workers" + (" (log2)" if log_workers(ws) else ""), ylabel=ylabel, title=title)
+    if log_workers(ws):
+        _log2(ax, "x")
+        if log_y:
+            _log2(ax, "y")
+    ax.set_xticks(ws)
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
+
+
+def _log2(ax, which: str) -> None:
+    """The `which` ("x" or "y") axis of `ax` on a log2 scale, its ticks plain numbers (16,
+    not 2^4), without minor ticks."""
+    from matplotlib.ticker import FuncFormatter, NullLocator
+    axis, set_scale = (ax.xaxis, ax.set_xscale) if which == "x" else (ax.yaxis, ax.set_yscale)
+    set_scale("log", base=2)
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.set_minor_locator(NullLocator())
 
 
 def _throughput(rows: list[dict], labels: dict[LineKey, str], path: Path) -> Path:
@@ -355,7 +414,7 @@ def _throughput(rows: list[dict], labels: dict[LineKey, str], path: Path) -> Pat
     means = throughputs(rows)
     _draw_lines(ax, means, labels)
     _ring_host_bound(ax, means, host_bound(rows))
-    _finish(ax, labels, rows, "Throughput against workers", "samples / s")
+    _finish(ax, labels, rows, "Throughput against workers", "samples / s", log_y=True)
     return _save(fig, path)
 
 
@@ -370,7 +429,7 @@ def _speedup(rows: list[dict], labels: dict[LineKey, str], path: Path) -> Path:
     if missing := [labels[k] for k in labels if k.mode != "single" and k not in ups]:
         ax.plot([], [], linestyle="none", label=f"not drawn, no run at W=1: {', '.join(missing)}")
     _finish(ax, labels, rows, "Speedup against workers (over the same line at W=1)",
-            "speedup (samples/s over W=1's)")
+            "speedup (samples/s over W=1's)", log_y=True)     # log-log: the ideal a diagonal
     return _save(fig, path)
 
 

@@ -20,14 +20,20 @@ from downpour.experiment import (
     parse_links,
     parse_models,
     plan,
+    read_rows,
     row,
     run_name,
+    simulated_row,
     sweep_plan,
 )
 
 PNG = b"\x89PNG\r\n\x1a\n"
 TINY = ("--synthetic", 600, "--hidden", 8, "--epochs", 1, "--batch-size", 50, "--target", 0.5)
 CONV = "conv:4:3,relu,maxpool:2,flatten,dense:8,relu"
+SIM = ("--simulate", "--synthetic", 6400, "--hidden", 8, "--epochs", 1, "--batch-size", 50,
+       "--progress", "none")
+UNPREDICTED = ("time_to_target_s", "final_accuracy", "best_accuracy", "host_bound", "elapsed_s",
+               "metrics")                                  # empty in simulated.csv
 needs_matplotlib = pytest.mark.skipif(not plots.available(),
                                       reason="plots need matplotlib: pip install -e '.[plot]'")
 
@@ -273,6 +279,7 @@ def test_a_row_carries_the_run_settings_and_the_end_record(tmp_path):
     assert (r["bytes_per_sample"], r["link_utilization"], r["busiest_link"], r["host_bound"]) == (
         12.5, 0.42, "server-0 download", True)
     assert (r["staleness_p50"], r["staleness_p99"], r["metrics"]) == (1.0, "", "runs/a.jsonl")
+    assert r["simulated"] is False
     # an end record without the new fields (single mode, or a run before they existed)
     single = {"mode": "single", "workers": 1, "shards": 0, "repeat": 0}
     path = write_metrics(tmp_path / "runs" / "b.jsonl")
@@ -327,3 +334,104 @@ def test_a_codec_sweep_writes_its_codecs_and_compression(downpour, tmp_path):
                                                                   ("topk:0.05", "fp16")]
     assert float(rows[0]["push_compression"]) == 1.0 and float(rows[1]["push_compression"]) > 9.9
     assert all(float(x["pull_compression"]) > 1.9 for x in rows)
+
+
+# -- --simulate: the sweep through the simulator ----------------------------------------------------
+
+@pytest.fixture(scope="session")
+def sim_profile(tmp_path_factory):
+    """The simulator's costs for this session's tests: calibrated by the first sweep that
+    uses them (~5 s), then read."""
+    return tmp_path_factory.mktemp("simulator") / "profile.json"
+
+
+def test_a_simulated_row_holds_the_predictions_and_leaves_the_rest_empty():
+    run = {"mode": "sync", "workers": 64, "shards": 2, "link": "1gbit", "compute_scale": 4.0,
+           "repeat": 1}
+    cfg = case_config(Config(seed=7, batch_size=32), run)
+    figures = {"simulated": True, "samples_per_s": 5000.0, "updates_per_s": 156.25,
+               "staleness_p50": 0.0, "staleness_p99": 0.0, "staleness_max": 0.0, "bytes": 10**9,
+               "bytes_per_sample": 2000.0, "bytes_pushed_per_sample": 1000.0,
+               "bytes_pulled_per_sample": 1000.0, "push_compression": 1.0, "pull_compression": 1.0,
+               "link_utilization": 0.9, "busiest_link": "server-0 download", "train_time_s": 12.0}
+    r = simulated_row(run, cfg, figures)
+    assert list(r) == list(COLUMNS) and r["simulated"] is True
+    assert {k: r[k] for k in ("mode", "workers", "shards", "link", "compute_scale", "batch_size",
+                              "repeat", "seed")} == {
+        "mode": "sync", "workers": 64, "shards": 2, "link": "1gbit", "compute_scale": 4.0,
+        "batch_size": 32, "repeat": 1, "seed": 8}
+    assert (r["samples_per_s"], r["updates_per_s"], r["bytes_per_sample"], r["busiest_link"]) == (
+        5000.0, 156.25, 2000.0, "server-0 download")
+    assert [r[k] for k in UNPREDICTED] == [""] * len(UNPREDICTED)
+    unlinked = simulated_row(run, cfg, {**figures, "link_utilization": None, "busiest_link": None})
+    assert (unlinked["link_utilization"], unlinked["busiest_link"]) == ("", "")
+
+
+def test_the_plots_read_both_csvs_and_an_older_results_csv_as_measured(tmp_path):
+    assert read_rows(tmp_path) == []
+    (tmp_path / "results.csv").write_text("mode,workers,shards,repeat,samples_per_s\n"
+                                          "async,1,1,0,100.0\n")          # before `simulated`
+    run = {"mode": "async", "workers": 2, "shards": 1, "repeat": 0}
+    with open(tmp_path / "simulated.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, COLUMNS)
+        writer.writeheader()
+        writer.writerow(simulated_row(run, case_config(Config(), run),
+                                      {"samples_per_s": 180.0, "updates_per_s": 3.6}))
+    rows = read_rows(tmp_path)
+    assert [(x["workers"], x["samples_per_s"]) for x in rows] == [("1", "100.0"), ("2", "180.0")]
+    assert [plots.line_key(x).simulated for x in rows] == [False, True]
+
+
+def test_a_simulated_sweep_writes_simulated_csv_and_leaves_out_single(downpour, tmp_path,
+                                                                       sim_profile):
+    r = downpour("experiment", *SIM, "--profile", sim_profile, "--modes", "single,async",
+                 "--workers", "1,2,4,64", "--link", "1gbit", "--compute-scale", 4, "--out", "exp",
+                 timeout=180)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.splitlines().count("experiment: the simulator models the cluster modes (async, "
+                                       "sync, ssp); leaving out single") == 1
+    rows = list(csv.DictReader(open(tmp_path / "exp" / "simulated.csv")))
+    assert list(rows[0]) == list(COLUMNS)
+    assert [(x["mode"], x["workers"], x["link"], x["compute_scale"], x["simulated"]) for x in rows] == [
+        ("async", w, "1gbit", "4.0", "True") for w in ("1", "2", "4", "64")]
+    assert {x[k] for x in rows for k in UNPREDICTED} == {""}
+    rates = [float(x["samples_per_s"]) for x in rows]
+    assert 0 < 1.5 * rates[0] < rates[1]         # compute-bound: a second worker nearly doubles it
+    assert float(rows[0]["bytes_per_sample"]) > 0 and 0 < float(rows[0]["link_utilization"]) <= 1
+    plotted = ["speedup.png", "throughput.png"] if plots.available() else []
+    assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == ["simulated.csv", *plotted]
+    assert sim_profile.is_file()
+
+
+@needs_matplotlib
+def test_a_simulated_sweep_beside_a_measured_one_plots_both(downpour, tmp_path, sim_profile):
+    run = {"mode": "async", "workers": 1, "shards": 1, "repeat": 0}
+    path = write_metrics(tmp_path / "exp" / "runs" / "async-w1-s1-r0.jsonl")
+    measured = row(run, case_config(Config(synthetic=6400, hidden=(8,), batch_size=50), run), path,
+                   target=0.65)
+    with open(tmp_path / "exp" / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, [c for c in COLUMNS if c != "simulated"], extrasaction="ignore")
+        writer.writeheader()                                   # a results.csv from before --simulate
+        writer.writerow(measured)
+    before = (tmp_path / "exp" / "results.csv").read_text()
+    r = downpour("experiment", *SIM, "--profile", sim_profile, "--modes", "async",
+                 "--workers", "1,2,32", "--out", "exp", timeout=180)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "exp" / "results.csv").read_text() == before
+    assert [x["workers"] for x in csv.DictReader(open(tmp_path / "exp" / "simulated.csv"))] == [
+        "1", "2", "32"]
+    # the plots of the measured runs' metrics files are drawn too: results.csv was read
+    for name in ("throughput", "speedup", "time_to_target", "accuracy_time"):
+        assert (tmp_path / "exp" / f"{name}.png").read_bytes().startswith(PNG)
+
+
+def test_simulate_needs_a_cluster_mode_and_profile_needs_simulate(downpour, tmp_path):
+    r = downpour("experiment", "--simulate", "--modes", "single,hogwild", "--out", "exp",
+                 "--synthetic", 600, timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith(
+        "downpour: error: --simulate models the cluster modes, but --modes is single,hogwild: add "
+        "one of async, sync, ssp"), r.stderr
+    r = downpour("experiment", "--profile", "p.json", "--out", "exp", "--synthetic", 600, timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith(
+        "downpour: error: --profile holds the simulator's costs: add --simulate"), r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -145,12 +145,12 @@ def test_the_legend_names_the_mode_once(path, mode, label):
 # -- the figures against workers ------------------------------------------------------------------
 
 def point(mode="async", workers=1, samples_per_s=100.0, time_to_target_s="", repeat=0, shards=1,
-          link="", compute_scale=1.0, model="--hidden 8", host_bound=""):
-    """A results.csv row with what the plots against workers read."""
+          link="", compute_scale=1.0, model="--hidden 8", host_bound="", simulated=False):
+    """A results.csv (or simulated.csv) row with what the plots against workers read."""
     return {"mode": mode, "workers": workers, "shards": shards, "link": link,
             "compute_scale": compute_scale, "model": model, "repeat": repeat,
             "samples_per_s": samples_per_s, "time_to_target_s": time_to_target_s,
-            "host_bound": host_bound}
+            "host_bound": host_bound, "simulated": simulated}
 
 
 def test_speedup_is_over_the_same_line_at_one_worker_with_repeats_averaged():
@@ -174,8 +174,8 @@ def test_speedup_is_over_the_same_line_at_one_worker_with_repeats_averaged():
 def test_speedups_read_the_text_of_a_results_csv():
     rows = [{"mode": "hogwild", "workers": "1", "shards": "0", "repeat": "0", "samples_per_s": "80.5"},
             {"mode": "hogwild", "workers": "2", "shards": "0", "repeat": "0", "samples_per_s": "161"}]
-    key = plots.line_key(rows[0])                                 # an older CSV: no link, scale, model
-    assert key == plots.LineKey("hogwild", "", 1.0, 0, "")
+    key = plots.line_key(rows[0])             # an older CSV: no link, scale, model, simulated
+    assert key == plots.LineKey("hogwild", "", 1.0, 0, "", simulated=False)
     assert plots.speedups(rows) == {key: pytest.approx({1: 1.0, 2: 2.0})}
 
 
@@ -190,7 +190,8 @@ def test_time_to_target_is_the_mean_only_where_every_repeat_reached_it():
 def test_a_point_is_host_bound_when_any_of_its_repeats_was():
     rows = [point(workers=1, host_bound=False), point(workers=2, host_bound=True),
             point(workers=2, host_bound=False, repeat=1), point(workers=4, host_bound="True"),
-            point(workers=8, host_bound=""), point(workers=4, link="1gbit", host_bound="false")]
+            point(workers=8, host_bound=""), point(workers=4, link="1gbit", host_bound="false"),
+            point(workers=16, host_bound="True", simulated="True")]     # no host: never a ring
     key = plots.line_key(rows[0])
     assert plots.host_bound(rows) == {(key, 2), (key, 4)}
 
@@ -257,3 +258,91 @@ def test_accuracy_against_bytes_and_throughput_against_link_rate():
     rates = plots.link_rates(rows)
     none, topk = plots.line_key(rows[0])._replace(link=""), plots.line_key(rows[1])._replace(link="")
     assert rates == {(none, 2): {100_000_000: 100.0, 10**9: 700.0}, (topk, 2): {100_000_000: 300.0}}
+
+
+# -- measured and simulated rows together ----------------------------------------------------------
+
+def test_simulated_rows_are_their_own_line_with_speedup_over_their_own_one_worker():
+    rows = [point(workers=1, samples_per_s=100.0), point(workers=2, samples_per_s=150.0),
+            point(workers=1, samples_per_s=120.0, simulated="True"),       # as simulated.csv holds it
+            point(workers=2, samples_per_s=216.0, simulated=True),
+            point(workers=64, samples_per_s=1200.0, simulated=True)]
+    measured = plots.LineKey("async", "", 1.0, 1, "--hidden 8")
+    simulated = measured._replace(simulated=True)
+    assert [plots.line_key(r) for r in rows] == [measured] * 2 + [simulated] * 3
+    assert plots.throughputs(rows) == {measured: {1: 100.0, 2: 150.0},
+                                       simulated: {1: 120.0, 2: 216.0, 64: 1200.0}}
+    assert plots.speedups(rows) == {measured: pytest.approx({1: 1.0, 2: 1.5}),
+                                    simulated: pytest.approx({1: 1.0, 2: 1.8, 64: 10.0})}
+    # a simulated line without W=1 has no speedup, though its measured twin has one
+    assert set(plots.speedups(rows[:2] + rows[3:])) == {measured}
+
+
+def test_a_simulated_line_says_so_in_its_legend():
+    K = plots.LineKey
+    keys = [K("single", "", 1.0, 0, "a"), K("async", "", 1.0, 1, "a"),
+            K("async", "", 1.0, 1, "a", simulated=True), K("async", "1gbit", 1.0, 1, "a", simulated=True)]
+    assert list(plots.line_labels(keys).values()) == [
+        "single process", "async no link", "async no link (simulated)", "async 1gbit (simulated)"]
+
+
+def test_worker_counts_spanning_more_than_sixteen_times_go_on_a_log2_axis():
+    assert not plots.log_workers([1, 2, 4, 16]) and not plots.log_workers([4, 64])
+    assert plots.log_workers([1, 2, 64]) and plots.log_workers(["2", "1024"])
+    assert not plots.log_workers([])
+
+
+def kept_axes(monkeypatch) -> dict:
+    """{file name: the axes of the figure} of every plot `plots.sweep` saves from now on."""
+    drawn, save = {}, plots._save
+
+    def keep(fig, path):
+        drawn[path.name] = fig.axes[0]
+        return save(fig, path)
+    monkeypatch.setattr(plots, "_save", keep)
+    return drawn
+
+
+@needs_matplotlib
+def test_a_sweep_draws_simulated_points_beside_the_measured_ones(tmp_path, monkeypatch):
+    (tmp_path / "runs").mkdir()
+    rows = []
+    for i, (mode, workers, rate) in enumerate([("single", 1, 500.0), ("async", 1, 300.0),
+                                               ("async", 2, 550.0)]):
+        write_run(tmp_path / "runs" / f"{i}.jsonl", mode=mode)
+        rows.append({**point(mode, workers, rate, 2.0, shards=0 if mode == "single" else 1),
+                     "metrics": f"runs/{i}.jsonl"})
+    ws = [1, 2, 4, 16, 64, 256]
+    rows += [{**point("async", str(w), str(280.0 * w ** 0.8), "", simulated="True"), "metrics": ""}
+             for w in ws]                                          # as simulated.csv holds them
+    drawn = kept_axes(monkeypatch)
+    paths = plots.sweep(rows, tmp_path, target=0.8)
+    assert [p.name for p in paths] == ["throughput.png", "speedup.png", "time_to_target.png",
+                                       "accuracy_time.png", "accuracy_samples.png", "staleness.png"]
+    assert all(p.read_bytes().startswith(PNG) for p in paths)
+    for name in ("throughput.png", "speedup.png"):
+        ax = drawn[name]
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        measured, simulated = lines["async"], lines["async (simulated)"]
+        assert measured.get_color() == simulated.get_color()
+        assert (measured.get_marker(), measured.get_linestyle()) == ("o", "-")
+        assert (simulated.get_marker(), simulated.get_linestyle(), simulated.get_markerfacecolor()) == (
+            "s", ":", "none")
+        assert list(simulated.get_xdata()) == ws
+        assert ax.get_xscale() == ax.get_yscale() == "log" and list(ax.get_xticks()) == ws
+    speedup = {line.get_label(): line for line in drawn["speedup.png"].get_lines()}
+    assert list(speedup["async (simulated)"].get_ydata()) == pytest.approx([w ** 0.8 for w in ws])
+    # the plots of the runs' metrics files hold the measured runs only, on their own ticks
+    labels = [line.get_label() for line in drawn["time_to_target.png"].get_lines()]
+    assert "async (simulated)" not in labels and "async" in labels
+    assert drawn["time_to_target.png"].get_xscale() == "linear"
+    assert [t.get_text() for t in drawn["accuracy_time.png"].get_legend().get_texts()] == [
+        "single process", "async W=1", "async W=2", "target 80%"]
+
+
+@needs_matplotlib
+def test_a_simulated_sweep_alone_draws_throughput_and_speedup(tmp_path):
+    rows = [{**point("sync", w, 100.0 * w, simulated=True), "metrics": ""} for w in (1, 2, 4)]
+    paths = plots.sweep(rows, tmp_path, target=0.8)
+    assert [p.name for p in paths] == ["throughput.png", "speedup.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["speedup.png", "throughput.png"]
