@@ -252,3 +252,28 @@ def test_validation_runs_a_real_case_and_keeps_its_end_records(tmp_path):
     assert end["samples_per_s"] > 0 and json.loads(runs.read_text()) == ends
     again = measure(grid, 1, lambda _: pytest.fail("ran again"), runs)
     assert again == ends
+
+
+# -- the link probe ------------------------------------------------------------------------
+
+
+def test_the_models_probe_time_is_the_bytes_over_the_rate():
+    """One sender: each round trip crosses the link twice, one way at a time; eight: the
+    server's link carries both ways at once. A burst through an idle bucket is faster."""
+    from downpour.sim import linkprobe
+    rate = 1e8 / 8 * WIRE_EFFICIENCY
+    nbytes, rounds = 1_000_000, linkprobe.ROUNDS
+    one = linkprobe.model_seconds("100mbit", nbytes, 1)
+    assert 0.8 * 2 * rounds * nbytes / rate < one <= 2 * rounds * nbytes / rate
+    eight = linkprobe.model_seconds("100mbit", nbytes, 8)
+    assert eight == pytest.approx(8 * rounds * nbytes / rate, rel=0.1)
+
+
+@pytest.mark.slow
+def test_the_link_probe_measures_a_share_of_the_rate():
+    from downpour import netem
+    from downpour.sim import linkprobe
+    if netem.problem():
+        pytest.skip(netem.problem())
+    e = linkprobe.efficiency("100mbit", 200_000, 2)
+    assert 0.3 < e <= 1.0

@@ -18,9 +18,10 @@ staleness come out of the order in which the events fall.
                  workers) skipping to the next, as replica.py does.
     links        every node has a full-duplex link (--link, --server-link; without
                  --link the profile's ipc rate): an upload and a download, each shared
-                 by the flows crossing it; a flow runs at its fair share of the tighter
-                 end. Messages on one connection (a worker and a server) go in order.
-                 TCP/IP headers take 66 of every 1514 bytes on the wire (MTU 1500).
+                 by the flows crossing it (Shared). Messages on one connection (a worker
+                 and a server) go in order. TCP/IP headers take 66 of every 1514 bytes
+                 on the wire (MTU 1500); where the emulated link's tbf drops packets,
+                 the link probe's measured share of the rate (sim/linkprobe.py).
     server       one thread: messages in arrival order, one at a time; a push costs
                  the profile's message time, its decode, the finiteness check and the
                  optimizer's apply per element; sync holds the pushes of a version
@@ -37,6 +38,7 @@ it, and the worker spends S times each per-message cost. This is exact up to the
 +-1 element by which shards differ and the order in which a worker encodes its S
 messages (the model sends them together). Not modelled: CPU contention between
 processes on one host (the validation counts only runs whose host_bound is false),
+TCP's losses and retransmissions themselves (only their share of the rate, measured),
 heartbeats and chunk requests (tens of bytes), evaluations, and latency beyond the
 per-message costs (this kernel has no netem).
 """

@@ -21,6 +21,10 @@ A profile (JSON, `--profile FILE`, default ~/.cache/downpour/profile.json) holds
     servers                      per optimizer, codecs and piece size: PieceState's answer
                                  to a push_pull, push and pull (s), measured in this process
     tcp_sndbuf_bytes      B      net.ipv4.tcp_wmem's default: what ZeroMQ hands the kernel
+    links                        per --link, message size and workers (up to 16): the share
+                                 of its rate an emulated link carried where its tbf dropped
+                                 packets (linkprobe.py, measured when first used; 1 without
+                                 drops)
     crypto_s_per_byte     s/B    CurveZMQ's extra time per byte per end (encrypt or
                                  decrypt): the same echo with keys, less without
     models                       per model and batch size: compute_s (CPU s per batch,
@@ -37,7 +41,6 @@ the file). A model the profile lacks is measured on the spot (seconds) and kept.
 from __future__ import annotations
 
 import json
-import math
 import multiprocessing
 import os
 import statistics
@@ -53,7 +56,7 @@ import zmq
 from downpour import netem
 from downpour.common.config import Config, parse_rate
 from downpour.common.data import synthetic_dataset
-from downpour.common.errors import ConfigError
+from downpour.common.errors import ClusterError, ConfigError
 from downpour.common.fileio import atomic_write
 from downpour.common.nn.model import Model, ModelSpec, model_layout
 from downpour.common.nn.optim import OPTIMIZERS, make_optimizer
@@ -76,15 +79,17 @@ START_S = 10.0                # for a server process to answer
 SHAPE_SAMPLES = 256           # synthetic samples the compute timing draws batches from
 
 
-def _best(fn, repeats: int = 5) -> float:
-    """The least of `repeats` timings of fn() (s): the cost without the machine's noise."""
+def _typical(fn, repeats: int = 9) -> float:
+    """The median of `repeats` timings of fn() (s), after one untimed call. The median,
+    not the least: a run pays a cost as this machine typically has it, and the least of
+    a few timings made every prediction of the validation optimistic."""
     fn()
-    out = math.inf
+    times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
-        out = min(out, time.perf_counter() - t0)
-    return out
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 # ---------------------------------------------------------------------------- measuring
@@ -99,10 +104,10 @@ def memory_costs() -> dict[str, Any]:
     apply = {}
     for name in OPTIMIZERS:
         opt, p = make_optimizer(name), a.copy()
-        apply[name] = _best(lambda: opt.step(p, b, 1e-3)) / MEMORY_N
-    return {"copy_s_per_byte": _best(lambda: np.copyto(c, a)) / (4 * MEMORY_N),
-            "check_s_per_elem": _best(lambda: np.dot(b, b)) / MEMORY_N,
-            "add_s_per_elem": _best(lambda: np.add(c, b, out=c)) / MEMORY_N,
+        apply[name] = _typical(lambda: opt.step(p, b, 1e-3)) / MEMORY_N
+    return {"copy_s_per_byte": _typical(lambda: np.copyto(c, a)) / (4 * MEMORY_N),
+            "check_s_per_elem": _typical(lambda: np.dot(b, b)) / MEMORY_N,
+            "add_s_per_elem": _typical(lambda: np.add(c, b, out=c)) / MEMORY_N,
             "apply_s_per_elem": apply}
 
 
@@ -116,15 +121,15 @@ def codec_costs(names=CODECS, n: int = CODEC_N) -> tuple[dict[str, float], dict[
         c = codec.parse(name)
         fields, frames = c.encode(x, residual)
         header = {**fields, "n": n}
-        enc[c.text] = _best(lambda: c.encode(np.add(x, residual, out=out), residual)) / n
-        dec[c.text] = _best(lambda: codec.dense(header, frames, out)) / n
+        enc[c.text] = _typical(lambda: c.encode(np.add(x, residual, out=out), residual)) / n
+        dec[c.text] = _typical(lambda: codec.dense(header, frames, out)) / n
     return enc, dec
 
 
 def handle_s(cfg: Config, n: int, op: str, compressed: bool = False, repeats: int = 0) -> float:
     """Seconds PieceState (ps/piece.py) takes to answer one `op` for a piece of n elements
     in this process, with the run's optimizer and, if `compressed`, its codecs (a topk
-    pull after the worker's first, whole one). The least of a few timings."""
+    pull after the worker's first, whole one). The median of a few timings."""
     from downpour.common.wire import protocol
     from downpour.ps.piece import PieceState
     piece = PieceState(cfg, ModelSpec(n_inputs=1, n_outputs=1), 0, 0, n,
@@ -148,13 +153,7 @@ def handle_s(cfg: Config, n: int, op: str, compressed: bool = False, repeats: in
         piece.handle(b"w", frames)
     one("pull")                                          # a topk pull's whole first answer
     repeats = repeats or max(5, min(200, int(2e7 // max(n, 1))))
-    best = math.inf
-    for _ in range(3):
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            one()
-        best = min(best, (time.perf_counter() - t0) / repeats)
-    return best
+    return _typical(lambda: [one() for _ in range(repeats)], 5) / repeats
 
 
 def server_costs(cfg: Config, n: int) -> dict[str, float]:
@@ -199,22 +198,22 @@ def transport_costs() -> dict[str, float]:
         try:
             grad, out = np.full(n_big, 1e-3, np.float32), np.empty(n_big, np.float32)
             with ShardClient([names["shard"]], [(0, n_tiny)], "calibrate", START_S, 0, ctx) as shard:
-                rtt_shard = _best(lambda: [shard.push_pull(grad[:n_tiny], shard.versions[0],
+                rtt_shard = _typical(lambda: [shard.push_pull(grad[:n_tiny], shard.versions[0],
                                                            out[:n_tiny]) for _ in range(ROUND_TRIPS)]
                                   ) / ROUND_TRIPS
                 shard.call_all("shutdown")
             with ShardClient([names["big"]], [(0, n_big)], "calibrate", START_S, 0, ctx) as shard:
-                rtt_shard_big = _best(lambda: shard.push_pull(grad[:n_big], shard.versions[0],
+                rtt_shard_big = _typical(lambda: shard.push_pull(grad[:n_big], shard.versions[0],
                                                               out[:n_big]), 10)
                 shard.call_all("shutdown")
             raw = _RawClient(ctx, [names["raw"]], [(0, n_big)])
             tiny = _RawClient(ctx, [names["tiny"]], [(0, n_tiny)])
             curve = _RawClient(ctx, [names["curve"]], [(0, n_big)], keys=Keys.load(keys_dir, "worker"))
             try:
-                rtt_tiny = _best(lambda: [tiny.round_trip(grad, out) for _ in range(ROUND_TRIPS)]) \
+                rtt_tiny = _typical(lambda: [tiny.round_trip(grad, out) for _ in range(ROUND_TRIPS)]) \
                     / ROUND_TRIPS
-                rtt_big = _best(lambda: raw.round_trip(grad, out))
-                rtt_curve = _best(lambda: curve.round_trip(grad, out))
+                rtt_big = _typical(lambda: raw.round_trip(grad, out))
+                rtt_curve = _typical(lambda: curve.round_trip(grad, out))
                 for c in (raw, tiny, curve):
                     c.stop()
             finally:
@@ -227,7 +226,7 @@ def transport_costs() -> dict[str, float]:
                 if p.is_alive():
                     p.kill()
                     p.join()
-    copy = _best(lambda: np.copyto(out, grad)) / (4 * n_big)
+    copy = _typical(lambda: np.copyto(out, grad)) / (4 * n_big)
     moved = rtt_big - rtt_tiny - 4 * n_big * copy          # both ways' transport
     server_tiny, server_big = handle_s(cfg, n_tiny, "push_pull"), handle_s(cfg, n_big, "push_pull")
     beyond = (rtt_shard_big - rtt_shard) - (rtt_big - rtt_tiny) - (server_big - server_tiny)
@@ -373,11 +372,14 @@ def costs(cfg: Config, profile: dict[str, Any], path: Path, device_gflops: float
         profile["decode_s_per_elem"].update(dec)
     ipc = profile["ipc_bytes_per_s"]
     worker_burst = server_burst = 0.0
+    efficiency, efficiency_src = 1.0, "no --link"
     if cfg.link:
         worker_rate = parse_rate(cfg.link, "link") / 8 * WIRE_EFFICIENCY
         server_rate = parse_rate(cfg.server_link or cfg.link, "server_link") / 8 * WIRE_EFFICIENCY
         worker_burst, server_burst = (netem.burst_bytes(r / WIRE_EFFICIENCY * 8) * WIRE_EFFICIENCY
                                       for r in (worker_rate, server_rate))
+        efficiency, efficiency_src = link_efficiency(cfg, profile, 4 * max(piece_sizes(cfg)), src)
+        worker_rate, server_rate = worker_rate * efficiency, server_rate * efficiency
         link_src = f"--link {cfg.link}" + (f", --server-link {cfg.server_link}" if cfg.server_link
                                            else "") + " x 1448/1514 (TCP/IP headers at MTU 1500)"
     else:
@@ -421,6 +423,8 @@ def costs(cfg: Config, profile: dict[str, Any], path: Path, device_gflops: float
                  (f"decode_s_per_elem[{name}]", c.decode_s_per_elem[name], "s per element", s)]
     rows += [("worker_rate", worker_rate, "payload bytes/s each way", link_src),
              ("server_rate", server_rate, "payload bytes/s each way", link_src),
+             ("link_efficiency", efficiency, "share of the link's rate TCP carried the run's "
+              "messages at (the links above are net of it)", efficiency_src),
              ("worker_burst", worker_burst, "payload bytes a worker's idle link passes at once",
               "tbf's bucket (app/netem.py)" if cfg.link else "no --link: none"),
              ("server_burst", server_burst, "payload bytes a server's idle link passes at once",
@@ -434,6 +438,29 @@ def costs(cfg: Config, profile: dict[str, Any], path: Path, device_gflops: float
         rows.append(("slow_worker", cfg.slowdown[1], f"x compute of worker {cfg.slowdown[0]}",
                      "the settings"))
     return c, rows
+
+
+def link_efficiency(cfg: Config, profile: dict[str, Any], nbytes: int, src: str
+                    ) -> tuple[float, str]:
+    """(the share of its rate the emulated --link carried messages of nbytes from W workers
+    at once, linkprobe.efficiency; where it was measured). Measured once per link, size
+    and worker count (at most linkprobe.MAX_SENDERS) and kept in the profile; 1.0 where
+    it cannot be measured (no namespaces here, or --server-link differs), which says why."""
+    from downpour.sim import linkprobe
+    if cfg.server_link and cfg.server_link != cfg.link:
+        return 1.0, "not measured: --server-link differs from --link (the probe has one rate)"
+    senders = min(cfg.workers, linkprobe.MAX_SENDERS)
+    key = f"{cfg.link} {nbytes}B x{senders}"
+    links = profile.setdefault("links", {})
+    if key in links:
+        return links[key], f"{src}, {key}"
+    if why := netem.problem():
+        return 1.0, f"not measured: {why}"
+    try:
+        links[key] = linkprobe.efficiency(cfg.link, nbytes, senders)
+    except ClusterError as e:
+        return 1.0, f"not measured: {e}"
+    return links[key], f"measured now by the link probe, {key} (kept in the profile)"
 
 
 def slowed(c: Costs, factor: float) -> Costs:
