@@ -13,7 +13,8 @@ import pytest
 
 from downpour.common.config import Config
 from downpour.common.order import asked_samples
-from downpour.sim.engine import WIRE_EFFICIENCY, Costs, Run, payload_bytes
+from downpour.sim.engine import Costs, Run, payload_bytes
+from downpour.sim.network import WIRE_EFFICIENCY
 
 N = 2048                      # training samples of the engine's runs
 PIECE = 50_000                # elements of the one piece of the server

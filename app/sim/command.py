@@ -22,6 +22,7 @@ from downpour.common.config import CLUSTER, Config
 from downpour.common.errors import ConfigError
 from downpour.common.training import check_cluster, training_samples
 from downpour.sim import profile as profiles
+from downpour.sim.calibrate import calibrate
 from downpour.sim.engine import Costs, Run
 
 
@@ -51,7 +52,7 @@ def costs_for(cfg: Config, path: Path, device_gflops: float = 0.0, say=None
     profile = profiles.load(path)
     if profile is None:
         say(f"simulate: no profile at {path}; calibrating this machine first (under a minute)")
-        profile = profiles.calibrate(cfg, say)
+        profile = calibrate(cfg, say)
         profiles.save(profile, path)
     before = json.dumps(profile, sort_keys=True)
     costs, rows = profiles.costs(cfg, profile, path, device_gflops)
@@ -81,7 +82,7 @@ def main(args, cfg: Config) -> int:
         raise ConfigError(f"--device-gflops {args.device_gflops}: give a rate > 0 (GFLOP/s)")
     if args.calibrate:
         check(cfg)
-        profile = profiles.calibrate(cfg, lambda t: print(t, file=sys.stderr))
+        profile = calibrate(cfg, lambda t: print(t, file=sys.stderr))
         profiles.save(profile, path)
         print(f"wrote {path} in {profile['calibrate_s']:.1f} s")
         _, rows = profiles.costs(cfg, profile, path)

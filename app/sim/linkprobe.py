@@ -72,7 +72,7 @@ def efficiency(link: str, nbytes: int, senders: int) -> float:
 
 def model_seconds(link: str, nbytes: int, senders: int) -> float:
     """How long the engine's links take for the probe's exchange (no CPU costs)."""
-    from downpour.sim.engine import (
+    from downpour.sim.network import (
         WIRE_EFFICIENCY,
         Bucket,
         Clock,
