@@ -111,7 +111,6 @@ class Message(NamedTuple):
     computed_on: int        # the version of this piece the gradient was computed on
     compressed: bool        # past the codecs' warm-up
     last: bool
-    samples: int
     request: "Request"
 
 
@@ -191,12 +190,11 @@ class Run:
     def _worker(self, w: int) -> Iterator:
         cfg, c = self.cfg, self.costs
         sync, overlap = cfg.mode == "sync", cfg.overlap and cfg.mode != "sync"
-        versions = yield from self._call(w, "pull", [0] * self.P, False, 0)
+        versions = yield from self._call(w, "pull", [0] * self.P, False)
         in_flight: Request | None = None
-        unpushed, step = 0, 0
+        step = 0
         for last in self._batches(w, lambda: versions):
             yield self._compute_s(w)
-            unpushed += cfg.batch_size
             compress = (self.samples[w] + cfg.batch_size) * self.W >= self._warmup
             push = sync or last or (step + 1) % cfg.n_push == 0
             fetch = sync or (step + 1) % cfg.n_fetch == 0
@@ -208,14 +206,10 @@ class Run:
                 in_flight = None
             if push and fetch and overlap:
                 yield self._model_elems() * 4 * c.copy_s_per_byte      # the gradient kept to send
-                in_flight = yield from self._start(w, "push_pull", computed_on, compress, last,
-                                                   unpushed)
+                in_flight = yield from self._start(w, "push_pull", computed_on, compress, last)
             elif push or fetch:
                 op = "push_pull" if push and fetch else ("push" if push else "pull")
-                versions = yield from self._call(w, op, computed_on, compress, unpushed if push else 0,
-                                                 last, keep=versions)
-            if push:
-                unpushed = 0
+                versions = yield from self._call(w, op, computed_on, compress, last, keep=versions)
             self.samples[w] += cfg.batch_size
             self.steps[w] += 1
             step += 1
@@ -241,8 +235,8 @@ class Run:
             for i in range(k):
                 yield i == k - 1 and not feed.more()
 
-    def _start(self, w: int, op: str, computed_on: list[int], compress: bool, last: bool,
-               samples: int) -> Iterator:
+    def _start(self, w: int, op: str, computed_on: list[int], compress: bool, last: bool
+               ) -> Iterator:
         """Send `op` to every piece (the worker encodes and posts S messages per piece of the
         modelled server); the Request whose replies are coming."""
         c, S = self.costs, self.S
@@ -258,7 +252,7 @@ class Run:
                 self.raw_in += 4 * n
             cost += nbytes * c.crypto_s_per_byte
             yield S * cost
-            msg = Message(w, op, p, computed_on[p], compress, last, samples, request)
+            msg = Message(w, op, p, computed_on[p], compress, last, request)
             if pushing:
                 self.bytes_in += (nbytes - HEADER_BYTES)
             self.to_server[w].send(nbytes, lambda m=msg: self._arrive(m))
@@ -280,9 +274,9 @@ class Run:
         self.waiting_s[w] += self.clock.now - t0
         return new
 
-    def _call(self, w: int, op: str, computed_on: list[int], compress: bool, samples: int,
-              last: bool = False, keep: list[int] | None = None) -> Iterator:
-        request = yield from self._start(w, op, computed_on, compress, last, samples)
+    def _call(self, w: int, op: str, computed_on: list[int], compress: bool, last: bool = False,
+              keep: list[int] | None = None) -> Iterator:
+        request = yield from self._start(w, op, computed_on, compress, last)
         return (yield from self._finish(w, request, keep if keep is not None else computed_on))
 
     # -- the server ------------------------------------------------------------------------

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from downpour import netem
@@ -138,52 +139,50 @@ def _drops(prefix: list[str]) -> int:
     return sum(int(d) for d in re.findall(r"dropped (\d+)", shown))
 
 
-def _serve(address: str, nbytes: int, messages: int) -> None:
+@contextmanager
+def _socket(kind: str, address: str):
+    """A ROUTER bound to `address`, or a DEALER connected to it; closed on the way out."""
     import zmq
     ctx = zmq.Context()
-    sock = ctx.socket(zmq.ROUTER)
+    sock = ctx.socket(getattr(zmq, kind))
     sock.linger = 0
-    sock.bind(address)
-    reply = bytes(nbytes)
+    (sock.bind if kind == "ROUTER" else sock.connect)(address)
     try:
+        yield sock
+    finally:
+        sock.close()
+        ctx.term()
+
+
+def _serve(address: str, nbytes: int, messages: int) -> None:
+    reply = bytes(nbytes)
+    with _socket("ROUTER", address) as sock:
         for _ in range(messages):
             if not sock.poll(1000 * TIMEOUT_S):
                 raise SystemExit("link probe: no sender")
             ident, payload = sock.recv_multipart(copy=False)
             sock.send_multipart([ident, reply if len(payload) > 1 else b"x"], copy=False)
-    finally:
-        sock.close()
-        ctx.term()
+
+
+def _round_trip(sock, message: bytes) -> None:
+    """Send `message`, wait for the answer; SystemExit if none comes in TIMEOUT_S."""
+    sock.send(message, copy=False)
+    if not sock.poll(1000 * TIMEOUT_S):
+        raise SystemExit("link probe: the server did not answer")
+    sock.recv(copy=False)
 
 
 def _send(address: str, nbytes: int, start: float) -> None:
-    import zmq
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.linger = 0
-    sock.connect(address)
     message = bytes(nbytes)
-    try:
-        sock.send(b"x")                                   # connected, before the clock starts
-        if not sock.poll(1000 * TIMEOUT_S):
-            raise SystemExit("link probe: no server")
-        sock.recv()
+    with _socket("DEALER", address) as sock:
+        _round_trip(sock, b"x")                          # connected, before the clock starts
         time.sleep(max(0.0, start - time.time()))
         for _ in range(WARMUP):
-            sock.send(message, copy=False)
-            if not sock.poll(1000 * TIMEOUT_S):
-                raise SystemExit("link probe: the server stopped answering")
-            sock.recv(copy=False)
+            _round_trip(sock, message)
         t0 = time.time()
         for _ in range(ROUNDS):
-            sock.send(message, copy=False)
-            if not sock.poll(1000 * TIMEOUT_S):
-                raise SystemExit("link probe: the server stopped answering")
-            sock.recv(copy=False)
+            _round_trip(sock, message)
         print(json.dumps([t0, time.time()]))
-    finally:
-        sock.close()
-        ctx.term()
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
+from itertools import islice
 from typing import Any, Callable, Iterator
 
 WIRE_EFFICIENCY = 1448 / 1514    # TCP payload per Ethernet frame at MTU 1500 (timestamps on)
@@ -134,12 +135,12 @@ class Shared:
         """Each flow's rate: the first FAIR_FLOWS share the link fairly (water-filling up to
         their ends' limits); what they leave goes to the next ones in order."""
         left, rates = self.bucket.limit(), []
-        first = [f[1].limit() for f in list(self._flows)[:FAIR_FLOWS]]
+        first = [f[1].limit() for f in islice(self._flows, FAIR_FLOWS)]
         for i, limit in sorted(enumerate(first), key=lambda x: x[1]):
             rates.append((i, min(limit, left / (len(first) - len(rates)))))
             left -= rates[-1][1]
         rates = [r for _, r in sorted(rates)]
-        for flow in list(self._flows)[FAIR_FLOWS:]:
+        for flow in islice(self._flows, FAIR_FLOWS, None):     # no copy: most of them wait
             r = min(flow[1].limit(), left)
             if r <= 0:
                 break

@@ -113,7 +113,7 @@ def costs(cfg: Config, profile: dict[str, Any], path: Path, device_gflops: float
         enc, dec = codec_costs(missing)
         profile["encode_s_per_elem"].update(enc)
         profile["decode_s_per_elem"].update(dec)
-    ipc = profile["ipc_bytes_per_s"]
+    ipc, n = profile["ipc_bytes_per_s"], max(piece_sizes(cfg))     # n: the largest piece
     worker_burst = server_burst = 0.0
     efficiency, efficiency_src = 1.0, "no --link"
     if cfg.link:
@@ -121,7 +121,7 @@ def costs(cfg: Config, profile: dict[str, Any], path: Path, device_gflops: float
         server_rate = parse_rate(cfg.server_link or cfg.link, "server_link") / 8 * WIRE_EFFICIENCY
         worker_burst, server_burst = (netem.burst_bytes(r / WIRE_EFFICIENCY * 8) * WIRE_EFFICIENCY
                                       for r in (worker_rate, server_rate))
-        efficiency, efficiency_src = link_efficiency(cfg, profile, 4 * max(piece_sizes(cfg)), src)
+        efficiency, efficiency_src = link_efficiency(cfg, profile, 4 * n, src)
         worker_rate, server_rate = worker_rate * efficiency, server_rate * efficiency
         link_src = f"--link {cfg.link}" + (f", --server-link {cfg.server_link}" if cfg.server_link
                                            else "") + " x 1448/1514 (TCP/IP headers at MTU 1500)"
@@ -129,7 +129,6 @@ def costs(cfg: Config, profile: dict[str, Any], path: Path, device_gflops: float
         worker_rate = server_rate = ipc
         link_src = f"ipc, {src}"
     crypto = profile["crypto_s_per_byte"] if cfg.keys else 0.0
-    n = max(piece_sizes(cfg))
     server_key = f"{cfg.optimizer} push {codec.parse(cfg.push_codec).text} pull " \
                  f"{codec.parse(cfg.pull_codec).text} n{n}"
     servers = profile.setdefault("servers", {})
