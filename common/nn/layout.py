@@ -13,6 +13,8 @@ pull for a shard is one contiguous buffer. Each shard is further cut into pieces
 (`pieces`), each pushed, applied and answered on its own, so that a server works
 on one piece while the next is still on the wire. `ps/` and `worker/` never
 compute offsets, shard ranges or pieces themselves: they ask a `Layout`.
+
+Sparse tables are placed here too: `owners` says which server holds each key's row.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Iterable, Mapping, NamedTuple
 import numpy as np
 
 from downpour.common.errors import ConfigError
+from downpour.common.nn.hashing import splitmix64
 
 
 @dataclass(frozen=True)
@@ -100,24 +103,29 @@ class Layout:
             raise ValueError(f"flat vector has shape {flat.shape}, the layout needs ({self.size},)")
         return {t.name: self.view(flat, t.name) for t in self.tensors}
 
-    def shard_ranges(self, n_shards: int) -> list[tuple[int, int]]:
-        """Cut [0, size) into `n_shards` contiguous ranges whose sizes differ by at most one."""
-        if not 1 <= n_shards <= self.size:
+    def shard_ranges(self, n_shards: int, spare: bool = False) -> list[tuple[int, int]]:
+        """Cut [0, size) into `n_shards` contiguous ranges whose sizes differ by at most one;
+        with `spare`, more shards than elements may be asked (some ranges are then empty)."""
+        if not 1 <= n_shards <= (n_shards if spare else self.size):
             raise ConfigError(f"number of shards must be between 1 and {self.size} "
                               f"(the parameter count), got {n_shards}")
         bounds = [i * self.size // n_shards for i in range(n_shards + 1)]
         return list(zip(bounds[:-1], bounds[1:]))
 
-    def pieces(self, n_servers: int, max_piece: int = 0) -> list[Piece]:
+    def pieces(self, n_servers: int, max_piece: int = 0, spare: bool = False) -> list[Piece]:
         """Each server's range cut into pieces of at most `max_piece` elements, in vector order.
 
         A server applies and answers each piece of a push as soon as that piece
         has arrived, so computing one piece overlaps the transfer of the next.
         Pieces of one server are near-equal; `max_piece` 0 means one piece per server.
         A piece's index in the list is its number on the wire (the header's "piece" field).
+        With `spare` (a sparse model's servers, which hold tables too), servers may
+        outnumber the elements; a server whose range is empty gets no piece.
         """
         out: list[Piece] = []
-        for server, (lo, hi) in enumerate(self.shard_ranges(n_servers)):
+        for server, (lo, hi) in enumerate(self.shard_ranges(n_servers, spare)):
+            if hi == lo:
+                continue
             k = max(1, -(-(hi - lo) // max_piece)) if max_piece > 0 else 1
             bounds = [lo + i * (hi - lo) // k for i in range(k + 1)]
             out += [Piece(server, a, b) for a, b in zip(bounds[:-1], bounds[1:])]
@@ -134,3 +142,13 @@ class Layout:
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"not a layout description ({e}); expected "
                               '{"tensors": [[name, [dims...]], ...]}') from None
+
+
+def owners(keys: np.ndarray, n_servers: int) -> np.ndarray:
+    """The server that holds each key's row in a sparse table: (len(keys),) int64 in
+    [0, n_servers), splitmix64(key) mod n_servers. It depends on the key and the number
+    of servers only, so every process on every machine agrees, keys of one field spread
+    evenly, and a replaced server owns exactly the keys its predecessor did."""
+    if n_servers < 1:
+        raise ConfigError(f"n_servers must be >= 1, got {n_servers}")
+    return (splitmix64(keys.astype(np.uint64)) % np.uint64(n_servers)).astype(np.int64)
