@@ -8,7 +8,8 @@
     downpour worker --scheduler ADDR
     downpour bench core [--json]          one training step against PyTorch; the optimizer update
     downpour bench comm [--json]          push_pull through shard servers against raw pyzmq
-                                          doing the same work, with and without CurveZMQ
+                                          doing the same work, with and without CurveZMQ;
+                                          sparse pull and push through servers' tables
     downpour bench codecs [--json]        each wire codec's encode and decode against np.copyto
     downpour experiment --out DIR [...]   a sweep of runs over modes, workers, shards, links,
                                           compute scales and models: CSV and plots
@@ -17,6 +18,8 @@
                                           (--calibrate, --explain, --validate, --json)
     downpour plot METRICS.jsonl...        accuracy curves of any runs
     downpour download mnist [--dir DIR]   fetch the four MNIST files, verifying their checksums
+    downpour synth ctr DIR [--rows N]     click-through rows in the Criteo layout from a planted
+                                          model, and the best logloss any model can reach
     downpour keys DIR                     the cluster's CURVE keys, one pair per role (--keys DIR)
 
 Settings come from downpour.common.config (flags, DOWNPOUR_* variables, --config FILE).
@@ -209,6 +212,17 @@ def _download(args: argparse.Namespace) -> int:
     return 0
 
 
+def _synth(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from downpour.synth import summary, write_ctr
+    truth = write_ctr(args.dir, args.rows, args.seed)
+    for name in ("train.tsv", "test.tsv", "truth.json"):
+        print(Path(args.dir) / name)
+    print(summary(truth), file=sys.stderr)
+    return 0
+
+
 def _keys(args: argparse.Namespace) -> int:
     from downpour.common.wire.security import write_keys
     written = write_keys(args.dir)
@@ -245,14 +259,18 @@ def parser() -> argparse.ArgumentParser:
                       help="elements in the optimizer-update benchmark (default 16M)")
     core.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
     comm = kinds.add_parser("comm", help="push_pull through shard servers against raw pyzmq (the "
-                            "same work; a bare echo), with and without CURVE")
+                            "same work; a bare echo), with and without CURVE; sparse pull and push "
+                            "through servers' tables against raw pyzmq")
     comm.add_argument("--shards", default="1,2,4", help="server counts (default 1,2,4)")
     comm.add_argument("--transports", default="ipc,tcp",
                       help="transports, each with rows of its own (default ipc,tcp)")
     comm.add_argument("--repeats", type=int, default=10,
                       help="timed round trips per contender and case (default 10)")
-    comm.add_argument("--vectors", nargs="*", choices=["mlp", "16M"],
-                      help="which vectors (default both)")
+    comm.add_argument("--vectors", nargs="*", choices=["mlp", "16M", "sparse"],
+                      help="which rows: the mlp or 16M vector's push_pull, sparse pull and push "
+                           "(default all)")
+    comm.add_argument("--sparse-keys", type=int, default=16384,
+                      help="keys in one sparse pull or push (default 16384)")
     comm.add_argument("--piece-kib", type=int, default=config.Config.piece_kib,
                       help=f"server piece size in KiB, as in training (default {config.Config.piece_kib}; "
                            "0 = whole shards)")
@@ -333,6 +351,17 @@ def parser() -> argparse.ArgumentParser:
     download.add_argument("--base-url", default="", help="a mirror holding the four .gz files")
     download.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
     download.set_defaults(run=_download)
+
+    synth = sub.add_parser("synth", help="write a dataset drawn from a planted model")
+    made = synth.add_subparsers(dest="what", required=True, metavar="WHAT")
+    synth_ctr = made.add_parser("ctr", help="click-through rows in the Criteo layout: train.tsv, "
+                                "test.tsv and truth.json (the planted model's own logloss)")
+    synth_ctr.add_argument("dir", help="folder for the three files (created if missing)")
+    synth_ctr.add_argument("--rows", type=int, default=1_000_000,
+                           help="training rows; the test split gets rows // 5 (default 1000000)")
+    synth_ctr.add_argument("--seed", type=int, default=0, help="the model's and the rows' seed "
+                           "(default 0): the same seed writes the same files")
+    synth.set_defaults(run=_synth)
 
     keys = sub.add_parser("keys", help="write the cluster's CURVE key pairs (kept if all there)")
     keys.add_argument("dir", help="folder for scheduler/server/worker .key and .key_secret")
