@@ -84,7 +84,22 @@ class Config:
     test_split: str = setting("train-5k", "file prefix of the held-out split (e.g. t10k)", "data")
     synthetic: int = setting(0, "train on N synthetic samples (N/5 held out) instead of MNIST; "
                              "0 = MNIST (see --data-dir)", "data", low=0)
+    data: str = setting("", "criteo:DIR: click logs in the Criteo layout, DIR/train.tsv and "
+                        "DIR/test.tsv (streamed; `downpour synth ctr DIR` writes such data), for "
+                        "--model lr or fm (default: MNIST or --synthetic)", "data")
     # -- model ----------------------------------------------------------------------------
+    model: str = setting("", "a sparse model on --data criteo:DIR: lr (logistic regression on "
+                         "the features' keys) or fm (a factorization machine); rows live in "
+                         "the servers' tables (default: the dense model of --hidden or --layers)",
+                         "model", choices=("", "lr", "fm"), modes=("async",))
+    embed_dim: int = setting(16, "fm: the factors' dimension D (table rows hold 1 + D floats)",
+                             "model", low=1, modes=("async",))
+    embed_init: float = setting(0.01, "sparse models: std of a new row's normal initial values, "
+                                "drawn from its key and the seed (0: zeros)", "model", low=0.0,
+                                modes=("async",))
+    admit_after: int = setting(1, "sparse models: a key gets a row once training has seen it "
+                               "this many times; before, it reads zeros", "model", low=1,
+                               modes=("async",))
     layers: str = setting("", "hidden layers as comma-separated tokens, e.g. conv:32:3,relu,"
                           "maxpool:2,flatten,dense:128,relu or lstm:128: conv:C:K[:S[:P]] "
                           "(P a number or same), maxpool:K, avgpool:K, flatten, dense:N, dropout:P, "
@@ -252,6 +267,19 @@ class Config:
         if self.server_link and not self.link:
             raise ConfigError("server_link gives the servers another rate than --link: give "
                               "--link RATE too")
+        if self.data and not self.data.startswith("criteo:"):
+            raise ConfigError(f"--data {self.data!r}: the one source it names is criteo:DIR "
+                              "(click logs, with --model lr or fm); leave it out for MNIST "
+                              "(--data-dir) or --synthetic")
+        if bool(self.model) != bool(self.data):
+            raise ConfigError("--model lr or fm trains on click logs: give both --model and "
+                              "--data criteo:DIR (or neither, for the dense models)")
+        if self.model and (self.save or self.checkpoint_dir):
+            raise ConfigError(f"--model {self.model}: its rows live in the servers' tables, which "
+                              "--save and --checkpoint-dir do not write yet; drop them")
+        if self.model and (self.synthetic or self.layers or self.hidden != (256, 128)):
+            raise ConfigError(f"--model {self.model} is a sparse model on --data; drop "
+                              "--synthetic, --layers and --hidden (they describe dense models)")
         if self.batch_size % self.micro_batches:
             raise ConfigError(f"micro_batches={self.micro_batches} must divide batch_size="
                               f"{self.batch_size}")

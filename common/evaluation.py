@@ -53,11 +53,16 @@ class Evaluator:
 
     def __init__(self, cfg: Config, model: Model, train: Dataset, test: Dataset,
                  metrics: MetricsLog, progress: Progress, schedule: Schedule, recalibrate: bool,
-                 on_lr_scale: Callable[[float], None] | None = None):
+                 on_lr_scale: Callable[[float], None] | None = None,
+                 judge: Callable[[], tuple[float, float, dict[str, Any]]] | None = None):
+        """`judge`: how the held-out split is scored, (test loss, test accuracy, more
+        fields for the record); default `model.evaluate` on test.x and test.y (a sparse
+        model's scheduler judges with its tables: ps/scheduler.py)."""
         self.cfg, self.model, self.train, self.test = cfg, model, train, test
         self.metrics, self.progress, self.schedule = metrics, progress, schedule
         self.recalibrate = recalibrate and model.has_batchnorm
         self.on_lr_scale = on_lr_scale
+        self.judge = judge or (lambda: (*self.model.evaluate(self.test.x, self.test.y), {}))
         self.stopper = EarlyStopping(cfg.patience)
         self.stopping = False                     # early stopping has fired
         self.last: dict[str, Any] = {}            # the latest eval record
@@ -75,14 +80,14 @@ class Evaluator:
         t0 = time.perf_counter()
         if self.recalibrate:
             self.model.calibrate_batchnorm(self.train.x, self.cfg.batch_size)
-        test_loss, test_acc = self.model.evaluate(self.test.x, self.test.y)
+        test_loss, test_acc, more = self.judge()
         s0, c0 = self._losses
         self._losses = (loss_sum, loss_count)
         train_loss = (loss_sum - s0) / (loss_count - c0) if loss_count > c0 else None
         record = self.metrics.write(
             "eval", elapsed_s=round(elapsed_s, 3), epoch=round(epoch, 4), samples=samples,
             updates=updates, train_loss=train_loss, test_loss=test_loss,
-            test_accuracy=test_acc, lr=lr, **extra)
+            test_accuracy=test_acc, lr=lr, **more, **extra)
         shown = f"{train_loss:.4f}" if train_loss is not None else "-"
         self.progress.line(f"epoch {epoch:6.2f}  updates {updates:6d}  train loss {shown}  "
                            f"test loss {test_loss:.4f}  test accuracy {100 * test_acc:.2f}%{note}")

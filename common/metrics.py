@@ -71,6 +71,14 @@ def _only(modes: tuple[str, ...]) -> Any:
     return field(default=None, metadata={"modes": modes})
 
 
+SPARSE_FIGURES = ("test_logloss", "test_auc", "table_rows", "table_bytes")   # from the eval record
+
+
+def _sparse():
+    """A field of the `end` record that only runs of sparse models write."""
+    return field(default=None, metadata={"sparse": True})
+
+
 @dataclass(frozen=True, kw_only=True)
 class EndRecord:
     """The `end` metrics line: a run's final figures. Built by `end_record`; `to_json` gives
@@ -131,12 +139,17 @@ class EndRecord:
     #                                                  bytes_received; workers: steps, steps_over
     #                                                  and s compute_s, padding_s, waiting_s,
     #                                                  cpu_s; servers: busy_s (s answering)
+    test_logloss: float | None = _sparse()          # sparse models (--model): the final
+    test_auc: float | None = _sparse()              # weights' held-out logloss and AUC,
+    table_rows: int | None = _sparse()              # rows in all servers' tables, and their
+    table_bytes: int | None = _sparse()             # bytes (rows, optimizer state, index)
 
     def to_json(self) -> dict[str, Any]:
         """The fields this record's mode writes, by name, in declaration order: every field
         that names no modes, and those that name this one."""
         return {f.name: getattr(self, f.name) for f in fields(self)
-                if "modes" not in f.metadata or self.mode in f.metadata["modes"]}
+                if ("modes" not in f.metadata or self.mode in f.metadata["modes"])
+                and not (f.metadata.get("sparse") and getattr(self, f.name) is None)}
 
 
 def end_record(*, mode: str, workers: int, shards: int, parameters: int, data: str,
@@ -160,6 +173,7 @@ def end_record(*, mode: str, workers: int, shards: int, parameters: int, data: s
         updates_per_s=updates / train_time_s if updates_per_s is None else updates_per_s,
         train_loss=last_eval.get("train_loss"), test_loss=last_eval.get("test_loss"),
         test_accuracy=last_eval.get("test_accuracy"), stopped_early=stopped_early,
+        **{k: last_eval[k] for k in SPARSE_FIGURES if k in last_eval},
         **only_some_modes)
 
 

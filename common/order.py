@@ -20,6 +20,13 @@ and the counts that follow from it: updates and samples of an epoch (`epoch_step
 evaluation points (`eval_interval`), the samples a run is asked to train
 (`asked_samples`), the steps of one worker (`worker_steps`), the chunks of a run
 (`total_chunks`, `chunk_samples`).
+
+Data streamed from a file (click logs, common/ctr.py) is never shuffled as a whole: the
+file is cut into file chunks of k b lines (the last one shorter), and chunk j of epoch
+e is file chunk `epoch_permutation(C - 1, seed, e)[j]` of the C, the short last one
+kept last, its lines in a permutation of their own (`file_chunk_batches`). So the
+chunks have the sizes `chunk_samples` gives, and the scheduler deals them as any
+other's.
 """
 
 from __future__ import annotations
@@ -178,6 +185,26 @@ def chunk_samples(n: int, cfg: Config, chunk: int) -> int:
     """The samples of chunk `chunk`: len(chunk_batches(n, cfg, chunk)) x batch_size, without
     drawing the order."""
     return len(_chunk_steps(n, cfg, chunk)[1]) * cfg.batch_size
+
+
+def file_chunk(n: int, cfg: Config, chunk: int) -> tuple[int, int]:
+    """(epoch, the file chunk it reads) of chunk `chunk` of a streamed file of n lines."""
+    epoch, j = divmod(chunk, chunks_per_epoch(n, cfg))
+    last = chunks_per_epoch(n, cfg) - 1
+    return epoch, j if j == last else int(_epoch_order(last, cfg.seed, epoch)[j])
+
+
+def file_chunk_batches(n: int, cfg: Config, chunk: int, lines: int) -> list[np.ndarray]:
+    """The batches of chunk `chunk` of a streamed file: (batch_size,) line numbers within
+    its file chunk of `lines` lines, in a permutation drawn from the seed, the epoch and
+    the file chunk; as many batches as `chunk_samples` counts."""
+    epoch, fc = file_chunk(n, cfg, chunk)
+    b, k = cfg.batch_size, len(_chunk_steps(n, cfg, chunk)[1])
+    if lines < k * b:
+        raise DataError(f"file chunk {fc} has {lines} lines, fewer than the {k * b} of its "
+                        f"{k} batches: the file changed since it was indexed")
+    order = np.random.default_rng([cfg.seed, epoch, fc, 0x0F11E]).permutation(lines)
+    return [order[i * b:(i + 1) * b] for i in range(k)]
 
 
 # ---------------------------------------------------------------------------- versions (sync)

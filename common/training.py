@@ -8,10 +8,12 @@ the samples is downpour.common.order; the gradient step, downpour.common.step.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from downpour.common.checkpoint import save_model
 from downpour.common.config import Config
+from downpour.common.ctr import CtrSplit
 from downpour.common.data import (
     SHIPPED_DATA_DIR,
     Dataset,
@@ -27,14 +29,24 @@ from downpour.common.nn.model import Model, ModelSpec
 from downpour.common.order import replicas
 
 
-def open_datasets(cfg: Config) -> tuple[Dataset, Dataset, str]:
+def open_datasets(cfg: Config) -> tuple[Dataset | CtrSplit, Dataset | CtrSplit, str]:
     """(train, test, a sentence saying what they are).
+
+    `--data criteo:DIR` opens DIR/train.tsv and DIR/test.tsv as streamed splits, indexed
+    into file chunks of chunk_batches x batch_size lines (common/ctr.py).
 
     `--synthetic N` asks for synthetic data. Otherwise MNIST splits `train_split` and
     `test_split` are read from the directory `downpour.common.data.find_mnist` picks:
     `--data-dir` (or $DOWNPOUR_DATA_DIR), which must hold both; else data/mnist if it
     holds both; else the digits shipped with downpour. DataError if none will do.
     """
+    if cfg.data:
+        folder = Path(cfg.data.removeprefix("criteo:"))
+        lines = cfg.chunk_batches * cfg.batch_size
+        train, test = (CtrSplit(folder / f"{split}.tsv", lines) for split in ("train", "test"))
+        return train, test, (f"click logs in the Criteo layout from {folder}: train on "
+                             f"train.tsv ({train.lines:,} lines), hold out test.tsv "
+                             f"({test.lines:,})")
     if cfg.synthetic:
         train, test = synthetic_dataset(cfg.synthetic, max(1, cfg.synthetic // 5), seed=cfg.seed)
         return train, test, f"synthetic data: {len(train)} training and {len(test)} held-out samples"
@@ -52,8 +64,13 @@ def training_samples(cfg: Config) -> int:
     return cfg.synthetic or len(open_datasets(cfg)[0])
 
 
-def model_spec(cfg: Config, data: Dataset) -> ModelSpec:
-    """The model the settings describe, sized for `data`."""
+def model_spec(cfg: Config, data: Dataset | CtrSplit) -> ModelSpec:
+    """The model the settings describe, sized for `data`. A sparse model's (--model) is
+    its dense part: the bias, the b of a 1 -> 1 output layer whose input is always 0 (its
+    W never moves); the rows are in the servers' tables (common/nn/sparse.py)."""
+    if cfg.model:
+        return ModelSpec(n_inputs=1, n_outputs=1, hidden=(), loss="sigmoid_bce",
+                         output_init="zeros")
     return ModelSpec(n_inputs=data.n_features, n_outputs=data.n_classes, hidden=cfg.hidden,
                      activation=cfg.activation, init=cfg.init, dropout=cfg.dropout,
                      batchnorm=cfg.batchnorm, loss=cfg.loss, l1=cfg.l1, l2=cfg.l2,
@@ -76,6 +93,9 @@ def check_cluster(cfg: Config, n: int | None = None) -> None:
         raise ConfigError(f"staleness={cfg.staleness} bounds --mode ssp; use --mode ssp or drop it")
     if cfg.staleness_lr and cfg.mode not in ("async", "ssp"):
         raise ConfigError("staleness_lr scales asynchronous pushes: use --mode async or ssp")
+    if cfg.model and cfg.mode != "async":
+        raise ConfigError(f"--model {cfg.model} runs in --mode async (Downpour); got --mode "
+                          f"{cfg.mode}")
     rank, _ = cfg.slowdown
     if rank >= replicas(cfg):
         raise ConfigError(f"slow_worker names worker {rank}, but the run has {replicas(cfg)}")

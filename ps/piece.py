@@ -142,6 +142,25 @@ class Sender(NamedTuple):
     rank: int | None
 
 
+def identify(secret: bytes | None, incarnations: dict[int, int], header: dict,
+             needs_token: bool) -> Sender:
+    """Who sent `header`: with the run's `secret`, the worker its token names (E_DENIED for
+    a bad token, for none where `needs_token`, or for an incarnation older than one
+    already heard: `incarnations`, rank -> the latest, is updated); a request without a
+    token where none is needed is nobody's. Without a secret, its `node` name."""
+    if secret is None:
+        return Sender(header["node"], worker_rank(header["node"]))
+    if "token" not in header and not needs_token:
+        return Sender(header["node"], None)
+    rank, incarnation = security.read_token(secret, header.get("token"), "worker")
+    latest = incarnations.get(rank, incarnation)
+    if incarnation < latest:
+        raise protocol.error(protocol.E_DENIED, f"worker-{rank} registered again since this "
+                             "token was given; the old incarnation's requests are refused")
+    incarnations[rank] = incarnation
+    return Sender(f"worker-{rank}", rank)
+
+
 @dataclass
 class WorkerCopy:
     """topk pulls: what a worker's incarnation holds of this piece (every pull's reply
@@ -349,20 +368,7 @@ class PieceState:
         return [Reply(ident, self._reply(header)) for ident, header in (waiting[r] for r in ranks)]
 
     def _sender(self, header: dict, needs_token: bool) -> Sender:
-        """Who sent `header`: with the run's secret, the worker its token names (E_DENIED
-        for a bad token, or none where `needs_token`; a request without one where it is
-        not needed is nobody's); without, its `node` name."""
-        if self.secret is None:
-            return Sender(header["node"], worker_rank(header["node"]))
-        if "token" not in header and not needs_token:
-            return Sender(header["node"], None)
-        rank, incarnation = security.read_token(self.secret, header.get("token"), "worker")
-        latest = self._incarnations.get(rank, incarnation)
-        if incarnation < latest:
-            raise protocol.error(protocol.E_DENIED, f"worker-{rank} registered again since this "
-                                 "token was given; the old incarnation's requests are refused")
-        self._incarnations[rank] = incarnation
-        return Sender(f"worker-{rank}", rank)
+        return identify(self.secret, self._incarnations, header, needs_token)
 
     def _slowest(self) -> float:
         """ssp: the lowest worker clock among live workers that have not finished."""

@@ -43,16 +43,19 @@ import signal
 import time
 from typing import Any
 
+import numpy as np
 import zmq
 
 from downpour.common import config
 from downpour.common.config import Config, parse_rate
+from downpour.common.ctr import auc, logloss
 from downpour.common.errors import TrainingError
 from downpour.common.evaluation import Evaluator
 from downpour.common.fileio import atomic_write
 from downpour.common.metrics import TIME_DECIMALS, EndRecord, MetricsLog, Progress, end_record
 from downpour.common.nn.model import Model
 from downpour.common.nn.schedules import parse_schedule
+from downpour.common.nn.sparse import CtrModel, bias_index, dedup
 from downpour.common.order import (
     asked_samples,
     chunk_samples,
@@ -64,7 +67,7 @@ from downpour.common.order import (
 from downpour.common.step import emulated_scale, host_bound
 from downpour.common.training import check_cluster, finish, model_spec, open_datasets
 from downpour.common.wire import address, protocol
-from downpour.common.wire.client import ShardClient
+from downpour.common.wire.client import ShardClient, TableClient
 from downpour.common.wire.security import Keys, guard
 from downpour.common.wire.sockets import bind_router
 from downpour.ps.ledger import Ledger
@@ -74,6 +77,8 @@ DEFAULT_BIND = "tcp://*:5555"           # with keys: every interface (CurveZMQ a
 LOOPBACK_BIND = "tcp://127.0.0.1:5555"  # without keys: this host only (protected mode)
 TICK_MS = 100                 # the longest the conductor waits for a message between its checks
 RUN_ID_BYTES = 8              # a run id is this many random bytes, in hex
+EVAL_LINES = 8192             # held-out lines a sparse model's evaluation scores at once
+TABLE = 0                     # the table of lr and fm
 WORKER_TIMES = ("compute_s", "padding_s", "waiting_s", "cpu_s")   # a worker's s, in the end record
 
 
@@ -98,7 +103,7 @@ class Scheduler:
         check_cluster(cfg, len(self.train))
         self.spec = model_spec(cfg, self.train)
         self.model = Model(self.spec, seed=cfg.seed)
-        self.pieces = self.model.layout.pieces(cfg.shards, cfg.piece_elements)
+        self.pieces = self.model.layout.pieces(cfg.shards, cfg.piece_elements, spare=bool(cfg.model))
         self.metrics = MetricsLog(cfg.metrics)
         n = len(self.train)
         self.asked = asked_samples(n, cfg)
@@ -106,11 +111,13 @@ class Scheduler:
         self.schedule = parse_schedule(cfg.lr_schedule, cfg.lr)
         self.evaluator = Evaluator(cfg, self.model, self.train, self.test, self.metrics,
                                    self.progress, self.schedule, recalibrate=True,
-                                   on_lr_scale=self._tell_lr_scale)
+                                   on_lr_scale=self._tell_lr_scale,
+                                   judge=self._judge_sparse if cfg.model else None)
         self.nodes = Membership(cfg, sock, {
             "run_id": self.run_id, "config": config.to_dict(cfg), "model": self.spec.to_dict(),
             "pieces": [list(p) for p in self.pieces], "n_train": len(self.train),
-            "eval_samples": eval_interval(n, cfg)},
+            # tables keep no snapshots: a sparse model is judged once, at the end
+            "eval_samples": 0 if cfg.model else eval_interval(n, cfg)},
             log=self.progress.line)
         # async, ssp: the chunks of every epoch, dealt to workers as they ask
         self.ledger = Ledger(total_chunks(n, cfg), functools.partial(chunk_samples, n, cfg)) \
@@ -119,12 +126,14 @@ class Scheduler:
             self.nodes.on_next_chunk = self._deal
             self.nodes.on_worker_dead = self._worker_died
         self.client: ShardClient | None = None
+        self.tables: TableClient | None = None      # a sparse model's: evaluation, stats
         self.interrupted = False
         self.start = time.monotonic()               # reset when training starts
         self.start_wall = time.time()               # the same moment in Unix seconds
         self.epoch_samples = epoch_samples(n, cfg)  # `epoch` = samples / it
         self._point = 0                             # the last evaluation point evaluated
         self._stats: list[dict] = []                # the servers' last `stats` replies
+        self._table_stats: list[dict] = []          # a sparse model's: each server's table
 
     # -- the three phases ------------------------------------------------------------------
     def run(self, listening: str = "") -> dict[str, Any]:
@@ -144,6 +153,11 @@ class Scheduler:
                                   self.cfg.timeout_s, self.cfg.retries, self.ctx,
                                   while_waiting=self.nodes.tend, keys=self.keys)
         self.nodes.on_server_moved = self._follow_server
+        if self.cfg.model:
+            self.tables = TableClient(servers, "scheduler", CtrModel(self.cfg.model,
+                                      self.cfg.embed_dim).dim, self.cfg.timeout_s,
+                                      self.cfg.retries, self.ctx, keys=self.keys,
+                                      while_waiting=self.nodes.tend)
         try:
             try:
                 end = self._train()
@@ -153,6 +167,8 @@ class Scheduler:
             self._shut_down()
         finally:
             self.client.close()
+            if self.tables is not None:
+                self.tables.close()
             self.metrics.close()
             self.progress.close()
         return end
@@ -181,6 +197,8 @@ class Scheduler:
         point is the final state), and the `end` record."""
         train_time = self._train_time()
         self._stats = stats = self.client.call_all("stats")   # every point passed, heartbeats or not
+        if self.tables is not None:
+            self._table_stats = self.tables.stats(TABLE)
         self._evaluate_points(set.intersection(*(set(s["meta"]["snapshots"]) for s in stats)))
         final = {"samples": min(s["meta"]["samples"] for s in stats),
                  "updates": min(s["meta"]["version"] for s in stats)}
@@ -217,6 +235,12 @@ class Scheduler:
             server["bytes_sent"] += s["meta"]["bytes_out"]
             server["bytes_received"] += s["meta"]["bytes_in"]
             server["busy_s"] = round(server["busy_s"] + s["meta"].get("busy_s", 0.0), TIME_DECIMALS)
+        for rank, t in enumerate(self._table_stats):                   # sparse models' rows
+            server = nodes.setdefault(f"server-{rank}",
+                                      {"bytes_sent": 0, "bytes_received": 0, "busy_s": 0.0})
+            server["bytes_sent"] += t["bytes_out"]
+            server["bytes_received"] += t["bytes_in"]
+            server["busy_s"] = round(server["busy_s"] + t["busy_s"], TIME_DECIMALS)
         for rank, c in counters.items():
             nodes[f"worker-{rank}"] = {
                 **{k: int(c[k]) for k in ("bytes_sent", "bytes_received", "steps", "steps_over")},
@@ -226,6 +250,10 @@ class Scheduler:
         samples = max(1, self.nodes.total("samples"))
         total = {k: sum(st["meta"].get(k, 0) for st in self._stats)
                  for k in ("bytes_in", "bytes_out", "raw_in", "raw_out", "payload_out")}
+        rows_in, rows_out = (sum(t[k] for t in self._table_stats) for k in ("bytes_in", "bytes_out"))
+        for k, v in (("bytes_in", rows_in), ("raw_in", rows_in), ("bytes_out", rows_out),
+                     ("raw_out", rows_out), ("payload_out", rows_out)):
+            total[k] += v                                   # rows travel uncompressed
         return {"nodes": nodes, "bytes_per_sample": moved / samples,
                 "bytes_pushed_per_sample": total["bytes_in"] / samples,
                 "bytes_pulled_per_sample": total["bytes_out"] / samples,
@@ -239,6 +267,8 @@ class Scheduler:
     def _shut_down(self) -> None:
         """Tell every server the run is over, and every node still waiting for a place."""
         self.client.call_all("shutdown")
+        if self.tables is not None:                 # a server may hold tables only
+            self.tables.shutdown(TABLE)
         self.nodes.dismiss_waiting()
 
     # -- dealing (async, ssp) ---------------------------------------------------------------
@@ -337,6 +367,28 @@ class Scheduler:
         self.nodes.stopping = self.evaluator.stopping
         return record
 
+    def _judge_sparse(self) -> tuple[float, float, dict[str, Any]]:
+        """A sparse model's held-out figures: every line of the test split scored with the
+        weights as they are (evaluation pulls: no row is created or counted), and the
+        tables' size. (logloss, accuracy at 0.5, {test_logloss, test_auc, table_rows,
+        table_bytes})."""
+        ctr, bias = CtrModel(self.cfg.model, self.cfg.embed_dim), \
+            float(self.model.params[bias_index(self.model)])
+        p, y = [], []
+        for chunk in range(self.test.chunks):
+            batch = self.test.read(chunk)
+            for lo in range(0, len(batch.labels), EVAL_LINES):
+                bags = dedup(batch.keys[lo:lo + EVAL_LINES])
+                rows = self.tables.pull(TABLE, bags.uniq, train=False)
+                p.append(ctr.predict(rows, bags, bias))
+            y.append(batch.labels)
+        probs, labels = np.concatenate(p), np.concatenate(y)
+        loss = logloss(labels, probs)
+        stats = self._table_stats = self.tables.stats(TABLE)
+        return loss, float(np.mean((probs > 0.5) == (labels > 0.5))), {
+            "test_logloss": loss, "test_auc": auc(labels, probs),
+            "table_rows": sum(s["rows"] for s in stats), "table_bytes": sum(s["bytes"] for s in stats)}
+
     def _figures(self, stats: list[dict], elapsed: float) -> dict[str, Any]:
         """Throughput, bytes and the staleness (and ssp clock-gap) distributions so far.
 
@@ -347,7 +399,8 @@ class Scheduler:
             for name, hist in hists.items():
                 for k, v in s["meta"].get(name, {}).items():
                     hist[int(k)] = hist.get(int(k), 0) + v
-        moved = sum(s["meta"]["bytes_in"] + s["meta"]["bytes_out"] for s in stats)
+        moved = sum(s["meta"]["bytes_in"] + s["meta"]["bytes_out"] for s in stats) + \
+            sum(t["bytes_in"] + t["bytes_out"] for t in self._table_stats)
         stale, gaps = hists["staleness"], hists["clock_gap"]
         return {"updates_per_s": stats[0]["meta"]["version"] / max(elapsed, 1e-9),
                 "bytes_per_s": moved / max(elapsed, 1e-9), "bytes": moved,

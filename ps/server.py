@@ -22,6 +22,11 @@ with the registration's reply. So a tcp port 0 is chosen first (`concrete`), and
 the endpoint said at registration is bound right after it. With keys, a ZAP handler
 admits only the cluster's keys, and each request is checked against the role of
 the key it came with (protocol.PERMITTED) before any piece sees it.
+
+A run with a sparse model gives every server its tables too (ps/sparse.py): a request
+whose header names a `table` goes to them, any other to the piece it names. Its dense
+part may be smaller than the number of servers (Layout.pieces with spare): a server may
+then hold tables only, and stops once its tables are told to.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from downpour.common.wire.node import Heartbeat, register, say
 from downpour.common.wire.security import Keys, guard
 from downpour.common.wire.sockets import bind_router, frame_limit
 from downpour.ps.piece import PieceState, Reply
+from downpour.ps.sparse import Tables, make_tables
 
 FINAL_BEAT_S = 2.0             # a last heartbeat before a server gives its scheduler up
 POLL_MS = 100                  # how long `serve` waits for a request before checking for a stop
@@ -79,16 +85,21 @@ class Server:
                                      eval_samples)
                        for i, p in enumerate(pieces) if p.server == rank}
         self.resumed: list[int] = []          # the pieces `resume` restored
-        if not self.pieces:
+        self.tables = make_tables(cfg, rank)          # None: a dense model
+        if self.tables is not None:
+            self.tables.secret, self.tables.node = secret, self.node
+        if not self.pieces and self.tables is None:
             raise ConfigError(f"server {rank} holds no piece of the {len(pieces)} given")
 
-    def handle(self, ident: bytes, frames: list) -> tuple[PieceState | None, list[Reply]]:
-        """(the piece that answered, its replies); a request no piece can take, or that
-        the sender's key may not send, gets an error."""
+    def handle(self, ident: bytes, frames: list) -> tuple[PieceState | Tables | None, list[Reply]]:
+        """(the piece or tables that answered, the replies); a request no piece can take,
+        or that the sender's key may not send, gets an error."""
         header = None                    # the error answers the request's seq if it was readable
         try:
             header, payload = protocol.decode(frames)
             protocol.permit(header["op"], security.peer_role(frames[0]))
+            if "table" in header and self.tables is not None:
+                return self.tables, self.tables.handle_request(ident, header, payload)
             piece = self.pieces.get(header.get("piece"))
             if piece is None:
                 raise protocol.error(protocol.E_PIECE, f"{self.node} holds pieces "
@@ -99,21 +110,26 @@ class Server:
 
     @property
     def stopping(self) -> bool:
-        return all(p.stopping for p in self.pieces.values())
+        """Every piece, and the tables, were told to shut down."""
+        return all(p.stopping for p in self.pieces.values()) and \
+            (self.tables is None or self.tables.stopping)
 
     @property
     def version(self) -> int:
-        return min(p.version for p in self.pieces.values())
+        return min((p.version for p in self.pieces.values()), default=0)
 
     @property
     def snapshots(self) -> list[int]:
         """The evaluation points every piece of this server holds a snapshot of."""
         held = [set(p.snapshots) for p in self.pieces.values()]
-        return sorted(set.intersection(*held))
+        return sorted(set.intersection(*held)) if held else []
 
     @property
     def max_frame(self) -> int:
-        """The largest frame a request to this server has: a header, or its largest piece."""
+        """The largest frame a request to this server has: a header, its largest piece, or
+        with tables a whole frame (keys and rows come in frames of up to MAX_FRAME)."""
+        if self.tables is not None:
+            return protocol.MAX_FRAME
         return frame_limit([(p.lo, p.hi) for p in self.pieces.values()])
 
     def resume(self) -> str:
@@ -229,7 +245,7 @@ def standalone(cfg: Config, spec: ModelSpec, rank: int, address: str) -> None:
     For benchmarks and tests: the pieces come from the model's layout, as the
     scheduler would assign them. With cfg.keys (as a server), over CurveZMQ.
     """
-    pieces = model_layout(spec).pieces(cfg.shards, cfg.piece_elements)
+    pieces = model_layout(spec).pieces(cfg.shards, cfg.piece_elements, spare=bool(cfg.model))
     server = Server(cfg, spec, rank, pieces)
     keys = Keys.load(cfg.keys, "server") if cfg.keys else None
     ctx = zmq.Context()
@@ -305,9 +321,11 @@ def _register_and_serve(cfg: Config, ctx: zmq.Context, keys: Keys | None) -> Non
         if cfg.resume and (note := server.resume()):
             say(note)
         pieces = [server.pieces[i] for i in sorted(server.pieces)]
-        say(f"{server.node}: joined the scheduler at {cfg.scheduler}; serving [{pieces[0].lo}, "
-            f"{pieces[-1].hi}) of the vector ({len(pieces)} piece(s)) at {addr}"
-            + _resumed(server))
+        serving = [f"[{pieces[0].lo}, {pieces[-1].hi}) of the vector ({len(pieces)} piece(s))"
+                   ] if pieces else []
+        serving += ["its keys' rows of the sparse table"] if server.tables is not None else []
+        say(f"{server.node}: joined the scheduler at {cfg.scheduler}; serving "
+            f"{' and '.join(serving)} at {addr}" + _resumed(server))
         incarnation, token = meta["incarnation"], meta["token"]
         for piece in server.pieces.values():
             piece.incarnation = incarnation

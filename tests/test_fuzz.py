@@ -269,7 +269,8 @@ def hypothesis_home(tmp_path_factory):
 # -- protocol.decode -------------------------------------------------------------------------
 
 DOCUMENTED = {"v": int, "op": str, "node": str, "seq": int, "piece": int, "clock": int,   # the module
-              "token": bytes, "dtype": str, "n": int, "meta": dict, "code": int, "msg": str}  # docstring
+              "token": bytes, "dtype": str, "n": int, "meta": dict, "code": int, "msg": str,  # docstring
+              "table": int, "keys": int}
 
 
 def reference(head: bytes) -> int | dict:
@@ -287,7 +288,7 @@ def reference(head: bytes) -> int | dict:
     if not {"v", "op", "node", "seq"} <= header.keys() or any(
             type(value) is not DOCUMENTED.get(key) for key, value in header.items()):
         return protocol.E_MALFORMED
-    if min(header["seq"], header.get("n", 0), header.get("clock", 0)) < 0:
+    if min(header["seq"], *(header.get(k, 0) for k in ("n", "clock", "table", "keys"))) < 0:
         return protocol.E_MALFORMED
     return header
 
@@ -364,7 +365,8 @@ def ctx():
 
 @pytest.fixture
 def cluster(tmp_path, socket_dir):
-    """start(keys=False) -> Cluster: `downpour scheduler` and one `downpour server` as real
+    """start(keys=False, run=SCHEDULER) -> Cluster: `downpour scheduler` (with the settings
+    `run`) and one `downpour server` as real
     processes, at ipc:// paths in socket_dir; every process is ended at teardown."""
     procs: list[subprocess.Popen] = []
 
@@ -376,7 +378,7 @@ def cluster(tmp_path, socket_dir):
         procs.append(proc)
         return proc
 
-    def start(keys: bool = False) -> Cluster:
+    def start(keys: bool = False, run: tuple = SCHEDULER) -> Cluster:
         key_dir = None
         if keys:
             key_dir = tmp_path / "keys"
@@ -384,7 +386,7 @@ def cluster(tmp_path, socket_dir):
         with_keys = ("--keys", key_dir) if keys else ()
         scheduler, server = f"ipc://{socket_dir}/scheduler", f"ipc://{socket_dir}/server"
         return Cluster(scheduler, server, {
-            "scheduler": spawn("scheduler", "scheduler", "--bind", scheduler, *SCHEDULER, *with_keys),
+            "scheduler": spawn("scheduler", "scheduler", "--bind", scheduler, *run, *with_keys),
             "server": spawn("server", "server", "--scheduler", scheduler, "--bind", server, *with_keys)},
             key_dir, tmp_path)
 
@@ -580,6 +582,128 @@ def test_fuzzed_server_answers_everything_and_keeps_its_weights(cluster, ctx, ex
                                              "clock": 0, "token": token}, g)
     assert (header["op"], header["clock"]) == ("ok", 1), header
     assert params.tobytes() == (before - g * LR).tobytes()
+
+
+# -- a live server's sparse table -------------------------------------------------------------
+
+SPARSE_OPS = (*protocol.SPARSE_OPS, "stats")
+DIM = 1                                    # lr's rows
+MAX_KEY = 2 ** 63 - 1
+
+
+@st.composite
+def key_frames(draw) -> tuple[int, bytes]:
+    """(the keys a request says, its keys frame): usually sorted, unique, >= 0 and as many as
+    it says; or unsorted, repeated, negative, cut, or any bytes."""
+    n = draw(st.integers(0, 12))
+    rng = np.random.default_rng(draw(st.integers(0, 2 ** 32 - 1)))
+    keys = np.unique(rng.integers(0, MAX_KEY, n, dtype=np.int64))
+    how = draw(usually(st.just("right"), st.sampled_from(("unsorted", "repeated", "negative", "cut",
+                                                           "bytes")), odds=2))
+    if how == "unsorted" and len(keys) > 1:
+        keys = keys[::-1].copy()
+    elif how == "repeated" and len(keys):
+        keys = np.r_[keys, keys[-1:]]
+    elif how == "negative" and len(keys):
+        keys[0] = -draw(st.integers(1, 2 ** 63))
+    data = keys.astype("<i8").tobytes()
+    if how == "cut" and data:
+        data = data[:-draw(st.integers(1, 7))]
+    elif how == "bytes":
+        data = draw(st.binary(max_size=40))
+    return len(keys), data
+
+
+@st.composite
+def sparse_requests(draw) -> list[bytes]:
+    """A valid-looking sparse_pull, sparse_push or table stats: each field usually right."""
+    op = draw(usually(st.sampled_from(SPARSE_OPS), st.sampled_from(OTHER_OPS) | TEXTS | ODD, odds=6))
+    n, keys = draw(key_frames())
+    rows = draw(payloads(n * DIM)) if op == "sparse_push" else draw(usually(st.just([]), payloads(4), 4))
+    fields = {"v": usually(st.just(protocol.VERSION)), "op": st.just(op),
+              "node": usually(st.sampled_from(NODES), TEXTS | ODD),
+              "seq": usually(st.integers(0, 2 ** 64 - 1)),
+              "table": usually(st.just(0), INT64 | ODD), "keys": usually(st.just(n), INT64 | ODD),
+              "token": usually(TOKENS),
+              "dtype": usually(st.just("<f4"), st.sampled_from(("<f8", "<i8")) | ODD),
+              "n": usually(st.just(sum(len(f) for f in rows) // 4), INT64 | ODD),
+              "meta": usually(st.fixed_dictionaries({}, optional={"train": usually(st.booleans())})),
+              "piece": ODD}
+    rare, mostly = usually(st.just(False), st.just(True), 9), usually(st.just(True), st.just(False), 3)
+    header = {k: draw(v) for k, v in fields.items()
+              if k in ("v", "op", "node", "seq", "table", "keys") or draw(rare if k == "piece" else mostly)}
+    frames = [msgpack.packb(header, use_bin_type=True)]
+    if op == "stats":
+        return frames
+    return [*frames, *draw(usually(st.just([keys]), st.just([]), odds=9)), *rows]
+
+
+def sparse_cluster(cluster, tmp_path) -> Cluster:
+    """A scheduler of an lr run on 200 planted click-log lines, and its one server."""
+    data = tmp_path / "clicks"
+    subprocess.run([*CLI, "synth", "ctr", str(data), "--rows", "200", "--seed", "1"], check=True,
+                   env=child_env(), capture_output=True, timeout=START_S)
+    return cluster(run=("--mode", "async", "--workers", 1, "--shards", 1, "--model", "lr",
+                        "--data", f"criteo:{data}", "--optimizer", "sgd", "--lr", 0.1,
+                        "--batch-size", 16, "--eval-every", 0, "--progress", "none",
+                        "--start-timeout-s", 900, "--dead-after-s", 60))
+
+
+def table_stats(ctx: zmq.Context, cluster: Cluster) -> dict:
+    return call(ctx, cluster, "server", {"op": "stats", "table": 0})[0]["meta"]
+
+
+@pytest.mark.timeout(FUZZ_TIMEOUT_S)
+def test_fuzzed_sparse_table_answers_everything_and_changes_no_row(cluster, ctx, examples, report,
+                                                                    tmp_path):
+    """Sparse requests from a peer with no worker's token: one reply each (an evaluation pull
+    may read rows: zeros, for none exists); the table never gets a row, a sighting or a
+    push; and a real worker's pull and push still apply."""
+    c = sparse_cluster(cluster, tmp_path)
+    assert table_stats(ctx, c)["keys_seen"] == 0
+    live = Live("sparse table", c, raw_dealer(ctx, c.server))
+
+    def check(frames: list) -> None:
+        answer = live.send(frames)
+        if answer is None:
+            return
+        header, payload = answer
+        request = header_of(frames)
+        if payload and any(bytes(f).strip(b"\0") for f in payload):
+            live.note("weight changes", frames, "a row read other than zeros")
+        if request and request["op"] == "sparse_push" and header["op"] == "ok":
+            live.note("weight changes", frames, f"a push was taken: {header}")
+    try:
+        fuzz(examples, usually(sparse_requests(), mutated(sparse_requests()), odds=3), check)
+    finally:
+        live.close()
+    assert not died(c), died(c)
+    stats = table_stats(ctx, c)
+    if stats["keys_seen"] or stats["rows"] or stats["pushes"]:
+        live.note("weight changes", [], f"the table after the fuzzing: {stats}")
+    report(live.summary("crashes", "weight changes", "unanswered", "bad replies"))
+    assert live.clean(), live.found
+
+    # the control: a real worker's training pull creates rows, and its push applies (sgd, lr 0.1)
+    rank, _, token = take_a_worker(ctx, c)
+    keys = np.array([3, 5, 2 ** 40], "<i8")
+    worker = {"node": f"worker-{rank}", "table": 0, "token": token}
+    sock = make_socket(ctx, zmq.DEALER, c.server, max_frame=protocol.MAX_FRAME)
+    try:
+        def ask(header, rows=None):
+            sock.send_multipart(protocol.encode_sparse({"seq": header.pop("seq"), **worker, **header},
+                                                       keys, rows))
+            assert sock.poll(1000 * REPLY_S), f"no reply to {header}"
+            reply, frames = protocol.decode(sock.recv_multipart())
+            assert reply["op"] == "ok", reply
+            return np.concatenate(protocol.payload(reply, frames, reply["n"])) if frames else None
+        rows = ask({"op": "sparse_pull", "seq": 1})
+        ask({"op": "sparse_push", "seq": 2}, np.ones((3, 1), np.float32))
+        after = ask({"op": "sparse_pull", "seq": 3, "meta": {"train": False}})
+    finally:
+        sock.close()
+    assert after.tobytes() == (rows - LR).tobytes()
+    assert table_stats(ctx, c)["rows"] == 3
 
 
 @pytest.mark.timeout(300)

@@ -274,7 +274,7 @@ def test_every_code_op_and_field_is_documented():
 
 
 def test_every_operation_has_its_permitted_roles_documented():
-    assert set(protocol.PERMITTED) == {*protocol.SERVER_OPS, *protocol.SCHEDULER_OPS}
+    assert set(protocol.PERMITTED) == {*protocol.SERVER_OPS, *protocol.SPARSE_OPS, *protocol.SCHEDULER_OPS}
     for role in ("scheduler", "server", "worker"):
         ops = sorted(op for op, roles in protocol.PERMITTED.items() if role in roles)
         line = re.search(rf"^    {role}\s+(.*)$", protocol.__doc__, re.M).group(1)

@@ -44,10 +44,12 @@ import zmq
 
 from downpour.common import config
 from downpour.common.config import Config
+from downpour.common.ctr import CtrSplit
 from downpour.common.data import Dataset
 from downpour.common.errors import ClusterError, ConfigError
 from downpour.common.nn.layout import Piece
 from downpour.common.nn.model import Model, ModelSpec
+from downpour.common.nn.sparse import CtrModel
 from downpour.common.order import (
     chunk_batches,
     deals_chunks,
@@ -59,10 +61,11 @@ from downpour.common.order import (
 from downpour.common.step import GradientStep
 from downpour.common.training import open_datasets
 from downpour.common.wire import protocol
-from downpour.common.wire.client import ShardClient
+from downpour.common.wire.client import ShardClient, TableClient
 from downpour.common.wire.node import ChunkFeed, Heartbeat, register, say, wait_for_go
 from downpour.common.wire.protocol import RemoteError
 from downpour.common.wire.security import Keys
+from downpour.worker.sparse import SparseReplica
 
 SEQ_SPAN = 2**40        # sequence numbers each incarnation of a rank has to itself
 
@@ -270,13 +273,20 @@ def _register_and_train(cfg: Config, ctx: zmq.Context, keys: Keys | None) -> Non
     node, run = f"worker-{rank}", _run_settings(cfg, meta)
     train, about = _training_data(run, meta, node)
     pieces = [Piece(*p) for p in meta["pieces"]]     # [[server, lo, hi], ...] on the wire
+    first_seq, spec = meta["incarnation"] * SEQ_SPAN, ModelSpec.from_dict(meta["model"])
     with contextlib.ExitStack() as sockets:
         client = sockets.enter_context(ShardClient(
             [meta["servers"][p.server] for p in pieces], [(p.lo, p.hi) for p in pieces], node,
-            run.timeout_s, run.retries, ctx, first_seq=meta["incarnation"] * SEQ_SPAN, keys=keys,
+            run.timeout_s, run.retries, ctx, first_seq=first_seq, keys=keys,
             token=token, push_codec=run.push_codec, pull_codec=run.pull_codec))
-        replica = Replica(run, ModelSpec.from_dict(meta["model"]), rank, train, client,
-                          [p.server for p in pieces], meta["incarnation"])
+        if run.model:                                # a sparse model: tables beside the pieces
+            tables = sockets.enter_context(TableClient(
+                meta["servers"], node, CtrModel(run.model, run.embed_dim).dim, run.timeout_s,
+                run.retries, ctx, first_seq=first_seq, keys=keys, token=token))
+            replica = SparseReplica(run, spec, rank, train, client, tables, meta["incarnation"])
+        else:
+            replica = Replica(run, spec, rank, train, client, [p.server for p in pieces],
+                              meta["incarnation"])
         heartbeat = Heartbeat(ctx, cfg.scheduler, node, run.heartbeat_s, run.dead_after_s,
                               lambda: {**replica.progress, "token": token}, keys)
         sockets.callback(heartbeat.close)            # its thread closes its own socket
@@ -307,11 +317,15 @@ def _run_settings(cfg: Config, meta: dict[str, Any]) -> Config:
     return replace(config.from_dict(meta["config"]), **local)
 
 
-def _training_data(run: Config, meta: dict[str, Any], node: str) -> tuple[Dataset, str]:
+def _training_data(run: Config, meta: dict[str, Any], node: str) -> tuple[Dataset | CtrSplit, str]:
     """(the training split, a sentence saying what it is); ConfigError unless it is the
     scheduler's (as many samples of as many features)."""
     train, _, about = open_datasets(run)
-    if len(train) != meta["n_train"] or train.n_features != meta["model"]["n_inputs"]:
+    if run.model and len(train) != meta["n_train"]:
+        raise ConfigError(f"{node}: its training file has {len(train):,} lines, the "
+                          f"scheduler's {meta['n_train']:,}; give every node the same data")
+    if not run.model and (len(train) != meta["n_train"]
+                          or train.n_features != meta["model"]["n_inputs"]):
         raise ConfigError(f"{node}: its training data has {len(train)} samples of "
                           f"{train.n_features} features, the scheduler's "
                           f"{meta['n_train']} of {meta['model']['n_inputs']}; give every "
@@ -320,7 +334,7 @@ def _training_data(run: Config, meta: dict[str, Any], node: str) -> tuple[Datase
 
 
 def _chunk_feed(cfg: Config, ctx: zmq.Context, keys: Keys | None, meta: dict[str, Any],
-                replica: Replica, heartbeat: Heartbeat) -> ChunkFeed:
+                replica: Replica | SparseReplica, heartbeat: Heartbeat) -> ChunkFeed:
     """The feed of chunks the scheduler deals (async, ssp); each request carries the
     replica's counters, and a wait ends when the heartbeat has lost the scheduler."""
     identity = {k: meta[k] for k in ("rank", "incarnation", "token")}

@@ -41,6 +41,7 @@ import numpy as np
 import zmq
 
 from downpour.common.errors import ClusterError, DownpourError
+from downpour.common.nn.layout import owners
 from downpour.common.wire import codec, protocol
 from downpour.common.wire.security import Keys
 from downpour.common.wire.sockets import frame_limit, make_socket, send
@@ -248,16 +249,24 @@ class ShardClient:
                 if s is None or s in replies:
                     continue                                      # a reply to an earlier attempt
                 protocol.raise_for_error(header)
-                if out is not None and payload:
-                    lo, hi = self.ranges[s]
-                    if "codec" in header:
-                        codec.apply(header, payload, out[lo:hi])   # a pull's codec
-                    else:
-                        protocol.copy_payload(protocol.payload(header, payload, hi - lo), out[lo:hi])
-                    self.versions[s] = header.get("clock", 0)
+                self._take(s, header, payload, out)
                 replies[s] = header
         self._trackers = [t for t in self._trackers if not t.done]
         return replies
+
+    def _take(self, s: int, header: dict[str, Any], payload: list, out: np.ndarray | None) -> None:
+        """A reply's parameters into `out` (piece s's range), and the piece's version."""
+        if out is not None and payload:
+            lo, hi = self.ranges[s]
+            if "codec" in header:
+                codec.apply(header, payload, out[lo:hi])   # a pull's codec
+            else:
+                protocol.copy_payload(protocol.payload(header, payload, hi - lo), out[lo:hi])
+            self.versions[s] = header.get("clock", 0)
+
+    def _max_frame(self) -> int:
+        """The largest frame a reply may have (the sockets' limit)."""
+        return frame_limit(self.ranges)
 
     def _connect(self) -> None:
         """One DEALER per server address in use; sockets of addresses no longer used are closed."""
@@ -267,7 +276,7 @@ class ShardClient:
             if address not in self._socks:
                 try:
                     self._socks[address] = make_socket(self.ctx, zmq.DEALER, address, keys=self.keys,
-                                                       peer="server", max_frame=frame_limit(self.ranges))
+                                                       peer="server", max_frame=self._max_frame())
                 except DownpourError:
                     self.close()                  # no socket outlives a client that failed
                     raise
@@ -294,3 +303,104 @@ class ShardClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class TableClient(ShardClient):
+    """sparse_pull and sparse_push to the tables of the servers at `addresses` (server i's
+    rows are the keys downpour.common.nn.layout.owners places on i), rows of `dim` floats.
+
+    A request goes to every server that owns some of its keys, before any reply is
+    awaited, with the same timeouts, retries and sequence numbers as ShardClient's (a
+    retried push is applied once). `start_*` returns once the frames are queued; the
+    key and gradient arrays it was given must not change until `finish` returns."""
+
+    def __init__(self, addresses: list[str], node: str, dim: int, timeout: float = 30.0,
+                 retries: int = 3, ctx: zmq.Context | None = None, first_seq: int = 0,
+                 keys: Keys | None = None, token: bytes | None = None,
+                 while_waiting: Callable[[], None] | None = None):
+        super().__init__(addresses, [(0, 0)] * len(addresses), node, timeout, retries, ctx,
+                         while_waiting, first_seq, keys, token)
+        self.dim = dim
+        self._rows: np.ndarray | None = None          # a pull's rows, filled as replies come
+        self._parts: dict[int, np.ndarray] = {}       # server -> positions of its keys
+        self._held: list[np.ndarray] = []             # arrays ZeroMQ may still be sending
+
+    def pull(self, table: int, keys: np.ndarray, train: bool = True) -> np.ndarray:
+        """The rows (len(keys), dim) float32 of sorted unique `keys`; `train` false: an
+        evaluation pull, which creates and counts nothing (keys without rows read 0)."""
+        self.start_pull(table, keys, train)
+        return self.finish_sparse()
+
+    def push(self, table: int, keys: np.ndarray, grads: np.ndarray) -> None:
+        """Push one gradient row per key of sorted unique `keys` (grads (len(keys), dim))."""
+        self.start_push(table, keys, grads)
+        self.finish_sparse()
+
+    def start_pull(self, table: int, keys: np.ndarray, train: bool = True) -> None:
+        self._rows = np.empty((len(keys), self.dim), np.float32)
+        self._start("sparse_pull", table, keys, None, {"train": train})
+
+    def start_push(self, table: int, keys: np.ndarray, grads: np.ndarray) -> None:
+        if grads.shape != (len(keys), self.dim):
+            raise ValueError(f"grads of shape {grads.shape} for {len(keys)} keys of dim {self.dim}")
+        self._rows = None
+        self._start("sparse_push", table, keys, grads, None)
+
+    def finish_sparse(self) -> np.ndarray | None:
+        """Wait for the replies of `start_pull` (its rows) or `start_push` (None)."""
+        self._collect(None)
+        self._held.clear()
+        rows, self._rows = self._rows, None
+        return rows
+
+    def _start(self, op: str, table: int, keys: np.ndarray, grads: np.ndarray | None,
+               meta: dict[str, Any] | None) -> None:
+        if self._pending is not None:
+            raise RuntimeError("a request is already in flight; call finish_sparse() first")
+        where = owners(keys, len(self.addresses))
+        self._parts = {s: np.flatnonzero(where == s) for s in range(len(self.addresses))}
+        self._parts = {s: idx for s, idx in self._parts.items() if len(idx)}
+        self._pending = {}
+        for s, idx in self._parts.items():
+            part = np.ascontiguousarray(keys[idx], dtype=protocol.KEY_DTYPE)
+            rows = None if grads is None else np.ascontiguousarray(grads[idx], dtype=np.float32)
+            self._held += [part] + ([rows] if rows is not None else [])
+            self.seq += 1
+            header: dict[str, Any] = {"op": op, "node": self.node, "seq": self.seq, "table": table}
+            if self.token is not None:
+                header["token"] = self.token
+            if meta:
+                header["meta"] = meta
+            frames = protocol.encode_sparse(header, part, rows)
+            self._post(s, frames)
+            self._pending[s] = Pending(self.seq, frames, op)
+
+    def _take(self, s: int, header: dict[str, Any], payload: list, out: np.ndarray | None) -> None:
+        if self._rows is None:
+            return
+        idx = self._parts[s]
+        views = protocol.payload(header, payload, len(idx) * self.dim)
+        flat = views[0] if len(views) == 1 else np.concatenate(views)
+        self._rows[idx] = flat.reshape(len(idx), self.dim)
+
+    def _max_frame(self) -> int:
+        return protocol.MAX_FRAME
+
+    def stats(self, table: int = 0) -> list[dict[str, Any]]:
+        """Every server's stats of `table` (the reply headers' meta), in server order."""
+        return self._call_all("stats", table)
+
+    def shutdown(self, table: int = 0) -> None:
+        """Tell every server's tables the run is over (the scheduler's)."""
+        self._call_all("shutdown", table)
+
+    def _call_all(self, op: str, table: int) -> list[dict[str, Any]]:
+        self._rows = None
+        self._pending = {}
+        for s in range(len(self.addresses)):
+            self.seq += 1
+            frames = protocol.encode({"op": op, "node": self.node, "seq": self.seq, "table": table})
+            self._post(s, frames)
+            self._pending[s] = Pending(self.seq, frames, op)
+        replies = self._collect(None)
+        return [replies[s].get("meta", {}) for s in range(len(self.addresses))]

@@ -14,6 +14,8 @@ Header fields (every message has v, op, node, seq):
     node    str    sender: "scheduler", "server-<i>", "worker-<i>", or a tool's name
     seq     int    sender's sequence number, >= 0; the reply echoes it. A retried
                    request reuses its seq, so a server applies a push at most once
+    table   int    the sparse table a sparse_pull, sparse_push or stats is for
+    keys    int    sparse_pull and sparse_push: the keys in frame 1
     piece   int    the piece of the vector a request to a server is for: its index in
                    downpour.common.nn.layout.Layout.pieces (servers check they hold it)
     clock   int    parameter version of the piece named by piece: every piece counts its
@@ -50,13 +52,31 @@ Operations to a shard server, each for one piece (replies carry clock):
                 0 when absent) -> ok (applied; in sync mode held until the version
                 completes, in ssp mode held while the worker is too far ahead)
     push_pull   push, then the parameters after it in the same reply
-    stats       -> ok, meta: version, pushes, dropped, staleness and clock_gap
+    stats       (a piece's) -> ok, meta: version, pushes, dropped, staleness and clock_gap
                 histograms, bytes_in and bytes_out (payload bytes), busy_s (s spent
                 answering), lr, live, samples (applied), snapshots (the evaluation
                 points kept)
     control     meta: lr_scale (float) and/or live (list of worker ranks) -> ok
     checkpoint  -> ok, meta: path of the checkpoint written
     shutdown    -> ok; the server checkpoints if it has a directory, then exits
+
+Operations to a server's sparse tables (ps/sparse.py; a run with --model lr or fm), each
+for one table (the header's `table`, no `piece`). Keys are int64 >= 0, sorted, unique
+and owned by the server (downpour.common.nn.layout.owners); the header's `keys` counts
+them and frame 1 holds them raw (little-endian int64, at most MAX_KEYS); rows follow
+as the float32 payload of n = keys x the table's dim elements, row after row:
+
+    sparse_pull   frame 1: keys; meta: train (true: a worker's training pull, which
+                  counts a sighting of every key and creates the rows of admitted
+                  ones; false: an evaluation pull, which creates and counts nothing,
+                  and keys without a row read zeros) -> ok + payload: the rows
+    sparse_push   frame 1: keys, then payload: one gradient row per key -> ok, meta:
+                  updated (rows the optimizer changed; keys not admitted yet are
+                  ignored). A retried push (its seq already taken) is answered, not
+                  applied again
+    stats         (a table's) -> ok, meta: rows, keys_seen, admissions, ignored, bytes,
+                  pushes, pulls, and the server's sparse bytes_in, bytes_out and busy_s
+    shutdown      (to the tables) -> ok; a server of tables only then exits
 
 Operations to the scheduler:
 
@@ -91,9 +111,11 @@ the connection (downpour.common.wire.security), never the `node` field. Anything
 listed is refused with E_DENIED. Without keys every peer may send everything, but
 pushes, heartbeats and chunk requests still need their token.
 
-    scheduler   pull, stats, control, checkpoint, shutdown
+    scheduler   pull, sparse_pull, stats, control, checkpoint, shutdown
     server      register, heartbeat
-    worker      pull, push, push_pull, register, heartbeat, next_chunk
+    worker      pull, push, push_pull, sparse_pull, sparse_push, register, heartbeat, next_chunk
+
+(a scheduler's sparse_pull is an evaluation pull: a training pull needs a worker's token)
 
 Error codes (an error reply changes nothing on the server that sends it):
 
@@ -101,7 +123,8 @@ Error codes (an error reply changes nothing on the server that sends it):
                      mistyped field, an unknown field
     2  E_VERSION     another protocol version
     3  E_UNKNOWN_OP  an operation this receiver does not offer
-    4  E_PAYLOAD     wrong dtype, wrong length, missing frames, non-finite values
+    4  E_PAYLOAD     wrong dtype, wrong length, missing frames, non-finite values (in a
+                     sparse request, every fault of its keys or rows is E_MALFORMED)
     5  E_PIECE       the request names a piece this server does not hold, or none
     6  E_STATE       not possible now (a push's clock ahead of its piece, a registration
                      after the cluster is full, a checkpoint without a directory)
@@ -123,13 +146,17 @@ import numpy as np
 
 from downpour.common.errors import ProtocolError
 
-VERSION = 3       # 3: the header field shard is now piece (2: pushes say their samples; snapshot pulls)
+VERSION = 4       # 4: sparse tables (3: the header field shard is now piece; 2: pushes say their samples)
 MAX_HEADER = 64 * 1024               # bytes; checked before unpacking
 MAX_FRAME = 16 * 1024 * 1024         # bytes per payload frame
 DTYPES = {"<f4": np.dtype("<f4")}    # the payload dtypes a receiver accepts
 MAX_WORKERS = 1 << 16                # worker ranks are 0 .. MAX_WORKERS - 1
 
+MAX_KEYS = 1 << 20                   # keys in one sparse request (8 MiB of int64)
+KEY_DTYPE = np.dtype("<i8")
+
 SERVER_OPS = ("pull", "push", "push_pull", "stats", "control", "checkpoint", "shutdown")
+SPARSE_OPS = ("sparse_pull", "sparse_push")
 SCHEDULER_OPS = ("register", "heartbeat", "next_chunk")
 COUNTERS = ("samples", "steps", "loss_sum", "loss_count",    # a worker's progress that adds up:
             "compute_s", "padding_s", "cpu_s", "waiting_s",   # s (common/step.py StepTimes;
@@ -144,6 +171,7 @@ ERRORS = {E_MALFORMED: "malformed", E_VERSION: "version", E_UNKNOWN_OP: "unknown
 
 # operation -> the roles (of the key a peer authenticated with) that may send it
 PERMITTED = {"pull": ("scheduler", "worker"), "push": ("worker",), "push_pull": ("worker",),
+             "sparse_pull": ("scheduler", "worker"), "sparse_push": ("worker",),
              "stats": ("scheduler",), "control": ("scheduler",), "checkpoint": ("scheduler",),
              "shutdown": ("scheduler",), "register": ("server", "worker"),
              "heartbeat": ("server", "worker"), "next_chunk": ("worker",)}
@@ -151,7 +179,7 @@ PERMITTED = {"pull": ("scheduler", "worker"), "push": ("worker",), "push_pull": 
 # field -> the Python types it may have
 _FIELDS = {"v": int, "op": str, "node": str, "seq": int, "piece": int, "clock": int,
            "token": bytes, "dtype": str, "n": int, "meta": dict, "code": int, "msg": str,
-           "codec": str, "k": int}
+           "codec": str, "k": int, "table": int, "keys": int}
 _REQUIRED = ("v", "op", "node", "seq")
 
 
@@ -215,8 +243,8 @@ def decode(frames: Sequence) -> tuple[dict[str, Any], list]:
         if not isinstance(value, want) or (want is int and isinstance(value, bool)):
             raise error(E_MALFORMED, f"field {key!r} is {type(value).__name__}, "
                                       f"expected {want.__name__}")
-    if header["seq"] < 0 or header.get("n", 0) < 0 or header.get("clock", 0) < 0:
-        raise error(E_MALFORMED, "seq, n and clock must be >= 0")
+    if min(header["seq"], *(header.get(k, 0) for k in ("n", "clock", "table", "keys"))) < 0:
+        raise error(E_MALFORMED, "seq, n, clock, table and keys must be >= 0")
     return header, list(frames[1:])
 
 
@@ -246,6 +274,39 @@ def payload(header: dict[str, Any], frames: Sequence, n: int) -> list[np.ndarray
     if total != n * itemsize:
         raise error(E_PAYLOAD, f"payload has {total} bytes, {n} {dtype} items need {n * itemsize}")
     return views
+
+
+def encode_sparse(header: dict[str, Any], keys: np.ndarray, rows: np.ndarray | None = None) -> list:
+    """The frames of a sparse request: the header (with `keys` set), the keys frame, and
+    `rows` ((len(keys), dim) float32, row after row) as the payload if given. Zero-copy,
+    as `encode`: neither array may change until ZeroMQ has sent them."""
+    if keys.dtype != KEY_DTYPE or keys.ndim != 1 or not keys.flags.c_contiguous:
+        raise ProtocolError(f"keys must be a contiguous 1-D {KEY_DTYPE.str} array, got "
+                            f"{keys.dtype.str} {keys.shape}")
+    if len(keys) > MAX_KEYS:
+        raise ProtocolError(f"{len(keys)} keys in one request; at most MAX_KEYS={MAX_KEYS}")
+    head, *payload = encode({**header, "keys": len(keys)},
+                            None if rows is None else rows.reshape(-1))
+    return [head, memoryview(keys).cast("B"), *payload]
+
+
+def sparse_keys(header: dict[str, Any], frames: Sequence) -> tuple[np.ndarray, list]:
+    """(the keys of a sparse request as a read-only int64 view, the payload frames after
+    them). E_MALFORMED if the header has no `keys` or `table`, there are more than
+    MAX_KEYS, or frame 1 is not that many int64s. Order, uniqueness and ownership are the
+    table's to check (ps/sparse.py)."""
+    n = header.get("keys")
+    if n is None or "table" not in header:
+        raise error(E_MALFORMED, f"a {header.get('op')} needs the header fields table and keys")
+    if n > MAX_KEYS:
+        raise error(E_MALFORMED, f"{n} keys in one request; at most MAX_KEYS={MAX_KEYS}")
+    if not frames:
+        raise error(E_MALFORMED, f"no keys frame for {n} keys")
+    buf = _buffer(frames[0])
+    if len(buf) != n * KEY_DTYPE.itemsize:
+        raise error(E_MALFORMED, f"the keys frame has {len(buf)} bytes; {n} int64 keys need "
+                                 f"{n * KEY_DTYPE.itemsize}")
+    return np.frombuffer(buf, KEY_DTYPE), list(frames[1:])
 
 
 def copy_payload(views: Iterable[np.ndarray], out: np.ndarray) -> None:

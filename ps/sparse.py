@@ -1,0 +1,157 @@
+"""A server's sparse tables, and their answer to sparse_pull, sparse_push and stats.
+
+    request --> Server.handle --(header has "table")--> Tables.handle_request --> Table
+
+Stats of a table add the server's sparse traffic (payload bytes in and out, time spent
+answering) to the table's own figures, for the run's end record.
+
+A run with a sparse model (--model lr or fm) gives every server table 0: the rows of the
+keys `downpour.common.nn.layout.owners` places on it, each of the model's row width
+(1 for lr, 1 + embed_dim for fm), with the run's optimizer applied lazily per row
+(ps/table.py). The model's dense part (its bias) stays on the pieces of the vector.
+
+Guarantees:
+- A request is fully validated before anything changes: the table exists; the keys
+  frame holds `keys` int64s, sorted, unique, >= 0 and all owned by this server; a push
+  carries exactly keys x dim finite float32s. Every fault of a sparse request is
+  E_MALFORMED (wrong length or dtype included), and a refused request changes no row,
+  no count and no optimizer state.
+- With the run's secret, a push and a training pull need a worker's token (E_DENIED
+  otherwise), as dense pushes do; an evaluation pull (meta train false) needs none and
+  creates and counts nothing, so the scheduler can read the table without changing it.
+- A push is applied at most once per (sender, seq): a retried push is answered, not
+  applied again. A retried training pull counts its keys' sightings again (admission
+  may come one sighting early for them); its rows are read again.
+- Rows go out as a new array per reply (Table.pull copies), so a later push never
+  changes a reply still being sent.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from downpour.common.config import Config
+from downpour.common.errors import ConfigError, ProtocolError
+from downpour.common.nn.layout import owners
+from downpour.common.nn.sparse import CtrModel
+from downpour.common.wire import protocol
+from downpour.ps.piece import MAX_SENDERS, Reply, identify
+from downpour.ps.table import Table, check_keys
+
+OPTIMIZERS = ("sgd", "adagrad", "adam")      # the row optimizers ps/table.py has
+
+
+def make_tables(cfg: Config, rank: int) -> "Tables | None":
+    """Server `rank`'s tables for the run `cfg` (None: a dense model, no tables)."""
+    if not cfg.model:
+        return None
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"--optimizer {cfg.optimizer}: sparse tables update rows with "
+                          f"{', '.join(OPTIMIZERS)}; choose one of them")
+    kwargs = cfg.optimizer_kwargs()
+    if kwargs.pop("weight_decay"):
+        raise ConfigError("--weight-decay is not applied to table rows; drop it for --model")
+    hyper = {k: kwargs.pop(k) for k in ("eps", "betas", "initial_accumulator") if k in kwargs}
+    if kwargs:
+        raise ConfigError(f"optimizer_args {', '.join(kwargs)}: the table's {cfg.optimizer} "
+                          "takes only eps, betas (adam) and initial_accumulator (adagrad)")
+    dim = CtrModel(cfg.model, cfg.embed_dim).dim
+    return Tables({0: Table(dim, cfg.optimizer, cfg.lr, init_std=cfg.embed_init, seed=cfg.seed,
+                            admit_after=cfg.admit_after, **hyper)}, rank, cfg.shards)
+
+
+class Tables:
+    """The tables of server `rank` of `n_servers`, by number (the header's `table`)."""
+
+    def __init__(self, tables: dict[int, Table], rank: int, n_servers: int,
+                 secret: bytes | None = None, node: str = ""):
+        self.tables, self.rank, self.n_servers = tables, rank, n_servers
+        self.secret, self.node = secret, node or f"server-{rank}"
+        self._incarnations: dict[int, int] = {}       # worker rank -> latest incarnation heard
+        self.last_seq: dict[str, int] = {}            # sender -> seq of its last push taken
+        self.bytes_in = self.bytes_out = 0              # payload bytes, as pieces count them
+        self.busy_s = 0.0                               # s answering (serve measures it)
+        self.stopping = False                           # a shutdown came
+
+    def handle_request(self, ident: bytes, header: dict, payload: list) -> list[Reply]:
+        """The reply to a request for a table (its header decoded, its role permitted)."""
+        self.bytes_in += sum(len(f) for f in payload)
+        try:
+            table = self.tables.get(header["table"])
+            if table is None:
+                raise protocol.error(protocol.E_MALFORMED, f"{self.node} holds tables "
+                                     f"{sorted(self.tables)}, not {header['table']}")
+            op = header["op"]
+            if op == "shutdown":                      # the scheduler's: the run is over
+                self.stopping = True
+                return [Reply(ident, self._ok(header))]
+            if op == "stats":
+                return [Reply(ident, self._ok(header, **table.stats(), bytes_in=self.bytes_in,
+                                              bytes_out=self.bytes_out,
+                                              busy_s=round(self.busy_s, 6)))]
+            if op not in protocol.SPARSE_OPS:
+                raise protocol.error(protocol.E_UNKNOWN_OP, f"a table answers "
+                                     f"{', '.join(protocol.SPARSE_OPS)}, stats and shutdown, "
+                                     f"not {op!r}")
+            keys, rest = self._keys(header, payload)
+            if op == "sparse_pull":
+                return [Reply(ident, self._pull(table, header, keys))]
+            return [Reply(ident, self._push(table, header, keys, rest))]
+        except ProtocolError as e:
+            return [Reply(ident, protocol.error_reply(e.code, str(e), header, self.node))]
+
+    def sent(self, tracker, nbytes: int) -> None:
+        """A reply went out (serve says so of every reply): its rows are an array of its
+        own, which ZeroMQ keeps alive until sent, so there is nothing to wait for."""
+
+    def _keys(self, header: dict, payload: list) -> tuple[np.ndarray, list]:
+        keys, rest = protocol.sparse_keys(header, payload)
+        try:
+            check_keys(keys)
+        except ValueError as e:
+            raise protocol.error(protocol.E_MALFORMED, f"keys: {e}") from None
+        if self.n_servers > 1 and len(keys):
+            mine = owners(keys, self.n_servers) == self.rank
+            if not mine.all():
+                raise protocol.error(protocol.E_MALFORMED, f"{int((~mine).sum())} of the "
+                                     f"{len(keys)} keys belong to other servers (key "
+                                     f"{int(keys[~mine][0])} first); send each key to "
+                                     "downpour.common.nn.layout.owners(keys, servers)")
+        return keys, rest
+
+    def _pull(self, table: Table, header: dict, keys: np.ndarray) -> list:
+        train = header.get("meta", {}).get("train", True)
+        if type(train) is not bool:
+            raise protocol.error(protocol.E_MALFORMED, f"meta train must be true or false, "
+                                 f"got {train!r}")
+        if train:
+            identify(self.secret, self._incarnations, header, needs_token=True)
+        rows = table.pull(keys, train=train)
+        return self._ok(header, rows)
+
+    def _push(self, table: Table, header: dict, keys: np.ndarray, rest: list) -> list:
+        try:
+            views = protocol.payload(header, rest, len(keys) * table.dim)
+        except ProtocolError as e:
+            raise protocol.error(protocol.E_MALFORMED, f"rows: {e}") from None
+        grads = views[0] if len(views) == 1 else np.concatenate(views)
+        grads = grads.reshape(len(keys), table.dim)
+        if not np.isfinite(grads).all():
+            raise protocol.error(protocol.E_MALFORMED, "the gradient rows hold NaN or infinite "
+                                 "values; nothing was applied")
+        sender = identify(self.secret, self._incarnations, header, needs_token=True)
+        if header["seq"] <= self.last_seq.get(sender.key, -1):       # a retry: taken already
+            return self._ok(header, updated=0, retried=True)
+        if sender.key not in self.last_seq and len(self.last_seq) >= MAX_SENDERS:
+            raise protocol.error(protocol.E_STATE, f"this table already keeps {MAX_SENDERS} "
+                                 "senders' sequence numbers; it takes pushes from no new one")
+        self.last_seq[sender.key] = header["seq"]
+        return self._ok(header, updated=table.push(keys, grads))
+
+    def _ok(self, header: dict, payload: np.ndarray | None = None, **meta) -> list:
+        reply = {"op": "ok", "node": self.node, "seq": header["seq"], "table": header["table"]}
+        if meta:
+            reply["meta"] = meta
+        frames = protocol.encode(reply, None if payload is None else payload.reshape(-1))
+        self.bytes_out += sum(len(f) for f in frames[1:])
+        return frames
