@@ -9,7 +9,8 @@
     downpour bench core [--json]          one training step against PyTorch; the optimizer update
     downpour bench comm [--json]          push_pull through shard servers against raw pyzmq
                                           doing the same work, with and without CurveZMQ;
-                                          sparse pull and push through servers' tables
+                                          sparse pull and push through servers' tables;
+                                          --fill ROWS: a table grown by a stream of new keys
     downpour bench codecs [--json]        each wire codec's encode and decode against np.copyto
     downpour experiment --out DIR [...]   a sweep of runs over modes, workers, shards, links,
                                           compute scales and models: CSV and plots
@@ -144,6 +145,9 @@ def _bench(args: argparse.Namespace) -> int:
     if args.what == "codecs":
         from downpour.bench.codecs import main as bench_codecs
         return bench_codecs(args)
+    if args.fill:
+        from downpour.bench.fill import main as bench_fill
+        return bench_fill(args)
     from downpour.bench.comm import main as bench_comm
     return bench_comm(args)
 
@@ -271,6 +275,13 @@ def parser() -> argparse.ArgumentParser:
                            "(default all)")
     comm.add_argument("--sparse-keys", type=int, default=16384,
                       help="keys in one sparse pull or push (default 16384)")
+    comm.add_argument("--fill", type=int, default=0, metavar="ROWS",
+                      help="instead: stream ROWS new keys through one set of servers' tables "
+                           "(--shards S, --transports T), printing rows and memory as they grow")
+    comm.add_argument("--table-max-rows", type=int, default=0,
+                      help="with --fill: each server's row cap (LRU eviction; default 0, none)")
+    comm.add_argument("--embed-dim", type=int, default=16,
+                      help="with --fill: rows of 1 + this many float32 (default 16)")
     comm.add_argument("--piece-kib", type=int, default=config.Config.piece_kib,
                       help=f"server piece size in KiB, as in training (default {config.Config.piece_kib}; "
                            "0 = whole shards)")

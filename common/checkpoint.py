@@ -29,6 +29,16 @@ def save_arrays(path: str | os.PathLike, arrays: dict[str, np.ndarray], meta: di
     atomic_write(path, lambda f: np.savez(f, **entries))
 
 
+def check_not_replaced(path: str | os.PathLike, run_id: str, incarnation: int, what: str) -> None:
+    """DataError if `path` holds a `what` of run `run_id` written by a newer incarnation of
+    the same server (one that replaced this process): a stale server must write nothing."""
+    if os.path.isfile(path):
+        saved = load_meta(path, what)
+        if saved.get("run_id") == run_id and saved.get("incarnation", 0) > incarnation:
+            raise DataError(f"{path} was written by a newer server of this run (it replaced "
+                            "this one): this stale server writes nothing")
+
+
 def load_arrays(path: str | os.PathLike, what: str = "file") -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """The arrays and meta of a `save_arrays` file; DataError naming `what` if it is not one."""
     return _read(path, what, lambda z: ({k: z[k] for k in z.files if k != "meta"},

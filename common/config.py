@@ -100,6 +100,10 @@ class Config:
     admit_after: int = setting(1, "sparse models: a key gets a row once training has seen it "
                                "this many times; before, it reads zeros", "model", low=1,
                                modes=("async",))
+    table_max_rows: int = setting(0, "sparse models: each server keeps at most this many rows, "
+                                  "evicting the least recently used (with their optimizer state; "
+                                  "a key that comes back starts again); 0 = no cap", "model",
+                                  low=0, modes=("async",))
     layers: str = setting("", "hidden layers as comma-separated tokens, e.g. conv:32:3,relu,"
                           "maxpool:2,flatten,dense:128,relu or lstm:128: conv:C:K[:S[:P]] "
                           "(P a number or same), maxpool:K, avgpool:K, flatten, dense:N, dropout:P, "
@@ -274,9 +278,9 @@ class Config:
         if bool(self.model) != bool(self.data):
             raise ConfigError("--model lr or fm trains on click logs: give both --model and "
                               "--data criteo:DIR (or neither, for the dense models)")
-        if self.model and (self.save or self.checkpoint_dir):
+        if self.model and self.save:
             raise ConfigError(f"--model {self.model}: its rows live in the servers' tables, which "
-                              "--save and --checkpoint-dir do not write yet; drop them")
+                              "--save does not write (--checkpoint-dir does); drop --save")
         if self.model and (self.synthetic or self.layers or self.hidden != (256, 128)):
             raise ConfigError(f"--model {self.model} is a sparse model on --data; drop "
                               "--synthetic, --layers and --hidden (they describe dense models)")

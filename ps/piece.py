@@ -69,7 +69,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import zmq
 
-from downpour.common.checkpoint import load_arrays, load_meta, save_arrays
+from downpour.common.checkpoint import check_not_replaced, load_arrays, load_meta, save_arrays
 from downpour.common.config import Config
 from downpour.common.errors import ConfigError, DataError, ProtocolError
 from downpour.common.nn.model import ModelSpec, initial_params
@@ -579,11 +579,7 @@ class PieceState:
                 "staleness": {str(k): v for k, v in self.staleness.items()}}
         path = self.checkpoint_path()
         path.parent.mkdir(parents=True, exist_ok=True)
-        if path.is_file():
-            saved = load_meta(path, "piece checkpoint")
-            if saved.get("run_id") == self.run_id and saved.get("incarnation", 0) > self.incarnation:
-                raise DataError(f"{path} was written by a newer server of this run (it replaced "
-                                "this one): this stale server writes nothing")
+        check_not_replaced(path, self.run_id, self.incarnation, "piece checkpoint")
         self.wait_sent()
         save_arrays(path, arrays, meta)
         return path

@@ -315,16 +315,23 @@ class Scheduler:
         self.client.call_all("control", {"lr_scale": scale})
 
     def _follow_server(self, rank: int, addr: str) -> None:
-        """A replacement took server `rank`'s place: its pieces are now at `addr`."""
+        """A replacement took server `rank`'s place: its pieces and tables are now at `addr`."""
         for i, piece in enumerate(self.pieces):
             if piece.server == rank:
                 self.client.reconnect(i, addr)
+        if self.tables is not None:
+            self.tables.reconnect(rank, addr)
 
     def _checkpoint(self) -> None:
-        """Order every server to checkpoint (servers without a checkpoint dir decline)."""
-        for i in range(len(self.pieces)):
+        """Order every server to checkpoint its pieces and its tables (servers without a
+        checkpoint dir decline)."""
+        calls = [functools.partial(self.client.call, i, "checkpoint") for i in range(len(self.pieces))]
+        if self.tables is not None:
+            calls += [functools.partial(self.tables.call, [s], "checkpoint", TABLE)
+                      for s in range(self.cfg.shards)]
+        for call in calls:
             try:
-                self.client.call(i, "checkpoint")
+                call()
             except protocol.RemoteError as e:
                 if e.code != protocol.E_STATE:
                     raise

@@ -85,9 +85,10 @@ class Server:
                                      eval_samples)
                        for i, p in enumerate(pieces) if p.server == rank}
         self.resumed: list[int] = []          # the pieces `resume` restored
+        self.tables_resumed = False           # ... and whether it restored the tables
         self.tables = make_tables(cfg, rank)          # None: a dense model
         if self.tables is not None:
-            self.tables.secret, self.tables.node = secret, self.node
+            self.tables.secret, self.tables.node, self.tables.run_id = secret, self.node, run_id
         if not self.pieces and self.tables is None:
             raise ConfigError(f"server {rank} holds no piece of the {len(pieces)} given")
 
@@ -139,6 +140,27 @@ class Server:
         DataError if a checkpoint of this run does not fit its piece (another model or
         layout), or a file in the directory is not a checkpoint.
         """
+        notes = [self._resume_pieces()] if self.pieces else []
+        if self.tables is not None:
+            notes.append(self._resume_tables())
+        return "; ".join(note for note in notes if note)
+
+    def _resume_tables(self) -> str:
+        """Restore the tables from this run's checkpoint if there is one; what happened,
+        in words, unless they were restored."""
+        saved = self.tables.saved_run()
+        if saved == self.run_id:
+            self.tables.restore()
+            self.tables_resumed = True
+            return ""
+        where = f"in {self.cfg.checkpoint_dir}"
+        if saved is None:
+            return f"{self.node}: no table checkpoint of run {self.run_id or '(unnamed)'} {where}: " \
+                   "its tables start empty"
+        return f"{self.node}: ignores the table checkpoint of run {saved or '(unnamed)'} {where}; " \
+               "its tables start empty"
+
+    def _resume_pieces(self) -> str:
         saved = {i: piece.saved_run() for i, piece in self.pieces.items()}
         for i in sorted(saved):
             if saved[i] == self.run_id:
@@ -168,6 +190,11 @@ class Server:
                     piece.checkpoint()
                 except DataError as e:
                     return str(e)
+        if self.cfg.checkpoint_dir and self.tables is not None:
+            try:
+                self.tables.checkpoint()
+            except DataError as e:
+                return str(e)
         return ""
 
 
@@ -261,12 +288,15 @@ def standalone(cfg: Config, spec: ModelSpec, rank: int, address: str) -> None:
 
 
 def _resumed(server: Server) -> str:
-    """The join line's account of a resume: at which version, of how many pieces."""
+    """The join line's account of a resume: at which version, of how many pieces; the
+    table rows restored."""
+    rows = f", resumed {sum(t.stats()['rows'] for t in server.tables.tables.values()):,} table " \
+           "rows" if server.tables_resumed else ""
     if not server.resumed:
-        return ""
+        return rows
     some = "" if len(server.resumed) == len(server.pieces) else \
         f" {len(server.resumed)} of {len(server.pieces)} pieces"
-    return f", resumed{some} at version {min(server.pieces[i].version for i in server.resumed)}"
+    return f", resumed{some} at version {min(server.pieces[i].version for i in server.resumed)}" + rows
 
 
 def main(cfg: Config) -> int:
@@ -329,6 +359,8 @@ def _register_and_serve(cfg: Config, ctx: zmq.Context, keys: Keys | None) -> Non
         incarnation, token = meta["incarnation"], meta["token"]
         for piece in server.pieces.values():
             piece.incarnation = incarnation
+        if server.tables is not None:
+            server.tables.incarnation = incarnation
         heartbeat = Heartbeat(ctx, cfg.scheduler, server.node, run.heartbeat_s, run.dead_after_s,
                               lambda: {"role": "server", "rank": rank, "incarnation": incarnation,
                                        "token": token, "version": server.version,

@@ -24,14 +24,21 @@ Guarantees:
   may come one sighting early for them); its rows are read again.
 - Rows go out as a new array per reply (Table.pull copies), so a later push never
   changes a reply still being sent.
+- Checkpoints (every table's rows, optimizer state and admission counts, and the pushes
+  taken) are written atomically, one file per table and server; `restore` continues
+  from them exactly, and only from this run's, of this server's rank and number of
+  servers (which fix the keys it owns: a replacement owns exactly its predecessor's).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
+from downpour.common.checkpoint import check_not_replaced, load_arrays, load_meta, save_arrays
 from downpour.common.config import Config
-from downpour.common.errors import ConfigError, ProtocolError
+from downpour.common.errors import ConfigError, DataError, ProtocolError
 from downpour.common.nn.layout import owners
 from downpour.common.nn.sparse import CtrModel
 from downpour.common.wire import protocol
@@ -57,16 +64,22 @@ def make_tables(cfg: Config, rank: int) -> "Tables | None":
                           "takes only eps, betas (adam) and initial_accumulator (adagrad)")
     dim = CtrModel(cfg.model, cfg.embed_dim).dim
     return Tables({0: Table(dim, cfg.optimizer, cfg.lr, init_std=cfg.embed_init, seed=cfg.seed,
-                            admit_after=cfg.admit_after, **hyper)}, rank, cfg.shards)
+                            admit_after=cfg.admit_after, max_rows=cfg.table_max_rows, **hyper)},
+                  rank, cfg.shards, directory=cfg.checkpoint_dir)
 
 
 class Tables:
     """The tables of server `rank` of `n_servers`, by number (the header's `table`)."""
 
     def __init__(self, tables: dict[int, Table], rank: int, n_servers: int,
-                 secret: bytes | None = None, node: str = ""):
+                 secret: bytes | None = None, node: str = "", directory: str = "",
+                 run_id: str = ""):
+        """`directory`: where checkpoints go ("" = none); `run_id`: the run's, written into
+        them (and set with `secret` by the server that holds the tables)."""
         self.tables, self.rank, self.n_servers = tables, rank, n_servers
         self.secret, self.node = secret, node or f"server-{rank}"
+        self.directory, self.run_id = directory, run_id
+        self.incarnation = 0          # the registration of the server holding them (a fence)
         self._incarnations: dict[int, int] = {}       # worker rank -> latest incarnation heard
         self.last_seq: dict[str, int] = {}            # sender -> seq of its last push taken
         self.bytes_in = self.bytes_out = 0              # payload bytes, as pieces count them
@@ -85,6 +98,9 @@ class Tables:
             if op == "shutdown":                      # the scheduler's: the run is over
                 self.stopping = True
                 return [Reply(ident, self._ok(header))]
+            if op == "checkpoint":
+                return [Reply(ident, self._ok(header, path=str(self.checkpoint()[header["table"]]),
+                                              rows=table.stats()["rows"]))]
             if op == "stats":
                 return [Reply(ident, self._ok(header, **table.stats(), bytes_in=self.bytes_in,
                                               bytes_out=self.bytes_out,
@@ -99,6 +115,55 @@ class Tables:
             return [Reply(ident, self._push(table, header, keys, rest))]
         except ProtocolError as e:
             return [Reply(ident, protocol.error_reply(e.code, str(e), header, self.node))]
+        except (DataError, OSError) as e:              # a checkpoint that could not be written
+            return [Reply(ident, protocol.error_reply(protocol.E_STATE, str(e), header, self.node))]
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def checkpoint_path(self, number: int) -> Path:
+        """Table `number`'s checkpoint: its name holds the server's rank and the number of
+        servers, whose keys it owns (layout.owners)."""
+        return Path(self.directory) / f"table-{number}-server-{self.rank}-of-{self.n_servers}.npz"
+
+    def checkpoint(self) -> dict[int, Path]:
+        """Write every table (rows, optimizer state, admission counts) and the pushes taken,
+        each atomically; the paths. E_STATE without a directory; DataError (nothing
+        written) if a newer server of this run has replaced this one."""
+        if not self.directory:
+            raise protocol.error(protocol.E_STATE, f"{self.node} has no --checkpoint-dir")
+        paths = {}
+        for number, table in self.tables.items():
+            path = self.checkpoint_path(number)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            check_not_replaced(path, self.run_id, self.incarnation, "table checkpoint")
+            save_arrays(path, table.export(), {
+                "run_id": self.run_id, "incarnation": self.incarnation, "rank": self.rank,
+                "servers": self.n_servers, "table": number, "last_seq": self.last_seq})
+            paths[number] = path
+        return paths
+
+    def saved_run(self) -> str | None:
+        """The run id of table 0's checkpoint: None if there is none. DataError if the file
+        is not a checkpoint."""
+        path = self.checkpoint_path(0)
+        return str(load_meta(path, "table checkpoint").get("run_id", "")) if path.is_file() else None
+
+    def restore(self) -> None:
+        """Continue every table from its checkpoint of this run; DataError if one is missing,
+        of another run or server, or does not fit the run's table."""
+        for number, table in list(self.tables.items()):
+            path = self.checkpoint_path(number)
+            arrays, meta = load_arrays(path, "table checkpoint")
+            if (meta.get("run_id"), meta.get("rank"), meta.get("servers")) != \
+                    (self.run_id, self.rank, self.n_servers):
+                raise DataError(f"{path} holds server {meta.get('rank')} of {meta.get('servers')} "
+                                f"of run {meta.get('run_id')}; this is server {self.rank} of "
+                                f"{self.n_servers} of run {self.run_id}")
+            restored = Table.restore(arrays)
+            if restored.settings() != table.settings():
+                raise DataError(f"{path}: a table of {restored.settings()}, the run's is "
+                                f"{table.settings()}: resume with the same settings")
+            self.tables[number] = restored
+            self.last_seq = {str(k): int(v) for k, v in meta.get("last_seq", {}).items()}
 
     def sent(self, tracker, nbytes: int) -> None:
         """A reply went out (serve says so of every reply): its rows are an array of its
@@ -126,7 +191,10 @@ class Tables:
                                  f"got {train!r}")
         if train:
             identify(self.secret, self._incarnations, header, needs_token=True)
-        rows = table.pull(keys, train=train)
+        try:
+            rows = table.pull(keys, train=train)
+        except ValueError as e:                        # more new rows than the cap holds
+            raise protocol.error(protocol.E_MALFORMED, str(e)) from None
         return self._ok(header, rows)
 
     def _push(self, table: Table, header: dict, keys: np.ndarray, rest: list) -> list:

@@ -1,19 +1,29 @@
 """One server's sparse embedding table: float32 rows of `dim` columns keyed by int64.
 
-Keys are non-negative int64 (callers hash their features to 63 bits; -1 marks an
-empty slot). An open-addressing index (linear probing, load factor <= 1/2, doubled
-with a vectorized rehash) maps each key to a slot holding its row number, or -1 while
-the key is seen but not admitted, and its sightings. Rows live in an arena, numbered
-in order of admission, with the optimizer state beside them under the same numbers.
+Keys are non-negative int64 (callers hash their features to 63 bits). An Index
+(ps/index.py: open addressing in NumPy over whole batches) maps each key to a slot
+holding its row number, or -1 while the key is seen but not admitted, and its
+sightings. Rows live in an arena, rows 0 to rows-1, with the optimizer state, the
+row's key and its last-use stamp beside them under the same numbers.
 
-    table = Table(dim=16, optimizer="adagrad", lr=0.05, init_std=0.01, seed=7)
+    table = Table(dim=16, optimizer="adagrad", lr=0.05, init_std=0.01, seed=7, max_rows=10**6)
     w = table.pull(keys)            # (n, dim) float32; keys sorted, unique, >= 0
     table.push(keys, grads)         # grads (n, dim) float32: one summed gradient a key
 
-Every batch operation loops over probe rounds, never over keys: a round reads, for
-each key still probing, its home slot (round 1) or the next PROBE_WINDOW slots (one
-cache line); keys of one batch that want the same empty slot get it by np.unique on
-the slots (the first wins; the others probe on).
+The cap, max_rows (0: none). A row is used by a training pull or a push of its key;
+`clock` counts uses, one per key, and each row keeps the clock of its last use as its
+stamp, so stamps are unique and the keys of one call are used in key order. A training
+pull first stamps its keys' rows, then counts the rows it will admit; past max_rows it
+evicts the rows of the smallest stamps (np.argpartition over the rows' stamps), whose
+keys leave the index, sightings and all; then it admits.
+- Evicted keys are deleted from the index, which has no tombstones (see ps/index.py):
+  probes stay as short as if the evicted keys had never come, but the deletion moves
+  other keys, so the pull then finds its own keys again.
+- Row slots: an eviction only makes room for the rows the same pull admits, so the
+  evicted rows are all taken again at once (their numbers, in order, then new rows
+  after the last): a free list that never outlives the call. Rows stay 0 to rows-1, no
+  compaction, nothing about free rows to export, and the arena stops growing at
+  max_rows, so under a steady stream of new keys at the cap the bytes stay flat.
 
 Guarantees:
 - A key's first row depends on the key, `seed` and `init_std` only, not on the server,
@@ -26,9 +36,21 @@ Guarantees:
   creates nothing and counts nothing.
 - pull returns a new array, never a view of the arena.
 - A call with bad keys or gradients raises ValueError before anything changes: no
-  row, no state, no counter.
-- export() holds the whole table as arrays; restore(export()) answers every later call
-  exactly as the original would (only the capacities, and so stats' bytes, may differ).
+  row, no state, no counter, no stamp. So does a training pull of more keys than
+  max_rows.
+- With max_rows, the table holds at most max_rows rows after every call. The rows
+  evicted to make room are the least recently used (an evaluation pull is no use; rows
+  last used by one call go in key order), never a row of the pull's own keys. An
+  evicted key is forgotten: if it comes back it is new (its first row, fresh optimizer
+  state, admit_after sightings again). Keys waiting for admission hold no row and are
+  not evicted: the cap bounds rows, not index entries (see Limit).
+- export() holds the whole table as arrays, stamps and clock included; restore(export())
+  answers every later call, evictions included, exactly as the original would (only
+  the capacities, and so stats' bytes, may differ).
+
+Limit: keys seen but not yet admitted (admit_after > 1) hold index entries (32 B a key
+at load 1/2) and are never evicted, so keys each seen fewer than admit_after times grow
+the index, and stats' keys_seen and bytes, without bound, whatever max_rows.
 
 The update rules are written out in sgd_update, adagrad_update and lazy_adam_update;
 the measured cost is in the comment below the constants.
@@ -43,18 +65,15 @@ import numpy as np
 
 from downpour.common.errors import ConfigError, DataError
 from downpour.common.nn.hashing import GAMMA, splitmix64
+from downpour.ps.index import Index
 
-EMPTY = -1                 # the key of an empty slot; real keys are >= 0
-MAX_LOAD = 0.5             # index entries per slot, at most
-MIN_SLOTS = 64             # initial index capacity (a power of two)
-PROBE_WINDOW = 8           # slots a probe round reads after the first (8 int64: a cache line)
-REHASH_CHUNK = 1 << 16     # keys placed per round trip while rehashing
 MIN_ROWS = 64              # initial arena capacity, rows
 MAX_DIM = 1 << 20          # columns a row may have
 MAX_ADMIT_AFTER = 2**31 - 1    # sightings are int32
-SETTINGS = ("dim", "optimizer", "lr", "init_std", "seed", "admit_after", "eps", "betas",
+MAX_ROWS = 2**31 - 1           # the index holds row numbers as int32
+SETTINGS = ("dim", "optimizer", "lr", "init_std", "seed", "admit_after", "max_rows", "eps", "betas",
             "initial_accumulator")      # Table's arguments, as export() names them
-COUNTERS = ("admissions", "ignored", "pushes", "pulls")
+COUNTERS = ("admissions", "evictions", "ignored", "pushes", "pulls")
 
 _U64 = np.uint64
 _LOW32 = _U64(0xFFFFFFFF)
@@ -65,16 +84,17 @@ _2_TO_MINUS_32 = 2.0**-32
 #   pull(train=True) + push of 16,000 unique keys, 10% of them new:  4.0 ms (median; the
 #     pull 2.1 ms, of which ~0.6 ms creates the 1,600 new rows, mostly float64 cos);
 #   the one pull that then doubles index and arena: 150-360 ms;
-#   the index: 16 B a slot (key int64, row int32, sightings int32), 32 B a key at load
-#     1/2 and 64 B just after a doubling, against 105 B a key for a dict {key: row}
-#     (tracemalloc: the dict and its int objects).
-
-
-def home_slots(keys: np.ndarray, capacity: int) -> np.ndarray:
-    """The slot where each key's probe starts: splitmix64(key) mod capacity (a power of
-    two). The keys are hashes already; mixing them again costs little and protects
-    the index from keys that are not."""
-    return (splitmix64(keys.astype(_U64)) & _U64(capacity - 1)).astype(np.intp)
+#   the index: 32 B a key at load 1/2, 64 B just after a doubling (see ps/index.py);
+#   the arena: a row's dim float32, its optimizer state, and 16 B (key, stamp: int64).
+# With `bench_eviction`, the VM busy with other work (load 2.3 on 2 cores; it put the
+# figures above at 5.3-5.8 ms and 2.6-2.8 ms), a training pull of 16,000 new keys into a
+# full table of 1,000,000 rows, dim 17, adagrad (median of 9 pulls capped, of the 3
+# before the next doubling uncapped; 3 runs):
+#   with max_rows 1,000,000, each pull evicting 16,000 rows: 16 ms (16.5, 15.8, 16.3),
+#     of which eviction 7.3 ms: the index's delete of the evicted keys ~6 ms (see
+#     ps/index.py), argpartition over the stamps 1.2 ms; then ~0.8 ms finding the
+#     pull's keys again (the delete moved some);
+#   without a cap: 9 ms (9.1, 8.9, 8.3), most of it the 16,000 first rows.
 
 
 def initial_rows(keys: np.ndarray, dim: int, init_std: float, seed: int) -> np.ndarray:
@@ -240,91 +260,6 @@ OPTIMIZERS = {o.name: o for o in (Sgd, Adagrad, LazyAdam)}
 _DEFAULTS = {"eps": None, "betas": (0.9, 0.999), "initial_accumulator": 0.0}   # Table's
 
 
-# -- the index ---------------------------------------------------------------------------
-
-class _Index:
-    """Open addressing with linear probing: key -> slot; per slot a row number (-1: not
-    admitted) and a sighting count. At most MAX_LOAD of the slots are used."""
-
-    def __init__(self, capacity: int = MIN_SLOTS):
-        self.keys = np.full(capacity, EMPTY, np.int64)     # (capacity,)
-        self.row = np.full(capacity, -1, np.int32)
-        self.seen = np.zeros(capacity, np.int32)
-        self.used = 0
-
-    @property
-    def nbytes(self) -> int:
-        return self.keys.nbytes + self.row.nbytes + self.seen.nbytes
-
-    def find(self, keys: np.ndarray) -> np.ndarray:
-        """(n,) intp: the slot of each key, -1 where it has none."""
-        pos = home_slots(keys, self.keys.size)
-        there = self.keys[pos]                       # round 1: most keys sit in their home slot
-        hit = there == keys
-        slots = np.where(hit, pos, -1)
-        todo = np.flatnonzero(~hit & (there != EMPTY))
-        want, pos = keys[todo], pos[todo] + 1
-        while todo.size:                             # later rounds: the next PROBE_WINDOW slots
-            cand, there = self._probe(pos, PROBE_WINDOW)
-            stop = (there == want[:, None]) | (there == EMPTY)   # the key, or the end of its run
-            first = stop.argmax(axis=1)
-            every = np.arange(todo.size)
-            settled = stop[every, first]
-            hit = settled & (there[every, first] == want)
-            slots[todo[hit]] = cand[every, first][hit]
-            todo, want, pos = todo[~settled], want[~settled], pos[~settled] + PROBE_WINDOW
-        return slots
-
-    def add(self, keys: np.ndarray) -> np.ndarray:
-        """(n,) slots given to `keys` (unique, none in the index), row -1, sightings 0;
-        doubles the capacity first while the load would pass MAX_LOAD (every slot that
-        find() gave before may then be another)."""
-        capacity = self.keys.size
-        while self.used + keys.size > capacity * MAX_LOAD:
-            capacity *= 2
-        if capacity > self.keys.size:
-            self._rehash(capacity)
-        self.used += keys.size
-        return self._place(keys)
-
-    def _probe(self, pos: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
-        """(n, width) slots pos, pos + 1, ... (wrapping around), and the keys in them."""
-        cand = (pos[:, None] + np.arange(width)) & (self.keys.size - 1)
-        return cand, self.keys[cand]
-
-    def _place(self, keys: np.ndarray) -> np.ndarray:
-        """Write `keys` (unique, absent) into the first empty slot of their runs."""
-        slots = np.empty(keys.size, np.intp)
-        todo = np.arange(keys.size)
-        pos, width = home_slots(keys, self.keys.size), 1
-        while todo.size:
-            cand, there = self._probe(pos, width)
-            free = there == EMPTY
-            first = free.argmax(axis=1)
-            has = np.flatnonzero(free[np.arange(todo.size), first])
-            target = cand[has, first[has]]
-            won, i = np.unique(target, return_index=True)      # one winner a slot
-            winners = has[i]
-            self.keys[won] = keys[todo[winners]]
-            slots[todo[winners]] = won
-            pos = pos + width                   # the window was full: the next one
-            pos[has] = target + 1               # its free slot went to another: go on after it
-            go = np.ones(todo.size, bool)
-            go[winners] = False
-            todo, pos, width = todo[go], pos[go], PROBE_WINDOW
-        return slots
-
-    def _rehash(self, capacity: int) -> None:
-        used = np.flatnonzero(self.keys != EMPTY)
-        keys, row, seen = self.keys[used], self.row[used], self.seen[used]
-        self.keys = np.full(capacity, EMPTY, np.int64)
-        self.row = np.full(capacity, -1, np.int32)
-        self.seen = np.zeros(capacity, np.int32)
-        for lo in range(0, keys.size, REHASH_CHUNK):         # bounds the (n, width) temporaries
-            slots = self._place(keys[lo:lo + REHASH_CHUNK])
-            self.row[slots], self.seen[slots] = row[lo:lo + REHASH_CHUNK], seen[lo:lo + REHASH_CHUNK]
-
-
 def _records(a: np.ndarray) -> np.ndarray:
     """C-contiguous `a` (n, ...) as (n,) records of one row each: fancy assignment to a
     1-D record view copies a row in one go, twice as fast as to `a` itself."""
@@ -344,12 +279,12 @@ class Table:
     """One server's rows: pull, push, stats, export/restore."""
 
     def __init__(self, dim: int, optimizer: str = "adagrad", lr: float = 0.05, *,
-                 init_std: float = 0.0, seed: int = 0, admit_after: int = 1,
+                 init_std: float = 0.0, seed: int = 0, admit_after: int = 1, max_rows: int = 0,
                  eps: float | None = None, betas: tuple = (0.9, 0.999), initial_accumulator: float = 0.0):
         """Raises ConfigError naming the setting if one is invalid, or if it is set but
         the optimizer has no use for it (eps for sgd, betas but for adam,
         initial_accumulator but for adagrad). eps None: the optimizer's default
-        (adagrad 1e-10, adam 1e-8)."""
+        (adagrad 1e-10, adam 1e-8). max_rows 0: no cap."""
         if optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
         self.dim = _whole("dim", dim, 1, MAX_DIM)
@@ -357,6 +292,7 @@ class Table:
         self.init_std = _real("init_std", init_std)
         self.seed = _whole("seed", seed, 0, 2**64 - 1)
         self.admit_after = _whole("admit_after", admit_after, 1, MAX_ADMIT_AFTER)
+        self.max_rows = _whole("max_rows", max_rows, 0, MAX_ROWS)
         kind, given = OPTIMIZERS[optimizer], {"eps": eps, "betas": betas,
                                               "initial_accumulator": initial_accumulator}
         for name, value in given.items():
@@ -364,12 +300,15 @@ class Table:
                 raise ConfigError(f"{name} is not a setting of optimizer {optimizer!r} "
                                   f"(its settings: {', '.join(('lr',) + kind.hyper)})")
         self.opt = kind(self.lr, **{k: v for k, v in given.items() if k in kind.hyper and v is not None})
-        self._index = _Index()
-        self._n = 0                                               # rows admitted
+        self._index = Index()
+        self._n = 0                                               # rows admitted: rows 0 .. n-1
         self._w = np.empty((MIN_ROWS, self.dim), np.float32)      # (row capacity, dim)
         self._state = {name: np.empty(self._state_shape(MIN_ROWS, spec), spec.dtype)
                        for name, spec in self.opt.state.items()}
-        self.admissions = self.ignored = self.pushes = self.pulls = 0
+        self._key = np.empty(MIN_ROWS, np.int64)                  # (row capacity,) each row's key
+        self._stamp = np.empty(MIN_ROWS, np.int64)                # each row's clock at its last use
+        self.clock = 0                                            # key uses so far (see _uses)
+        self.admissions = self.evictions = self.ignored = self.pushes = self.pulls = 0
 
     def _state_shape(self, rows: int, spec: RowState) -> tuple:
         return (rows, self.dim) if spec.per_column else (rows,)
@@ -378,33 +317,30 @@ class Table:
     def pull(self, keys: np.ndarray, *, train: bool = True) -> np.ndarray:
         """(len(keys), dim) float32, a new array: each key's row, zeros for keys without one.
 
-        keys: see check_keys (ValueError). train: count a sighting per key not yet
-        admitted and admit those reaching admit_after (their rows created first, so they
-        read their initial row). train=False changes nothing but the pull count."""
+        keys: see check_keys (ValueError). train: use the keys' rows (see max_rows), count
+        a sighting per key not yet admitted and admit those reaching admit_after (their
+        rows created first, so they read their initial row), evicting the least recently
+        used other rows first if max_rows would be passed. ValueError before any change if
+        there are more keys than max_rows. train=False changes nothing but the pull count."""
         check_keys(keys)
+        if train and self.max_rows and keys.size > self.max_rows:
+            raise ValueError(f"a training pull of {keys.size:,} keys, but the table holds at most "
+                             f"{self.max_rows:,} rows (max_rows): raise --table-max-rows or send "
+                             "fewer keys a pull")
         self.pulls += 1
         slots = self._index.find(keys)
-        if train:
-            new = np.flatnonzero(slots < 0)
-            if new.size:
-                capacity = self._index.keys.size
-                slots[new] = self._index.add(keys[new])
-                if self._index.keys.size != capacity:         # rehashed: every key moved
-                    slots = self._index.find(keys)
         rows = np.where(slots >= 0, self._index.row[slots], -1)
         if train:
-            waiting = np.flatnonzero(rows < 0)
-            if waiting.size:
-                rows[waiting] = self._sight(keys[waiting], slots[waiting])
+            rows = self._train(keys, slots, rows)
         out = np.take(self._w, rows, axis=0)                    # (n, dim); row -1 reads the last
         out[rows < 0] = 0
         return out
 
     def push(self, keys: np.ndarray, grads: np.ndarray) -> int:
         """Apply the optimizer to the rows of `keys` with `grads` (len(keys), dim) float32,
-        only read; keys without a row are ignored and counted. Returns the rows updated.
-        ValueError (bad keys, grads of another shape or dtype, non-finite values) before
-        any change."""
+        only read; keys without a row are ignored and counted. Returns the rows updated,
+        which count as used. ValueError (bad keys, grads of another shape or dtype,
+        non-finite values) before any change."""
         check_keys(keys)
         if not isinstance(grads, np.ndarray) or grads.dtype != np.float32 \
                 or grads.shape != (keys.size, self.dim):
@@ -422,44 +358,102 @@ class Table:
         if updated < keys.size:
             rows, grads = rows[have], grads[have]
         if updated:
+            self._stamp[rows] = self._uses(updated)
             self._step(rows, grads)
         return updated
 
     def stats(self) -> dict:
-        """rows, keys_seen (index entries: rows and keys waiting), admissions, ignored (pushed
-        keys without a row), bytes (allocated: arena, optimizer state, index), pushes, pulls."""
-        arena = self._w.nbytes + sum(a.nbytes for a in self._state.values())
-        return {"rows": self._n, "keys_seen": self._index.used, "admissions": self.admissions,
-                "ignored": self.ignored, "bytes": arena + self._index.nbytes,
-                "pushes": self.pushes, "pulls": self.pulls}
+        """rows, keys_seen (index entries: rows and keys waiting), admissions, evictions,
+        ignored (pushed keys without a row), bytes (allocated: arena, optimizer state,
+        index), pushes, pulls."""
+        arena = sum(a.nbytes for a in (self._w, self._key, self._stamp, *self._state.values()))
+        return {"rows": self._n, "keys_seen": len(self._index), "admissions": self.admissions,
+                "evictions": self.evictions, "ignored": self.ignored,
+                "bytes": arena + self._index.nbytes, "pushes": self.pushes, "pulls": self.pulls}
 
     # -- steps ------------------------------------------------------------------------
-    def _sight(self, keys: np.ndarray, slots: np.ndarray) -> np.ndarray:
+    def _uses(self, n: int) -> np.ndarray:
+        """(n,) int64: the stamps of one call's n keys, in key order, after every earlier
+        use; the clock moves past them. Stamps are unique, so least recently used is a total
+        order: rows last used by one call go in key order."""
+        stamps = np.arange(self.clock, self.clock + n, dtype=np.int64)
+        self.clock += n
+        return stamps
+
+    def _train(self, keys: np.ndarray, slots: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """A training pull's changes to the table, in order: stamp the keys' rows, evict to
+        make room under max_rows, count sightings, admit. Returns the keys' rows (-1: waits)."""
+        stamps = self._uses(keys.size)
+        have = rows >= 0
+        self._stamp[rows[have]] = stamps[have]           # now the newest: never evicted below
+        free = np.empty(0, np.intp)
+        if self.max_rows:
+            over = self._n + self._admitting(slots, rows) - self.max_rows
+            if over > 0:                 # at most the rows of other keys, as len(keys) <= max_rows
+                free = self._evict(over)
+                slots = self._index.find(keys)           # removal moved keys of the index
+        new = np.flatnonzero(slots < 0)
+        if new.size:
+            rehashed = self._index.grow(len(self._index) + new.size)
+            slots[new] = self._index.insert(keys[new])
+            if rehashed:                                 # every key moved
+                slots = self._index.find(keys)
+        waiting = np.flatnonzero(~have)
+        if waiting.size:
+            rows[waiting] = self._sight(keys[waiting], slots[waiting], stamps[waiting], free)
+        return rows
+
+    def _admitting(self, slots: np.ndarray, rows: np.ndarray) -> int:
+        """How many of a training pull's keys (their slots, rows) its sightings will admit."""
+        waiting = slots[(slots >= 0) & (rows < 0)]
+        ready = int(np.count_nonzero(self._index.seen[waiting] >= self.admit_after - 1))
+        return ready + (int(np.count_nonzero(slots < 0)) if self.admit_after == 1 else 0)
+
+    def _evict(self, count: int) -> np.ndarray:
+        """Forget the `count` least recently used rows: their index entries (sightings with
+        them) go, their rows stay until reused. Returns their row numbers, sorted."""
+        n = self._n
+        rows = np.arange(n) if count == n else np.argpartition(self._stamp[:n], count - 1)[:count]
+        rows.sort()
+        self._index.delete(self._key[rows])
+        self.evictions += count
+        return rows
+
+    def _sight(self, keys: np.ndarray, slots: np.ndarray, stamps: np.ndarray,
+               free: np.ndarray) -> np.ndarray:
         """Count a sighting of keys without rows; admit those at admit_after, in key
-        order. Returns their rows (-1: still waiting)."""
+        order, into the `free` rows first. Returns their rows (-1: still waiting)."""
         self._index.seen[slots] += 1
         ready = np.flatnonzero(self._index.seen[slots] >= self.admit_after)
         if ready.size:
-            self._admit(keys[ready], slots[ready])
+            self._admit(keys[ready], slots[ready], stamps[ready], free)
         return self._index.row[slots]
 
-    def _admit(self, keys: np.ndarray, slots: np.ndarray) -> None:
-        lo, hi = self._n, self._n + keys.size                  # the new rows
-        self._reserve(hi)
-        self._w[lo:hi] = initial_rows(keys, self.dim, self.init_std, self.seed)
+    def _admit(self, keys: np.ndarray, slots: np.ndarray, stamps: np.ndarray, free: np.ndarray) -> None:
+        """Create the rows of `keys` in the `free` rows (no more of them than keys: eviction
+        made room for exactly these), then after the last row."""
+        grow = keys.size - free.size
+        rows = np.concatenate([free, np.arange(self._n, self._n + grow)])
+        self._reserve(self._n + grow)
+        _records(self._w)[rows] = _records(initial_rows(keys, self.dim, self.init_std, self.seed))
         for name, spec in self.opt.state.items():
-            self._state[name][lo:hi] = spec.initial
-        self._index.row[slots] = np.arange(lo, hi)
-        self._n += keys.size
+            self._state[name][rows] = spec.initial
+        self._key[rows], self._stamp[rows] = keys, stamps
+        self._index.row[slots] = rows
+        self._n += grow
         self.admissions += keys.size
 
     def _reserve(self, rows: int) -> None:
-        """Double the arena (rows and state) until it holds `rows`."""
+        """Double the arena (rows, their keys, stamps and state) until it holds `rows`, but
+        never past max_rows."""
         capacity = self._w.shape[0]
         while capacity < rows:
             capacity *= 2
+        if self.max_rows:
+            capacity = min(capacity, max(self.max_rows, rows))
         if capacity > self._w.shape[0]:
-            self._w = _grown(self._w, capacity, self._n)
+            self._w, self._key, self._stamp = (_grown(a, capacity, self._n)
+                                               for a in (self._w, self._key, self._stamp))
             self._state = {name: _grown(a, capacity, self._n) for name, a in self._state.items()}
 
     def _step(self, rows: np.ndarray, grads: np.ndarray) -> None:
@@ -476,30 +470,30 @@ class Table:
         """The arguments that build this table's twin: Table(**table.settings())."""
         given = {k: getattr(self.opt, k) for k in self.opt.hyper}
         return {"dim": self.dim, "optimizer": self.opt.name, "lr": self.lr, "init_std": self.init_std,
-                "seed": self.seed, "admit_after": self.admit_after, **given}
+                "seed": self.seed, "admit_after": self.admit_after, "max_rows": self.max_rows, **given}
 
     def export(self) -> dict[str, np.ndarray]:
-        """The whole table as new arrays: the settings (0-d; betas (2,)), the COUNTERS (0-d),
-        `keys` (rows,) and `rows` (rows, dim) in row order, `state.<name>` per optimizer
-        state in row order, and the keys seen but not admitted, sorted (`waiting_keys`), with
-        their sightings (`waiting_seen`)."""
-        used = np.flatnonzero(self._index.keys != EMPTY)
-        row = self._index.row[used]
-        keys = np.empty(self._n, np.int64)
-        keys[row[row >= 0]] = self._index.keys[used[row >= 0]]
-        waiting = used[row < 0]
-        waiting = waiting[np.argsort(self._index.keys[waiting])]
+        """The whole table as new arrays: the settings (0-d; betas (2,)), the COUNTERS and
+        the `clock` (0-d), `keys` (rows,), `rows` (rows, dim) and `stamps` (rows,) in row
+        order, `state.<name>` per optimizer state in row order, and the keys seen but not
+        admitted, sorted (`waiting_keys`), with their sightings (`waiting_seen`)."""
+        n = self._n
+        used = self._index.occupied()
+        used = used[self._index.row[used] < 0]
+        waiting = used[np.argsort(self._index.keys[used])]
         out = {k: np.array(v, np.uint64 if k == "seed" else None) for k, v in self.settings().items()}
         out.update((k, np.array(getattr(self, k))) for k in COUNTERS)
-        out.update(keys=keys, rows=self._w[:self._n].copy(), waiting_keys=self._index.keys[waiting],
-                   waiting_seen=self._index.seen[waiting])
-        out.update((f"state.{name}", a[:self._n].copy()) for name, a in self._state.items())
+        out.update(clock=np.array(self.clock, np.int64), keys=self._key[:n].copy(),
+                   rows=self._w[:n].copy(), stamps=self._stamp[:n].copy(),
+                   waiting_keys=self._index.keys[waiting], waiting_seen=self._index.seen[waiting])
+        out.update((f"state.{name}", a[:n].copy()) for name, a in self._state.items())
         return out
 
     @classmethod
     def restore(cls, d: dict[str, np.ndarray]) -> Table:
         """The table whose export() `d` is: every later call answers as the original's
-        would. ConfigError for bad settings, DataError for missing or inconsistent arrays."""
+        would. ConfigError for bad settings, DataError for missing or inconsistent arrays.
+        (An export without max_rows is of a table without a cap.)"""
         try:
             settings = {k: tuple(d[k].tolist()) if k == "betas" else d[k].item()
                         for k in SETTINGS if k in d}
@@ -510,13 +504,17 @@ class Table:
         return table
 
     def _load(self, d: dict[str, np.ndarray]) -> None:
-        """Fill this new table with export() `d`'s rows, state, index and counters."""
+        """Fill this new table with export() `d`'s rows, state, stamps, index and counters."""
         try:
-            keys, rows, wkeys, wseen = (d[k] for k in ("keys", "rows", "waiting_keys", "waiting_seen"))
+            keys, rows, stamps, wkeys, wseen = (d[k] for k in ("keys", "rows", "stamps", "waiting_keys",
+                                                               "waiting_seen"))
             state = {name: d[f"state.{name}"] for name in self.opt.state}
-            counters = [int(d[k]) for k in COUNTERS]
+            counters, clock = [int(d[k]) for k in COUNTERS], int(d["clock"])
             n = keys.size
-            expected = [(rows, (n, self.dim), np.float32), (wseen, wkeys.shape, np.int32)]
+            if self.max_rows and n > self.max_rows:
+                raise ValueError(f"{n} rows, more than max_rows {self.max_rows}")
+            expected = [(rows, (n, self.dim), np.float32), (stamps, (n,), np.int64),
+                        (wseen, wkeys.shape, np.int32)]
             expected += [(state[name], self._state_shape(n, spec), spec.dtype)
                          for name, spec in self.opt.state.items()]
             if any(a.shape != shape or a.dtype != dtype for a, shape, dtype in expected):
@@ -527,17 +525,20 @@ class Table:
                 raise ValueError("waiting_seen must be in [1, admit_after)")
             if np.intersect1d(keys, wkeys).size:
                 raise ValueError("a key both has a row and waits")
+            if n and not (stamps.min() >= 0 and stamps.max() < clock):
+                raise ValueError("stamps must be in [0, clock)")
         except KeyError as e:
             raise DataError(f"Table.export() array {e} is missing") from None
         except (AttributeError, TypeError, ValueError) as e:
             raise DataError(f"inconsistent Table.export(): {e}") from None
-        slots = self._index.add(np.concatenate([keys, wkeys]))
+        slots = self._index.insert(np.concatenate([keys, wkeys]))
         self._index.row[slots[:n]], self._index.seen[slots[:n]] = np.arange(n), self.admit_after
         self._index.seen[slots[n:]] = wseen
         self._reserve(n)
         self._n = n
-        self._w[:n] = rows
+        self._w[:n], self._key[:n], self._stamp[:n] = rows, keys, stamps
         for name, a in state.items():
             self._state[name][:n] = a
         for k, v in zip(COUNTERS, counters):
             setattr(self, k, v)
+        self.clock = clock

@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -78,3 +79,22 @@ def downpour(tmp_path):
                               env={**env, **kwargs.pop("env", {})}, capture_output=True,
                               text=True, timeout=timeout, **kwargs)
     return run
+
+
+@pytest.fixture
+def nodes(tmp_path):
+    """start(*args) -> Popen of `downpour ARGS` in tmp_path, in a session of its own (stderr
+    piped, as text); every one still running at teardown is killed with its children."""
+    started = []
+
+    def start(*args):
+        p = subprocess.Popen([*CLI, *map(str, args)], cwd=tmp_path, env=child_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
+        started.append(p)
+        return p
+    yield start
+    for p in started:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+        p.communicate(timeout=10)

@@ -120,3 +120,22 @@ def test_bench_comm_bad_arguments(downpour, args, flag):
     r = downpour("bench", "comm", "--vectors", "mlp", *args)
     assert r.returncode == 2 and flag in r.stderr, r.stderr
     assert r.stdout == ""
+
+
+def test_bench_comm_fill_grows_the_tables_and_a_cap_holds_them(downpour):
+    """--fill streams new keys: every key makes a row on its owner; with a cap each server
+    keeps that many rows, evicting the rest, and the client's memory does not grow."""
+    r = downpour("bench", "comm", "--fill", "60000", "--shards", "2", "--transports", "ipc",
+                 "--sparse-keys", "4000", "--json")
+    assert r.returncode == 0, r.stderr
+    grown = json.loads(r.stdout)
+    assert sum(grown["end"]["server_rows"]) == 60000 and grown["dim"] == 17
+    assert min(grown["end"]["server_rows"]) > 25000                # both servers own keys
+    r = downpour("bench", "comm", "--fill", "60000", "--shards", "2", "--transports", "ipc",
+                 "--sparse-keys", "4000", "--table-max-rows", "10000", "--json")
+    assert r.returncode == 0, r.stderr
+    capped = json.loads(r.stdout)
+    assert capped["end"]["server_rows"] == [10000, 10000]
+    assert sum(capped["end"]["evictions"]) == 60000 - 20000
+    assert capped["end"]["table_mb"] < grown["end"]["table_mb"]
+    assert capped["client_peak_rss_mb"] < 300

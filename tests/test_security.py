@@ -2,9 +2,7 @@
 resources, against a real scheduler and server (processes, ipc sockets in tmp_path)."""
 
 import os
-import signal
 import stat
-import subprocess
 import time
 
 import numpy as np
@@ -16,7 +14,6 @@ from downpour.common.wire import protocol, security
 from downpour.common.wire.client import ShardClient
 from downpour.common.wire.node import register
 from downpour.common.wire.sockets import SEND_TIMEOUT_MS, bind_router, make_socket, send
-from downpour.launch import CLI, child_env
 
 WAIT_S = 20.0                 # the longest any reply may take (the first includes process start)
 SILENCE_S = 1.0               # how long "no reply" is waited for
@@ -92,24 +89,6 @@ def test_a_curve_socket_admits_only_cluster_keys_and_nobody_without_a_zap_handle
 # -- a live cluster with keys -----------------------------------------------------------------
 
 @pytest.fixture
-def start(tmp_path):
-    """start(*args) -> Popen of `downpour ARGS` in its own session; all killed at teardown."""
-    procs = []
-
-    def run(*args):
-        p = subprocess.Popen([*CLI, *map(str, args)], cwd=tmp_path, env=child_env(),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True)
-        procs.append(p)
-        return p
-    yield run
-    for p in procs:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-        p.wait(timeout=10)
-
-
-@pytest.fixture
 def ctx():
     c = zmq.Context()
     yield c
@@ -153,8 +132,8 @@ def weights(ctx, address, keys, token):
     return header["clock"], params
 
 
-def test_without_keys_or_with_unknown_keys_a_peer_gets_no_reply(start, tmp_path, ctx):
-    address, meta, keys, server, _ = cluster(start, tmp_path, ctx)
+def test_without_keys_or_with_unknown_keys_a_peer_gets_no_reply(nodes, tmp_path, ctx):
+    address, meta, keys, server, _ = cluster(nodes, tmp_path, ctx)
     version, before = weights(ctx, address, keys, meta["token"])
     g = np.ones(len(before), np.float32)
     stranger = zmq.curve_keypair()
@@ -175,8 +154,8 @@ def test_without_keys_or_with_unknown_keys_a_peer_gets_no_reply(start, tmp_path,
     assert after_version == version and after.tobytes() == before.tobytes()
 
 
-def test_the_worker_key_may_pull_but_not_control_or_shut_down(start, tmp_path, ctx):
-    address, meta, keys, server, _ = cluster(start, tmp_path, ctx)
+def test_the_worker_key_may_pull_but_not_control_or_shut_down(nodes, tmp_path, ctx):
+    address, meta, keys, server, _ = cluster(nodes, tmp_path, ctx)
     version, before = weights(ctx, address, keys, meta["token"])
     sock = peer(ctx, address, keys)
     for seq, (op, extra) in enumerate([("control", {"meta": {"lr_scale": 1e6}}), ("shutdown", {}),
@@ -190,8 +169,8 @@ def test_the_worker_key_may_pull_but_not_control_or_shut_down(start, tmp_path, c
     assert np.array_equal(weights(ctx, address, keys, meta["token"])[1], before)
 
 
-def test_the_worker_key_cannot_register_as_a_server_or_speak_for_one(start, tmp_path, ctx):
-    address, meta, keys, _, _ = cluster(start, tmp_path, ctx)
+def test_the_worker_key_cannot_register_as_a_server_or_speak_for_one(nodes, tmp_path, ctx):
+    address, meta, keys, _, _ = cluster(nodes, tmp_path, ctx)
     with pytest.raises(Exception, match="registers as a worker, not as 'server'"):
         register(ctx, f"ipc://{tmp_path}/sch", "x", {"role": "server", "addr": "tcp://x:1"}, WAIT_S,
                  keys)
@@ -202,10 +181,10 @@ def test_the_worker_key_cannot_register_as_a_server_or_speak_for_one(start, tmp_
     assert header["op"] == "ok"                                    # its own role and token: fine
 
 
-def test_a_client_with_another_clusters_keys_gives_up_with_a_clear_error(start, tmp_path, ctx):
+def test_a_client_with_another_clusters_keys_gives_up_with_a_clear_error(nodes, tmp_path, ctx):
     """Its handshake fails, ZeroMQ drops the connection for good, and a send would block
     forever: the client's sends time out instead, and its retries end in a ClusterError."""
-    address, meta, _, server, _ = cluster(start, tmp_path, ctx)
+    address, meta, _, server, _ = cluster(nodes, tmp_path, ctx)
     security.write_keys(tmp_path / "other")
     client = ShardClient([address], [tuple(meta["pieces"][0][1:])], "worker-0", timeout=0.5,
                          retries=2, ctx=ctx, keys=security.Keys.load(tmp_path / "other", "worker"),
@@ -217,11 +196,11 @@ def test_a_client_with_another_clusters_keys_gives_up_with_a_clear_error(start, 
     client.close()
 
 
-def test_a_send_on_a_connection_zeromq_dropped_for_good_times_out(start, tmp_path, ctx):
+def test_a_send_on_a_connection_zeromq_dropped_for_good_times_out(nodes, tmp_path, ctx):
     """A reply over the client's frame limit is a protocol error: ZeroMQ drops the
     connection and does not reconnect, and a DEALER with no connection blocks on send.
     `send` gives up after SEND_TIMEOUT_MS instead (this hung a scheduler for an hour)."""
-    address, meta, keys, _, _ = cluster(start, tmp_path, ctx)
+    address, meta, keys, _, _ = cluster(nodes, tmp_path, ctx)
     sock = make_socket(ctx, zmq.DEALER, address, keys=keys, peer="server", max_frame=1024)
     pull = protocol.encode({"op": "pull", "node": "worker-0", "seq": 1, "piece": 0,
                             "token": meta["token"]})
@@ -232,11 +211,11 @@ def test_a_send_on_a_connection_zeromq_dropped_for_good_times_out(start, tmp_pat
     assert time.monotonic() - began < 3 * (SEND_TIMEOUT_MS / 1000) + 2
 
 
-def test_a_push_counts_under_its_tokens_rank_whatever_node_says(start, tmp_path, ctx):
+def test_a_push_counts_under_its_tokens_rank_whatever_node_says(nodes, tmp_path, ctx):
     """Sync, 2 workers: worker-0's token pushes twice, once naming itself worker-1. Were
     the node field believed, the two pushes would complete the version; they are both
     worker-0's, so the second supersedes the first and the version waits for worker-1."""
-    address, meta, keys, _, _ = cluster(start, tmp_path, ctx, mode="sync")
+    address, meta, keys, _, _ = cluster(nodes, tmp_path, ctx, mode="sync")
     other = register(ctx, f"ipc://{tmp_path}/sch", "test-worker", {"role": "worker"}, WAIT_S, keys)
     assert {meta["rank"], other["rank"]} == {0, 1}
     me, them = (meta, other) if meta["rank"] == 0 else (other, meta)
@@ -270,9 +249,9 @@ def rss_mib(pid):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_idle_peers_and_a_flood_of_100000_messages_do_not_grow_memory(start, tmp_path, ctx, capsys):
+def test_idle_peers_and_a_flood_of_100000_messages_do_not_grow_memory(nodes, tmp_path, ctx, capsys):
     """No keys, so every message reaches the code; the flooder never reads its replies."""
-    address, meta, _, server, scheduler = cluster(start, tmp_path, ctx, keys=False)
+    address, meta, _, server, scheduler = cluster(nodes, tmp_path, ctx, keys=False)
     targets = {"server": (server, address), "scheduler": (scheduler, f"ipc://{tmp_path}/sch")}
     g = np.ones(len(weights(ctx, address, None, meta["token"])[1]), np.float32)
     report = []

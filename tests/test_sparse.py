@@ -5,7 +5,9 @@ The server tests drive a real Server object with the run's token secret in proce
 by frame, as its ROUTER would; the client and run tests start real processes."""
 
 import json
+import re
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -169,7 +171,7 @@ def test_sparse_settings_are_checked_before_a_run():
         Config(mode="async", data="/tmp/x")
     with pytest.raises(ConfigError, match="--hidden"):
         Config(mode="async", model="lr", data="criteo:/x", hidden=(8,))
-    with pytest.raises(ConfigError, match="--save and --checkpoint-dir"):
+    with pytest.raises(ConfigError, match="drop --save"):
         Config(mode="async", model="lr", data="criteo:/x", save="m.npz")
     with pytest.raises(ConfigError, match="runs in --mode async"):
         check_cluster(Config(mode="sync", model="lr", data="criteo:/x"))
@@ -220,3 +222,47 @@ def test_servers_beyond_the_dense_part_hold_tables_only_and_the_run_ends(tmp_pat
     assert end["shards"] == 3 and end["samples"] == end["samples_asked"]
     received = [end["nodes"][f"server-{i}"]["bytes_received"] for i in range(3)]
     assert min(received) > 0.2 * max(received)            # every server holds its share of keys
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(4 * RUN_S)
+def test_a_killed_server_is_replaced_with_its_table_rows_and_the_run_ends_as_undisturbed(
+        tmp_path, nodes):
+    """W2 S2 fm: one server is killed once both have checkpointed their tables, a spare
+    takes its place from its checkpoint (its rows, their optimizer state), the workers
+    follow it, and the held-out logloss ends within 0.005 of an undisturbed run's."""
+    data = tmp_path / "clicks"
+    subprocess.run([*CLI, "synth", "ctr", str(data), "--rows", "100000", "--seed", "2"],
+                   check=True, env=child_env(), capture_output=True, timeout=RUN_S)
+    run = ("--mode", "async", "--workers", 2, "--shards", 2, "--model", "fm", "--embed-dim", 8,
+           "--data", f"criteo:{data}", "--epochs", 2, "--batch-size", 128, "--optimizer", "adam",
+           "--lr", 0.003, "--progress", "none", "--dead-after-s", 1.5)
+    undisturbed = train(tmp_path, data, "--model", "fm", "--embed-dim", 8)    # the same settings
+
+    address, checkpoints = f"ipc://{tmp_path}/scheduler", tmp_path / "checkpoints"
+    metrics = tmp_path / "killed.jsonl"
+    scheduler = nodes("scheduler", "--bind", address, *run, "--metrics", metrics,
+                      "--checkpoint-every-s", 0.3, "--progress", "lines")
+    servers = [nodes("server", "--scheduler", address, "--bind", f"ipc://{tmp_path}/s{i}",
+                     "--checkpoint-dir", checkpoints) for i in range(2)]
+    workers = [nodes("worker", "--scheduler", address) for _ in range(2)]
+    deadline = time.monotonic() + RUN_S
+    while len(list(checkpoints.glob("table-0-server-*-of-2.npz"))) < 2:
+        assert time.monotonic() < deadline and scheduler.poll() is None, "no table checkpoints"
+        time.sleep(0.05)
+    # a spare, standing by (every place is taken), registering again every 0.5 s
+    spare = nodes("server", "--scheduler", address, "--bind", f"ipc://{tmp_path}/spare",
+                  "--checkpoint-dir", checkpoints, "--resume", "--start-timeout-s", 1)
+    servers[1].kill()
+    _, said = scheduler.communicate(timeout=2 * RUN_S)
+    assert scheduler.returncode == 0, said
+    assert re.search(r"server-\d replaced, now at ipc://\S+/spare", said), said
+    joined = spare.communicate(timeout=RUN_S)[1]
+    restored = int(re.search(r"resumed ([\d,]+) table rows", joined).group(1).replace(",", ""))
+    assert restored > 1000, joined
+    for w in workers:
+        assert w.wait(timeout=RUN_S) == 0
+    end = json.loads(metrics.read_text().splitlines()[-1])
+    assert end["samples"] == end["samples_asked"] and end["chunks_lost"] == 0
+    assert end["table_rows"] > restored
+    assert abs(end["test_logloss"] - undisturbed["test_logloss"]) < 0.005, (end, undisturbed)

@@ -1,11 +1,13 @@
-"""Tests of ps/table.py: the hash against splitmix64 written out in Python integers,
-first rows, the index against a dict on random operations through several doublings,
-colliding keys, every optimizer against its formula in float64 (and against the dense
+"""Tests of ps/table.py (its index alone: tests/test_index.py): first rows, the table
+against a dict on random operations through several doublings of its index, colliding
+keys, every optimizer against its formula in float64 (and against the dense
 optimizers of common/nn/optim.py for a row pushed every step), admission, validation
-that changes nothing, export/restore and settings.
+that changes nothing, the cap (LRU order, evicted keys coming back new, a dict-based
+reference on random operations, flat memory), export/restore and settings.
 
-`python tests/test_table.py` measures pull + push at 1M rows and the index's bytes per
-key against a dict's (see `bench`)."""
+`python tests/test_table.py` measures pull + push at 1M rows, the index's bytes per key
+against a dict's (see `bench`), and a pull of new keys into a full table with and
+without max_rows (see `bench_eviction`)."""
 
 import io
 import time
@@ -17,7 +19,8 @@ from hashref import splitmix64 as ref_splitmix64
 
 from downpour.common.errors import ConfigError, DataError
 from downpour.common.nn.optim import make_optimizer
-from downpour.ps.table import MIN_SLOTS, Table, check_keys, home_slots, initial_rows
+from downpour.ps.index import MIN_SLOTS
+from downpour.ps.table import Table, check_keys, initial_rows
 
 
 def keys_of(*values) -> np.ndarray:
@@ -30,12 +33,7 @@ def assert_exports_equal(a: dict, b: dict):
         assert a[name].dtype == b[name].dtype and np.array_equal(a[name], b[name]), name
 
 
-# ---- the hash and first rows ---------------------------------------------------------
-
-def test_home_slots_are_the_keys_splitmix64_mod_the_capacity():
-    keys = np.array([0, 1, 99, 2**63 - 1], np.int64)
-    assert list(home_slots(keys, 64)) == [ref_splitmix64(int(k)) & 63 for k in keys]
-
+# ---- first rows -----------------------------------------------------------------------
 
 def test_a_pull_repeats_and_reads_the_initial_rows():
     t = Table(8, init_std=0.1, seed=5)
@@ -73,26 +71,40 @@ def test_first_rows_are_normal_with_init_std():
     assert initial_rows(keys[:3], 5, 0.5, 3).shape == (3, 5)    # an odd dim
 
 
-# ---- the index -----------------------------------------------------------------------
+# ---- the table against a dict, through its index --------------------------------------
 
 class Reference:
-    """The table's contract in dicts: sgd, lr 1, init_std 0, admission after N sightings."""
+    """The table's contract in dicts: sgd, lr 1, init_std 0, admission after N sightings,
+    at most max_rows rows (0: no cap), the least recently used (by training pulls and
+    pushes; in one call, the smaller key first) evicted first, never a key of the call."""
 
-    def __init__(self, dim, admit_after):
-        self.dim, self.admit_after, self.rows, self.seen, self.ignored = dim, admit_after, {}, {}, 0
+    def __init__(self, dim, admit_after, max_rows=0):
+        self.dim, self.admit_after, self.max_rows = dim, admit_after, max_rows
+        self.rows, self.seen, self.used = {}, {}, {}       # key -> row, sightings, (call, key) of last use
+        self.calls = self.ignored = self.evictions = 0
 
     def pull(self, keys, train=True):
-        for k in map(int, keys):
-            if train and k not in self.rows:
-                self.seen[k] = self.seen.get(k, 0) + 1
-                if self.seen[k] >= self.admit_after:
-                    self.rows[k] = np.zeros(self.dim)
-        return np.array([self.rows.get(int(k), np.zeros(self.dim)) for k in keys]).reshape(-1, self.dim)
+        keys = [int(k) for k in keys]
+        if train:
+            self.calls += 1
+            self.used.update((k, (self.calls, k)) for k in keys if k in self.rows)
+            coming = [k for k in keys if k not in self.rows and self.seen.get(k, 0) + 1 >= self.admit_after]
+            over = len(self.rows) + len(coming) - self.max_rows if self.max_rows else 0
+            for k in sorted(self.rows, key=self.used.get)[:max(over, 0)]:
+                del self.rows[k], self.seen[k], self.used[k]
+                self.evictions += 1
+            for k in keys:
+                if k not in self.rows:
+                    self.seen[k] = self.seen.get(k, 0) + 1
+                    if self.seen[k] >= self.admit_after:
+                        self.rows[k], self.used[k] = np.zeros(self.dim), (self.calls, k)
+        return np.array([self.rows.get(k, np.zeros(self.dim)) for k in keys]).reshape(-1, self.dim)
 
     def push(self, keys, grads):
+        self.calls += 1
         for k, g in zip(map(int, keys), grads):
             if k in self.rows:
-                self.rows[k] = self.rows[k] - g
+                self.rows[k], self.used[k] = self.rows[k] - g, (self.calls, k)
             else:
                 self.ignored += 1
 
@@ -115,18 +127,18 @@ def test_the_index_agrees_with_a_dict_through_growth(admit_after):
     stats = table.stats()
     assert stats["rows"] == stats["admissions"] == len(ref.rows) > 2000
     assert stats["keys_seen"] == len(ref.seen) and stats["ignored"] == ref.ignored
-    assert table._index.keys.size >= 8 * MIN_SLOTS and table._w.shape[0] >= 2048   # grown several times
-    assert table._index.used <= table._index.keys.size / 2
+    assert table._index.capacity >= 8 * MIN_SLOTS and table._w.shape[0] >= 2048   # grown several times
+    assert len(table._index) <= table._index.capacity / 2
 
 
 def test_a_pull_that_doubles_the_index_keeps_every_key_of_its_batch():
     t = Table(4, "sgd", init_std=1.0)
     old = np.arange(30, dtype=np.int64) * 1000             # 30 entries: the 64 slots are at load 1/2
     t.pull(old)
-    capacity = t._index.keys.size
+    capacity = t._index.capacity
     batch = np.unique(np.concatenate([old, np.arange(5, 15, dtype=np.int64)]))
     assert np.array_equal(t.pull(batch), initial_rows(batch, 4, 1.0, 0))
-    assert t._index.keys.size > capacity
+    assert t._index.capacity > capacity
     assert t.stats()["rows"] == t.stats()["keys_seen"] == 40
 
 
@@ -138,7 +150,7 @@ def test_keys_that_share_a_home_slot_resolve_in_one_batch():
         homes.setdefault(ref_splitmix64(k) & (MIN_SLOTS - 1), []).append(k)
     keys = keys_of(*homes[62][:8], homes[63][0], homes[0][0])
     t = Table(2, "sgd", lr=1.0, init_std=1.0)
-    assert t._index.keys.size == MIN_SLOTS
+    assert t._index.capacity == MIN_SLOTS
     assert np.array_equal(t.pull(keys), initial_rows(keys, 2, 1.0, 0))
     slots = t._index.find(keys)
     assert sorted(slots) == [0, 1, 2, 3, 4, 5, 6, 7, 62, 63]
@@ -146,6 +158,29 @@ def test_keys_that_share_a_home_slot_resolve_in_one_batch():
     grads = np.arange(20, dtype=np.float32).reshape(10, 2)   # each row moves by its own gradient
     assert t.push(keys, grads) == 10
     assert np.array_equal(t.pull(keys), initial_rows(keys, 2, 1.0, 0) - grads)
+
+
+@pytest.mark.parametrize("admit_after", [1, 2])
+def test_the_table_agrees_with_a_dict_under_a_cap(admit_after):
+    """Many evictions from runs of a small index: every surviving key keeps its row."""
+    rng = np.random.default_rng(10 + admit_after)
+    pool = np.unique(np.concatenate([np.arange(300), rng.integers(0, 2**63 - 1, 300)]).astype(np.int64))
+    table, ref = Table(3, "sgd", lr=1.0, admit_after=admit_after, max_rows=60), Reference(3, admit_after, 60)
+    for step in range(400):
+        keys = np.unique(rng.choice(pool, size=rng.integers(1, 61)))
+        train = step % 5 != 0
+        assert np.array_equal(table.pull(keys, train=train), ref.pull(keys, train)), step
+        grads = rng.integers(-4, 5, (keys.size, 3)).astype(np.float32)   # exact in float32
+        assert table.push(keys, grads) == sum(int(k) in ref.rows for k in keys)
+        ref.push(keys, grads)
+        assert table.stats()["rows"] == len(ref.rows) <= 60
+    assert np.array_equal(table.pull(pool, train=False), ref.pull(pool, train=False))
+    s = table.stats()
+    assert s["evictions"] == ref.evictions > 1000 and s["admissions"] - s["evictions"] == s["rows"]
+    assert s["keys_seen"] == len(ref.seen) == len(table._index) and s["ignored"] == ref.ignored
+    exported = table.export()
+    assert sorted(exported["keys"]) == sorted(ref.rows)
+    assert np.array_equal(table._index.row[table._index.find(exported["keys"])], np.arange(s["rows"]))
 
 
 # ---- optimizers ----------------------------------------------------------------------
@@ -246,6 +281,112 @@ def test_an_evaluation_pull_of_unseen_keys_creates_nothing():
     assert (s["rows"], s["keys_seen"], s["pulls"]) == (0, 0, 1)
 
 
+# ---- the cap: eviction of the least recently used rows ---------------------------------
+
+def test_the_least_recently_used_rows_go_first():
+    t = Table(2, "sgd", lr=1.0, init_std=1.0, max_rows=6)
+    t.pull(keys_of(1, 2, 3))
+    t.pull(keys_of(4, 5, 6))                                  # full
+    t.push(keys_of(2), np.ones((1, 2), np.float32))           # a push uses 2
+    t.pull(keys_of(1))                                        # a training pull uses 1
+    t.pull(keys_of(3, 4), train=False)                        # an evaluation pull uses nothing
+    t.pull(keys_of(7, 8))                                     # the oldest go: 3, 4
+    assert sorted(t.export()["keys"]) == [1, 2, 5, 6, 7, 8]
+    t.pull(keys_of(9))                                        # 5 and 6 were used by one call: 5 first
+    assert sorted(t.export()["keys"]) == [1, 2, 6, 7, 8, 9]
+    t.pull(keys_of(10, 11))                                   # then 6, then 2 (its push), not 1
+    assert sorted(t.export()["keys"]) == [1, 7, 8, 9, 10, 11]
+    s = t.stats()
+    assert (s["rows"], s["keys_seen"], s["admissions"], s["evictions"]) == (6, 6, 11, 5)
+    assert np.array_equal(t.pull(keys_of(1, 3), train=False), np.vstack(    # 3 is forgotten
+        [initial_rows(keys_of(1), 2, 1.0, 0), np.zeros((1, 2))]))
+
+
+@pytest.mark.parametrize("name", ["adagrad", "adam"])
+def test_an_evicted_key_comes_back_at_its_first_row_with_fresh_state(name):
+    lr, key, g = 0.1, keys_of(5), np.array([[0.5, -1.0, 2.0]], np.float32)
+    t = Table(3, name, lr, init_std=0.5, seed=3, max_rows=4)
+    first = initial_rows(key, 3, 0.5, 3)
+    t.pull(key)
+    for _ in range(3):
+        t.push(key, g)
+    assert not np.isclose(t.pull(key, train=False), first).any()
+    t.pull(keys_of(10, 11, 12, 13))                           # four new rows: 5 goes
+    assert not t.pull(key, train=False).any()
+    assert np.array_equal(t.pull(key), first)                 # back (10 goes)
+    exported = t.export()
+    assert sorted(exported["keys"]) == [5, 11, 12, 13]
+    row = list(exported["keys"]).index(5)
+    fresh = {"adagrad": {"state.sum": 0.0},
+             "adam": {"state.exp_avg": 0.0, "state.exp_avg_sq": 0.0, "state.step": 0}}[name]
+    for state, value in fresh.items():
+        assert (exported[state][row] == value).all(), state
+    t.push(key, g)                                            # one step from the first row and fresh state
+    expected = by_hand(name, {}, first[0].astype(np.float64), g[0].astype(np.float64), {}, lr)
+    np.testing.assert_allclose(t.pull(key, train=False)[0], expected, rtol=1e-6)
+
+
+def test_an_evicted_key_is_sighted_again_from_zero():
+    t = Table(2, init_std=1.0, admit_after=2, max_rows=2)
+    for k in (5, 6):
+        t.pull(keys_of(k))
+        t.pull(keys_of(k))                                    # admitted at the second sighting
+    t.pull(keys_of(7))                                        # waits: nothing is evicted for it
+    assert (t.stats()["rows"], t.stats()["evictions"]) == (2, 0)
+    t.pull(keys_of(7))                                        # admitted: 5 goes, sightings and all
+    assert sorted(t.export()["keys"]) == [6, 7]
+    assert not t.pull(keys_of(5)).any()                       # a first sighting again
+    exported = t.export()
+    assert list(exported["waiting_keys"]) == [5] and list(exported["waiting_seen"]) == [1]
+    assert np.array_equal(t.pull(keys_of(5)), initial_rows(keys_of(5), 2, 1.0, 0))
+    assert sorted(t.export()["keys"]) == [5, 7] and t.stats()["evictions"] == 2
+
+
+def test_a_calls_own_keys_are_never_evicted():
+    t = Table(2, "sgd", init_std=1.0, max_rows=4)
+    t.pull(keys_of(1, 2))
+    t.pull(keys_of(3, 4))
+    batch = keys_of(1, 2, 8, 9)                               # 1 and 2 are the oldest, but in use now
+    assert np.array_equal(t.pull(batch), initial_rows(batch, 2, 1.0, 0))
+    assert sorted(t.export()["keys"]) == [1, 2, 8, 9]
+    batch = keys_of(20, 21, 22, 23)                           # max_rows new keys: every row goes
+    assert np.array_equal(t.pull(batch), initial_rows(batch, 2, 1.0, 0))
+    assert sorted(t.export()["keys"]) == [20, 21, 22, 23] and t.stats()["evictions"] == 6
+
+
+def test_a_training_pull_of_more_keys_than_max_rows_is_refused_and_changes_nothing():
+    t = Table(2, "adam", init_std=1.0, max_rows=3)
+    t.pull(keys_of(1, 2))
+    t.push(keys_of(1, 2), np.ones((2, 2), np.float32))
+    before = t.export()
+    with pytest.raises(ValueError, match=r"4 keys, but the table holds at most 3 rows \(max_rows\): "
+                                         "raise --table-max-rows or send fewer keys"):
+        t.pull(keys_of(1, 2, 3, 4))
+    assert_exports_equal(t.export(), before)
+    rows = t.pull(keys_of(1, 2, 3, 4), train=False)           # creating nothing, these are served
+    assert np.array_equal(rows[:2], before["rows"]) and not rows[2:].any()
+    assert t.push(keys_of(1, 2, 3, 4), np.ones((4, 2), np.float32)) == 2
+    assert t.stats()["rows"] == 2
+
+
+def test_memory_stays_flat_under_a_stream_of_new_keys_at_the_cap():
+    cap = 1000
+    t = Table(4, "adam", init_std=0.1, max_rows=cap)
+    stream = np.arange(11 * cap, dtype=np.int64) * 7919
+    for lo in range(0, cap, 100):                             # fill to the cap
+        t.pull(stream[lo:lo + 100])
+    at_cap = t.stats()
+    assert at_cap["rows"] == cap and t._w.shape[0] == cap     # the arena does not double past it
+    for lo in range(cap, stream.size, 100):                   # then 10x the cap of new keys
+        keys = stream[lo:lo + 100]
+        t.pull(keys)
+        t.push(keys, np.ones((100, 4), np.float32))
+    s = t.stats()
+    assert s["bytes"] == at_cap["bytes"]
+    assert (s["rows"], s["keys_seen"], s["admissions"], s["evictions"]) == (cap, cap, 11 * cap, 10 * cap)
+    assert np.array_equal(np.sort(t.export()["keys"]), stream[-cap:])    # the newest stay
+
+
 # ---- validation ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("keys, message", [
@@ -325,10 +466,10 @@ def test_stats_count_calls_and_allocated_bytes():
     t.pull(keys_of(2, 3))
     t.push(keys_of(1, 2, 3), np.ones((3, 8), np.float32))
     index = t._index.keys.nbytes + t._index.row.nbytes + t._index.seen.nbytes
-    arena = t._w.nbytes + sum(a.nbytes for a in t._state.values())
-    assert t.stats() == {"rows": 1, "keys_seen": 3, "admissions": 1, "ignored": 2,
+    arena = t._w.nbytes + t._key.nbytes + t._stamp.nbytes + sum(a.nbytes for a in t._state.values())
+    assert t.stats() == {"rows": 1, "keys_seen": 3, "admissions": 1, "evictions": 0, "ignored": 2,
                          "bytes": index + arena, "pushes": 1, "pulls": 3}
-    assert arena == t._w.shape[0] * (8 * 4 * 3 + 4)        # w, m, v (float32) and t (int32) a row
+    assert arena == t._w.shape[0] * (8 * 4 * 3 + 4 + 8 + 8)   # w, m, v (float32), t (int32), key, stamp
 
 
 def drive(table, rng, steps, pool):
@@ -362,6 +503,29 @@ def test_restore_of_an_export_answers_as_the_original(name, h):
     assert_exports_equal(twin.export(), original.export())
 
 
+@pytest.mark.parametrize("name, h", CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CASES)])
+def test_restore_goes_on_evicting_as_the_original(name, h):
+    pool = np.arange(1, 301, dtype=np.int64) * 7919           # 300 keys, at most 40 rows
+    original = Table(6, name, 0.02, init_std=0.1, seed=8, admit_after=2, max_rows=40, **h)
+    drive(original, np.random.default_rng(2), 30, pool)
+    exported = original.export()
+    assert original.stats()["evictions"] > 50 and exported["keys"].size == 40
+    assert exported["stamps"].size == 40 and exported["stamps"].max() < exported["clock"]
+    saved = io.BytesIO()
+    np.savez(saved, **exported)
+    saved.seek(0)
+    with np.load(saved, allow_pickle=False) as f:
+        twin = Table.restore(dict(f))
+    assert_exports_equal(twin.export(), exported)
+    a = drive(original, np.random.default_rng(3), 40, pool)
+    b = drive(twin, np.random.default_rng(3), 40, pool)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert_exports_equal(twin.export(), original.export())
+    same = [k for k in original.stats() if k != "bytes"]
+    assert [twin.stats()[k] for k in same] == [original.stats()[k] for k in same]
+    assert twin.stats()["evictions"] > exported["evictions"] + 50
+
+
 def test_an_export_is_a_copy():
     t = Table(3, init_std=1.0)
     keys = keys_of(4, 9)
@@ -384,6 +548,10 @@ def test_restore_refuses_an_incomplete_or_inconsistent_export():
         (lambda d: d.update(keys=np.array([2], np.int64)), "both has a row and waits"),
         (lambda d: d.update(waiting_seen=np.array([3], np.int32)), "admit_after"),
         (lambda d: d.update(lr=np.array([0.1, 0.2])), "0-d"),
+        (lambda d: d.pop("clock"), "clock"),
+        (lambda d: d.update(stamps=d["stamps"].astype(np.int32)), "shape or dtype"),
+        (lambda d: d.update(stamps=d["stamps"] + 100), r"stamps must be in \[0, clock\)"),
+        (lambda d: d.update(keys=np.array([1, 7], np.int64), max_rows=np.array(1)), "more than max_rows"),
     ]:
         d = {k: v.copy() for k, v in good.items()}
         change(d)
@@ -421,11 +589,11 @@ def bench(rows=1_000_000, dim=17, batch=16_000, new=0.1, steps=30, seed=0):
         table.push(b, g)
         times.append(time.perf_counter() - t0)
         pulls.append(t1 - t0)
-    slots, index_bytes = table._index.keys.size, table._index.nbytes
+    slots, index_bytes = table._index.capacity, table._index.nbytes
     t0 = time.perf_counter()
     table.pull(np.sort(fresh[steps * n_new:steps * n_new + batch]))
     doubling_ms = 1e3 * (time.perf_counter() - t0)
-    assert table._index.keys.size == 2 * slots
+    assert table._index.capacity == 2 * slots
     tracemalloc.start()
     d = {int(k): i for i, k in enumerate(old)}
     dict_bytes = tracemalloc.get_traced_memory()[0]
@@ -437,6 +605,30 @@ def bench(rows=1_000_000, dim=17, batch=16_000, new=0.1, steps=30, seed=0):
             "dict_bytes_per_key": dict_bytes / rows, "ms_doubling_pull": doubling_ms}
 
 
+def bench_eviction(rows=1_000_000, dim=17, batch=16_000, steps=9, seed=0):
+    """Median ms of a training pull of `batch` keys, all new, into a table of `rows` rows
+    (adagrad, `dim` columns): with max_rows = rows (each pull evicts `batch` rows), and
+    without a cap, over the pulls that stay below the next doubling (2^20 rows)."""
+    rng = np.random.default_rng(seed)
+    keys = np.unique(rng.integers(0, 2**63 - 1, rows + batch * steps, dtype=np.int64))
+    rng.shuffle(keys)
+    old, fresh = keys[:rows], keys[rows:]
+    out = {}
+    for cap, n in (("capped", steps), ("uncapped", min(steps, ((1 << 20) - rows) // batch))):
+        table = Table(dim, "adagrad", init_std=0.01, max_rows=rows if cap == "capped" else 0)
+        for lo in range(0, rows, 100_000):
+            table.pull(np.sort(old[lo:lo + 100_000]))
+        times = []
+        for step in range(n):
+            b = np.sort(fresh[step * batch:(step + 1) * batch])
+            t0 = time.perf_counter()
+            table.pull(b)
+            times.append(time.perf_counter() - t0)
+        assert table.stats()["evictions"] == (n * batch if cap == "capped" else 0)
+        out[f"ms_new_pull_{cap}"] = 1e3 * float(np.median(times))
+    return out
+
+
 if __name__ == "__main__":
-    for name, value in bench().items():
+    for name, value in {**bench(), **bench_eviction()}.items():
         print(f"{name:>22} {value:.3f}")

@@ -234,15 +234,10 @@ class Replica:
         """Reconnect to the pieces of any server that was replaced (the scheduler's heartbeat
         reply: `servers`, their addresses, and `incarnations`): moved, or restarted at the
         same address, whose new process never got what was sent to the old one."""
-        servers, incarnations = reply.get("servers"), reply.get("incarnations")
-        if not servers:
+        if not reply.get("servers"):
             return
-        known, self._incarnations = self._incarnations, incarnations
-        for piece, server in enumerate(self.piece_servers):
-            restarted = known is not None and incarnations is not None and \
-                known[server] != incarnations[server]
-            if restarted or servers[server] != self.client.addresses[piece]:
-                self.client.reconnect(piece, servers[server])
+        known, self._incarnations = self._incarnations, reply.get("incarnations")
+        self.client.follow(reply, self.piece_servers, known)
 
 
 def main(cfg: Config) -> int:
@@ -283,7 +278,8 @@ def _register_and_train(cfg: Config, ctx: zmq.Context, keys: Keys | None) -> Non
             tables = sockets.enter_context(TableClient(
                 meta["servers"], node, CtrModel(run.model, run.embed_dim).dim, run.timeout_s,
                 run.retries, ctx, first_seq=first_seq, keys=keys, token=token))
-            replica = SparseReplica(run, spec, rank, train, client, tables, meta["incarnation"])
+            replica = SparseReplica(run, spec, rank, train, client, tables,
+                                    [p.server for p in pieces], meta["incarnation"])
         else:
             replica = Replica(run, spec, rank, train, client, [p.server for p in pieces],
                               meta["incarnation"])

@@ -14,7 +14,9 @@ Per step:
     push_pull(d bias)            }     key, and the bias's gradient with the samples it
                                        covers (the servers count them for the records)
 
-The chunks come from the scheduler (node.ChunkFeed), as for dense async workers; a
+A replaced server (its tables restored from their checkpoint, ps/sparse.py) is followed
+as dense workers follow one: a request in flight goes to the replacement at once. The
+chunks come from the scheduler (node.ChunkFeed), as for dense async workers; a
 chunk is a contiguous run of lines of the file, read and parsed when it is dealt, so
 the file is never in memory. The rows a step uses are those pulled for it, so a row's
 staleness is the pushes other workers made to it between this worker's pull and push:
@@ -45,9 +47,12 @@ class SparseReplica:
     """Worker `rank` of a sparse run: trains on the chunks dealt to it."""
 
     def __init__(self, cfg: Config, spec: ModelSpec, rank: int, data: CtrSplit,
-                 client: ShardClient, tables: TableClient, incarnation: int = 0):
+                 client: ShardClient, tables: TableClient, piece_servers: list[int],
+                 incarnation: int = 0):
         self.cfg, self.rank, self.data = cfg, rank, data
         self.client, self.tables = client, tables
+        self.piece_servers = piece_servers            # the server that holds each dense piece
+        self._incarnations: list[int] | None = None   # of the servers, as the scheduler last said
         self.ctr = CtrModel(cfg.model, cfg.embed_dim)
         self.dense = Model(spec, seed=cfg.seed, stream=rank)        # the bias, on the pieces
         self.bias_at = bias_index(self.dense)
@@ -59,6 +64,9 @@ class SparseReplica:
 
     def run(self, heartbeat: Heartbeat | None, feed: ChunkFeed) -> None:
         """Train every chunk the feed deals, or stop when the scheduler says so."""
+        if heartbeat is not None:                  # follow replaced servers while waiting
+            self.client.while_waiting = self.tables.while_waiting = \
+                lambda: self._follow(heartbeat.reply)
         p = self.progress
         p["t_start"], started = time.time(), time.perf_counter()
         self.client.pull(self.dense.params)
@@ -72,6 +80,8 @@ class SparseReplica:
                 if heartbeat is not None and _told_to_stop(heartbeat, self.rank):
                     feed.close()
                     break
+                if heartbeat is not None:
+                    self._follow(heartbeat.reply)
                 last = i == len(batches) - 1 and not feed.more()
                 t0, c0 = time.perf_counter(), time.process_time()
                 bags = dedup(batch.keys[idx])
@@ -97,6 +107,15 @@ class SparseReplica:
             break
         self.client.wait_sent()
         p["t_end"], p["done"] = time.time(), True
+
+    def _follow(self, reply: dict) -> None:
+        """Reconnect to any server that was replaced (the scheduler's heartbeat reply): its
+        tables and its pieces of the bias."""
+        if not reply.get("servers"):
+            return
+        known, self._incarnations = self._incarnations, reply.get("incarnations")
+        self.tables.follow(reply, range(len(self.tables.addresses)), known)
+        self.client.follow(reply, self.piece_servers, known)
 
     def _push(self, keys: np.ndarray, d_rows: np.ndarray, last: bool,
               covered: tuple[int, float]) -> None:

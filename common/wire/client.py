@@ -35,7 +35,7 @@ downpour.common.wire.sockets, as every role's do.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 import zmq
@@ -284,6 +284,21 @@ class ShardClient:
         for sock in self._socks.values():
             self._poller.register(sock, zmq.POLLIN)
 
+    def follow(self, reply: dict[str, Any], servers_of: Sequence[int],
+               known: Sequence[int] | None) -> None:
+        """Reconnect every piece whose server was replaced, from the scheduler's heartbeat
+        `reply` (servers: their addresses; incarnations): moved, or restarted at the same
+        address (an incarnation other than `known`, the one last heard), whose new process
+        never got what was sent to the old one. Piece i is held by server servers_of[i]."""
+        servers, incarnations = reply.get("servers"), reply.get("incarnations")
+        if not servers:
+            return
+        for piece, server in enumerate(servers_of):
+            restarted = known is not None and incarnations is not None and \
+                known[server] != incarnations[server]
+            if restarted or servers[server] != self.addresses[piece]:
+                self.reconnect(piece, servers[server])
+
     def reconnect(self, piece: int, address: str) -> None:
         """Point piece `piece` at a new address (its server was replaced); a new
         socket even if the address is the same, so nothing queued for the old server is sent."""
@@ -388,19 +403,22 @@ class TableClient(ShardClient):
 
     def stats(self, table: int = 0) -> list[dict[str, Any]]:
         """Every server's stats of `table` (the reply headers' meta), in server order."""
-        return self._call_all("stats", table)
+        return self.call(range(len(self.addresses)), "stats", table)
 
     def shutdown(self, table: int = 0) -> None:
         """Tell every server's tables the run is over (the scheduler's)."""
-        self._call_all("shutdown", table)
+        self.call(range(len(self.addresses)), "shutdown", table)
 
-    def _call_all(self, op: str, table: int) -> list[dict[str, Any]]:
+    def call(self, servers: Iterable[int], op: str, table: int = 0) -> list[dict[str, Any]]:
+        """`op` (stats, checkpoint, shutdown) to the tables of `servers`; the replies' meta
+        in that order. RemoteError for the first error reply."""
+        servers = list(servers)
         self._rows = None
         self._pending = {}
-        for s in range(len(self.addresses)):
+        for s in servers:
             self.seq += 1
             frames = protocol.encode({"op": op, "node": self.node, "seq": self.seq, "table": table})
             self._post(s, frames)
             self._pending[s] = Pending(self.seq, frames, op)
         replies = self._collect(None)
-        return [replies[s].get("meta", {}) for s in range(len(self.addresses))]
+        return [replies[s].get("meta", {}) for s in servers]

@@ -68,14 +68,17 @@ as the float32 payload of n = keys x the table's dim elements, row after row:
 
     sparse_pull   frame 1: keys; meta: train (true: a worker's training pull, which
                   counts a sighting of every key and creates the rows of admitted
-                  ones; false: an evaluation pull, which creates and counts nothing,
-                  and keys without a row read zeros) -> ok + payload: the rows
+                  ones, evicting the least recently used past the run's
+                  table_max_rows; false: an evaluation pull, which creates and counts
+                  nothing, and keys without a row read zeros) -> ok + payload: the rows
     sparse_push   frame 1: keys, then payload: one gradient row per key -> ok, meta:
                   updated (rows the optimizer changed; keys not admitted yet are
                   ignored). A retried push (its seq already taken) is answered, not
                   applied again
-    stats         (a table's) -> ok, meta: rows, keys_seen, admissions, ignored, bytes,
-                  pushes, pulls, and the server's sparse bytes_in, bytes_out and busy_s
+    stats         (a table's) -> ok, meta: rows, keys_seen, admissions, evictions,
+                  ignored, bytes, pushes, pulls, and the server's sparse bytes_in, bytes_out and busy_s
+    checkpoint    (to the tables) -> ok, meta: path (table 0's file), rows; E_STATE
+                  without a checkpoint directory
     shutdown      (to the tables) -> ok; a server of tables only then exits
 
 Operations to the scheduler:
