@@ -108,7 +108,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, NamedTuple
 
 from downpour import plots
 from downpour.common import config
-from downpour.common.config import CLUSTER, FIELDS, Config
+from downpour.common.config import FIELDS, Config
 from downpour.common.errors import ConfigError, DownpourError
 from downpour.common.fileio import atomic_write, prepare_output
 from downpour.common.metrics import Progress, read_metrics
@@ -536,17 +536,17 @@ def simulate_sweep(cfg: Config, modes: list[str], workers: list[int], shards: li
     single and hogwild are left out with a note. ConfigError, before any case, as
     `run_sweep`'s, and if the sweep has no cluster mode.
     """
-    from downpour.sim.command import costs_for, simulate
+    from downpour.sim.command import SIMULATED, costs_for, simulate
     axes = axes or Axes.of(cfg)
-    cluster = [m for m in modes if m in CLUSTER]
-    left_out = [m for m in dict.fromkeys(modes) if m not in CLUSTER]
+    cluster = [m for m in modes if m in SIMULATED]
+    left_out = [m for m in dict.fromkeys(modes) if m not in SIMULATED]
     if not cluster:
         raise ConfigError(f"--simulate models the cluster modes, but --modes is "
-                          f"{','.join(left_out)}: add one of {', '.join(CLUSTER)}")
+                          f"{','.join(left_out)}: add one of {', '.join(SIMULATED)}")
     cases, notes = sweep_plan(cfg, cluster, workers, shards, repeats, given, axes)
     out = prepare_output(out, "--out", directory=True)
     if left_out:
-        notes.insert(0, f"the simulator models the cluster modes ({', '.join(CLUSTER)}); "
+        notes.insert(0, f"the simulator models the cluster modes ({', '.join(SIMULATED)}); "
                         f"leaving out {', '.join(left_out)}")
     for note in notes:
         print(f"experiment: {note}", file=sys.stderr)

@@ -30,8 +30,9 @@ except ModuleNotFoundError:  # Python 3.10
 ENV_PREFIX = "DOWNPOUR_"
 
 
-MODES = ("single", "async", "sync", "ssp", "hogwild")
-CLUSTER = ("async", "sync", "ssp")                  # the modes with servers and a scheduler
+MODES = ("single", "async", "sync", "ssp", "hogwild", "hybrid")
+CLUSTER = ("async", "sync", "ssp", "hybrid")        # the modes with servers and a scheduler
+SPARSE = ("async", "hybrid")                        # the modes of sparse models (--model)
 REPLICAS = CLUSTER + ("hogwild",)                   # the modes with several workers
 
 # dead_after_s >= LIVENESS_BEATS x heartbeat_s. A node beats every heartbeat_s; the scheduler
@@ -73,7 +74,8 @@ class Config:
     # -- run ------------------------------------------------------------------------------
     mode: str = setting("single", "single: one process; async: Downpour SGD; sync: synchronous "
                         "data-parallel SGD; ssp: bounded staleness; hogwild: lock-free "
-                        "local processes", "run", choices=MODES)
+                        "local processes; hybrid (--model): tables async, the dense part "
+                        "synchronous (PERSIA)", "run", choices=MODES)
     seed: int = setting(0, "seed of the initial weights, data order and dropout masks", "run", low=0)
     threads: int = setting(1, "BLAS threads per process", "run", low=1)
     # -- data -----------------------------------------------------------------------------
@@ -91,19 +93,19 @@ class Config:
     model: str = setting("", "a sparse model on --data criteo:DIR: lr (logistic regression on "
                          "the features' keys) or fm (a factorization machine); rows live in "
                          "the servers' tables (default: the dense model of --hidden or --layers)",
-                         "model", choices=("", "lr", "fm"), modes=("async",))
+                         "model", choices=("", "lr", "fm"), modes=SPARSE)
     embed_dim: int = setting(16, "fm: the factors' dimension D (table rows hold 1 + D floats)",
-                             "model", low=1, modes=("async",))
+                             "model", low=1, modes=SPARSE)
     embed_init: float = setting(0.01, "sparse models: std of a new row's normal initial values, "
                                 "drawn from its key and the seed (0: zeros)", "model", low=0.0,
-                                modes=("async",))
+                                modes=SPARSE)
     admit_after: int = setting(1, "sparse models: a key gets a row once training has seen it "
                                "this many times; before, it reads zeros", "model", low=1,
-                               modes=("async",))
+                               modes=SPARSE)
     table_max_rows: int = setting(0, "sparse models: each server keeps at most this many rows, "
                                   "evicting the least recently used (with their optimizer state; "
                                   "a key that comes back starts again); 0 = no cap", "model",
-                                  low=0, modes=("async",))
+                                  low=0, modes=SPARSE)
     layers: str = setting("", "hidden layers as comma-separated tokens, e.g. conv:32:3,relu,"
                           "maxpool:2,flatten,dense:128,relu or lstm:128: conv:C:K[:S[:P]] "
                           "(P a number or same), maxpool:K, avgpool:K, flatten, dense:N, dropout:P, "
@@ -160,7 +162,7 @@ class Config:
     chunk_batches: int = setting(4, "async, ssp: workers draw the epoch's batches from the "
                                  "scheduler in chunks of this many, one chunk ahead, so a fast "
                                  "worker does more of the work", "cluster", low=1,
-                                 modes=("async", "ssp"))
+                                 modes=("async", "ssp", "hybrid"))
     piece_kib: int = setting(4096, "servers take each shard in pieces of at most this many KiB, "
                              "applying one while the next arrives; 0 = whole shards", "cluster",
                              low=0, modes=CLUSTER)

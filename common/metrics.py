@@ -61,7 +61,7 @@ from typing import IO, Any
 from downpour.common.config import CLUSTER, REPLICAS
 from downpour.common.errors import ConfigError
 
-DEALT = ("async", "ssp")                  # the modes whose workers draw chunks (order.deals_chunks)
+DEALT = ("async", "ssp", "hybrid")                  # the modes whose workers draw chunks (order.deals_chunks)
 TIME_DECIMALS = 3                         # the end record's times are written to the ms,
 EPOCH_DECIMALS = 4                        # its epoch to 1e-4 (as the eval records' are)
 
@@ -71,7 +71,8 @@ def _only(modes: tuple[str, ...]) -> Any:
     return field(default=None, metadata={"modes": modes})
 
 
-SPARSE_FIGURES = ("test_logloss", "test_auc", "table_rows", "table_bytes")   # from the eval record
+SPARSE_FIGURES = ("test_logloss", "test_auc", "table_rows", "table_bytes", "row_staleness_p50",
+                  "row_staleness_p99", "row_staleness_max")      # from the eval record
 
 
 def _sparse():
@@ -143,6 +144,9 @@ class EndRecord:
     test_auc: float | None = _sparse()              # weights' held-out logloss and AUC,
     table_rows: int | None = _sparse()              # rows in all servers' tables, and their
     table_bytes: int | None = _sparse()             # bytes (rows, optimizer state, index)
+    row_staleness_p50: float | None = _sparse()     # pushes of other workers that reached a
+    row_staleness_p99: float | None = _sparse()     # row between a worker's pull of it and
+    row_staleness_max: float | None = _sparse()     # its push, over every row pushed
 
     def to_json(self) -> dict[str, Any]:
         """The fields this record's mode writes, by name, in declaration order: every field

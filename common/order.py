@@ -117,7 +117,7 @@ def replicas(cfg: Config) -> int:
 def deals_chunks(cfg: Config) -> bool:
     """Whether the run's workers draw chunks from the scheduler (async, ssp) rather than
     walk a partition (single, Hogwild!) or the versions' global batches (sync)."""
-    return cfg.mode in ("async", "ssp")
+    return cfg.mode in ("async", "ssp", "hybrid")
 
 
 def worker_batches(n: int, cfg: Config, rank: int) -> Iterator[tuple[int, np.ndarray]]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from downpour.common.checkpoint import save_model
-from downpour.common.config import Config
+from downpour.common.config import SPARSE, Config
 from downpour.common.ctr import CtrSplit
 from downpour.common.data import (
     SHIPPED_DATA_DIR,
@@ -81,7 +81,8 @@ def model_spec(cfg: Config, data: Dataset | CtrSplit) -> ModelSpec:
 def check_cluster(cfg: Config, n: int | None = None) -> None:
     """ConfigError for settings that contradict each other in a multi-worker run; with
     `n`, the training set's size, also for a batch that cannot be drawn (`check_batches`)."""
-    if cfg.mode in ("sync", "ssp", "hogwild") and (cfg.n_fetch > 1 or cfg.n_push > 1 or cfg.overlap):
+    if cfg.mode in ("sync", "ssp", "hogwild", "hybrid") and (cfg.n_fetch > 1 or cfg.n_push > 1
+                                                            or cfg.overlap):
         raise ConfigError(f"{cfg.mode} mode exchanges every step: n_fetch, n_push and overlap "
                           "are for async mode; drop them or use --mode async")
     if cfg.overlap and (cfg.n_fetch > 1 or cfg.n_push > 1):
@@ -93,9 +94,11 @@ def check_cluster(cfg: Config, n: int | None = None) -> None:
         raise ConfigError(f"staleness={cfg.staleness} bounds --mode ssp; use --mode ssp or drop it")
     if cfg.staleness_lr and cfg.mode not in ("async", "ssp"):
         raise ConfigError("staleness_lr scales asynchronous pushes: use --mode async or ssp")
-    if cfg.model and cfg.mode != "async":
-        raise ConfigError(f"--model {cfg.model} runs in --mode async (Downpour); got --mode "
-                          f"{cfg.mode}")
+    if bool(cfg.model) != (cfg.mode in SPARSE) and (cfg.model or cfg.mode == "hybrid"):
+        raise ConfigError(f"--model {cfg.model} runs in --mode async (Downpour) or hybrid "
+                          f"(PERSIA); got --mode {cfg.mode}" if cfg.model else
+                          "--mode hybrid is for sparse models: give --model lr or fm (and "
+                          "--data criteo:DIR)")
     rank, _ = cfg.slowdown
     if rank >= replicas(cfg):
         raise ConfigError(f"slow_worker names worker {rank}, but the run has {replicas(cfg)}")

@@ -11,6 +11,9 @@ and the consistency rule of the run:
     ssp    apply every push as it arrives, but hold a worker's new weights while its
            worker clock is more than `staleness` ahead of the slowest live worker's
 
+A hybrid run (PERSIA: a sparse model's tables async, ps/sparse.py) holds its pieces,
+the dense part, to the sync rule (`rule`).
+
 Two words keep two concepts apart. A worker clock (ssp; `worker_clock`) is the
 number of that worker's pushes this piece has applied. A version is this piece's
 count of its own updates; a push's header field `clock` is a version, the one its
@@ -199,6 +202,8 @@ class PieceState:
         self.live = set(range(cfg.workers))
         # ranks a push may come from: sync splits each global batch in W slices; an async
         # or ssp run takes new workers mid-run
+        # the consistency rule of the pieces: hybrid runs hold the dense part to sync's
+        self.rule = "sync" if cfg.mode == "hybrid" else cfg.mode
         self._ranks = cfg.workers if cfg.mode == "sync" else protocol.MAX_WORKERS
         self.finished: set[int] = set()           # workers whose last push has been taken
         self.worker_clock: Counter = Counter()    # ssp: worker rank -> its pushes applied
@@ -291,19 +296,19 @@ class PieceState:
         rank = sender.rank
         if header["seq"] <= self.last_seq.get(sender.key, -1):    # a retry of a push already taken
             return self._retry(ident, header, rank)
-        if self.cfg.mode in ("sync", "ssp") and (rank is None or rank >= self._ranks):
+        if self.rule in ("sync", "ssp") and (rank is None or rank >= self._ranks):
             raise protocol.error(protocol.E_MALFORMED, f"{self.cfg.mode} pushes come from worker-<rank> "
                                  f"nodes with rank < {self._ranks}, not {header['node']!r}")
         if sender.key not in self.last_seq and len(self.last_seq) >= MAX_SENDERS:
             raise protocol.error(protocol.E_STATE, f"this piece already keeps {MAX_SENDERS} senders' "
                                  "sequence numbers; it takes pushes from no new one")
-        if self.cfg.mode == "sync":
+        if self.rule == "sync":
             return self._push_sync(ident, header, grad, sender, cover)
         self.last_seq[sender.key] = header["seq"]
         staleness = self.version - computed_on
         self._apply(grad, [staleness], cover,
                     lr_scale=1.0 / (1 + staleness) if self.cfg.staleness_lr else 1.0)
-        if self.cfg.mode != "ssp":
+        if self.rule != "ssp":
             return [Reply(ident, self._reply(header))]
         self.gaps[self.worker_clock[rank] - self._sent_at.get(rank, 0)] += 1
         self.worker_clock[rank] += 1
@@ -377,9 +382,9 @@ class PieceState:
     def _released(self) -> list[Reply]:
         """Replies that may go now: sync, a version complete (a smaller live set can do
         that); ssp, weights for workers no longer too far ahead of the slowest."""
-        if self.cfg.mode == "sync":
+        if self.rule == "sync":
             return self._complete()
-        if self.cfg.mode != "ssp":
+        if self.rule != "ssp":
             return []
         slowest, out = self._slowest(), []
         for rank in sorted(self._blocked):

@@ -308,7 +308,7 @@ class Scheduler:
         if not self.nodes.live_changed:
             return
         self.nodes.live_changed = False
-        if self.cfg.mode in ("sync", "ssp"):
+        if self.cfg.mode in ("sync", "ssp", "hybrid"):
             self.client.call_all("control", {"live": self.nodes.live_workers()})
 
     def _tell_lr_scale(self, scale: float) -> None:
@@ -392,9 +392,15 @@ class Scheduler:
         probs, labels = np.concatenate(p), np.concatenate(y)
         loss = logloss(labels, probs)
         stats = self._table_stats = self.tables.stats(TABLE)
+        stale: dict[int, int] = {}
+        for s in stats:
+            for k, v in s.get("row_staleness", {}).items():
+                stale[int(k)] = stale.get(int(k), 0) + v
         return loss, float(np.mean((probs > 0.5) == (labels > 0.5))), {
             "test_logloss": loss, "test_auc": auc(labels, probs),
-            "table_rows": sum(s["rows"] for s in stats), "table_bytes": sum(s["bytes"] for s in stats)}
+            "table_rows": sum(s["rows"] for s in stats), "table_bytes": sum(s["bytes"] for s in stats),
+            "row_staleness_p50": percentile(stale, 0.5), "row_staleness_p99": percentile(stale, 0.99),
+            "row_staleness_max": float(max(stale)) if stale else 0.0}
 
     def _figures(self, stats: list[dict], elapsed: float) -> dict[str, Any]:
         """Throughput, bytes and the staleness (and ssp clock-gap) distributions so far.

@@ -24,6 +24,9 @@ Guarantees:
   may come one sighting early for them); its rows are read again.
 - Rows go out as a new array per reply (Table.pull copies), so a later push never
   changes a reply still being sent.
+- Row staleness: a worker's push of a row counts the pushes of other workers that
+  reached the row between that worker's training pull of it and its push (what its
+  gradient missed); the histogram is in the stats. A row has no version of its own.
 - Checkpoints (every table's rows, optimizer state and admission counts, and the pushes
   taken) are written atomically, one file per table and server; `restore` continues
   from them exactly, and only from this run's, of this server's rank and number of
@@ -32,6 +35,7 @@ Guarantees:
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +88,10 @@ class Tables:
         self.last_seq: dict[str, int] = {}            # sender -> seq of its last push taken
         self.bytes_in = self.bytes_out = 0              # payload bytes, as pieces count them
         self.busy_s = 0.0                               # s answering (serve measures it)
+        # row staleness: sender -> (the keys of its last training pull, the pushes of others
+        # to each since), and the histogram of staleness over every row pushed
+        self._pulled: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.row_staleness: Counter = Counter()
         self.stopping = False                           # a shutdown came
 
     def handle_request(self, ident: bytes, header: dict, payload: list) -> list[Reply]:
@@ -103,6 +111,8 @@ class Tables:
                                               rows=table.stats()["rows"]))]
             if op == "stats":
                 return [Reply(ident, self._ok(header, **table.stats(), bytes_in=self.bytes_in,
+                                              row_staleness={str(k): v for k, v in
+                                                             sorted(self.row_staleness.items())},
                                               bytes_out=self.bytes_out,
                                               busy_s=round(self.busy_s, 6)))]
             if op not in protocol.SPARSE_OPS:
@@ -189,12 +199,13 @@ class Tables:
         if type(train) is not bool:
             raise protocol.error(protocol.E_MALFORMED, f"meta train must be true or false, "
                                  f"got {train!r}")
-        if train:
-            identify(self.secret, self._incarnations, header, needs_token=True)
+        sender = identify(self.secret, self._incarnations, header, needs_token=True) if train else None
         try:
             rows = table.pull(keys, train=train)
         except ValueError as e:                        # more new rows than the cap holds
             raise protocol.error(protocol.E_MALFORMED, str(e)) from None
+        if sender is not None and (sender.key in self._pulled or len(self._pulled) < MAX_SENDERS):
+            self._pulled[sender.key] = (keys.copy(), np.zeros(len(keys), np.int64))
         return self._ok(header, rows)
 
     def _push(self, table: Table, header: dict, keys: np.ndarray, rest: list) -> list:
@@ -214,7 +225,22 @@ class Tables:
             raise protocol.error(protocol.E_STATE, f"this table already keeps {MAX_SENDERS} "
                                  "senders' sequence numbers; it takes pushes from no new one")
         self.last_seq[sender.key] = header["seq"]
+        self._count_staleness(sender.key, keys)
         return self._ok(header, updated=table.push(keys, grads))
+
+    def _count_staleness(self, sender: str, keys: np.ndarray) -> None:
+        """A push of `keys` by `sender`: its rows' staleness (the pushes of others that
+        reached each row between this sender's training pull of it and now) into the
+        histogram, and one more push on the rows every other sender has pulled."""
+        pulled = self._pulled.pop(sender, None)
+        if pulled is not None:
+            where, hit = _find(pulled[0], keys)
+            for value, count in enumerate(np.bincount(pulled[1][where[hit]])):
+                if count:
+                    self.row_staleness[value] += int(count)
+        for other, others in self._pulled.items():
+            where, hit = _find(others[0], keys)
+            others[1][where[hit]] += 1
 
     def _ok(self, header: dict, payload: np.ndarray | None = None, **meta) -> list:
         reply = {"op": "ok", "node": self.node, "seq": header["seq"], "table": header["table"]}
@@ -223,3 +249,9 @@ class Tables:
         frames = protocol.encode(reply, None if payload is None else payload.reshape(-1))
         self.bytes_out += sum(len(f) for f in frames[1:])
         return frames
+
+
+def _find(sorted_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(where each of `keys` is, or would be, in `sorted_keys`; whether it is there)."""
+    where = np.minimum(np.searchsorted(sorted_keys, keys), max(len(sorted_keys) - 1, 0))
+    return where, (sorted_keys[where] == keys) if len(sorted_keys) else np.zeros(len(keys), bool)

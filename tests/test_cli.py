@@ -121,7 +121,8 @@ def test_a_setting_the_mode_does_not_use_is_an_error(downpour, tmp_path, how):
     given = {"flag": (["--workers", "4"], {}), "variable": ([], {"DOWNPOUR_WORKERS": "4"}),
              "file": (["--config", "run.toml"], {})}[how]
     msg = bad(downpour, "--mode", "single", *given[0], env=given[1])
-    assert "workers is a setting of --mode async, sync, ssp, hogwild; --mode single does not use it" in msg
+    assert "workers is a setting of --mode async, sync, ssp, hybrid, hogwild; --mode single does not " \
+           "use it" in msg
     msg = bad(downpour, "--mode", "async", "--backup", "1")
     assert "backup is a setting of --mode sync; --mode async does not use it" in msg
 

@@ -413,7 +413,8 @@ def test_contradicting_cluster_settings(downpour):
     r = downpour("train", "--mode", "async", "--n-push", 2, "--overlap", *SMALL)
     assert r.returncode == 2 and "overlap works with n_fetch = n_push = 1" in r.stderr
     r = downpour("scheduler", "--workers", 1, *SMALL)
-    assert r.returncode == 2 and "the scheduler conducts --mode async, sync, ssp, not 'single'" in r.stderr
+    assert r.returncode == 2
+    assert "the scheduler conducts --mode async, sync, ssp, hybrid, not 'single'" in r.stderr
 
 
 @pytest.mark.slow

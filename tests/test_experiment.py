@@ -226,8 +226,9 @@ def test_the_cases_of_a_sweep_carry_their_link_scale_and_model():
     axes = Axes(layers=("", "dense:8,relu"), link=("", "100mbit"), compute_scale=(1.0, 2.5))
     cases, notes = sweep_plan(Config(synthetic=600, backup=1), ["single", "sync", "hogwild"], [1, 2],
                               [1], repeats=1, given=["backup"], axes=axes)
-    assert "link is a setting of --mode async, sync, ssp; not used by the single, hogwild runs" in notes
-    assert "compute_scale is a setting of --mode async, sync, ssp, hogwild; not used by the single " \
+    assert "link is a setting of --mode async, sync, ssp, hybrid; not used by the single, hogwild " \
+           "runs" in notes
+    assert "compute_scale is a setting of --mode async, sync, ssp, hybrid, hogwild; not used by the single " \
            "runs" in notes
     assert ("backup=1: backup workers are for --mode sync, and fewer than the 1 worker(s); skipping "
             "sync at 1 worker (no link, compute scale 1, model m0), sync at 1 worker (no link, "

@@ -80,8 +80,8 @@ def test_partition_validates_its_arguments():
 # ---------------------------------------------------------------------------- who takes what
 
 
-def test_only_async_and_ssp_deal_chunks():
-    assert [m for m in MODES if deals_chunks(Config(mode=m))] == ["async", "ssp"]
+def test_only_async_ssp_and_hybrid_deal_chunks():
+    assert [m for m in MODES if deals_chunks(Config(mode=m))] == ["async", "ssp", "hybrid"]
 
 
 @pytest.mark.parametrize("mode, workers", [("single", 1), ("hogwild", 3), ("sync", 3)])

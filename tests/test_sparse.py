@@ -164,6 +164,24 @@ def test_admission_after_n_sightings_and_the_stats():
     assert stats["bytes_in"] > 0 and stats["bytes_out"] == 2 * 5 * 4 * 4
 
 
+def test_row_staleness_counts_the_pushes_of_others_between_a_pull_and_a_push():
+    server = make_server(shards=1)
+    keys = owned(server, n=6)
+    token = {rank: mint(SECRET, "worker", rank, 0) for rank in (0, 1)}
+
+    def ask(rank, op, some, seq, rows=None):
+        header = {"op": op, "node": f"worker-{rank}", "seq": seq, "table": 0, "token": token[rank]}
+        assert send(server, protocol.encode_sparse(header, some, rows))[0]["op"] == "ok"
+    ones = np.ones((6, 4), np.float32)
+    ask(0, "sparse_pull", keys, 1)
+    ask(1, "sparse_pull", keys[:4], 1)
+    ask(1, "sparse_push", keys[:4], 2, ones[:4])          # reaches 4 of worker 0's rows
+    ask(0, "sparse_push", keys, 2, ones)                 # 4 rows 1 push stale, 2 rows fresh
+    assert server.tables.row_staleness == {0: 4 + 2, 1: 4}  # worker 1's 4 rows were fresh
+    ask(0, "sparse_push", keys, 3, ones)                 # no pull of its own before: not counted
+    assert sum(server.tables.row_staleness.values()) == 10
+
+
 def test_sparse_settings_are_checked_before_a_run():
     with pytest.raises(ConfigError, match="give both --model and --data"):
         Config(mode="async", model="fm")
@@ -175,6 +193,8 @@ def test_sparse_settings_are_checked_before_a_run():
         Config(mode="async", model="lr", data="criteo:/x", save="m.npz")
     with pytest.raises(ConfigError, match="runs in --mode async"):
         check_cluster(Config(mode="sync", model="lr", data="criteo:/x"))
+    with pytest.raises(ConfigError, match="hybrid is for sparse models"):
+        check_cluster(Config(mode="hybrid", synthetic=1000))
     with pytest.raises(ConfigError, match="sgd, adagrad, adam"):
         make_server(optimizer="rmsprop")
 
@@ -212,6 +232,18 @@ def test_lr_and_fm_train_on_click_logs_and_report_their_tables(tmp_path, clicks)
         assert end["table_rows"] > 1000 and end["table_bytes"] > end["table_rows"] * 4
         assert end["bytes_pushed_per_sample"] > 39 * 4                # a row gradient per key
     assert fm["table_bytes"] > lr["table_bytes"]                       # 1 + 8 floats a row, not 1
+
+
+@pytest.mark.timeout(2 * RUN_S)
+def test_hybrid_holds_the_dense_part_in_step_and_lands_where_async_does(tmp_path, clicks):
+    """hybrid (PERSIA): rows async, the bias sync: no dense staleness at all, rows a push
+    or two stale, and the held-out logloss of the async run within noise."""
+    hybrid = train(tmp_path, clicks, "--model", "fm", "--embed-dim", 8, "--mode", "hybrid")
+    plain = train(tmp_path, clicks, "--model", "fm", "--embed-dim", 8)
+    assert hybrid["mode"] == "hybrid" and hybrid["samples"] == hybrid["samples_asked"]
+    assert hybrid["staleness_max"] == 0 and plain["staleness_max"] >= 1
+    assert hybrid["row_staleness_max"] <= 4 and hybrid["row_staleness_p50"] == 0
+    assert abs(hybrid["test_logloss"] - plain["test_logloss"]) < 0.01
 
 
 @pytest.mark.timeout(2 * RUN_S)

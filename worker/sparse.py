@@ -1,6 +1,8 @@
 """A worker of a sparse model (--model lr or fm): click logs streamed from disk, rows
 pulled from the servers' tables, the dense bias on the pieces of the vector. Async
-(Downpour) only.
+(Downpour), or hybrid (PERSIA): the same steps, but the dense push_pull is held by the
+servers until every live worker has pushed that step (ps/piece.py's sync rule), while
+the rows stay asynchronous.
 
 Per step:
 
@@ -121,7 +123,9 @@ class SparseReplica:
               covered: tuple[int, float]) -> None:
         """The rows' gradients and the bias's, in flight together; the new bias after."""
         self.tables.start_push(TABLE, keys, d_rows)
-        self.client.start("push_pull", self.grad, self.versions, last, covered)
+        # hybrid: the dense part is sync, every piece at the version whose step this is
+        computed_on = min(self.versions) if self.cfg.mode == "hybrid" else self.versions
+        self.client.start("push_pull", self.grad, computed_on, last, covered)
         try:
             self.tables.finish_sparse()
         finally:

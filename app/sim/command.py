@@ -18,19 +18,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-from downpour.common.config import CLUSTER, Config
+from downpour.common.config import Config
 from downpour.common.errors import ConfigError
 from downpour.common.training import check_cluster, training_samples
 from downpour.sim import profile as profiles
 from downpour.sim.calibrate import calibrate
 from downpour.sim.engine import Costs, Run
 
+SIMULATED = ("async", "sync", "ssp")      # the modes the simulator models (dense models only)
+
 
 def check(cfg: Config) -> int:
     """The training set's size; ConfigError for a run `train` would refuse."""
-    if cfg.mode not in CLUSTER:
-        raise ConfigError(f"simulate models --mode {', '.join(CLUSTER)} (a cluster of servers "
-                          f"and workers), not {cfg.mode!r}")
+    if cfg.mode not in SIMULATED or cfg.model:
+        raise ConfigError(f"simulate models --mode {', '.join(SIMULATED)} (a cluster of servers "
+                          f"and workers, dense models), not --mode {cfg.mode}"
+                          + (f" with --model {cfg.model}: sparse tables are not modelled"
+                             if cfg.model else ""))
     n = training_samples(cfg)
     check_cluster(cfg, n)
     return n
