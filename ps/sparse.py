@@ -47,9 +47,8 @@ from downpour.common.nn.layout import owners
 from downpour.common.nn.sparse import CtrModel
 from downpour.common.wire import protocol
 from downpour.ps.piece import MAX_SENDERS, Reply, identify
+from downpour.ps.rowopt import OPTIMIZERS
 from downpour.ps.table import Table, check_keys
-
-OPTIMIZERS = ("sgd", "adagrad", "adam")      # the row optimizers ps/table.py has
 
 
 def make_tables(cfg: Config, rank: int) -> "Tables | None":

@@ -52,20 +52,18 @@ Limit: keys seen but not yet admitted (admit_after > 1) hold index entries (32 B
 at load 1/2) and are never evicted, so keys each seen fewer than admit_after times grow
 the index, and stats' keys_seen and bytes, without bound, whatever max_rows.
 
-The update rules are written out in sgd_update, adagrad_update and lazy_adam_update;
-the measured cost is in the comment below the constants.
+The optimizers and their update rules are in ps/rowopt.py; the measured cost is in the
+comment below the constants.
 """
 
 from __future__ import annotations
-
-import math
-from typing import NamedTuple
 
 import numpy as np
 
 from downpour.common.errors import ConfigError, DataError
 from downpour.common.nn.hashing import GAMMA, splitmix64
 from downpour.ps.index import Index
+from downpour.ps.rowopt import DEFAULTS, OPTIMIZERS, RowState, real, whole
 
 MIN_ROWS = 64              # initial arena capacity, rows
 MAX_DIM = 1 << 20          # columns a row may have
@@ -140,126 +138,6 @@ def check_keys(keys) -> None:
         raise ValueError(f"keys must be >= 0 (-1 marks an empty slot), got {keys[0]}")
 
 
-# -- hyperparameters -------------------------------------------------------------------------
-
-def _real(name, value, what="a finite number >= 0", ok=lambda x: x >= 0) -> float:
-    real = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-    if not (real and math.isfinite(value) and ok(value)):
-        raise ConfigError(f"{name} must be {what}, got {value!r}")
-    return float(value)
-
-
-def _whole(name, value, lo, hi) -> int:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or not lo <= value <= hi:
-        raise ConfigError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
-    return int(value)
-
-
-def _betas(value) -> tuple[float, float]:
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
-        raise ConfigError(f"betas must be a pair (beta1, beta2) of numbers in [0, 1), got {value!r}")
-    return tuple(_real(f"betas[{i}]", b, "a number in [0, 1)", lambda x: 0 <= x < 1)
-                 for i, b in enumerate(value))
-
-
-# -- per-row optimizers: validated hyperparameters, state per row, the update ---------------
-
-class RowState(NamedTuple):
-    """One array of optimizer state beside the arena: (rows, dim) if per_column, else
-    (rows,); a row's entries are set to `initial` when the row is admitted."""
-
-    per_column: bool
-    dtype: type
-    initial: float
-
-
-def sgd_update(w, g, lr) -> None:
-    """w <- w - lr g. w (n, dim) updated in place."""
-    w -= lr * g
-
-
-def adagrad_update(w, acc, g, lr, eps) -> None:
-    """acc <- acc + g^2;  w <- w - lr g / (sqrt(acc) + eps). w, acc (n, dim) in place."""
-    acc += g * g
-    step = np.sqrt(acc)
-    step += eps
-    np.divide(g, step, out=step)
-    step *= lr
-    w -= step
-
-
-def lazy_adam_update(w, m, v, t, g, lr, b1, b2, eps) -> None:
-    """Adam on the rows of one push, each with its own step count t. In place:
-
-        t <- t + 1
-        m <- b1 m + (1 - b1) g;   v <- b2 v + (1 - b2) g^2
-        w <- w - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
-
-    w, m, v, g: (n, dim); t: (n,) int32. Dense Adam decays m and v of every element at
-    every step, those with a zero gradient too, and shares one t. Here, as in
-    torch.optim.SparseAdam and TF's LazyAdam, a row's m and v move only when the row is
-    pushed; unlike them (one t per tensor) each row also keeps its own t, so its bias
-    correction counts the updates its m and v have had.
-    """
-    t += 1
-    m *= b1
-    m += (1 - b1) * g
-    v *= b2
-    v += (1 - b2) * (g * g)
-    t64 = t.astype(np.float64)[:, None]
-    bc1 = (1 - b1**t64).astype(np.float32)           # (n, 1)
-    bc2 = (1 - b2**t64).astype(np.float32)
-    denom = np.sqrt(v / bc2)
-    denom += eps
-    w -= lr * (m / bc1) / denom
-
-
-class Sgd:
-    """Plain SGD; no state."""
-
-    name, hyper, state = "sgd", (), {}
-
-    def __init__(self, lr: float):
-        self.lr = lr
-
-    def update(self, w, state, g):
-        sgd_update(w, g, self.lr)
-
-
-class Adagrad:
-    """Adagrad (torch's, without lr_decay); state `sum` of squared gradients."""
-
-    name, hyper = "adagrad", ("eps", "initial_accumulator")
-
-    def __init__(self, lr: float, eps: float = 1e-10, initial_accumulator: float = 0.0):
-        self.lr, self.eps = lr, _real("eps", eps, "a finite number > 0", lambda x: x > 0)
-        self.initial_accumulator = _real("initial_accumulator", initial_accumulator)
-        self.state = {"sum": RowState(True, np.float32, self.initial_accumulator)}
-
-    def update(self, w, state, g):
-        adagrad_update(w, state["sum"], g, self.lr, self.eps)
-
-
-class LazyAdam:
-    """Lazy Adam with a step count per row; state `exp_avg` (m), `exp_avg_sq` (v), `step` (t)."""
-
-    name, hyper = "adam", ("eps", "betas")
-    state = {"exp_avg": RowState(True, np.float32, 0.0), "exp_avg_sq": RowState(True, np.float32, 0.0),
-             "step": RowState(False, np.int32, 0)}
-
-    def __init__(self, lr: float, eps: float = 1e-8, betas=(0.9, 0.999)):
-        self.lr, self.betas = lr, _betas(betas)   # (beta1, beta2)
-        self.eps = _real("eps", eps, "a finite number > 0", lambda x: x > 0)
-
-    def update(self, w, state, g):
-        lazy_adam_update(w, state["exp_avg"], state["exp_avg_sq"], state["step"], g,
-                         self.lr, *self.betas, self.eps)
-
-
-OPTIMIZERS = {o.name: o for o in (Sgd, Adagrad, LazyAdam)}
-_DEFAULTS = {"eps": None, "betas": (0.9, 0.999), "initial_accumulator": 0.0}   # Table's
-
-
 def _records(a: np.ndarray) -> np.ndarray:
     """C-contiguous `a` (n, ...) as (n,) records of one row each: fancy assignment to a
     1-D record view copies a row in one go, twice as fast as to `a` itself."""
@@ -287,16 +165,16 @@ class Table:
         (adagrad 1e-10, adam 1e-8). max_rows 0: no cap."""
         if optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
-        self.dim = _whole("dim", dim, 1, MAX_DIM)
-        self.lr = _real("lr", lr)
-        self.init_std = _real("init_std", init_std)
-        self.seed = _whole("seed", seed, 0, 2**64 - 1)
-        self.admit_after = _whole("admit_after", admit_after, 1, MAX_ADMIT_AFTER)
-        self.max_rows = _whole("max_rows", max_rows, 0, MAX_ROWS)
+        self.dim = whole("dim", dim, 1, MAX_DIM)
+        self.lr = real("lr", lr)
+        self.init_std = real("init_std", init_std)
+        self.seed = whole("seed", seed, 0, 2**64 - 1)
+        self.admit_after = whole("admit_after", admit_after, 1, MAX_ADMIT_AFTER)
+        self.max_rows = whole("max_rows", max_rows, 0, MAX_ROWS)
         kind, given = OPTIMIZERS[optimizer], {"eps": eps, "betas": betas,
                                               "initial_accumulator": initial_accumulator}
         for name, value in given.items():
-            if name not in kind.hyper and not np.array_equal(value, _DEFAULTS[name]):
+            if name not in kind.hyper and not np.array_equal(value, DEFAULTS[name]):
                 raise ConfigError(f"{name} is not a setting of optimizer {optimizer!r} "
                                   f"(its settings: {', '.join(('lr',) + kind.hyper)})")
         self.opt = kind(self.lr, **{k: v for k, v in given.items() if k in kind.hyper and v is not None})
