@@ -8,7 +8,7 @@ import multiprocessing
 import numpy as np
 import pytest
 
-from downpour.bench import comm
+from downpour.bench import sparse
 from downpour.common.nn.layout import owners
 from downpour.ps.sparse import make_tables
 from downpour.ps.table import initial_rows
@@ -86,9 +86,9 @@ def test_bench_comm_dense_and_sparse_tables(downpour):
 def test_sparse_contenders_read_the_rows_of_a_table_per_owner():
     """Through 2 servers each, downpour and raw pyzmq read each key's initial row, then
     the row a local table of its owner holds after the same push; their processes end."""
-    cfg = comm.sparse_config(2)
+    cfg = sparse.sparse_config(2)
     rng = np.random.default_rng(1)
-    keys = comm.random_keys(rng, 500)
+    keys = sparse.random_keys(rng, 500)
     grads = rng.standard_normal((500, 17), dtype=np.float32)
     where = owners(keys, 2)
     assert set(where) == {0, 1}                            # both servers hold some of the keys
@@ -100,7 +100,7 @@ def test_sparse_contenders_read_the_rows_of_a_table_per_owner():
         table.push(keys[mine], grads[mine])
         expected[mine] = table.pull(keys[mine])
     assert (expected != initial).all()                     # the push moved every value
-    with comm.sparse_contenders(cfg, "ipc") as contenders:
+    with sparse.sparse_contenders(cfg, "ipc") as contenders:
         assert list(contenders) == ["downpour", "raw"]
         for lookups in contenders.values():
             np.testing.assert_array_equal(lookups.pull(keys), initial)

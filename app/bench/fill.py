@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from downpour.bench.comm import TIMEOUT_S, _Addresses, _end, _start, random_keys
+from downpour.bench.comm import TIMEOUT_S, Addresses, end_processes, start_processes
+from downpour.bench.sparse import random_keys
 from downpour.common.config import Config
 from downpour.common.errors import ConfigError
 from downpour.common.nn.model import model_layout
@@ -65,9 +66,9 @@ def fill(rows: int, shards: int, embed_dim: int, max_rows: int, batch: int, tran
     rng = np.random.default_rng(0)
     grads = rng.standard_normal((batch, dim), dtype=np.float32) * np.float32(0.01)
     with tempfile.TemporaryDirectory(prefix="downpour-fill-") as tmp:
-        address = _Addresses(transport, Path(tmp), shards)
+        address = Addresses(transport, Path(tmp), shards)
         names = [address(f"server-{i}") for i in range(shards)]
-        procs = _start([(standalone, (cfg, spec, i, names[i])) for i in range(shards)])
+        procs = start_processes([(standalone, (cfg, spec, i, names[i])) for i in range(shards)])
         ctx = zmq.Context()
         tables = None
         try:
@@ -97,7 +98,7 @@ def fill(rows: int, shards: int, embed_dim: int, max_rows: int, batch: int, tran
         finally:
             if tables is not None:
                 tables.close()
-            _end(procs)
+            end_processes(procs)
             ctx.term()
     end = lines[-1]
     return {"rows_streamed": rows, "shards": shards, "dim": dim, "batch": batch,
