@@ -1,7 +1,8 @@
 """`downpour bench comm`, sparse rows: pulls and pushes of keys through servers' tables.
 
 For each S and each transport: a batch of K sorted unique random int64 keys is pulled,
-and pushed with one float32 gradient row per key, through the tables of an fm model (rows of 1 + EMBED_DIM float32, adagrad).
+and pushed with one float32 gradient row per key, through the tables of an fm model
+(rows of 1 + EMBED_DIM float32, adagrad).
 The timed calls take KEY_SETS batches in turn, each pulled once for training before,
 so that every call reads rows that exist. Two contenders, S server processes each:
 
