@@ -95,6 +95,15 @@ def percentile(hist: dict[int, int], q: float) -> float:
     return float(max(hist))
 
 
+def merged(hists) -> dict[int, int]:
+    """One histogram {value: count} of several, whose values may be strings (msgpack's)."""
+    out: dict[int, int] = {}
+    for hist in hists:
+        for k, v in hist.items():
+            out[int(k)] = out.get(int(k), 0) + v
+    return out
+
+
 class Scheduler:
     def __init__(self, cfg: Config, sock: zmq.Socket, ctx: zmq.Context, keys: Keys | None = None):
         self.cfg, self.ctx, self.keys = cfg, ctx, keys
@@ -392,10 +401,7 @@ class Scheduler:
         probs, labels = np.concatenate(p), np.concatenate(y)
         loss = logloss(labels, probs)
         stats = self._table_stats = self.tables.stats(TABLE)
-        stale: dict[int, int] = {}
-        for s in stats:
-            for k, v in s.get("row_staleness", {}).items():
-                stale[int(k)] = stale.get(int(k), 0) + v
+        stale = merged(s.get("row_staleness", {}) for s in stats)
         return loss, float(np.mean((probs > 0.5) == (labels > 0.5))), {
             "test_logloss": loss, "test_auc": auc(labels, probs),
             "table_rows": sum(s["rows"] for s in stats), "table_bytes": sum(s["bytes"] for s in stats),
@@ -407,11 +413,8 @@ class Scheduler:
 
         Every piece sees every push, so the histograms count each push once per piece.
         """
-        hists: dict[str, dict[int, int]] = {"staleness": {}, "clock_gap": {}}
-        for s in stats:
-            for name, hist in hists.items():
-                for k, v in s["meta"].get(name, {}).items():
-                    hist[int(k)] = hist.get(int(k), 0) + v
+        hists = {name: merged(s["meta"].get(name, {}) for s in stats)
+                 for name in ("staleness", "clock_gap")}
         moved = sum(s["meta"]["bytes_in"] + s["meta"]["bytes_out"] for s in stats) + \
             sum(t["bytes_in"] + t["bytes_out"] for t in self._table_stats)
         stale, gaps = hists["staleness"], hists["clock_gap"]

@@ -46,7 +46,7 @@ from downpour.common import config
 from downpour.common.config import Config
 from downpour.common.ctr import CtrSplit
 from downpour.common.data import Dataset
-from downpour.common.errors import ClusterError, ConfigError
+from downpour.common.errors import ConfigError
 from downpour.common.nn.layout import Piece
 from downpour.common.nn.model import Model, ModelSpec
 from downpour.common.nn.sparse import CtrModel
@@ -62,7 +62,14 @@ from downpour.common.step import GradientStep
 from downpour.common.training import open_datasets
 from downpour.common.wire import protocol
 from downpour.common.wire.client import ShardClient, TableClient
-from downpour.common.wire.node import ChunkFeed, Heartbeat, register, say, wait_for_go
+from downpour.common.wire.node import (
+    ChunkFeed,
+    Heartbeat,
+    register,
+    say,
+    wait_for_go,
+    worker_progress,
+)
 from downpour.common.wire.protocol import RemoteError
 from downpour.common.wire.security import Keys
 from downpour.worker.sparse import SparseReplica
@@ -82,9 +89,7 @@ class Replica:
         self.versions: tuple[int, ...] = (0,) * len(piece_servers)
         self._incarnations: list[int] | None = None   # of the servers, as the scheduler last said
         # what heartbeats report; t_start/t_end (Unix seconds) bracket the training steps
-        self.progress = {"role": "worker", "rank": rank, "incarnation": incarnation,
-                         **dict.fromkeys(protocol.COUNTERS, 0), "done": False,
-                         "t_start": 0.0, "t_end": 0.0}
+        self.progress = worker_progress(rank, incarnation)
         sync, params = cfg.mode == "sync", self.model.params
         self._overlap = cfg.overlap and not sync
         self._in_flight = False                     # overlap: a push_pull whose weights are due
@@ -139,13 +144,9 @@ class Replica:
                                - times.padding_s))
 
     def _told_to_stop(self, heartbeat: Heartbeat) -> bool:
-        """Whether the scheduler said stop; ClusterError if it went silent. Follows moved servers."""
-        if heartbeat.refused:
-            raise ClusterError(f"worker-{self.rank}: the scheduler refused it: {heartbeat.refused}")
-        if heartbeat.stop.is_set():
+        """Whether the scheduler said stop (Heartbeat.said_stop); follows moved servers."""
+        if heartbeat.said_stop():
             return True
-        if heartbeat.lost.is_set():
-            raise ClusterError(f"worker-{self.rank}: the scheduler stopped answering")
         self._follow(heartbeat.reply)
         return False
 

@@ -33,13 +33,12 @@ import numpy as np
 
 from downpour.common.config import Config
 from downpour.common.ctr import CtrSplit
-from downpour.common.errors import ClusterError
 from downpour.common.nn.model import Model, ModelSpec
 from downpour.common.nn.sparse import CtrModel, bias_index, dedup
 from downpour.common.order import file_chunk, file_chunk_batches
 from downpour.common.wire import protocol
 from downpour.common.wire.client import ShardClient, TableClient
-from downpour.common.wire.node import ChunkFeed, Heartbeat
+from downpour.common.wire.node import ChunkFeed, Heartbeat, worker_progress
 from downpour.common.wire.protocol import RemoteError
 
 TABLE = 0                # the one table of lr and fm
@@ -60,9 +59,7 @@ class SparseReplica:
         self.bias_at = bias_index(self.dense)
         self.grad = np.zeros_like(self.dense.params)
         self.versions: tuple[int, ...] = (0,) * len(client.ranges)
-        self.progress = {"role": "worker", "rank": rank, "incarnation": incarnation,
-                         **dict.fromkeys(protocol.COUNTERS, 0), "done": False,
-                         "t_start": 0.0, "t_end": 0.0}
+        self.progress = worker_progress(rank, incarnation)
 
     def run(self, heartbeat: Heartbeat | None, feed: ChunkFeed) -> None:
         """Train every chunk the feed deals, or stop when the scheduler says so."""
@@ -79,7 +76,7 @@ class SparseReplica:
             batch = self.data.read(file_chunk(n, self.cfg, chunk)[1])
             batches = file_chunk_batches(n, self.cfg, chunk, len(batch.labels))
             for i, idx in enumerate(batches):
-                if heartbeat is not None and _told_to_stop(heartbeat, self.rank):
+                if heartbeat is not None and heartbeat.said_stop():
                     feed.close()
                     break
                 if heartbeat is not None:
@@ -137,11 +134,3 @@ class SparseReplica:
                 self.client.pull(self.dense.params)
         self.versions = tuple(self.client.versions)
 
-
-def _told_to_stop(heartbeat: Heartbeat, rank: int) -> bool:
-    """Whether the scheduler said stop; ClusterError if it refused or lost this worker."""
-    if heartbeat.refused:
-        raise ClusterError(f"worker-{rank}: the scheduler refused it: {heartbeat.refused}")
-    if heartbeat.lost.is_set():
-        raise ClusterError(f"worker-{rank}: the scheduler stopped answering")
-    return heartbeat.stop.is_set()

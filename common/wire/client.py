@@ -373,8 +373,8 @@ class TableClient(ShardClient):
         if self._pending is not None:
             raise RuntimeError("a request is already in flight; call finish_sparse() first")
         where = owners(keys, len(self.addresses))
-        self._parts = {s: np.flatnonzero(where == s) for s in range(len(self.addresses))}
-        self._parts = {s: idx for s, idx in self._parts.items() if len(idx)}
+        self._parts = {s: idx for s in range(len(self.addresses))
+                       if len(idx := np.flatnonzero(where == s))}
         self._pending = {}
         for s, idx in self._parts.items():
             part = np.ascontiguousarray(keys[idx], dtype=protocol.KEY_DTYPE)

@@ -171,6 +171,17 @@ class Heartbeat(threading.Thread):
         finally:
             sock.close()
 
+    def said_stop(self) -> bool:
+        """Whether the scheduler said stop; ClusterError if it refused this node or went
+        silent (checked before every step of a worker)."""
+        if self.refused:
+            raise ClusterError(f"{self.node}: the scheduler refused it: {self.refused}")
+        if self.stop.is_set():
+            return True
+        if self.lost.is_set():
+            raise ClusterError(f"{self.node}: the scheduler stopped answering")
+        return False
+
     def beat_now(self, timeout: float | None = None) -> bool:
         """Send one heartbeat now (e.g. the last one, saying done, or a last try before
         giving the scheduler up) and wait up to `timeout` (default dead_after) seconds
@@ -202,6 +213,13 @@ class Heartbeat(threading.Thread):
         self._closing.set()
         if self.is_alive():
             self.join(timeout=JOIN_TIMEOUT_S)
+
+
+def worker_progress(rank: int, incarnation: int) -> dict[str, Any]:
+    """A worker's progress as its heartbeats report it, before its first step: its
+    counters (protocol.COUNTERS) at 0; t_start and t_end (Unix seconds) bracket its steps."""
+    return {"role": "worker", "rank": rank, "incarnation": incarnation,
+            **dict.fromkeys(protocol.COUNTERS, 0), "done": False, "t_start": 0.0, "t_end": 0.0}
 
 
 def wait_for_go(heartbeat: Heartbeat, timeout_s: float, node: str) -> None:
